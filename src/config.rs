@@ -1,0 +1,646 @@
+//! Typed settings for sandbox-reconciler.
+//!
+//! Settings come from `config/default.toml`-shaped TOML files (every key has a default, so a
+//! file is optional) and are overridden by environment variables named
+//! `SANDBOX_RECONCILER__SECTION__KEY` (`DATABASE_URL` is honoured for `database.url`), so
+//! secrets never have to live in a file. Unknown keys are errors, not silently ignored: a typo
+//! in a safety setting must not fall back to a default. [`Settings::validate`] checks every
+//! value and names the key and the fix in its error.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::selector::LabelSelector;
+use crate::sql::Identifier;
+
+/// Everything that can be wrong with the configuration. Each message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("configuration: {0}")]
+    Parse(String),
+    #[error("config key {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub sessions: SessionSettings,
+    pub audit: AuditSettings,
+    pub cluster: ClusterSettings,
+    pub backends: BackendSettings,
+    pub sweep: SweepSettings,
+    pub guard: GuardSettings,
+    pub server: ServerSettings,
+    pub shutdown: ShutdownSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// PostgreSQL URL. Prefer the `DATABASE_URL` environment variable for real credentials.
+    pub url: String,
+    pub connect_timeout_seconds: u64,
+    /// `statement_timeout` for every statement the reconciler runs.
+    pub statement_timeout_seconds: u64,
+    /// `lock_timeout`: how long an UPDATE waits for a row the application holds.
+    pub lock_timeout_seconds: u64,
+    /// How long `--once` waits for the writer lock held by another reconciler.
+    pub writer_lock_wait_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionSettings {
+    /// Session table, optionally schema-qualified (`schema.table`).
+    pub table: String,
+    pub key_column: String,
+    pub state_column: String,
+    pub object_column: String,
+    pub updated_at_column: String,
+    /// Columns set to NULL on downgrade; their old values go into the audit record.
+    pub clear_columns: Vec<String>,
+    pub suspended_state: String,
+    pub gone_state: String,
+    /// States whose rows must have a live object (used by the misconfiguration guard).
+    pub live_states: Vec<String>,
+    /// Other states the platform uses; rows in states not listed anywhere are skipped and counted.
+    pub other_states: Vec<String>,
+    /// Optional row scope: only rows with `scope_column = scope_value` are read or written.
+    pub scope_column: String,
+    pub scope_value: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// The reconciler's own audit table (created by its migrations).
+    pub table: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// Namespaces to list; `["*"]` means all namespaces.
+    pub namespaces: Vec<String>,
+    /// `limit` of each list request.
+    pub page_size: u32,
+    /// Timeout of each API request.
+    pub request_timeout_seconds: u64,
+    /// Concurrent confirming GETs.
+    pub confirm_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendSettings {
+    pub pod: PodBackendSettings,
+    pub agent_sandbox: SandboxBackendSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PodBackendSettings {
+    pub enabled: bool,
+    pub label_selector: String,
+    /// Rows whose object name starts with this prefix are counted under this backend when
+    /// their object is missing (empty matches every name).
+    pub object_name_prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxBackendSettings {
+    pub enabled: bool,
+    pub group: String,
+    pub version: String,
+    pub plural: String,
+    pub kind: String,
+    pub label_selector: String,
+    pub object_name_prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SweepSettings {
+    /// Cron expression with a seconds field, UTC (daemon mode).
+    pub schedule: String,
+    /// Random delay in seconds added to each scheduled sweep (daemon mode).
+    pub jitter_seconds: u64,
+    /// Rows updated more recently than this (before the listing started) are never candidates.
+    pub grace_period_seconds: u64,
+    pub max_downgrades_per_sweep: usize,
+    /// Confirm each orphan with a direct GET that answers 404 before downgrading it.
+    pub confirm_absence: bool,
+    /// Rows per apply transaction.
+    pub batch_size: usize,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardSettings {
+    /// Refuse to act when more than this fraction of live rows have no object.
+    pub max_live_missing_ratio: f64,
+    /// ... but only once at least this many live rows have no object.
+    pub min_live_missing: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownSettings {
+    pub timeout_seconds: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            database: DatabaseSettings::default(),
+            sessions: SessionSettings::default(),
+            audit: AuditSettings::default(),
+            cluster: ClusterSettings::default(),
+            backends: BackendSettings::default(),
+            sweep: SweepSettings::default(),
+            guard: GuardSettings::default(),
+            server: ServerSettings::default(),
+            shutdown: ShutdownSettings::default(),
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+            connect_timeout_seconds: 10,
+            statement_timeout_seconds: 60,
+            lock_timeout_seconds: 5,
+            writer_lock_wait_seconds: 0,
+        }
+    }
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            table: "sandbox_sessions".into(),
+            key_column: "thread_key".into(),
+            state_column: "state".into(),
+            object_column: "sandbox_id".into(),
+            updated_at_column: "updated_at".into(),
+            clear_columns: vec!["agent_thread_id".into()],
+            suspended_state: "suspended".into(),
+            gone_state: "gone".into(),
+            live_states: vec!["running".into(), "idle".into(), "delivering".into()],
+            other_states: vec!["creating".into(), "error".into(), "stopped".into()],
+            scope_column: String::new(),
+            scope_value: String::new(),
+        }
+    }
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            table: "sandbox_reconciler_audit".into(),
+        }
+    }
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            namespaces: vec!["default".into()],
+            page_size: 500,
+            request_timeout_seconds: 30,
+            confirm_concurrency: 16,
+        }
+    }
+}
+
+impl Default for BackendSettings {
+    fn default() -> Self {
+        BackendSettings {
+            pod: PodBackendSettings::default(),
+            agent_sandbox: SandboxBackendSettings::default(),
+        }
+    }
+}
+
+impl Default for PodBackendSettings {
+    fn default() -> Self {
+        PodBackendSettings {
+            enabled: true,
+            label_selector: "centaur.ai/managed=true".into(),
+            object_name_prefix: String::new(),
+        }
+    }
+}
+
+impl Default for SandboxBackendSettings {
+    fn default() -> Self {
+        SandboxBackendSettings {
+            enabled: false,
+            group: "agents.x-k8s.io".into(),
+            version: "v1alpha1".into(),
+            plural: "sandboxes".into(),
+            kind: "Sandbox".into(),
+            label_selector: String::new(),
+            object_name_prefix: String::new(),
+        }
+    }
+}
+
+impl Default for SweepSettings {
+    fn default() -> Self {
+        SweepSettings {
+            schedule: "0 */5 * * * *".into(),
+            jitter_seconds: 0,
+            grace_period_seconds: 600,
+            max_downgrades_per_sweep: 500,
+            confirm_absence: true,
+            batch_size: 500,
+            dry_run: false,
+        }
+    }
+}
+
+impl Default for GuardSettings {
+    fn default() -> Self {
+        GuardSettings {
+            max_live_missing_ratio: 0.5,
+            min_live_missing: 3,
+        }
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: "0.0.0.0:9090".into(),
+        }
+    }
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        ShutdownSettings {
+            timeout_seconds: 30,
+        }
+    }
+}
+
+/// Keys whose environment values are comma-separated lists.
+const LIST_KEYS: &[&str] = &[
+    "sessions.clear_columns",
+    "sessions.live_states",
+    "sessions.other_states",
+    "cluster.namespaces",
+];
+
+impl Settings {
+    /// Loads the given files in order (later files override earlier ones), then the
+    /// environment, then validates.
+    pub fn load(files: &[PathBuf]) -> Result<Settings, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(files, &env)
+    }
+
+    /// Like [`Settings::load`] with an explicit environment (for tests).
+    pub fn load_from(files: &[PathBuf], env: &[(String, String)]) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        for path in files {
+            if !path.is_file() {
+                return Err(ConfigError::File {
+                    path: path.clone(),
+                    message: "not found or not a file; pass an existing file to --config".into(),
+                });
+            }
+            builder = builder.add_source(
+                config::File::from(path.as_path()).format(config::FileFormat::Toml),
+            );
+        }
+        let mut source = config::Environment::with_prefix("SANDBOX_RECONCILER")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .source(Some(
+                env.iter()
+                    .filter(|(k, _)| k.starts_with("SANDBOX_RECONCILER__"))
+                    .cloned()
+                    .collect(),
+            ));
+        for key in LIST_KEYS {
+            source = source.with_list_parse_key(key);
+        }
+        builder = builder.add_source(source);
+        if let Some((_, url)) = env
+            .iter()
+            .find(|(k, _)| k == "DATABASE_URL")
+            .filter(|_| !env.iter().any(|(k, _)| k == "SANDBOX_RECONCILER__DATABASE__URL"))
+        {
+            builder = builder
+                .set_override("database.url", url.clone())
+                .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        }
+        let raw = builder
+            .build()
+            .map_err(|e| file_error(files, e))?;
+        let settings: Settings = raw.try_deserialize().map_err(|e| file_error(files, e))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value; the error names the key and what to do.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.sessions;
+        Identifier::parse_qualified(&s.table).map_err(|e| invalid("sessions.table", e))?;
+        for (key, value) in [
+            ("sessions.key_column", &s.key_column),
+            ("sessions.state_column", &s.state_column),
+            ("sessions.object_column", &s.object_column),
+            ("sessions.updated_at_column", &s.updated_at_column),
+        ] {
+            Identifier::parse(value).map_err(|e| invalid(key, e))?;
+        }
+        let mapped = [&s.key_column, &s.state_column, &s.object_column, &s.updated_at_column];
+        for (i, column) in s.clear_columns.iter().enumerate() {
+            Identifier::parse(column).map_err(|e| invalid(&format!("sessions.clear_columns[{i}]"), e))?;
+            if mapped.contains(&column) {
+                return Err(invalid(
+                    &format!("sessions.clear_columns[{i}]"),
+                    format!("{column:?} is a mapped column (key, state, object or updated_at) and cannot be cleared; remove it from the list"),
+                ));
+            }
+        }
+        if s.scope_column.is_empty() != s.scope_value.is_empty() {
+            return Err(invalid(
+                "sessions.scope_column",
+                "scope_column and scope_value go together: set both (e.g. cluster = 'us-east-1') or neither",
+            ));
+        }
+        if !s.scope_column.is_empty() {
+            Identifier::parse(&s.scope_column).map_err(|e| invalid("sessions.scope_column", e))?;
+        }
+        for (key, value) in [
+            ("sessions.suspended_state", &s.suspended_state),
+            ("sessions.gone_state", &s.gone_state),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if s.suspended_state == s.gone_state {
+            return Err(invalid(
+                "sessions.gone_state",
+                "must differ from sessions.suspended_state",
+            ));
+        }
+        if s.live_states.is_empty() {
+            return Err(invalid(
+                "sessions.live_states",
+                "must list at least one state whose rows have a running object (e.g. [\"running\"]); the misconfiguration guard depends on it",
+            ));
+        }
+        let mut seen: Vec<(&str, &str)> = vec![
+            ("sessions.suspended_state", s.suspended_state.as_str()),
+            ("sessions.gone_state", s.gone_state.as_str()),
+        ];
+        for (key, list) in [
+            ("sessions.live_states", &s.live_states),
+            ("sessions.other_states", &s.other_states),
+        ] {
+            for state in list {
+                if state.trim().is_empty() {
+                    return Err(invalid(key, "contains an empty state name"));
+                }
+                if let Some((other, _)) = seen.iter().find(|(_, v)| *v == state) {
+                    return Err(invalid(
+                        key,
+                        format!("state {state:?} is also given by {other}; each state has one meaning"),
+                    ));
+                }
+                seen.push((key, state));
+            }
+        }
+        Identifier::parse_qualified(&self.audit.table).map_err(|e| invalid("audit.table", e))?;
+        if Identifier::parse_qualified(&self.audit.table).ok()
+            == Identifier::parse_qualified(&s.table).ok()
+        {
+            return Err(invalid("audit.table", "must differ from sessions.table"));
+        }
+
+        let c = &self.cluster;
+        if c.namespaces.is_empty() {
+            return Err(invalid(
+                "cluster.namespaces",
+                "is empty; list the namespaces the sessions live in, or [\"*\"] for all namespaces",
+            ));
+        }
+        for ns in &c.namespaces {
+            if ns == "*" {
+                if c.namespaces.len() > 1 {
+                    return Err(invalid(
+                        "cluster.namespaces",
+                        "\"*\" (all namespaces) cannot be combined with named namespaces",
+                    ));
+                }
+            } else if !is_dns_label(ns) {
+                return Err(invalid(
+                    "cluster.namespaces",
+                    format!("{ns:?} is not a valid namespace name (lowercase letters, digits and '-', at most 63)"),
+                ));
+            }
+        }
+        if c.page_size == 0 {
+            return Err(invalid("cluster.page_size", "must be at least 1 (500 is typical)"));
+        }
+        if c.request_timeout_seconds == 0 {
+            return Err(invalid("cluster.request_timeout_seconds", "must be at least 1"));
+        }
+        if c.confirm_concurrency == 0 {
+            return Err(invalid("cluster.confirm_concurrency", "must be at least 1"));
+        }
+
+        let b = &self.backends;
+        if !b.pod.enabled && !b.agent_sandbox.enabled {
+            return Err(invalid(
+                "backends",
+                "no backend is enabled; set backends.pod.enabled or backends.agent_sandbox.enabled to true",
+            ));
+        }
+        LabelSelector::parse(&b.pod.label_selector)
+            .map_err(|e| invalid("backends.pod.label_selector", e))?;
+        LabelSelector::parse(&b.agent_sandbox.label_selector)
+            .map_err(|e| invalid("backends.agent_sandbox.label_selector", e))?;
+        for (key, value) in [
+            ("backends.agent_sandbox.group", &b.agent_sandbox.group),
+            ("backends.agent_sandbox.version", &b.agent_sandbox.version),
+            ("backends.agent_sandbox.plural", &b.agent_sandbox.plural),
+            ("backends.agent_sandbox.kind", &b.agent_sandbox.kind),
+        ] {
+            if value.is_empty() || value.contains('/') || value.contains(char::is_whitespace) {
+                return Err(invalid(key, format!("{value:?} is not a valid API name")));
+            }
+        }
+
+        let w = &self.sweep;
+        if w.batch_size == 0 {
+            return Err(invalid("sweep.batch_size", "must be at least 1 (500 is typical)"));
+        }
+        if w.batch_size > 10_000 {
+            return Err(invalid("sweep.batch_size", "must be at most 10000"));
+        }
+        let g = &self.guard;
+        if !(0.0..=1.0).contains(&g.max_live_missing_ratio) || g.max_live_missing_ratio.is_nan() {
+            return Err(invalid(
+                "guard.max_live_missing_ratio",
+                "must be a fraction between 0 and 1 (0.5 = refuse when most live rows have no object)",
+            ));
+        }
+        if self.database.url.trim().is_empty() {
+            return Err(invalid(
+                "database.url",
+                "is empty; set DATABASE_URL or SANDBOX_RECONCILER__DATABASE__URL",
+            ));
+        }
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "server.listen",
+                format!("{:?} is not an address:port such as 0.0.0.0:9090", self.server.listen),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The namespaces to list, or `None` for all namespaces.
+    pub fn namespaces(&self) -> Option<&[String]> {
+        match self.cluster.namespaces.as_slice() {
+            [only] if only == "*" => None,
+            list => Some(list),
+        }
+    }
+}
+
+/// Turns a `config` crate error into one that says which file and key.
+fn file_error(files: &[PathBuf], e: config::ConfigError) -> ConfigError {
+    let text = e.to_string();
+    let hint = if text.contains("unknown field") {
+        "; remove or correct the key (see config/default.toml for every key)"
+    } else {
+        ""
+    };
+    let origin = files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if origin.is_empty() {
+        ConfigError::Parse(format!("{text}{hint}"))
+    } else {
+        ConfigError::Parse(format!("{text}{hint} (files: {origin})"))
+    }
+}
+
+/// RFC 1123 label, as Kubernetes requires of namespace names.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Settings::load_from(&[], &[]).unwrap();
+    }
+
+    #[test]
+    fn env_overrides_and_database_url() {
+        let s = Settings::load_from(
+            &[],
+            &env(&[
+                ("DATABASE_URL", "postgres://u@h/db"),
+                ("SANDBOX_RECONCILER__SWEEP__GRACE_PERIOD_SECONDS", "42"),
+                ("SANDBOX_RECONCILER__CLUSTER__NAMESPACES", "a,b"),
+                ("SANDBOX_RECONCILER__BACKENDS__AGENT_SANDBOX__ENABLED", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.database.url, "postgres://u@h/db");
+        assert_eq!(s.sweep.grace_period_seconds, 42);
+        assert_eq!(s.cluster.namespaces, vec!["a", "b"]);
+        assert!(s.backends.agent_sandbox.enabled);
+    }
+
+    #[test]
+    fn bad_identifier_names_the_key() {
+        let err = Settings::load_from(
+            &[],
+            &env(&[("SANDBOX_RECONCILER__SESSIONS__OBJECT_COLUMN", "x; drop table y")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sessions.object_column"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[sweep]\ngrace_period_secs = 5\n").unwrap();
+        let err = Settings::load_from(&[path], &[]).unwrap_err().to_string();
+        assert!(err.contains("grace_period_secs"), "{err}");
+    }
+
+    #[test]
+    fn contradictory_states_rejected() {
+        let err = Settings::load_from(
+            &[],
+            &env(&[("SANDBOX_RECONCILER__SESSIONS__LIVE_STATES", "running,suspended")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sessions.live_states"), "{err}");
+    }
+
+    #[test]
+    fn empty_namespaces_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[cluster]\nnamespaces = []\n").unwrap();
+        let err = Settings::load_from(&[path], &[]).unwrap_err().to_string();
+        assert!(err.contains("cluster.namespaces"), "{err}");
+    }
+}

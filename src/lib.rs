@@ -1,0 +1,16 @@
+//! sandbox-reconciler keeps an agent platform's session database honest about its
+//! Kubernetes cluster: it finds `suspended` session rows whose Pod or Sandbox no longer
+//! exists and downgrades them to `gone`, safely, with an audit record for each.
+//!
+//! See DESIGN.md for the shape: `cluster` and `store` do the I/O, `plan` decides, `sweep`
+//! runs one sweep in the safe order, `report` prints it.
+
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod plan;
+pub mod report;
+pub mod selector;
+pub mod sql;
+pub mod store;
+pub mod sweep;

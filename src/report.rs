@@ -1,0 +1,99 @@
+//! The sweep summary printed by `--once`: text for people, JSON (`--output json`) for machines.
+
+use std::fmt::Write;
+
+use crate::plan::GuardVerdict;
+use crate::sweep::{SweepReport, SweepResult};
+
+/// At most this many changed rows are listed in the text summary (JSON lists all).
+const TEXT_CHANGE_LINES: usize = 50;
+
+/// Renders the report as JSON.
+pub fn json(report: &SweepReport) -> String {
+    serde_json::to_string_pretty(report).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+/// Renders the report as a short text summary.
+pub fn text(r: &SweepReport) -> String {
+    let mut out = String::new();
+    let mode = if r.dry_run { " (dry run: nothing written)" } else { "" };
+    let _ = writeln!(out, "sweep {} {}{mode}", r.sweep_id, r.result.as_str());
+    let _ = writeln!(out, "  cluster:  {}", r.cluster_source);
+    if let Some(e) = &r.error {
+        let _ = writeln!(out, "  error:    {e}");
+    }
+    if r.result == SweepResult::Failed && r.rows_read == 0 {
+        return out;
+    }
+    let states: Vec<String> = r.rows_by_state.iter().map(|(s, n)| format!("{s}={n}")).collect();
+    let _ = writeln!(out, "  rows:     {} read ({})", r.rows_read, states.join(", "));
+    for (backend, b) in &r.backends {
+        let _ = writeln!(
+            out,
+            "  {backend}: {} objects ({} terminating, {} suspended), {} untracked, {} live rows without object, {} suspended rows with object, {} orphaned suspended rows",
+            b.cluster_objects,
+            b.terminating_objects,
+            b.suspended_objects,
+            b.untracked_objects,
+            b.live_without_object,
+            b.suspended_with_object,
+            b.orphaned_suspended
+        );
+    }
+    match &r.guard {
+        Some(GuardVerdict::Refuse { reason, detail }) => {
+            let _ = writeln!(out, "  guard:    REFUSED ({}): {detail}", reason.as_str());
+        }
+        Some(GuardVerdict::Proceed) => {
+            let _ = writeln!(out, "  guard:    ok");
+        }
+        None => {}
+    }
+    let _ = writeln!(
+        out,
+        "  orphans:  {} found, {} within grace, {} selected, {} confirmed, {} {}, {} deferred",
+        r.orphans_found,
+        r.within_grace,
+        r.selected,
+        r.confirmed,
+        if r.dry_run { r.changes.len() as u64 } else { r.downgraded },
+        if r.dry_run { "would be downgraded" } else { "downgraded" },
+        r.deferred
+    );
+    if !r.skipped.is_empty() {
+        let skipped: Vec<String> = r
+            .skipped
+            .iter()
+            .map(|(k, n)| format!("{}={n}", k.as_str()))
+            .collect();
+        let _ = writeln!(out, "  skipped:  {}", skipped.join(", "));
+    }
+    let t = &r.timings;
+    let _ = writeln!(
+        out,
+        "  timings:  list_cluster {:.3}s, read_db {:.3}s, confirm {:.3}s, apply {:.3}s, total {:.3}s",
+        t.list_cluster, t.read_db, t.confirm, t.apply, t.total
+    );
+    if !r.changes.is_empty() {
+        let verb = if r.dry_run { "would downgrade" } else { "downgraded" };
+        let _ = writeln!(out, "  {verb}:");
+        for c in r.changes.iter().take(TEXT_CHANGE_LINES) {
+            let _ = writeln!(
+                out,
+                "    {}  object={} backend={} updated_at={}",
+                c.key,
+                c.object,
+                c.backend,
+                c.updated_at.to_rfc3339()
+            );
+        }
+        if r.changes.len() > TEXT_CHANGE_LINES {
+            let _ = writeln!(
+                out,
+                "    ... and {} more (use --output json for all)",
+                r.changes.len() - TEXT_CHANGE_LINES
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,454 @@
+//! One sweep: lock -> list cluster -> read rows -> plan -> guard -> confirm -> apply -> report.
+//!
+//! The order is the safety argument. The cluster is listed completely *before* rows are read
+//! and the listing's start time is the clock for the grace period, so an object created after
+//! the listing started can only belong to a row that is fresher than the grace period. Any
+//! failure before the apply step aborts with nothing written; the apply step writes whole
+//! batches only, each re-checking the row as read.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::cluster::{dump, Absence, BackendKind, ClusterError, ClusterSnapshot, KubeCluster};
+use crate::config::Settings;
+use crate::plan::{GuardVerdict, OrphanedRow, Plan, Planner, Policy, SkipReason};
+use crate::store::{self, Database, Downgrade, StoreError, TableMapping};
+
+/// Where the cluster view comes from.
+#[derive(Clone)]
+pub enum ClusterSource {
+    Api(KubeCluster),
+    /// A `kubectl get -o json` dump; always a dry run.
+    Dump(PathBuf),
+}
+
+/// Per-run options from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct SweepOptions {
+    pub dry_run: bool,
+    pub max_downgrades: Option<usize>,
+}
+
+/// How a sweep ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SweepResult {
+    Success,
+    Failed,
+    Refused,
+    /// Another reconciler holds the writer lock.
+    Skipped,
+}
+
+impl SweepResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SweepResult::Success => "success",
+            SweepResult::Failed => "failed",
+            SweepResult::Refused => "refused",
+            SweepResult::Skipped => "skipped",
+        }
+    }
+}
+
+/// Why a sweep failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("stopped by shutdown before the sweep finished")]
+    Interrupted,
+}
+
+/// Per-backend figures of one sweep.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BackendReport {
+    pub cluster_objects: u64,
+    pub terminating_objects: u64,
+    pub suspended_objects: u64,
+    pub untracked_objects: u64,
+    pub live_without_object: u64,
+    pub suspended_with_object: u64,
+    pub orphaned_suspended: u64,
+    pub downgraded: u64,
+    pub list_requests: u64,
+}
+
+/// One row the sweep changed (or, in a dry run, would change).
+#[derive(Debug, Clone, Serialize)]
+pub struct ChangeLine {
+    pub key: String,
+    pub object: String,
+    pub backend: BackendKind,
+    pub updated_at: DateTime<Utc>,
+    pub evidence: String,
+}
+
+/// Phase timings in seconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub list_cluster: f64,
+    pub read_db: f64,
+    pub confirm: f64,
+    pub apply: f64,
+    pub total: f64,
+}
+
+/// Everything a sweep saw and did; printed as text or JSON and fed to metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepReport {
+    pub sweep_id: uuid::Uuid,
+    pub started_at: DateTime<Utc>,
+    pub dry_run: bool,
+    pub cluster_source: String,
+    pub result: SweepResult,
+    pub error: Option<String>,
+    /// A bounded label for the failure, when failed.
+    pub error_kind: Option<&'static str>,
+    pub guard: Option<GuardVerdict>,
+    pub rows_read: u64,
+    pub rows_by_state: BTreeMap<String, u64>,
+    pub live_rows: u64,
+    pub backends: BTreeMap<BackendKind, BackendReport>,
+    pub orphans_found: u64,
+    pub within_grace: u64,
+    pub selected: u64,
+    pub confirmed: u64,
+    pub downgraded: u64,
+    pub deferred: u64,
+    pub skipped: BTreeMap<SkipReason, u64>,
+    pub timings: Timings,
+    /// Rows changed (or that would change, in a dry run).
+    pub changes: Vec<ChangeLine>,
+}
+
+impl SweepReport {
+    fn new(dry_run: bool, source: String) -> SweepReport {
+        SweepReport {
+            sweep_id: uuid::Uuid::new_v4(),
+            started_at: Utc::now(),
+            dry_run,
+            cluster_source: source,
+            result: SweepResult::Failed,
+            error: None,
+            error_kind: None,
+            guard: None,
+            rows_read: 0,
+            rows_by_state: BTreeMap::new(),
+            live_rows: 0,
+            backends: BTreeMap::new(),
+            orphans_found: 0,
+            within_grace: 0,
+            selected: 0,
+            confirmed: 0,
+            downgraded: 0,
+            deferred: 0,
+            skipped: BTreeMap::new(),
+            timings: Timings::default(),
+            changes: Vec::new(),
+        }
+    }
+
+    fn skip(&mut self, reason: SkipReason, n: u64) {
+        if n > 0 {
+            *self.skipped.entry(reason).or_default() += n;
+        }
+    }
+
+    fn absorb_plan(&mut self, plan: &Plan, snapshot: &ClusterSnapshot) {
+        self.guard = Some(plan.guard.clone());
+        self.rows_read = plan.rows_read;
+        self.rows_by_state = plan.rows_by_state.clone();
+        self.live_rows = plan.live_rows;
+        self.orphans_found = plan.orphans_found;
+        self.within_grace = plan.within_grace;
+        self.deferred = plan.deferred;
+        self.selected = plan.downgrades.len() as u64;
+        for (reason, n) in &plan.skipped {
+            self.skip(*reason, *n);
+        }
+        for view in &snapshot.backends {
+            let counts = plan.backends.get(&view.kind).cloned().unwrap_or_default();
+            self.backends.insert(
+                view.kind,
+                BackendReport {
+                    cluster_objects: counts.cluster_objects,
+                    terminating_objects: view.count(|f| f.terminating) as u64,
+                    suspended_objects: view.count(|f| f.suspended) as u64,
+                    untracked_objects: counts.untracked_objects,
+                    live_without_object: counts.live_without_object,
+                    suspended_with_object: counts.suspended_with_object,
+                    orphaned_suspended: counts.orphaned_suspended,
+                    downgraded: 0,
+                    list_requests: view.requests,
+                },
+            );
+        }
+    }
+}
+
+/// Everything needed to run sweeps, built once from configuration.
+#[derive(Clone)]
+pub struct Reconciler {
+    pub settings: Settings,
+    pub database: Database,
+    pub mapping: TableMapping,
+    pub source: ClusterSource,
+}
+
+impl Reconciler {
+    pub fn policy(&self, max_downgrades: Option<usize>) -> Policy {
+        let s = &self.settings;
+        Policy {
+            suspended_state: s.sessions.suspended_state.clone(),
+            gone_state: s.sessions.gone_state.clone(),
+            live_states: s.sessions.live_states.clone(),
+            other_states: s.sessions.other_states.clone(),
+            grace_period: chrono::Duration::seconds(
+                i64::try_from(s.sweep.grace_period_seconds).unwrap_or(i64::MAX / 1000),
+            ),
+            max_downgrades: max_downgrades.unwrap_or(s.sweep.max_downgrades_per_sweep),
+            max_live_missing_ratio: s.guard.max_live_missing_ratio,
+            min_live_missing: s.guard.min_live_missing,
+        }
+    }
+
+    /// Runs one sweep. `shutdown` turning true stops between batches: the batch in flight
+    /// commits or rolls back, none is left half applied.
+    pub async fn sweep(&self, options: &SweepOptions, shutdown: &watch::Receiver<bool>) -> SweepReport {
+        let dry_run = options.dry_run
+            || self.settings.sweep.dry_run
+            || matches!(self.source, ClusterSource::Dump(_));
+        let source = match &self.source {
+            ClusterSource::Api(_) => "api".to_string(),
+            ClusterSource::Dump(path) => path.display().to_string(),
+        };
+        let mut report = SweepReport::new(dry_run, source);
+        let started = Instant::now();
+        let outcome = self.run(options, dry_run, shutdown, &mut report).await;
+        report.timings.total = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(result) => report.result = result,
+            Err(e) => {
+                report.result = if matches!(e, SweepError::Store(StoreError::LockBusy { .. })) {
+                    SweepResult::Skipped
+                } else {
+                    SweepResult::Failed
+                };
+                report.error_kind = Some(match &e {
+                    SweepError::Store(StoreError::LockBusy { .. }) => "lock_busy",
+                    SweepError::Store(_) => "database",
+                    SweepError::Cluster(c) => c.kind(),
+                    SweepError::Interrupted => "interrupted",
+                });
+                report.error = Some(store::redact(&e.to_string(), &self.settings.database.url));
+            }
+        }
+        report
+    }
+
+    async fn run(
+        &self,
+        options: &SweepOptions,
+        dry_run: bool,
+        shutdown: &watch::Receiver<bool>,
+        report: &mut SweepReport,
+    ) -> Result<SweepResult, SweepError> {
+        let mut conn = self.database.connect().await?;
+        if !dry_run {
+            self.take_writer_lock(&mut conn).await?;
+        }
+        store::verify_table(&mut conn, &self.mapping).await?;
+        if !dry_run {
+            store::migrate(&mut conn, &self.mapping).await?;
+        }
+
+        let t = Instant::now();
+        let snapshot = match &self.source {
+            ClusterSource::Api(cluster) => cluster.snapshot().await?,
+            ClusterSource::Dump(path) => dump::load(path, &self.settings)?,
+        };
+        report.timings.list_cluster = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let policy = self.policy(options.max_downgrades);
+        let mut planner = Planner::new(&snapshot, &policy);
+        store::read_rows(&mut conn, &self.mapping, &mut planner).await?;
+        let plan = planner.finish();
+        report.timings.read_db = t.elapsed().as_secs_f64();
+        report.absorb_plan(&plan, &snapshot);
+
+        if let GuardVerdict::Refuse { reason, detail } = &plan.guard {
+            tracing::error!(
+                sweep_id = %report.sweep_id,
+                reason = reason.as_str(),
+                "refusing to act: {detail}"
+            );
+            return Ok(SweepResult::Refused);
+        }
+
+        let t = Instant::now();
+        let confirmed = self.confirm(&plan.downgrades, &snapshot, report).await;
+        report.timings.confirm = t.elapsed().as_secs_f64();
+        report.confirmed = confirmed.len() as u64;
+
+        if dry_run {
+            report.changes = confirmed.iter().map(change_line).collect();
+            return Ok(SweepResult::Success);
+        }
+
+        let t = Instant::now();
+        let result = self.apply(&mut conn, &confirmed, shutdown, report).await;
+        report.timings.apply = t.elapsed().as_secs_f64();
+        result?;
+        let _ = store::release_writer_lock(&mut conn, &self.mapping).await;
+        Ok(SweepResult::Success)
+    }
+
+    async fn take_writer_lock(&self, conn: &mut sqlx::PgConnection) -> Result<(), SweepError> {
+        let deadline =
+            Instant::now() + Duration::from_secs(self.settings.database.writer_lock_wait_seconds);
+        let mut announced = false;
+        loop {
+            if store::try_writer_lock(conn, &self.mapping).await? {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(StoreError::LockBusy {
+                    table: self.mapping.table_display(),
+                }
+                .into());
+            }
+            if !announced {
+                tracing::info!(
+                    "another sandbox-reconciler holds the writer lock; waiting up to {}s",
+                    self.settings.database.writer_lock_wait_seconds
+                );
+                announced = true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Confirms each selected orphan; returns those definitively absent, with evidence.
+    async fn confirm<'p>(
+        &self,
+        orphans: &'p [OrphanedRow],
+        snapshot: &ClusterSnapshot,
+        report: &mut SweepReport,
+    ) -> Vec<Downgrade<'p>> {
+        let cluster_source = report.cluster_source.clone();
+        let base = |absence: &str| {
+            serde_json::json!({
+                "absence": absence,
+                "cluster_source": cluster_source,
+                "listing_started_at": snapshot.listing_started_at,
+                "grace_period_seconds": self.settings.sweep.grace_period_seconds,
+            })
+        };
+        let cluster = match &self.source {
+            ClusterSource::Api(cluster) if self.settings.sweep.confirm_absence => cluster,
+            ClusterSource::Api(_) => {
+                return orphans
+                    .iter()
+                    .map(|row| Downgrade {
+                        row,
+                        evidence: base("absent from the complete listing (sweep.confirm_absence = false)"),
+                    })
+                    .collect();
+            }
+            ClusterSource::Dump(_) => {
+                return orphans
+                    .iter()
+                    .map(|row| Downgrade {
+                        row,
+                        evidence: base("absent from the snapshot file (not confirmed)"),
+                    })
+                    .collect();
+            }
+        };
+        let answers: Vec<(usize, Result<Absence, ClusterError>)> =
+            futures::stream::iter(orphans.iter().enumerate())
+                .map(|(i, row)| async move { (i, cluster.confirm_absent(&row.object).await) })
+                .buffer_unordered(self.settings.cluster.confirm_concurrency)
+                .collect()
+                .await;
+        let mut answers = answers;
+        answers.sort_by_key(|(i, _)| *i);
+        let mut confirmed = Vec::with_capacity(orphans.len());
+        for (i, answer) in answers {
+            let row = &orphans[i];
+            match answer {
+                Ok(Absence::Absent { evidence }) => confirmed.push(Downgrade {
+                    row,
+                    evidence: base(&evidence),
+                }),
+                Ok(Absence::Present { evidence }) => {
+                    tracing::info!(key = %row.key, object = %row.object, "left alone: {evidence}");
+                    report.skip(SkipReason::ObjectReappeared, 1);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %row.key, object = %row.object, "left alone, absence not confirmed: {e}");
+                    report.skip(SkipReason::ConfirmFailed, 1);
+                }
+            }
+        }
+        confirmed
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        confirmed: &[Downgrade<'_>],
+        shutdown: &watch::Receiver<bool>,
+        report: &mut SweepReport,
+    ) -> Result<(), SweepError> {
+        for batch in confirmed.chunks(self.settings.sweep.batch_size) {
+            if *shutdown.borrow() {
+                return Err(SweepError::Interrupted);
+            }
+            let outcome = store::apply_batch(conn, &self.mapping, report.sweep_id, batch).await?;
+            report.skip(SkipReason::ChangedMeanwhile, outcome.skipped_changed as u64);
+            let done: std::collections::HashSet<&str> =
+                outcome.downgraded.iter().map(String::as_str).collect();
+            for d in batch {
+                if done.contains(d.row.key.as_str()) {
+                    tracing::info!(
+                        sweep_id = %report.sweep_id,
+                        key = %d.row.key,
+                        object = %d.row.object,
+                        backend = d.row.backend.as_str(),
+                        reason = "orphaned_suspended",
+                        "downgraded session to gone"
+                    );
+                    report.downgraded += 1;
+                    if let Some(b) = report.backends.get_mut(&d.row.backend) {
+                        b.downgraded += 1;
+                    }
+                    report.changes.push(change_line(d));
+                } else {
+                    tracing::info!(key = %d.row.key, object = %d.row.object, "left alone: the row changed since it was read");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn change_line(d: &Downgrade<'_>) -> ChangeLine {
+    ChangeLine {
+        key: d.row.key.clone(),
+        object: d.row.object.clone(),
+        backend: d.row.backend,
+        updated_at: d.row.updated_at,
+        evidence: d.evidence["absence"].as_str().unwrap_or_default().to_string(),
+    }
+}

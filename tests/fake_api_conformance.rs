@@ -1,0 +1,595 @@
+//! Proves that the fake Kubernetes API server in `tests/support/fake_api.rs` answers the real
+//! `kube::Client` the way a real API server would: pagination, selectors, metadata-only
+//! content negotiation, Status errors, RBAC, fault injection and request recording.
+
+#[path = "support/fake_api.rs"]
+mod fake_api;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use fake_api::{FakeApiServer, Fault, FaultAction, Kind, EXPIRED_CONTINUE_MESSAGE, FAKE_TOKEN};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
+use kube::core::{GroupVersionKind, ObjectList, Status};
+use kube::ResourceExt;
+use serde_json::json;
+
+fn sandbox_resource(version: &str) -> ApiResource {
+    ApiResource {
+        group: "agents.x-k8s.io".into(),
+        version: version.into(),
+        api_version: format!("agents.x-k8s.io/{version}"),
+        kind: "Sandbox".into(),
+        plural: "sandboxes".into(),
+    }
+}
+
+fn sandboxes(server: &FakeApiServer, ns: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(server.client(), ns, &sandbox_resource("v1alpha1"))
+}
+
+fn api_status(err: kube::Error) -> Status {
+    match err {
+        kube::Error::Api(status) => *status,
+        other => panic!("expected kube::Error::Api, got {other:?}"),
+    }
+}
+
+async fn raw_get(server: &FakeApiServer, uri: &str) -> serde_json::Value {
+    let req = http::Request::get(uri).body(vec![]).unwrap();
+    let text = server.client().request_text(req).await.unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Lists every page with `limit`, returning the pages.
+async fn all_pages<K>(api: &Api<K>, lp: ListParams) -> Result<Vec<ObjectList<K>>, kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut pages = Vec::new();
+    let mut lp = lp;
+    loop {
+        let page = api.list(&lp).await?;
+        let next = page.metadata.continue_.clone().filter(|c| !c.is_empty());
+        pages.push(page);
+        match next {
+            Some(token) => lp = lp.continue_token(&token),
+            None => return Ok(pages),
+        }
+    }
+}
+
+#[tokio::test]
+async fn pagination_returns_every_object_once_from_one_snapshot() {
+    let server = FakeApiServer::start().await;
+    for i in 0..4 {
+        server.add_pod("default", &format!("pod-{i}"), &[("app", "sandbox")]);
+    }
+    for i in 0..3 {
+        server.add_pod("other", &format!("pod-{i}"), &[("app", "sandbox")]);
+    }
+    let api: Api<Pod> = Api::all(server.client());
+
+    let first = api.list(&ListParams::default().limit(3)).await.unwrap();
+    let rv = first.metadata.resource_version.clone().unwrap();
+    assert_eq!(first.items.len(), 3);
+    assert_eq!(first.metadata.remaining_item_count, Some(4));
+    // Changes after the listing started are invisible to its later pages.
+    server.add_pod("zzz", "late", &[("app", "sandbox")]);
+    server.remove(Kind::Pod, "other", "pod-2");
+
+    let mut seen = first
+        .items
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace().unwrap(), p.name_any()))
+        .collect::<Vec<_>>();
+    let mut token = first.metadata.continue_.clone().unwrap();
+    let mut pages = 1;
+    loop {
+        let page = api
+            .list(&ListParams::default().limit(3).continue_token(&token))
+            .await
+            .unwrap();
+        pages += 1;
+        assert_eq!(page.metadata.resource_version.as_deref(), Some(rv.as_str()));
+        seen.extend(
+            page.items
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace().unwrap(), p.name_any())),
+        );
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(t) => token = t,
+            None => {
+                assert_eq!(page.metadata.remaining_item_count, None);
+                break;
+            }
+        }
+    }
+    assert_eq!(pages, 3);
+    let expected = [
+        "default/pod-0",
+        "default/pod-1",
+        "default/pod-2",
+        "default/pod-3",
+        "other/pod-0",
+        "other/pod-1",
+        "other/pod-2",
+    ];
+    assert_eq!(seen, expected);
+
+    // A new listing sees the current state.
+    let fresh = api.list(&ListParams::default()).await.unwrap();
+    assert!(fresh.metadata.resource_version.unwrap().parse::<u64>().unwrap() > rv.parse().unwrap());
+    assert_eq!(fresh.items.len(), 7);
+    assert!(fresh.items.iter().any(|p| p.name_any() == "late"));
+
+    // Namespaced listing only sees its namespace.
+    let ns: Api<Pod> = Api::namespaced(server.client(), "other");
+    let names: Vec<_> = ns.list(&ListParams::default()).await.unwrap().items.iter().map(|p| p.name_any()).collect();
+    assert_eq!(names, ["pod-0", "pod-1"]);
+}
+
+#[tokio::test]
+async fn objects_have_uid_and_increasing_resource_versions() {
+    let server = FakeApiServer::start().await;
+    server.add_pod("default", "a", &[]);
+    server.add_pod("default", "b", &[]);
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let a = api.get("a").await.unwrap();
+    let b = api.get("b").await.unwrap();
+    let rv = |p: &Pod| p.resource_version().unwrap().parse::<u64>().unwrap();
+    assert!(rv(&b) > rv(&a));
+    assert_ne!(a.uid(), b.uid());
+    assert!(a.metadata.creation_timestamp.is_some());
+    assert_eq!(rv(&b), server.resource_version());
+
+    // Replacing keeps the uid, bumps the resourceVersion.
+    server.add_pod("default", "a", &[("x", "y")]);
+    let a2 = api.get("a").await.unwrap();
+    assert_eq!(a2.uid(), a.uid());
+    assert!(rv(&a2) > rv(&b));
+    assert_eq!(a2.labels().get("x").map(String::as_str), Some("y"));
+}
+
+#[tokio::test]
+async fn label_and_field_selectors_filter() {
+    let server = FakeApiServer::start().await;
+    server.add_pod("default", "a", &[("managed", "true"), ("tier", "x")]);
+    server.add_pod("default", "b", &[("managed", "true"), ("tier", "y")]);
+    server.add_pod("default", "c", &[("managed", "false")]);
+    server.add_pod("default", "d", &[]);
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let names = |selector: &'static str| {
+        let api = api.clone();
+        async move {
+            api.list(&ListParams::default().labels(selector))
+                .await
+                .map(|l| l.items.iter().map(|p| p.name_any()).collect::<Vec<_>>())
+        }
+    };
+    assert_eq!(names("managed=true").await.unwrap(), ["a", "b"]);
+    assert_eq!(names("managed==true").await.unwrap(), ["a", "b"]);
+    assert_eq!(names("managed!=true").await.unwrap(), ["c", "d"]);
+    assert_eq!(names("managed").await.unwrap(), ["a", "b", "c"]);
+    assert_eq!(names("!managed").await.unwrap(), ["d"]);
+    assert_eq!(names("tier in (x, z)").await.unwrap(), ["a"]);
+    assert_eq!(names("tier notin (x)").await.unwrap(), ["b", "c", "d"]);
+    assert_eq!(names("managed=true,tier!=x").await.unwrap(), ["b"]);
+    for bad in ["managed=(", "tier in ()", "=x", "a b"] {
+        let status = api_status(names(bad).await.unwrap_err());
+        assert_eq!((status.code, status.reason.as_str()), (400, "BadRequest"), "{bad}");
+    }
+
+    let by_name = api
+        .list(&ListParams::default().fields("metadata.name=c"))
+        .await
+        .unwrap();
+    assert_eq!(by_name.items.len(), 1);
+    let not_ns = api
+        .list(&ListParams::default().fields("metadata.namespace!=default"))
+        .await
+        .unwrap();
+    assert!(not_ns.items.is_empty());
+    let status = api_status(
+        api.list(&ListParams::default().fields("spec.bogus=1"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status.code, 400);
+    assert!(status.message.contains("field label not supported"), "{}", status.message);
+
+    // With a selector and a limit, pages hold matching objects and carry no count.
+    let page = api
+        .list(&ListParams::default().labels("managed").limit(1))
+        .await
+        .unwrap();
+    assert_eq!(page.items.len(), 1);
+    assert!(page.metadata.continue_.is_some());
+    assert_eq!(page.metadata.remaining_item_count, None);
+}
+
+#[tokio::test]
+async fn metadata_only_lists_and_gets_carry_no_spec() {
+    let server = FakeApiServer::start().await;
+    for i in 0..5 {
+        server.add_sandbox("v1alpha1", "default", &format!("sb-{i}"), json!({"replicas": 0}));
+    }
+    server.set_terminating(Kind::Sandbox, "default", "sb-3");
+    let api = sandboxes(&server, "default");
+
+    let mut names = Vec::new();
+    let mut lp = ListParams::default().limit(2);
+    let mut rvs = BTreeSet::new();
+    loop {
+        let page = api.list_metadata(&lp).await.unwrap();
+        rvs.insert(page.metadata.resource_version.clone().unwrap());
+        for item in &page.items {
+            let types = item.types.as_ref().unwrap();
+            assert_eq!(types.kind, "PartialObjectMetadata");
+            assert_eq!(types.api_version, "meta.k8s.io/v1");
+            assert!(item.metadata.uid.is_some());
+            assert!(item.metadata.resource_version.is_some());
+            names.push(item.name_any());
+        }
+        match page.metadata.continue_ {
+            Some(t) => lp = lp.continue_token(&t),
+            None => break,
+        }
+    }
+    assert_eq!(names, ["sb-0", "sb-1", "sb-2", "sb-3", "sb-4"]);
+    assert_eq!(rvs.len(), 1);
+
+    // The raw body: a PartialObjectMetadataList with nothing but metadata.
+    let req = http::Request::get("/apis/agents.x-k8s.io/v1alpha1/namespaces/default/sandboxes")
+        .header("Accept", "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1")
+        .body(vec![])
+        .unwrap();
+    let raw: serde_json::Value =
+        serde_json::from_str(&server.client().request_text(req).await.unwrap()).unwrap();
+    assert_eq!(raw["kind"], "PartialObjectMetadataList");
+    assert_eq!(raw["apiVersion"], "meta.k8s.io/v1");
+    for item in raw["items"].as_array().unwrap() {
+        assert_eq!(item.as_object().unwrap().len(), 3, "{item}");
+        assert!(item.get("spec").is_none());
+    }
+
+    let meta = api.get_metadata("sb-3").await.unwrap();
+    assert!(meta.metadata.deletion_timestamp.is_some());
+    assert_eq!(meta.types.unwrap().kind, "PartialObjectMetadata");
+    let full = api.get("sb-3").await.unwrap();
+    assert_eq!(full.data["spec"], json!({"replicas": 0}));
+    assert!(full.metadata.deletion_timestamp.is_some());
+    assert_eq!(full.types.unwrap().api_version, "agents.x-k8s.io/v1alpha1");
+
+    // Full list: SandboxList with typed items.
+    let list = api.list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.types.kind, "SandboxList");
+    assert_eq!(list.items[0].data["spec"]["replicas"], 0);
+
+    let requests = server.requests();
+    assert_eq!(
+        requests[0].accept.as_deref(),
+        Some("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1")
+    );
+    assert_eq!(requests[0].query, "&limit=2");
+    assert_eq!(requests[0].query_param("limit").as_deref(), Some("2"));
+    assert!(requests[1].query_param("continue").is_some());
+    assert!(requests.iter().all(|r| r.status == Some(200)));
+    let get_meta = requests.iter().find(|r| r.path.ends_with("/sb-3")).unwrap();
+    assert_eq!(
+        get_meta.accept.as_deref(),
+        Some("application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1")
+    );
+}
+
+#[tokio::test]
+async fn missing_objects_answer_not_found_status() {
+    let server = FakeApiServer::start().await;
+    server.register_sandbox_version("v1alpha1");
+    let pods: Api<Pod> = Api::namespaced(server.client(), "default");
+    let status = api_status(pods.get("x").await.unwrap_err());
+    assert_eq!(status.code, 404);
+    assert_eq!(status.reason, "NotFound");
+    assert_eq!(status.message, "pods \"x\" not found");
+    let details = status.details.unwrap();
+    assert_eq!((details.name.as_str(), details.kind.as_str()), ("x", "pods"));
+    assert!(pods.get_opt("x").await.unwrap().is_none());
+    assert!(pods.get_metadata_opt("x").await.unwrap().is_none());
+
+    let sb = sandboxes(&server, "default");
+    let status = api_status(sb.get("gone").await.unwrap_err());
+    assert_eq!(status.message, "sandboxes.agents.x-k8s.io \"gone\" not found");
+    assert_eq!(status.details.unwrap().group, "agents.x-k8s.io");
+    assert!(sb.get_opt("gone").await.unwrap().is_none());
+    // A registered version with no objects lists empty.
+    assert!(sb.list(&ListParams::default()).await.unwrap().items.is_empty());
+
+    // A version nobody serves, then the whole API gone.
+    let beta: Api<DynamicObject> =
+        Api::namespaced_with(server.client(), "default", &sandbox_resource("v1beta1"));
+    let status = api_status(beta.list(&ListParams::default()).await.unwrap_err());
+    assert_eq!((status.code, status.message.as_str()), (404, "the server could not find the requested resource"));
+    server.disable_sandbox_api();
+    let status = api_status(sb.list_metadata(&ListParams::default()).await.unwrap_err());
+    assert_eq!((status.code, status.reason.as_str()), (404, "NotFound"));
+
+    // Unknown paths and unsupported methods.
+    let req = http::Request::get("/apis/apps/v1/deployments").body(vec![]).unwrap();
+    let status = api_status(server.client().request_text(req).await.unwrap_err());
+    assert_eq!(status.code, 404);
+    server.add_pod("default", "p", &[]);
+    let status = api_status(pods.delete("p", &DeleteParams::default()).await.unwrap_err());
+    assert_eq!((status.code, status.reason.as_str()), (405, "MethodNotAllowed"));
+}
+
+#[tokio::test]
+async fn injected_500_on_a_later_page_is_surfaced() {
+    let server = FakeApiServer::start().await;
+    for i in 0..6 {
+        server.add_pod("default", &format!("p{i}"), &[]);
+    }
+    server.inject(Fault::on_list_page("/pods", 2, FaultAction::Status(500, None)));
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let status = api_status(
+        all_pages(&api, ListParams::default().limit(2))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((status.code, status.reason.as_str()), (500, "InternalError"));
+    let codes: Vec<_> = server.requests().iter().map(|r| r.status).collect();
+    assert_eq!(codes, [Some(200), Some(200), Some(500)]);
+
+    server.clear_faults();
+    let pages = all_pages(&api, ListParams::default().limit(2)).await.unwrap();
+    assert_eq!(pages.len(), 3);
+}
+
+#[tokio::test]
+async fn expired_continue_answers_410_with_a_fresh_token() {
+    let server = FakeApiServer::start().await;
+    for i in 0..4 {
+        server.add_pod("default", &format!("p{i}"), &[]);
+    }
+    server.inject(Fault::on_list("/pods", FaultAction::ExpireContinue).once());
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let first = api.list(&ListParams::default().limit(2)).await.unwrap();
+    let token = first.metadata.continue_.unwrap();
+    let status = api_status(
+        api.list(&ListParams::default().limit(2).continue_token(&token))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
+    assert_eq!(status.message, EXPIRED_CONTINUE_MESSAGE);
+    // The 410 carries a token that continues at the latest resourceVersion.
+    let fresh = status.metadata.unwrap().continue_.unwrap();
+    server.add_pod("default", "p9", &[]);
+    let rest = api
+        .list(&ListParams::default().limit(10).continue_token(&fresh))
+        .await
+        .unwrap();
+    let names: Vec<_> = rest.items.iter().map(|p| p.name_any()).collect();
+    assert_eq!(names, ["p2", "p3", "p9"]);
+    assert_eq!(rest.metadata.resource_version.unwrap(), server.resource_version().to_string());
+
+    // Compaction expires old tokens; garbage tokens are a 400.
+    let first = api.list(&ListParams::default().limit(1)).await.unwrap();
+    server.add_pod("default", "p10", &[]);
+    server.compact();
+    let status = api_status(
+        api.list(&ListParams::default().continue_token(&first.metadata.continue_.unwrap()))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status.code, 410);
+    let status = api_status(
+        api.list(&ListParams::default().continue_token("not-a-token!"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((status.code, status.reason.as_str()), (400, "BadRequest"));
+}
+
+#[tokio::test]
+async fn denied_verbs_answer_403_and_access_reviews_agree() {
+    let server = FakeApiServer::start().await;
+    server.add_pod("default", "p", &[]);
+    server.deny("list", "", "pods");
+    server.deny("get", "agents.x-k8s.io", "sandboxes");
+    let pods: Api<Pod> = Api::namespaced(server.client(), "default");
+    let status = api_status(pods.list(&ListParams::default()).await.unwrap_err());
+    assert_eq!((status.code, status.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        status.message,
+        "pods is forbidden: User \"system:serviceaccount:default:sandbox-reconciler\" cannot list resource \"pods\" in API group \"\" in the namespace \"default\""
+    );
+    let all: Api<Pod> = Api::all(server.client());
+    let status = api_status(all.list_metadata(&ListParams::default()).await.unwrap_err());
+    assert!(status.message.ends_with("at the cluster scope"), "{}", status.message);
+    // get is still allowed.
+    assert!(pods.get_opt("p").await.unwrap().is_some());
+
+    server.add_sandbox("v1alpha1", "default", "s", json!({}));
+    let status = api_status(sandboxes(&server, "default").get("s").await.unwrap_err());
+    assert_eq!(
+        status.message,
+        "sandboxes.agents.x-k8s.io \"s\" is forbidden: User \"system:serviceaccount:default:sandbox-reconciler\" cannot get resource \"sandboxes\" in API group \"agents.x-k8s.io\" in the namespace \"default\""
+    );
+
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(server.client());
+    let review = |verb: &str, group: &str, resource: &str| SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some("default".into()),
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let pp = PostParams::default();
+    let denied = reviews.create(&pp, &review("list", "", "pods")).await.unwrap();
+    assert!(!denied.status.unwrap().allowed);
+    let allowed = reviews.create(&pp, &review("get", "", "pods")).await.unwrap();
+    let allowed = allowed.status.unwrap();
+    assert!(allowed.allowed);
+    assert!(allowed.reason.is_some());
+    assert_eq!(
+        denied.spec.resource_attributes.unwrap().resource.as_deref(),
+        Some("pods")
+    );
+    let sb = reviews
+        .create(&pp, &review("list", "agents.x-k8s.io", "sandboxes"))
+        .await
+        .unwrap();
+    assert!(sb.status.unwrap().allowed);
+}
+
+#[tokio::test]
+async fn terminating_objects_are_still_listed_with_deletion_timestamp() {
+    let server = FakeApiServer::start().await;
+    server.add_pod("default", "p", &[]);
+    let before = server.resource_version();
+    server.set_terminating(Kind::Pod, "default", "p");
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let pod = api.get("p").await.unwrap();
+    assert!(pod.metadata.deletion_timestamp.is_some());
+    assert!(pod.resource_version().unwrap().parse::<u64>().unwrap() > before);
+    let listed = api.list_metadata(&ListParams::default()).await.unwrap();
+    assert!(listed.items[0].metadata.deletion_timestamp.is_some());
+    assert!(server.remove(Kind::Pod, "default", "p"));
+    assert!(!server.remove(Kind::Pod, "default", "p"));
+    assert!(api.get_opt("p").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn body_faults_surface_as_client_errors() {
+    let server = FakeApiServer::start().await;
+    server.add_pod("default", "a", &[]);
+    server.add_pod("default", "b", &[]);
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+
+    server.inject(Fault::on_list("/pods", FaultAction::MalformedJson).once());
+    assert!(matches!(
+        api.list(&ListParams::default()).await,
+        Err(kube::Error::SerdeError(_))
+    ));
+
+    server.inject(Fault::on_list("/pods", FaultAction::WrongKind).once());
+    assert!(matches!(
+        api.list(&ListParams::default()).await,
+        Err(kube::Error::SerdeError(_))
+    ));
+    server.inject(Fault::on_list("/pods", FaultAction::WrongKind).once());
+    let meta = api.list_metadata(&ListParams::default()).await.unwrap();
+    assert_eq!(meta.types.kind, "ConfigMapList");
+    assert!(meta.items[0].metadata.name.is_none());
+
+    server.inject(Fault::on_list("/pods", FaultAction::ItemWithoutName).once());
+    let list = api.list_metadata(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 2);
+    assert!(list.items[0].metadata.name.is_none());
+    assert_eq!(list.items[1].metadata.name.as_deref(), Some("b"));
+
+    server.inject(Fault::on_get("/pods/a", FaultAction::CloseConnection).once());
+    let err = api.get("a").await.unwrap_err();
+    assert!(!matches!(err, kube::Error::Api(_)), "{err:?}");
+    assert_eq!(server.requests().last().unwrap().status, None);
+
+    server.inject(Fault::on_get("/pods/a", FaultAction::Hang(Duration::from_secs(60))).once());
+    let hung = tokio::time::timeout(Duration::from_millis(200), api.get("a")).await;
+    assert!(hung.is_err());
+
+    // Everything is back to normal afterwards.
+    assert_eq!(api.get("a").await.unwrap().name_any(), "a");
+}
+
+#[tokio::test]
+async fn kube_retries_429_transparently_and_nth_targets_one_request() {
+    let server = FakeApiServer::start().await;
+    server.add_pod("default", "a", &[]);
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    server.inject(Fault::on_get("/pods/", FaultAction::Status(429, None)).times(2));
+    assert_eq!(api.get("a").await.unwrap().name_any(), "a");
+    let codes: Vec<_> = server.requests().iter().map(|r| r.status).collect();
+    assert_eq!(codes, [Some(429), Some(429), Some(200)]);
+
+    server.clear_requests();
+    server.inject(Fault::on_get("/pods/", FaultAction::Status(409, None)).nth(1));
+    assert!(api.get("a").await.is_ok());
+    let status = api_status(api.get("a").await.unwrap_err());
+    assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
+    assert!(api.get("a").await.is_ok());
+
+    // Retry-After is sent as a header and in the Status details.
+    server.clear_faults();
+    server.inject(Fault::always(FaultAction::Status(500, Some(7))));
+    let status = api_status(api.get("a").await.unwrap_err());
+    assert_eq!(status.details.unwrap().retry_after_seconds, 7);
+}
+
+#[tokio::test]
+async fn kubeconfig_client_reaches_the_server_with_its_token() {
+    let server = FakeApiServer::start().await;
+    server.add_pod("default", "a", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&path);
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(config.default_namespace, "default");
+    let client = kube::Client::try_from(config).unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(client);
+    assert_eq!(pods.list(&ListParams::default()).await.unwrap().items.len(), 1);
+    assert_eq!(
+        server.requests()[0].authorization.as_deref(),
+        Some(format!("Bearer {FAKE_TOKEN}").as_str())
+    );
+}
+
+#[tokio::test]
+async fn discovery_reflects_served_sandbox_versions() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    assert_eq!(client.apiserver_version().await.unwrap().minor, "33");
+    server.add_sandbox("v1alpha1", "default", "a", json!({}));
+    server.register_sandbox_version("v1beta1");
+    let gvk = GroupVersionKind::gvk("agents.x-k8s.io", "v1alpha1", "Sandbox");
+    let (resource, _caps) = kube::discovery::pinned_kind(&client, &gvk).await.unwrap();
+    assert_eq!(resource.plural, "sandboxes");
+    let group = kube::discovery::group(&client, "agents.x-k8s.io").await.unwrap();
+    assert_eq!(group.preferred_version_or_latest(), "v1beta1");
+    let raw = raw_get(&server, "/apis").await;
+    assert_eq!(raw["kind"], "APIGroupList");
+    server.disable_sandbox_api();
+    assert!(kube::discovery::group(&client, "agents.x-k8s.io").await.is_err());
+}
+
+#[tokio::test]
+async fn exact_resource_version_reads_history() {
+    let server = FakeApiServer::start().await;
+    server.add_pod("default", "a", &[]);
+    let rv = server.resource_version();
+    server.remove(Kind::Pod, "default", "a");
+    server.add_pod("default", "b", &[]);
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let old = api
+        .list(&ListParams::default().at(&rv.to_string()).matching(kube::api::VersionMatch::Exact))
+        .await
+        .unwrap();
+    assert_eq!(old.items.iter().map(|p| p.name_any()).collect::<Vec<_>>(), ["a"]);
+    let now = api.list(&ListParams::default()).await.unwrap();
+    assert_eq!(now.items.iter().map(|p| p.name_any()).collect::<Vec<_>>(), ["b"]);
+    let req = http::Request::get("/api/v1/pods?watch=true").body(vec![]).unwrap();
+    let status = api_status(server.client().request_text(req).await.unwrap_err());
+    assert_eq!((status.code, status.reason.as_str()), (400, "BadRequest"));
+}

@@ -1,0 +1,1909 @@
+//! A fake Kubernetes API server for integration tests.
+//!
+//! No real API server can run on the test machines, so the cluster side of the reconciler is
+//! exercised against this one: a real HTTP/1.1 server (hyper 1) on `127.0.0.1` that the real
+//! `kube::Client` talks to, in-process or from a child process through a kubeconfig file.
+//! It serves only what the reconciler reads and follows the Kubernetes API's own rules for it:
+//!
+//! - Pods (`/api/v1/[namespaces/{ns}/]pods[/{name}]`) and agent-sandbox `Sandbox` objects
+//!   (`/apis/agents.x-k8s.io/{version}/[namespaces/{ns}/]sandboxes[/{name}]`), GET only;
+//! - list semantics: key order (namespace, then name), `labelSelector` (equality, set and
+//!   existence requirements), `fieldSelector` (`metadata.name`, `metadata.namespace`, a few pod
+//!   fields), `limit`/`continue` pagination over a consistent snapshot (every page of one
+//!   listing reports the resourceVersion at which the listing started and shows the objects as
+//!   they were then), `remainingItemCount`, 410 `Expired` for compacted continue tokens;
+//! - content negotiation for `as=PartialObjectMetadataList` / `as=PartialObjectMetadata`;
+//! - `Status` error bodies with the real reasons and messages (404, 403, 400, 405, 406, 410);
+//! - RBAC as seen by a client: `deny(verb, group, resource)` makes requests answer 403 and
+//!   `SelfSubjectAccessReview`s answer `allowed: false`;
+//! - legacy discovery (`/version`, `/api`, `/api/v1`, `/apis`, `/apis/{group}[/{version}]`).
+//!
+//! Tests change the cluster while a client runs (`add_pod`, `remove`, `set_terminating`, ...)
+//! and inject faults (`inject`) that fire on matching requests: error statuses, expired
+//! continue tokens, hangs, malformed or wrong-kind bodies, dropped connections. Every request
+//! is recorded (`requests`) so a test can assert what the client actually sent.
+//!
+//! The module depends only on crates the project already uses (tokio, hyper, hyper-util,
+//! http-body-util, serde_json, kube, chrono, rand), so a non-test binary can reuse it.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Map, Value};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// API group of the agent-sandbox `Sandbox` custom resource.
+pub const SANDBOX_GROUP: &str = "agents.x-k8s.io";
+/// The user every request is authenticated as; appears in `Forbidden` messages.
+pub const FAKE_USER: &str = "system:serviceaccount:default:sandbox-reconciler";
+/// The bearer token written into kubeconfig files by [`FakeApiServer::write_kubeconfig`].
+pub const FAKE_TOKEN: &str = "fake-api-server-token";
+
+/// Message of a 410 `Expired` answer to a continued list request (verbatim from the apiserver).
+pub const EXPIRED_CONTINUE_MESSAGE: &str = "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.";
+
+/// Kind of object the fake server stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// core/v1 Pod (`pods`).
+    Pod,
+    /// agents.x-k8s.io Sandbox (`sandboxes`), any version.
+    Sandbox,
+}
+
+impl Kind {
+    fn resource(self) -> &'static str {
+        match self {
+            Kind::Pod => "pods",
+            Kind::Sandbox => "sandboxes",
+        }
+    }
+
+    fn group(self) -> &'static str {
+        match self {
+            Kind::Pod => "",
+            Kind::Sandbox => SANDBOX_GROUP,
+        }
+    }
+}
+
+/// A fault rule: when a request matches `matcher`, answer with `action` instead of normally.
+///
+/// Rules are checked in the order they were injected; the first one that applies fires.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// Which requests the rule applies to.
+    pub matcher: FaultMatch,
+    /// What the server does instead of answering normally.
+    pub action: FaultAction,
+    /// How many times the rule fires; `None` = forever.
+    pub times: Option<usize>,
+}
+
+/// Request criteria of a [`Fault`]; `None` fields match anything.
+#[derive(Debug, Clone, Default)]
+pub struct FaultMatch {
+    /// HTTP method, e.g. `"GET"` (case-insensitive).
+    pub method: Option<String>,
+    /// Substring of the request path (without query), e.g. `"/pods"` or `"sandboxes"`.
+    pub path_contains: Option<String>,
+    /// 0-based page of a paginated listing: 0 = request without `continue`, k = the k-th
+    /// continued request of that listing (the page number travels in the continue token).
+    pub page: Option<usize>,
+    /// `true`: only collection GETs (lists); `false`: only everything else.
+    pub is_list: Option<bool>,
+    /// Fire only on the nth request (0-based) that matches the other criteria.
+    pub nth: Option<usize>,
+}
+
+/// What a firing [`Fault`] does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultAction {
+    /// Answer this HTTP status with a proper `Status` body (reason derived from the code:
+    /// 500 InternalError, 429 TooManyRequests, 403 Forbidden, 404 NotFound, 409 Conflict,
+    /// 410 Expired, 503 ServiceUnavailable, 504 Timeout, 400 BadRequest, 401 Unauthorized),
+    /// optionally with a `Retry-After` header (seconds).
+    Status(u16, Option<u64>),
+    /// Answer a continued list request with 410 `Expired` (as after an etcd compaction).
+    /// Applies only to requests that carry a `continue` parameter.
+    ExpireContinue,
+    /// Sleep this long, then answer normally (a long duration = never answer in a test).
+    Hang(Duration),
+    /// 200 with a truncated JSON body.
+    MalformedJson,
+    /// 200 with valid JSON of the wrong kind (`ConfigMapList` / `ConfigMap`) whose items have
+    /// no metadata at all.
+    WrongKind,
+    /// Normal answer, but the first list item (or the single object) lacks `metadata.name`.
+    ItemWithoutName,
+    /// Read the request, then drop the connection without any response.
+    CloseConnection,
+}
+
+impl Fault {
+    /// A rule that fires on every request, forever.
+    pub fn always(action: FaultAction) -> Fault {
+        Fault {
+            matcher: FaultMatch::default(),
+            action,
+            times: None,
+        }
+    }
+
+    /// Fires on every request whose path contains `path_contains`, forever.
+    pub fn on_path(path_contains: &str, action: FaultAction) -> Fault {
+        Fault {
+            matcher: FaultMatch {
+                path_contains: Some(path_contains.to_string()),
+                ..FaultMatch::default()
+            },
+            action,
+            times: None,
+        }
+    }
+
+    /// Fires on list requests (collection GETs) whose path contains `path_contains`, forever.
+    pub fn on_list(path_contains: &str, action: FaultAction) -> Fault {
+        Fault {
+            matcher: FaultMatch {
+                method: Some("GET".to_string()),
+                path_contains: Some(path_contains.to_string()),
+                is_list: Some(true),
+                ..FaultMatch::default()
+            },
+            action,
+            times: None,
+        }
+    }
+
+    /// Fires on page `page` (0-based) of list requests whose path contains `path_contains`.
+    pub fn on_list_page(path_contains: &str, page: usize, action: FaultAction) -> Fault {
+        let mut fault = Fault::on_list(path_contains, action);
+        fault.matcher.page = Some(page);
+        fault
+    }
+
+    /// Fires on single-object GETs whose path contains `path_contains`, forever.
+    pub fn on_get(path_contains: &str, action: FaultAction) -> Fault {
+        Fault {
+            matcher: FaultMatch {
+                method: Some("GET".to_string()),
+                path_contains: Some(path_contains.to_string()),
+                is_list: Some(false),
+                ..FaultMatch::default()
+            },
+            action,
+            times: None,
+        }
+    }
+
+    /// Limits the rule to `n` firings.
+    pub fn times(mut self, n: usize) -> Fault {
+        self.times = Some(n);
+        self
+    }
+
+    /// Limits the rule to a single firing.
+    pub fn once(self) -> Fault {
+        self.times(1)
+    }
+
+    /// Fires only on the nth (0-based) request matching the other criteria.
+    pub fn nth(mut self, n: usize) -> Fault {
+        self.matcher.nth = Some(n);
+        self
+    }
+}
+
+/// One request the server received, with what it answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedRequest {
+    /// HTTP method, e.g. `"GET"`.
+    pub method: String,
+    /// Path without the query, e.g. `/api/v1/namespaces/default/pods`.
+    pub path: String,
+    /// Raw (still percent-encoded) query string; empty when there was none.
+    pub query: String,
+    /// The `Accept` header, if sent.
+    pub accept: Option<String>,
+    /// The `Authorization` header, if sent.
+    pub authorization: Option<String>,
+    /// Request body (UTF-8, lossy).
+    pub body: String,
+    /// Status code answered; `None` while pending, or if the connection was dropped
+    /// (`CloseConnection`) or the client gave up during a `Hang`.
+    pub status: Option<u16>,
+}
+
+impl RecordedRequest {
+    /// Decoded value of query parameter `name` (first occurrence).
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        parse_query(&self.query)
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
+
+    /// Whether the request asked for metadata only (`as=PartialObjectMetadata[List]`).
+    pub fn is_metadata_only(&self) -> bool {
+        self.accept
+            .as_deref()
+            .is_some_and(|a| a.contains("as=PartialObjectMetadata"))
+    }
+}
+
+/// The fake API server. Starts on [`FakeApiServer::start`], stops on
+/// [`FakeApiServer::shutdown`] or drop. All methods take `&self`; tests may change the
+/// cluster while clients are talking to it.
+pub struct FakeApiServer {
+    addr: SocketAddr,
+    shared: Arc<Mutex<State>>,
+    task: JoinHandle<()>,
+}
+
+impl FakeApiServer {
+    /// Binds `127.0.0.1:0` and serves on a task of the caller's tokio runtime.
+    pub async fn start() -> FakeApiServer {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("fake API server: bind 127.0.0.1:0");
+        let addr = listener
+            .local_addr()
+            .expect("fake API server: local address");
+        let shared = Arc::new(Mutex::new(State::new(addr)));
+        let task = tokio::spawn(accept_loop(listener, shared.clone()));
+        FakeApiServer { addr, shared, task }
+    }
+
+    /// Base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Socket address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A real `kube::Client` for this server (default namespace `default`, no credentials,
+    /// kube's default retry policy). Must be called inside a tokio runtime.
+    pub fn client(&self) -> kube::Client {
+        let uri = self.url().parse().expect("fake API server: url parses");
+        let config = kube::Config::new(uri);
+        kube::Client::try_from(config).expect("fake API server: build kube::Client")
+    }
+
+    /// Writes a kubeconfig (cluster server = [`url`](Self::url), namespace `default`, a user
+    /// with bearer token [`FAKE_TOKEN`]) for a child process's `KUBECONFIG`.
+    pub fn write_kubeconfig(&self, path: &Path) {
+        let text = format!(
+            "apiVersion: v1\n\
+             kind: Config\n\
+             clusters:\n\
+             - name: fake\n  cluster:\n    server: {url}\n\
+             contexts:\n\
+             - name: fake\n  context:\n    cluster: fake\n    namespace: default\n    user: fake\n\
+             current-context: fake\n\
+             users:\n\
+             - name: fake\n  user:\n    token: {token}\n\
+             preferences: {{}}\n",
+            url = self.url(),
+            token = FAKE_TOKEN
+        );
+        std::fs::write(path, text).expect("fake API server: write kubeconfig");
+    }
+
+    /// Adds (or replaces, keeping uid and creationTimestamp) a running Pod with these labels.
+    pub fn add_pod(&self, namespace: &str, name: &str, labels: &[(&str, &str)]) {
+        let object = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "labels": labels_json(labels) },
+            "spec": {
+                "containers": [{ "name": "sandbox", "image": "registry.invalid/sandbox:latest" }],
+                "restartPolicy": "Never"
+            },
+            "status": { "phase": "Running" }
+        });
+        self.add_object(Kind::Pod, namespace, name, object);
+    }
+
+    /// Adds (or replaces) a Sandbox of `agents.x-k8s.io/{version}` with this spec (e.g.
+    /// `json!({"replicas": 0})`). Registers `version` as served.
+    pub fn add_sandbox(&self, version: &str, namespace: &str, name: &str, spec: Value) {
+        self.add_sandbox_with_labels(version, namespace, name, &[], spec);
+    }
+
+    /// Like [`add_sandbox`](Self::add_sandbox), with labels.
+    pub fn add_sandbox_with_labels(
+        &self,
+        version: &str,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        spec: Value,
+    ) {
+        let object = json!({
+            "apiVersion": format!("{SANDBOX_GROUP}/{version}"),
+            "kind": "Sandbox",
+            "metadata": { "labels": labels_json(labels) },
+            "spec": spec
+        });
+        self.add_object(Kind::Sandbox, namespace, name, object);
+    }
+
+    /// Adds (or replaces) an arbitrary object. The server fills in `metadata.name`,
+    /// `namespace`, `uid`, `resourceVersion`, `creationTimestamp` (and `generation` for
+    /// sandboxes); `apiVersion`/`kind` default to `v1`/`Pod` or
+    /// `agents.x-k8s.io/v1alpha1`/`Sandbox`. A Sandbox's version is registered as served.
+    pub fn add_object(&self, kind: Kind, namespace: &str, name: &str, mut object: Value) {
+        if !object.is_object() {
+            panic!("fake API server: add_object needs a JSON object, got {object}");
+        }
+        let default_api_version = match kind {
+            Kind::Pod => "v1".to_string(),
+            Kind::Sandbox => format!("{SANDBOX_GROUP}/v1alpha1"),
+        };
+        let kind_name = match kind {
+            Kind::Pod => "Pod",
+            Kind::Sandbox => "Sandbox",
+        };
+        let map = object.as_object_mut().expect("checked above");
+        map.entry("apiVersion")
+            .or_insert_with(|| Value::String(default_api_version));
+        map.entry("kind")
+            .or_insert_with(|| Value::String(kind_name.to_string()));
+        let meta = map
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !meta.is_object() {
+            *meta = Value::Object(Map::new());
+        }
+        let meta = meta.as_object_mut().expect("made an object above");
+        if meta.get("labels").is_some_and(is_empty_map) {
+            meta.remove("labels");
+        }
+        meta.insert("name".into(), Value::String(name.to_string()));
+        meta.insert("namespace".into(), Value::String(namespace.to_string()));
+
+        let mut state = self.state();
+        if kind == Kind::Sandbox {
+            let version = api_version_of(&object)
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            state.sandbox_versions.insert(version);
+        }
+        let key = object_key(namespace, name);
+        let previous = state.current(kind, &key).cloned();
+        let meta = object["metadata"]
+            .as_object_mut()
+            .expect("metadata is an object");
+        match previous {
+            Some(old) => {
+                for field in ["uid", "creationTimestamp"] {
+                    if let Some(v) = old["metadata"].get(field) {
+                        meta.insert(field.into(), v.clone());
+                    }
+                }
+                if kind == Kind::Sandbox {
+                    let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                    let bump = i64::from(old.get("spec") != object.get("spec"));
+                    object["metadata"]["generation"] = json!(generation + bump);
+                }
+            }
+            None => {
+                meta.insert("uid".into(), Value::String(new_uid()));
+                meta.insert("creationTimestamp".into(), Value::String(now_timestamp()));
+                if kind == Kind::Sandbox {
+                    meta.insert("generation".into(), json!(1));
+                }
+            }
+        }
+        state.write(kind, &key, Some(object));
+    }
+
+    /// Changes a stored object in place (a new revision with a new resourceVersion).
+    /// Returns false if there is no such object.
+    pub fn modify(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        change: impl FnOnce(&mut Value),
+    ) -> bool {
+        let mut state = self.state();
+        let key = object_key(namespace, name);
+        let Some(mut object) = state.current(kind, &key).cloned() else {
+            return false;
+        };
+        let old_spec = object.get("spec").cloned();
+        change(&mut object);
+        if kind == Kind::Sandbox && object.get("spec") != old_spec.as_ref() {
+            let generation = object["metadata"]["generation"].as_i64().unwrap_or(1);
+            object["metadata"]["generation"] = json!(generation + 1);
+        }
+        state.write(kind, &key, Some(object));
+        true
+    }
+
+    /// Deletes an object (any sandbox version). Returns whether it existed.
+    pub fn remove(&self, kind: Kind, namespace: &str, name: &str) -> bool {
+        let mut state = self.state();
+        let key = object_key(namespace, name);
+        if state.current(kind, &key).is_none() {
+            return false;
+        }
+        state.write(kind, &key, None);
+        true
+    }
+
+    /// Marks an object as being deleted: sets `metadata.deletionTimestamp` (and
+    /// `deletionGracePeriodSeconds`); it is still listed and GET answers 200.
+    /// Panics if there is no such object.
+    pub fn set_terminating(&self, kind: Kind, namespace: &str, name: &str) {
+        let found = self.modify(kind, namespace, name, |object| {
+            object["metadata"]["deletionTimestamp"] = Value::String(now_timestamp());
+            object["metadata"]["deletionGracePeriodSeconds"] = json!(30);
+        });
+        assert!(
+            found,
+            "fake API server: set_terminating: no {kind:?} {namespace}/{name}"
+        );
+    }
+
+    /// Serves `agents.x-k8s.io/{version}` even while no Sandbox of that version exists.
+    pub fn register_sandbox_version(&self, version: &str) {
+        self.state().sandbox_versions.insert(version.to_string());
+    }
+
+    /// Makes the Sandbox API disappear (CRD not installed): every `sandboxes` path and the
+    /// `agents.x-k8s.io` discovery documents answer 404.
+    pub fn disable_sandbox_api(&self) {
+        self.state().sandbox_api_disabled = true;
+    }
+
+    /// Denies `verb` (`"list"`, `"get"`, `"watch"`, `"create"`, or `"*"`) on `resource` in
+    /// `group` (`""` for pods, `"agents.x-k8s.io"` for sandboxes; `"*"` matches any):
+    /// requests answer 403 and access reviews answer `allowed: false`.
+    pub fn deny(&self, verb: &str, group: &str, resource: &str) {
+        self.state()
+            .denied
+            .push((verb.to_string(), group.to_string(), resource.to_string()));
+    }
+
+    /// Removes every `deny` rule.
+    pub fn allow_all(&self) {
+        self.state().denied.clear();
+    }
+
+    /// Queues a fault rule.
+    pub fn inject(&self, fault: Fault) {
+        self.state().faults.push(FaultRule {
+            fault,
+            matched: 0,
+            fired: 0,
+        });
+    }
+
+    /// Removes every fault rule.
+    pub fn clear_faults(&self) {
+        self.state().faults.clear();
+    }
+
+    /// Compacts history: every continue token issued so far answers 410 `Expired`.
+    pub fn compact(&self) {
+        let mut state = self.state();
+        state.compacted_rv = state.rv;
+    }
+
+    /// The server's current resourceVersion (bumped by every mutation).
+    pub fn resource_version(&self) -> u64 {
+        self.state().rv
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.state().requests.clone()
+    }
+
+    /// Number of requests received so far.
+    pub fn request_count(&self) -> usize {
+        self.state().requests.len()
+    }
+
+    /// Forgets the recorded requests.
+    pub fn clear_requests(&self) {
+        self.state().requests.clear();
+    }
+
+    /// Stops accepting and drops every open connection.
+    pub fn shutdown(&self) {
+        self.task.abort();
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.shared)
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State
+
+struct Revision {
+    rv: u64,
+    /// `None` = deleted at `rv`.
+    object: Option<Value>,
+}
+
+struct FaultRule {
+    fault: Fault,
+    matched: usize,
+    fired: usize,
+}
+
+struct State {
+    addr: SocketAddr,
+    /// Global resourceVersion counter, bumped on each mutation.
+    rv: u64,
+    /// Continue tokens older than this are expired.
+    compacted_rv: u64,
+    /// Every revision of every object, keyed like etcd: (kind, "namespace/name").
+    objects: BTreeMap<(Kind, String), Vec<Revision>>,
+    sandbox_versions: BTreeSet<String>,
+    sandbox_api_disabled: bool,
+    denied: Vec<(String, String, String)>,
+    faults: Vec<FaultRule>,
+    requests: Vec<RecordedRequest>,
+}
+
+impl State {
+    fn new(addr: SocketAddr) -> State {
+        State {
+            addr,
+            rv: 1,
+            compacted_rv: 0,
+            objects: BTreeMap::new(),
+            sandbox_versions: BTreeSet::new(),
+            sandbox_api_disabled: false,
+            denied: Vec::new(),
+            faults: Vec::new(),
+            requests: Vec::new(),
+        }
+    }
+
+    fn current(&self, kind: Kind, key: &str) -> Option<&Value> {
+        self.objects
+            .get(&(kind, key.to_string()))
+            .and_then(|revs| revs.last())
+            .and_then(|rev| rev.object.as_ref())
+    }
+
+    fn write(&mut self, kind: Kind, key: &str, object: Option<Value>) {
+        self.rv += 1;
+        let rv = self.rv;
+        let object = object.map(|mut o| {
+            o["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+            o
+        });
+        self.objects
+            .entry((kind, key.to_string()))
+            .or_default()
+            .push(Revision { rv, object });
+    }
+
+    /// Objects of `kind` as they were at `rv`, in key order, restricted to `namespace` and (for
+    /// sandboxes) `api_version`.
+    fn snapshot(
+        &self,
+        kind: Kind,
+        rv: u64,
+        namespace: Option<&str>,
+        api_version: &str,
+    ) -> Vec<(&str, &Value)> {
+        self.objects
+            .range((kind, String::new())..)
+            .take_while(|((k, _), _)| *k == kind)
+            .filter(|((_, key), _)| namespace.is_none_or(|ns| key_namespace(key) == ns))
+            .filter_map(|((_, key), revs)| {
+                let object = revs.iter().rev().find(|r| r.rv <= rv)?.object.as_ref()?;
+                (api_version_of(object) == api_version).then_some((key.as_str(), object))
+            })
+            .collect()
+    }
+
+    fn is_denied(&self, verb: &str, group: &str, resource: &str) -> bool {
+        let hit = |rule: &str, actual: &str| rule == "*" || rule == actual;
+        self.denied
+            .iter()
+            .any(|(v, g, r)| hit(v, verb) && hit(g, group) && hit(r, resource))
+    }
+
+    fn sandbox_version_served(&self, version: &str) -> bool {
+        !self.sandbox_api_disabled && self.sandbox_versions.contains(version)
+    }
+
+    /// The first fault rule that fires for this request, updating the rules' counters.
+    fn fire_fault(&mut self, req: &RequestFacts) -> Option<FaultAction> {
+        let mut chosen = None;
+        for rule in &mut self.faults {
+            let m = &rule.fault.matcher;
+            let matches = m
+                .method
+                .as_ref()
+                .is_none_or(|x| x.eq_ignore_ascii_case(&req.method))
+                && m.path_contains
+                    .as_ref()
+                    .is_none_or(|x| req.path.contains(x.as_str()))
+                && m.is_list.is_none_or(|x| x == req.is_list)
+                && m.page.is_none_or(|x| req.page == Some(x))
+                && (rule.fault.action != FaultAction::ExpireContinue || req.has_continue);
+            if !matches {
+                continue;
+            }
+            let index = rule.matched;
+            rule.matched += 1;
+            if chosen.is_some()
+                || m.nth.is_some_and(|n| n != index)
+                || rule.fault.times.is_some_and(|t| rule.fired >= t)
+            {
+                continue;
+            }
+            rule.fired += 1;
+            chosen = Some(rule.fault.action.clone());
+        }
+        chosen
+    }
+}
+
+fn lock(shared: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panicking test thread must not take every other request down with it.
+    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serving
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Mutex<State>>) {
+    // Connections live in the JoinSet: aborting this task drops it and every connection.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    connections.spawn(serve_connection(stream, shared.clone()));
+                }
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, shared: Arc<Mutex<State>>) {
+    let kill = Arc::new(Notify::new());
+    let service_kill = kill.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let shared = shared.clone();
+        let kill = service_kill.clone();
+        async move { Ok::<_, Infallible>(handle(shared, kill, req).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        _ = connection => {}
+        // Dropping the connection closes the socket without a response.
+        _ = kill.notified() => {}
+    }
+}
+
+/// What fault matching needs to know about a request.
+struct RequestFacts {
+    method: String,
+    path: String,
+    is_list: bool,
+    has_continue: bool,
+    page: Option<usize>,
+}
+
+async fn handle(
+    shared: Arc<Mutex<State>>,
+    kill: Arc<Notify>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let header = |name: http::header::HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    let recorded = RecordedRequest {
+        method: parts.method.as_str().to_string(),
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or_default().to_string(),
+        accept: header(http::header::ACCEPT),
+        authorization: header(http::header::AUTHORIZATION),
+        body: String::from_utf8_lossy(&body).into_owned(),
+        status: None,
+    };
+    let params = parse_query(&recorded.query);
+    let continue_token = param(&params, "continue");
+    let path = ResourcePath::parse(&recorded.path);
+    let is_list = recorded.method == "GET"
+        && path
+            .as_ref()
+            .is_some_and(|p| p.name.is_none() && p.subresource.is_none());
+    let facts = RequestFacts {
+        method: recorded.method.clone(),
+        path: recorded.path.clone(),
+        is_list,
+        has_continue: continue_token.is_some(),
+        page: match (is_list, continue_token) {
+            (false, _) => None,
+            (true, None) => Some(0),
+            (true, Some(token)) => ContinueToken::decode(token).ok().map(|t| t.page),
+        },
+    };
+
+    let (index, fault) = {
+        let mut state = lock(&shared);
+        state.requests.push(recorded.clone());
+        let index = state.requests.len() - 1;
+        (index, state.fire_fault(&facts))
+    };
+
+    let reply = match fault {
+        None => respond(&shared, &recorded, &params, path.as_ref()),
+        Some(FaultAction::Hang(duration)) => {
+            tokio::time::sleep(duration).await;
+            respond(&shared, &recorded, &params, path.as_ref())
+        }
+        Some(FaultAction::CloseConnection) => {
+            kill.notify_one();
+            return std::future::pending().await;
+        }
+        Some(FaultAction::Status(code, retry_after)) => {
+            injected_status(code, retry_after, &recorded, path.as_ref())
+        }
+        Some(FaultAction::ExpireContinue) => {
+            let start = continue_token
+                .and_then(|t| ContinueToken::decode(t).ok())
+                .map(|t| t.start)
+                .unwrap_or_default();
+            expired_continue(start, facts.page.unwrap_or(1))
+        }
+        Some(FaultAction::MalformedJson) => Reply {
+            code: 200,
+            body: ReplyBody::Raw(format!(
+                "{{\"kind\":\"{}\",\"apiVersion\":\"v1\",\"metadata\":{{\"resourceVersion\":\"1\"}},\"items\":[{{\"metadata\":{{\"name\":",
+                if is_list { "PodList" } else { "Pod" }
+            )),
+            retry_after: None,
+        },
+        Some(FaultAction::WrongKind) => {
+            let rv = lock(&shared).rv.to_string();
+            let body = if is_list {
+                json!({
+                    "kind": "ConfigMapList",
+                    "apiVersion": "v1",
+                    "metadata": { "resourceVersion": rv },
+                    "items": [{ "kind": "ConfigMap", "apiVersion": "v1", "data": { "unexpected": "true" } }]
+                })
+            } else {
+                json!({ "kind": "ConfigMap", "apiVersion": "v1", "data": { "unexpected": "true" } })
+            };
+            Reply::json(200, body)
+        }
+        Some(FaultAction::ItemWithoutName) => {
+            let mut reply = respond(&shared, &recorded, &params, path.as_ref());
+            if let (200, ReplyBody::Json(body)) = (reply.code, &mut reply.body) {
+                let target = match body.get_mut("items").and_then(Value::as_array_mut) {
+                    Some(items) => items.first_mut(),
+                    None => Some(body),
+                };
+                if let Some(meta) = target
+                    .and_then(|t| t.get_mut("metadata"))
+                    .and_then(Value::as_object_mut)
+                {
+                    meta.remove("name");
+                }
+            }
+            reply
+        }
+    };
+
+    if let Some(r) = lock(&shared).requests.get_mut(index) {
+        r.status = Some(reply.code);
+    }
+    reply.into_response()
+}
+
+struct Reply {
+    code: u16,
+    body: ReplyBody,
+    retry_after: Option<u64>,
+}
+
+enum ReplyBody {
+    Json(Value),
+    Raw(String),
+}
+
+impl Reply {
+    fn json(code: u16, body: Value) -> Reply {
+        Reply {
+            code,
+            body: ReplyBody::Json(body),
+            retry_after: None,
+        }
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let text = match self.body {
+            ReplyBody::Json(v) => v.to_string(),
+            ReplyBody::Raw(s) => s,
+        };
+        let mut builder = Response::builder()
+            .status(self.code)
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(seconds) = self.retry_after {
+            builder = builder.header(http::header::RETRY_AFTER, seconds.to_string());
+        }
+        builder
+            .body(Full::new(Bytes::from(text)))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+    }
+}
+
+/// A `Status` body as the apiserver writes it.
+fn status_reply(code: u16, reason: &str, message: &str, details: Value) -> Reply {
+    let mut body = json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "details": details,
+        "code": code
+    });
+    if reason.is_empty() {
+        if let Some(map) = body.as_object_mut() {
+            map.remove("reason");
+        }
+    }
+    Reply::json(code, body)
+}
+
+fn not_found_path() -> Reply {
+    status_reply(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+        json!({}),
+    )
+}
+
+fn bad_request(message: &str) -> Reply {
+    status_reply(400, "BadRequest", message, json!({}))
+}
+
+fn details(path: &ResourcePath) -> Value {
+    let mut d = Map::new();
+    if let Some(name) = &path.name {
+        d.insert("name".into(), json!(name));
+    }
+    if !path.group.is_empty() {
+        d.insert("group".into(), json!(path.group));
+    }
+    d.insert("kind".into(), json!(path.resource));
+    Value::Object(d)
+}
+
+fn forbidden(path: &ResourcePath, verb: &str) -> Reply {
+    let scope = match &path.namespace {
+        Some(ns) => format!("in the namespace \"{ns}\""),
+        None => "at the cluster scope".to_string(),
+    };
+    let subject = match &path.name {
+        Some(name) => format!("{} \"{name}\"", path.qualified_resource()),
+        None => path.qualified_resource(),
+    };
+    let message = format!(
+        "{subject} is forbidden: User \"{FAKE_USER}\" cannot {verb} resource \"{}\" in API group \"{}\" {scope}",
+        path.resource, path.group
+    );
+    status_reply(403, "Forbidden", &message, details(path))
+}
+
+fn object_not_found(path: &ResourcePath) -> Reply {
+    let message = format!(
+        "{} \"{}\" not found",
+        path.qualified_resource(),
+        path.name.as_deref().unwrap_or_default()
+    );
+    status_reply(404, "NotFound", &message, details(path))
+}
+
+fn expired_continue(start: String, page: usize) -> Reply {
+    // Like the apiserver after a compaction: 410 plus a token that continues the list at the
+    // latest resourceVersion (rv = -1).
+    let token = ContinueToken {
+        rv: -1,
+        start,
+        page,
+    }
+    .encode();
+    let mut reply = status_reply(410, "Expired", EXPIRED_CONTINUE_MESSAGE, json!({}));
+    if let ReplyBody::Json(body) = &mut reply.body {
+        body["metadata"] = json!({ "continue": token });
+        if let Some(map) = body.as_object_mut() {
+            map.remove("details");
+        }
+    }
+    reply
+}
+
+fn injected_status(
+    code: u16,
+    retry_after: Option<u64>,
+    req: &RecordedRequest,
+    path: Option<&ResourcePath>,
+) -> Reply {
+    let mut reply = match (code, path) {
+        (403, Some(p)) => forbidden(p, &p.verb(&req.method, false)),
+        (404, Some(p)) if p.name.is_some() => object_not_found(p),
+        (404, _) => not_found_path(),
+        _ => {
+            let (reason, message) = match code {
+                400 => ("BadRequest", "injected fault: bad request".to_string()),
+                401 => ("Unauthorized", "Unauthorized".to_string()),
+                403 => ("Forbidden", "forbidden: injected fault".to_string()),
+                409 => (
+                    "Conflict",
+                    match path {
+                        Some(p) => format!(
+                            "Operation cannot be fulfilled on {} \"{}\": the object has been modified; please apply your changes to the latest version and try again",
+                            p.qualified_resource(),
+                            p.name.as_deref().unwrap_or_default()
+                        ),
+                        None => "Operation cannot be fulfilled: conflict".to_string(),
+                    },
+                ),
+                410 => ("Expired", "The resourceVersion for the provided list is too old.".to_string()),
+                422 => ("Invalid", "injected fault: invalid".to_string()),
+                429 => ("TooManyRequests", "Too many requests, please try again later.".to_string()),
+                500 => ("InternalError", "Internal error occurred: injected fault".to_string()),
+                503 => ("ServiceUnavailable", "the server is currently unable to handle the request".to_string()),
+                504 => ("Timeout", "Timeout: request did not complete within the allotted timeout".to_string()),
+                _ => ("", format!("injected fault: HTTP {code}")),
+            };
+            let mut d = Map::new();
+            if code == 500 {
+                d.insert("causes".into(), json!([{ "message": "injected fault" }]));
+            }
+            if let Some(seconds) = retry_after {
+                d.insert("retryAfterSeconds".into(), json!(seconds));
+            }
+            status_reply(code, reason, &message, Value::Object(d))
+        }
+    };
+    reply.retry_after = retry_after;
+    reply
+}
+
+/// The normal answer to a request.
+fn respond(
+    shared: &Mutex<State>,
+    req: &RecordedRequest,
+    params: &[(String, String)],
+    path: Option<&ResourcePath>,
+) -> Reply {
+    let state = lock(shared);
+    let Some(path) = path else {
+        return discovery(&state, req);
+    };
+    let watch = param(params, "watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = path.verb(&req.method, watch);
+    // Authorization comes before routing, as in the apiserver's handler chain.
+    if state.is_denied(&verb, &path.group, &path.resource) {
+        return forbidden(path, &verb);
+    }
+    let kind = match (path.group.as_str(), path.version.as_str(), path.resource.as_str()) {
+        ("", "v1", "pods") => Kind::Pod,
+        (SANDBOX_GROUP, version, "sandboxes") if state.sandbox_version_served(version) => {
+            Kind::Sandbox
+        }
+        ("authorization.k8s.io", "v1", "selfsubjectaccessreviews")
+            if path.namespace.is_none() && path.name.is_none() =>
+        {
+            if req.method != "POST" {
+                return method_not_allowed();
+            }
+            return access_review(&state, &req.body);
+        }
+        _ => return not_found_path(),
+    };
+    if path.subresource.is_some() {
+        return not_found_path();
+    }
+    if req.method != "GET" {
+        return method_not_allowed();
+    }
+    let representation = match negotiate(req.accept.as_deref(), path.name.is_none()) {
+        Some(r) => r,
+        None => return not_acceptable(),
+    };
+    let api_version = match kind {
+        Kind::Pod => "v1".to_string(),
+        Kind::Sandbox => format!("{SANDBOX_GROUP}/{}", path.version),
+    };
+    match &path.name {
+        Some(name) => {
+            let Some(namespace) = &path.namespace else {
+                // e.g. /api/v1/pods/x: pods are namespaced.
+                return not_found_path();
+            };
+            let key = object_key(namespace, name);
+            match state.current(kind, &key) {
+                Some(object) if api_version_of(object) == api_version => {
+                    Reply::json(200, render_object(object, representation, kind, false))
+                }
+                _ => object_not_found(path),
+            }
+        }
+        None => {
+            if watch {
+                return bad_request("watch is not supported by the fake API server");
+            }
+            list(
+                &state,
+                kind,
+                &api_version,
+                path.namespace.as_deref(),
+                params,
+                representation,
+            )
+        }
+    }
+}
+
+fn method_not_allowed() -> Reply {
+    status_reply(
+        405,
+        "MethodNotAllowed",
+        "the server does not allow this method on the requested resource",
+        json!({}),
+    )
+}
+
+fn not_acceptable() -> Reply {
+    status_reply(
+        406,
+        "NotAcceptable",
+        "only the following media types are accepted: application/json, application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+        json!({}),
+    )
+}
+
+fn list(
+    state: &State,
+    kind: Kind,
+    api_version: &str,
+    namespace: Option<&str>,
+    params: &[(String, String)],
+    representation: Representation,
+) -> Reply {
+    let labels = match param(params, "labelSelector").map(LabelSelector::parse) {
+        None => LabelSelector::default(),
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            return bad_request(&format!(
+                "unable to parse requested label selector: {e}"
+            ))
+        }
+    };
+    let fields = match param(params, "fieldSelector").map(|s| FieldSelector::parse(s, kind)) {
+        None => FieldSelector::default(),
+        Some(Ok(s)) => s,
+        Some(Err(e)) => return bad_request(&e),
+    };
+    let limit = match param(params, "limit").map(str::parse::<i64>) {
+        None => 0,
+        Some(Ok(n)) => n.max(0) as usize,
+        Some(Err(_)) => return bad_request("invalid value for limit: must be an integer"),
+    };
+    let resource_version = param(params, "resourceVersion").filter(|rv| !rv.is_empty());
+    let version_match = param(params, "resourceVersionMatch").filter(|m| !m.is_empty());
+    let continue_token = param(params, "continue").filter(|c| !c.is_empty());
+
+    // Which snapshot to read, where to start, which page this is.
+    let (rv, start, page) = match continue_token {
+        Some(raw) => {
+            if resource_version.is_some_and(|rv| rv != "0") || version_match.is_some() {
+                return bad_request(
+                    "specifying resource version is not allowed when using continue",
+                );
+            }
+            let token = match ContinueToken::decode(raw) {
+                Ok(t) => t,
+                Err(e) => return bad_request(&format!("continue key is not valid: {e}")),
+            };
+            if token.rv == -1 {
+                (state.rv, token.start, token.page)
+            } else if token.rv <= 0 || token.rv as u64 > state.rv {
+                return bad_request("continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)");
+            } else if (token.rv as u64) < state.compacted_rv {
+                return expired_continue(token.start, token.page);
+            } else {
+                (token.rv as u64, token.start, token.page)
+            }
+        }
+        None => {
+            let rv = match (resource_version, version_match) {
+                (None, Some(_)) => {
+                    return bad_request(
+                        "resourceVersionMatch is forbidden unless resourceVersion is provided",
+                    )
+                }
+                (Some(rv), Some("Exact")) => match rv.parse::<u64>() {
+                    Ok(0) => return bad_request("resourceVersionMatch \"Exact\" is forbidden for resourceVersion \"0\""),
+                    Ok(n) if n < state.compacted_rv => {
+                        return status_reply(
+                            410,
+                            "Expired",
+                            &format!("too old resource version: {n} ({})", state.compacted_rv),
+                            json!({}),
+                        )
+                    }
+                    Ok(n) if n > state.rv => {
+                        return status_reply(
+                            504,
+                            "Timeout",
+                            &format!("Too large resource version: {n}, current: {}", state.rv),
+                            json!({}),
+                        )
+                    }
+                    Ok(n) => n,
+                    Err(_) => return bad_request(&format!("invalid resource version: {rv}")),
+                },
+                (Some(rv), Some("NotOlderThan") | None) => match rv.parse::<u64>() {
+                    Ok(_) => state.rv,
+                    Err(_) => return bad_request(&format!("invalid resource version: {rv}")),
+                },
+                (Some(_), Some(other)) => {
+                    return bad_request(&format!(
+                        "resourceVersionMatch: Unsupported value: \"{other}\""
+                    ))
+                }
+                (None, None) => state.rv,
+            };
+            (rv, String::new(), 0)
+        }
+    };
+
+    // Scan like the apiserver's etcd store: in key order, from `start`, stop once `limit`
+    // matching objects are collected; there is "more" if any key (matching or not) follows.
+    let scope: Vec<(&str, &Value)> = state
+        .snapshot(kind, rv, namespace, api_version)
+        .into_iter()
+        .filter(|(key, _)| *key >= start.as_str())
+        .collect();
+    let mut items = Vec::new();
+    let mut last_key = None;
+    let mut remaining = 0;
+    for (i, (key, object)) in scope.iter().enumerate() {
+        if limit > 0 && items.len() >= limit {
+            remaining = scope.len() - i;
+            break;
+        }
+        last_key = Some(*key);
+        if labels.matches(object) && fields.matches(object) {
+            items.push(*object);
+        }
+    }
+    let mut metadata = json!({ "resourceVersion": rv.to_string() });
+    if remaining > 0 {
+        let token = ContinueToken {
+            rv: rv as i64,
+            start: format!("{}\u{0}", last_key.unwrap_or_default()),
+            page: page + 1,
+        };
+        metadata["continue"] = json!(token.encode());
+        // The apiserver only knows the count when nothing is filtered.
+        if labels.is_empty() && fields.is_empty() {
+            metadata["remainingItemCount"] = json!(remaining);
+        }
+    }
+    let (list_kind, list_api_version) = match (representation, kind) {
+        (Representation::PartialMetadata, _) => ("PartialObjectMetadataList", "meta.k8s.io/v1"),
+        (Representation::Full, Kind::Pod) => ("PodList", "v1"),
+        (Representation::Full, Kind::Sandbox) => ("SandboxList", api_version),
+    };
+    let items: Vec<Value> = items
+        .into_iter()
+        .map(|o| render_object(o, representation, kind, true))
+        .collect();
+    Reply::json(
+        200,
+        json!({
+            "kind": list_kind,
+            "apiVersion": list_api_version,
+            "metadata": metadata,
+            "items": items
+        }),
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Representation {
+    Full,
+    PartialMetadata,
+}
+
+/// Picks the representation from the `Accept` header; `None` = nothing acceptable (406).
+fn negotiate(accept: Option<&str>, is_list: bool) -> Option<Representation> {
+    let accept = accept.map(str::trim).unwrap_or_default();
+    if accept.is_empty() {
+        return Some(Representation::Full);
+    }
+    for alternative in accept.split(',') {
+        let mut parts = alternative.split(';').map(str::trim);
+        let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+        if !matches!(media.as_str(), "application/json" | "*/*" | "application/*") {
+            continue;
+        }
+        let params: BTreeMap<String, String> = parts
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let Some(as_kind) = params.get("as") else {
+            return Some(Representation::Full);
+        };
+        let wanted = if is_list {
+            "PartialObjectMetadataList"
+        } else {
+            "PartialObjectMetadata"
+        };
+        if as_kind == wanted
+            && params.get("g").is_some_and(|g| g == "meta.k8s.io")
+            && params.get("v").is_some_and(|v| v == "v1")
+        {
+            return Some(Representation::PartialMetadata);
+        }
+    }
+    None
+}
+
+fn render_object(object: &Value, representation: Representation, kind: Kind, in_list: bool) -> Value {
+    match representation {
+        Representation::PartialMetadata => json!({
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": object["metadata"].clone()
+        }),
+        Representation::Full => {
+            let mut out = object.clone();
+            // Built-in lists (PodList) carry no per-item apiVersion/kind; CRD lists do.
+            if in_list && kind == Kind::Pod {
+                if let Some(map) = out.as_object_mut() {
+                    map.remove("apiVersion");
+                    map.remove("kind");
+                }
+            }
+            out
+        }
+    }
+}
+
+fn access_review(state: &State, body: &str) -> Reply {
+    let mut review: Value = match serde_json::from_str(body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            return bad_request(
+                "the body of the request was in an unknown format - accepted media types include: application/json",
+            )
+        }
+    };
+    let attrs = &review["spec"]["resourceAttributes"];
+    let status = if attrs.is_object() {
+        let field = |name: &str| attrs[name].as_str().unwrap_or_default().to_string();
+        let (verb, group, resource) = (field("verb"), field("group"), field("resource"));
+        if state.is_denied(&verb, &group, &resource) {
+            json!({ "allowed": false, "reason": format!("fake API server denies {verb} on {resource} in API group \"{group}\"") })
+        } else {
+            json!({ "allowed": true, "reason": "RBAC: allowed by fake API server" })
+        }
+    } else {
+        json!({ "allowed": true, "reason": "fake API server allows non-resource requests" })
+    };
+    review["status"] = status;
+    review["apiVersion"] = json!("authorization.k8s.io/v1");
+    review["kind"] = json!("SelfSubjectAccessReview");
+    if !review["metadata"].is_object() {
+        review["metadata"] = json!({});
+    }
+    review["metadata"]["creationTimestamp"] = Value::Null;
+    Reply::json(201, review)
+}
+
+/// Legacy discovery documents and `/version`.
+fn discovery(state: &State, req: &RecordedRequest) -> Reply {
+    let path = req.path.trim_end_matches('/');
+    let sandbox_versions: Vec<String> = if state.sandbox_api_disabled {
+        Vec::new()
+    } else {
+        let mut v: Vec<String> = state.sandbox_versions.iter().cloned().collect();
+        v.sort_by(|a, b| compare_versions(b, a));
+        v
+    };
+    let group_doc = |name: &str, versions: &[String]| {
+        let versions: Vec<Value> = versions
+            .iter()
+            .map(|v| json!({ "groupVersion": format!("{name}/{v}"), "version": v }))
+            .collect();
+        json!({ "name": name, "versions": versions, "preferredVersion": versions[0] })
+    };
+    let authz_versions = vec!["v1".to_string()];
+    let body = match path {
+        "/version" => json!({
+            "major": "1", "minor": "33", "gitVersion": "v1.33.0-fake",
+            "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
+            "buildDate": "2025-01-01T00:00:00Z", "goVersion": "go1.24.0", "compiler": "gc",
+            "platform": "linux/amd64"
+        }),
+        "/api" => json!({
+            "kind": "APIVersions",
+            "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{ "clientCIDR": "0.0.0.0/0", "serverAddress": state.addr.to_string() }]
+        }),
+        "/api/v1" => json!({
+            "kind": "APIResourceList",
+            "groupVersion": "v1",
+            "resources": [{ "name": "pods", "singularName": "pod", "namespaced": true, "kind": "Pod", "verbs": ["get", "list"], "shortNames": ["po"] }]
+        }),
+        "/apis" => {
+            let mut groups = vec![group_doc("authorization.k8s.io", &authz_versions)];
+            if !sandbox_versions.is_empty() {
+                groups.push(group_doc(SANDBOX_GROUP, &sandbox_versions));
+            }
+            json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": groups })
+        }
+        "/apis/authorization.k8s.io" => {
+            let mut doc = group_doc("authorization.k8s.io", &authz_versions);
+            doc["kind"] = json!("APIGroup");
+            doc["apiVersion"] = json!("v1");
+            doc
+        }
+        "/apis/authorization.k8s.io/v1" => json!({
+            "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "authorization.k8s.io/v1",
+            "resources": [{ "name": "selfsubjectaccessreviews", "singularName": "selfsubjectaccessreview", "namespaced": false, "kind": "SelfSubjectAccessReview", "verbs": ["create"] }]
+        }),
+        p if p == format!("/apis/{SANDBOX_GROUP}") && !sandbox_versions.is_empty() => {
+            let mut doc = group_doc(SANDBOX_GROUP, &sandbox_versions);
+            doc["kind"] = json!("APIGroup");
+            doc["apiVersion"] = json!("v1");
+            doc
+        }
+        p => match p.strip_prefix(&format!("/apis/{SANDBOX_GROUP}/")) {
+            Some(v) if sandbox_versions.iter().any(|s| s == v) => json!({
+                "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": format!("{SANDBOX_GROUP}/{v}"),
+                "resources": [{ "name": "sandboxes", "singularName": "sandbox", "namespaced": true, "kind": "Sandbox", "verbs": ["get", "list"] }]
+            }),
+            _ => return not_found_path(),
+        },
+    };
+    if req.method != "GET" {
+        return method_not_allowed();
+    }
+    Reply::json(200, body)
+}
+
+/// Orders Kubernetes version strings by priority (v1 > v1beta2 > v1beta1 > v1alpha1).
+fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    fn rank(v: &str) -> (u8, u64, u64) {
+        let Some(rest) = v.strip_prefix('v') else {
+            return (0, 0, 0);
+        };
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let Ok(major) = digits.parse::<u64>() else {
+            return (0, 0, 0);
+        };
+        let tail = &rest[digits.len()..];
+        let (stage, minor) = if tail.is_empty() {
+            (3, 0)
+        } else if let Some(n) = tail.strip_prefix("beta") {
+            (2, n.parse().unwrap_or(0))
+        } else if let Some(n) = tail.strip_prefix("alpha") {
+            (1, n.parse().unwrap_or(0))
+        } else {
+            return (0, 0, 0);
+        };
+        (stage, major, minor)
+    }
+    rank(a).cmp(&rank(b)).then_with(|| b.cmp(a))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request paths
+
+/// A resource request path: `/api/{v}/...` or `/apis/{group}/{v}/...`, then
+/// `[namespaces/{ns}/]{resource}[/{name}[/{subresource}]]`.
+#[derive(Debug, Clone)]
+struct ResourcePath {
+    group: String,
+    version: String,
+    namespace: Option<String>,
+    resource: String,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+impl ResourcePath {
+    fn parse(path: &str) -> Option<ResourcePath> {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, version, rest) = match segments.as_slice() {
+            ["api", version, rest @ ..] => ("", *version, rest),
+            ["apis", group, version, rest @ ..] => (*group, *version, rest),
+            _ => return None,
+        };
+        let (namespace, rest) = match rest {
+            ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+            _ => (None, rest),
+        };
+        let (resource, name, subresource) = match rest {
+            [resource] => (*resource, None, None),
+            [resource, name] => (*resource, Some(name.to_string()), None),
+            [resource, name, sub] => (*resource, Some(name.to_string()), Some(sub.to_string())),
+            _ => return None,
+        };
+        if resource.is_empty() || name.as_deref() == Some("") {
+            return None;
+        }
+        Some(ResourcePath {
+            group: group.to_string(),
+            version: version.to_string(),
+            namespace,
+            resource: resource.to_string(),
+            name,
+            subresource,
+        })
+    }
+
+    fn qualified_resource(&self) -> String {
+        if self.group.is_empty() {
+            self.resource.clone()
+        } else {
+            format!("{}.{}", self.resource, self.group)
+        }
+    }
+
+    /// The RBAC verb of a request on this path.
+    fn verb(&self, method: &str, watch: bool) -> String {
+        match (method, self.name.is_some()) {
+            ("GET", false) if watch => "watch",
+            ("GET", false) => "list",
+            ("GET", true) => "get",
+            ("POST", _) => "create",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            ("DELETE", false) => "deletecollection",
+            ("DELETE", true) => "delete",
+            (other, _) => return other.to_ascii_lowercase(),
+        }
+        .to_string()
+    }
+}
+
+fn object_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+fn key_namespace(key: &str) -> &str {
+    key.split_once('/').map(|(ns, _)| ns).unwrap_or(key)
+}
+
+fn api_version_of(object: &Value) -> &str {
+    object["apiVersion"].as_str().unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Continue tokens: base64url(JSON), like the apiserver's {"v","rv","start"} plus the page.
+
+struct ContinueToken {
+    /// Snapshot resourceVersion; -1 = continue at the latest one.
+    rv: i64,
+    /// Key to start at (inclusive), "namespace/name\0" = just after that object.
+    start: String,
+    /// 0-based page number of the page this token fetches.
+    page: usize,
+}
+
+impl ContinueToken {
+    fn encode(&self) -> String {
+        let json = json!({ "v": "meta.k8s.io/v1", "rv": self.rv, "start": self.start, "page": self.page });
+        base64url_encode(json.to_string().as_bytes())
+    }
+
+    fn decode(raw: &str) -> Result<ContinueToken, String> {
+        let bytes = base64url_decode(raw).ok_or("illegal base64 data")?;
+        let value: Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        if value["v"] != "meta.k8s.io/v1" {
+            return Err("server does not recognize this encoded version".to_string());
+        }
+        Ok(ContinueToken {
+            rv: value["rv"].as_i64().ok_or("missing rv")?,
+            start: value["start"].as_str().ok_or("missing start")?.to_string(),
+            page: value["page"].as_u64().unwrap_or(1) as usize,
+        })
+    }
+}
+
+const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+fn base64url_encode(input: &[u8]) -> String {
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(BASE64URL[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn base64url_decode(input: &str) -> Option<Vec<u8>> {
+    let input = input.trim_end_matches('=');
+    let mut out = Vec::with_capacity(input.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in input.bytes() {
+        let v = BASE64URL.iter().position(|&b| b == c)? as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Selectors
+
+#[derive(Debug, Clone, PartialEq)]
+enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+    GreaterThan(String, i64),
+    LessThan(String, i64),
+}
+
+/// A parsed `labelSelector`: requirements ANDed.
+#[derive(Debug, Clone, Default)]
+struct LabelSelector(Vec<Requirement>);
+
+impl LabelSelector {
+    fn parse(text: &str) -> Result<LabelSelector, String> {
+        let mut requirements = Vec::new();
+        for part in split_top_level(text)? {
+            let part = part.trim();
+            if part.is_empty() {
+                if text.trim().is_empty() {
+                    continue;
+                }
+                return Err(format!("found '', expected: identifier in {text:?}"));
+            }
+            requirements.push(parse_requirement(part)?);
+        }
+        Ok(LabelSelector(requirements))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        let labels = &object["metadata"]["labels"];
+        let get = |k: &str| labels.get(k).and_then(Value::as_str);
+        self.0.iter().all(|r| match r {
+            Requirement::Equals(k, v) => get(k) == Some(v.as_str()),
+            Requirement::NotEquals(k, v) => get(k) != Some(v.as_str()),
+            Requirement::In(k, vs) => get(k).is_some_and(|x| vs.iter().any(|v| v == x)),
+            Requirement::NotIn(k, vs) => get(k).is_none_or(|x| vs.iter().all(|v| v != x)),
+            Requirement::Exists(k) => get(k).is_some(),
+            Requirement::DoesNotExist(k) => get(k).is_none(),
+            Requirement::GreaterThan(k, n) => {
+                get(k).and_then(|x| x.parse::<i64>().ok()).is_some_and(|x| x > *n)
+            }
+            Requirement::LessThan(k, n) => {
+                get(k).and_then(|x| x.parse::<i64>().ok()).is_some_and(|x| x < *n)
+            }
+        })
+    }
+}
+
+/// Splits on commas outside parentheses.
+fn split_top_level(text: &str) -> Result<Vec<&str>, String> {
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0i32, 0);
+    for (i, c) in text.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(format!("found ')', expected: identifier in {text:?}"));
+                }
+            }
+            ',' if depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err(format!("found end of string, expected: ')' in {text:?}"));
+    }
+    parts.push(&text[start..]);
+    Ok(parts)
+}
+
+fn parse_requirement(part: &str) -> Result<Requirement, String> {
+    if let Some(key) = part.strip_prefix('!') {
+        let key = key.trim();
+        validate_key(key)?;
+        return Ok(Requirement::DoesNotExist(key.to_string()));
+    }
+    let key_len = part
+        .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/')))
+        .unwrap_or(part.len());
+    let key = &part[..key_len];
+    validate_key(key)?;
+    let rest = part[key_len..].trim_start();
+    let key = key.to_string();
+    if rest.is_empty() {
+        return Ok(Requirement::Exists(key));
+    }
+    let value = |v: &str| -> Result<String, String> {
+        let v = v.trim();
+        validate_value(v)?;
+        Ok(v.to_string())
+    };
+    let number = |v: &str| -> Result<i64, String> {
+        v.trim()
+            .parse::<i64>()
+            .map_err(|_| format!("for 'Gt', 'Lt' operators, the value must be an integer: {v:?}"))
+    };
+    if let Some(v) = rest.strip_prefix("!=") {
+        return Ok(Requirement::NotEquals(key, value(v)?));
+    }
+    if let Some(v) = rest.strip_prefix("==") {
+        return Ok(Requirement::Equals(key, value(v)?));
+    }
+    if let Some(v) = rest.strip_prefix('=') {
+        return Ok(Requirement::Equals(key, value(v)?));
+    }
+    if let Some(v) = rest.strip_prefix('>') {
+        return Ok(Requirement::GreaterThan(key, number(v)?));
+    }
+    if let Some(v) = rest.strip_prefix('<') {
+        return Ok(Requirement::LessThan(key, number(v)?));
+    }
+    let set = |v: &str| -> Result<Vec<String>, String> {
+        let inner = v
+            .trim()
+            .strip_prefix('(')
+            .and_then(|v| v.strip_suffix(')'))
+            .ok_or_else(|| format!("found {v:?}, expected: '(' ... ')'"))?;
+        let values = inner
+            .split(',')
+            .map(|v| value(v))
+            .collect::<Result<Vec<_>, _>>()?;
+        if inner.trim().is_empty() {
+            return Err("for 'in', 'notin' operators, values set can't be empty".to_string());
+        }
+        Ok(values)
+    };
+    if let Some(v) = rest.strip_prefix("notin") {
+        if v.starts_with([' ', '(']) {
+            return Ok(Requirement::NotIn(key, set(v)?));
+        }
+    }
+    if let Some(v) = rest.strip_prefix("in") {
+        if v.starts_with([' ', '(']) {
+            return Ok(Requirement::In(key, set(v)?));
+        }
+    }
+    Err(format!(
+        "found '{rest}', expected: in, notin, =, ==, !=, gt, lt"
+    ))
+}
+
+fn is_name_part(s: &str, max: usize) -> bool {
+    let bytes = s.as_bytes();
+    !s.is_empty()
+        && s.len() <= max
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn validate_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|label| {
+                is_name_part(label, 63) && label.bytes().all(|b| b != b'_' && !b.is_ascii_uppercase())
+            })
+    });
+    if prefix_ok && is_name_part(name, 63) {
+        Ok(())
+    } else {
+        Err(format!("invalid label key {key:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"))
+    }
+}
+
+fn validate_value(value: &str) -> Result<(), String> {
+    if value.is_empty() || is_name_part(value, 63) {
+        Ok(())
+    } else {
+        Err(format!("invalid label value: {value:?}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"))
+    }
+}
+
+/// A parsed `fieldSelector`: (JSON pointer, value, negated) requirements ANDed.
+#[derive(Debug, Clone, Default)]
+struct FieldSelector(Vec<(&'static str, String, bool)>);
+
+impl FieldSelector {
+    fn parse(text: &str, kind: Kind) -> Result<FieldSelector, String> {
+        let mut requirements = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (field, value, negated) = if let Some((f, v)) = part.split_once("!=") {
+                (f, v, true)
+            } else if let Some((f, v)) = part.split_once("==") {
+                (f, v, false)
+            } else if let Some((f, v)) = part.split_once('=') {
+                (f, v, false)
+            } else {
+                return Err(format!("invalid selector: '{part}'; can't understand '{part}'"));
+            };
+            let field = field.trim();
+            let pointer = match (field, kind) {
+                ("metadata.name", _) => "/metadata/name",
+                ("metadata.namespace", _) => "/metadata/namespace",
+                ("spec.nodeName", Kind::Pod) => "/spec/nodeName",
+                ("spec.restartPolicy", Kind::Pod) => "/spec/restartPolicy",
+                ("status.phase", Kind::Pod) => "/status/phase",
+                _ => return Err(format!("field label not supported: {field}")),
+            };
+            requirements.push((pointer, value.trim().to_string(), negated));
+        }
+        Ok(FieldSelector(requirements))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        self.0.iter().all(|(pointer, value, negated)| {
+            let actual = object
+                .pointer(pointer)
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            (actual == value) != *negated
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Parses an `application/x-www-form-urlencoded` query string.
+fn parse_query(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn labels_json(labels: &[(&str, &str)]) -> Value {
+    Value::Object(
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect(),
+    )
+}
+
+fn is_empty_map(v: &Value) -> bool {
+    v.as_object().is_some_and(Map::is_empty) || v.is_null()
+}
+
+fn now_timestamp() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn new_uid() -> String {
+    let n: u128 = rand::random();
+    // RFC 4122 version 4, variant 1.
+    let n = (n & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+    let h = format!("{n:032x}");
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
