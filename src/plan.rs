@@ -225,15 +225,18 @@ impl<'a> Planner<'a> {
             || p.other_states.iter().any(|s| s == state)
     }
 
-    /// The backend a row with a missing object is counted under: the first whose
-    /// `object_name_prefix` matches.
+    /// The backend a row with a missing object is counted under: the one with the longest
+    /// `object_name_prefix` that matches the name (the first backend on a tie).
     fn attribute(&self, name: &str) -> BackendKind {
-        self.snapshot
-            .backends
-            .iter()
-            .find(|b| name.starts_with(b.name_prefix.as_str()))
-            .or(self.snapshot.backends.first())
-            .map_or(BackendKind::Pod, |b| b.kind)
+        let mut best: Option<&crate::cluster::BackendView> = None;
+        for b in &self.snapshot.backends {
+            if name.starts_with(b.name_prefix.as_str())
+                && best.is_none_or(|x| b.name_prefix.len() > x.name_prefix.len())
+            {
+                best = Some(b);
+            }
+        }
+        best.map_or(BackendKind::Pod, |b| b.kind)
     }
 
     /// Marks every backend's object of that name as referenced by a row.

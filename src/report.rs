@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use crate::plan::GuardVerdict;
-use crate::sweep::{SweepReport, SweepResult};
+use crate::sweep::{Confirmation, SweepReport, SweepResult};
 
 /// At most this many changed rows are listed in the text summary (JSON lists all).
 const TEXT_CHANGE_LINES: usize = 50;
@@ -49,13 +49,17 @@ pub fn text(r: &SweepReport) -> String {
         }
         None => {}
     }
+    let confirmed = match r.confirmation {
+        Confirmation::Get | Confirmation::None => format!("{} confirmed absent by GET", r.confirmed),
+        Confirmation::ListingOnly => "not confirmed (sweep.confirm_absence = false)".to_string(),
+        Confirmation::SnapshotFile => "not confirmed (snapshot file)".to_string(),
+    };
     let _ = writeln!(
         out,
-        "  orphans:  {} found, {} within grace, {} selected, {} confirmed, {} {}, {} deferred",
+        "  orphans:  {} found, {} within grace, {} selected, {confirmed}, {} {}, {} deferred",
         r.orphans_found,
         r.within_grace,
         r.selected,
-        r.confirmed,
         if r.dry_run { r.changes.len() as u64 } else { r.downgraded },
         if r.dry_run { "would be downgraded" } else { "downgraded" },
         r.deferred

@@ -68,6 +68,20 @@ pub enum SweepError {
     Interrupted,
 }
 
+/// How the absence of an orphan's object was established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Confirmation {
+    /// Not established (no orphans selected, or the sweep stopped before).
+    None,
+    /// A direct GET per object answered 404.
+    Get,
+    /// Only the complete listing (sweep.confirm_absence = false).
+    ListingOnly,
+    /// Only the snapshot file.
+    SnapshotFile,
+}
+
 /// Per-backend figures of one sweep.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BackendReport {
@@ -121,6 +135,9 @@ pub struct SweepReport {
     pub orphans_found: u64,
     pub within_grace: u64,
     pub selected: u64,
+    /// How absences were confirmed.
+    pub confirmation: Confirmation,
+    /// Orphans a direct GET confirmed absent.
     pub confirmed: u64,
     pub downgraded: u64,
     pub deferred: u64,
@@ -148,6 +165,7 @@ impl SweepReport {
             orphans_found: 0,
             within_grace: 0,
             selected: 0,
+            confirmation: Confirmation::None,
             confirmed: 0,
             downgraded: 0,
             deferred: 0,
@@ -298,7 +316,6 @@ impl Reconciler {
         let t = Instant::now();
         let confirmed = self.confirm(&plan.downgrades, &snapshot, report).await;
         report.timings.confirm = t.elapsed().as_secs_f64();
-        report.confirmed = confirmed.len() as u64;
 
         if dry_run {
             report.changes = confirmed.iter().map(change_line).collect();
@@ -357,6 +374,7 @@ impl Reconciler {
         let cluster = match &self.source {
             ClusterSource::Api(cluster) if self.settings.sweep.confirm_absence => cluster,
             ClusterSource::Api(_) => {
+                report.confirmation = Confirmation::ListingOnly;
                 return orphans
                     .iter()
                     .map(|row| Downgrade {
@@ -366,6 +384,7 @@ impl Reconciler {
                     .collect();
             }
             ClusterSource::Dump(_) => {
+                report.confirmation = Confirmation::SnapshotFile;
                 return orphans
                     .iter()
                     .map(|row| Downgrade {
@@ -384,13 +403,17 @@ impl Reconciler {
         let mut answers = answers;
         answers.sort_by_key(|(i, _)| *i);
         let mut confirmed = Vec::with_capacity(orphans.len());
+        report.confirmation = Confirmation::Get;
         for (i, answer) in answers {
             let row = &orphans[i];
             match answer {
-                Ok(Absence::Absent { evidence }) => confirmed.push(Downgrade {
-                    row,
-                    evidence: base(&evidence),
-                }),
+                Ok(Absence::Absent { evidence }) => {
+                    report.confirmed += 1;
+                    confirmed.push(Downgrade {
+                        row,
+                        evidence: base(&evidence),
+                    });
+                }
                 Ok(Absence::Present { evidence }) => {
                     tracing::info!(key = %row.key, object = %row.object, "left alone: {evidence}");
                     report.skip(SkipReason::ObjectReappeared, 1);
