@@ -123,13 +123,28 @@ async fn pagination_returns_every_object_once_from_one_snapshot() {
 
     // A new listing sees the current state.
     let fresh = api.list(&ListParams::default()).await.unwrap();
-    assert!(fresh.metadata.resource_version.unwrap().parse::<u64>().unwrap() > rv.parse().unwrap());
+    assert!(
+        fresh
+            .metadata
+            .resource_version
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > rv.parse().unwrap()
+    );
     assert_eq!(fresh.items.len(), 7);
     assert!(fresh.items.iter().any(|p| p.name_any() == "late"));
 
     // Namespaced listing only sees its namespace.
     let ns: Api<Pod> = Api::namespaced(server.client(), "other");
-    let names: Vec<_> = ns.list(&ListParams::default()).await.unwrap().items.iter().map(|p| p.name_any()).collect();
+    let names: Vec<_> = ns
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
     assert_eq!(names, ["pod-0", "pod-1"]);
 }
 
@@ -181,7 +196,11 @@ async fn label_and_field_selectors_filter() {
     assert_eq!(names("managed=true,tier!=x").await.unwrap(), ["b"]);
     for bad in ["managed=(", "tier in ()", "=x", "a b"] {
         let status = api_status(names(bad).await.unwrap_err());
-        assert_eq!((status.code, status.reason.as_str()), (400, "BadRequest"), "{bad}");
+        assert_eq!(
+            (status.code, status.reason.as_str()),
+            (400, "BadRequest"),
+            "{bad}"
+        );
     }
 
     let by_name = api
@@ -200,7 +219,11 @@ async fn label_and_field_selectors_filter() {
             .unwrap_err(),
     );
     assert_eq!(status.code, 400);
-    assert!(status.message.contains("field label not supported"), "{}", status.message);
+    assert!(
+        status.message.contains("field label not supported"),
+        "{}",
+        status.message
+    );
 
     // With a selector and a limit, pages hold matching objects and carry no count.
     let page = api
@@ -216,7 +239,12 @@ async fn label_and_field_selectors_filter() {
 async fn metadata_only_lists_and_gets_carry_no_spec() {
     let server = FakeApiServer::start().await;
     for i in 0..5 {
-        server.add_sandbox("v1alpha1", "default", &format!("sb-{i}"), json!({"replicas": 0}));
+        server.add_sandbox(
+            "v1alpha1",
+            "default",
+            &format!("sb-{i}"),
+            json!({"replicas": 0}),
+        );
     }
     server.set_terminating(Kind::Sandbox, "default", "sb-3");
     let api = sandboxes(&server, "default");
@@ -245,7 +273,10 @@ async fn metadata_only_lists_and_gets_carry_no_spec() {
 
     // The raw body: a PartialObjectMetadataList with nothing but metadata.
     let req = http::Request::get("/apis/agents.x-k8s.io/v1alpha1/namespaces/default/sandboxes")
-        .header("Accept", "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1")
+        .header(
+            "Accept",
+            "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+        )
         .body(vec![])
         .unwrap();
     let raw: serde_json::Value =
@@ -296,34 +327,57 @@ async fn missing_objects_answer_not_found_status() {
     assert_eq!(status.reason, "NotFound");
     assert_eq!(status.message, "pods \"x\" not found");
     let details = status.details.unwrap();
-    assert_eq!((details.name.as_str(), details.kind.as_str()), ("x", "pods"));
+    assert_eq!(
+        (details.name.as_str(), details.kind.as_str()),
+        ("x", "pods")
+    );
     assert!(pods.get_opt("x").await.unwrap().is_none());
     assert!(pods.get_metadata_opt("x").await.unwrap().is_none());
 
     let sb = sandboxes(&server, "default");
     let status = api_status(sb.get("gone").await.unwrap_err());
-    assert_eq!(status.message, "sandboxes.agents.x-k8s.io \"gone\" not found");
+    assert_eq!(
+        status.message,
+        "sandboxes.agents.x-k8s.io \"gone\" not found"
+    );
     assert_eq!(status.details.unwrap().group, "agents.x-k8s.io");
     assert!(sb.get_opt("gone").await.unwrap().is_none());
     // A registered version with no objects lists empty.
-    assert!(sb.list(&ListParams::default()).await.unwrap().items.is_empty());
+    assert!(sb
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
 
     // A version nobody serves, then the whole API gone.
     let beta: Api<DynamicObject> =
         Api::namespaced_with(server.client(), "default", &sandbox_resource("v1beta1"));
     let status = api_status(beta.list(&ListParams::default()).await.unwrap_err());
-    assert_eq!((status.code, status.message.as_str()), (404, "the server could not find the requested resource"));
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (404, "the server could not find the requested resource")
+    );
     server.disable_sandbox_api();
     let status = api_status(sb.list_metadata(&ListParams::default()).await.unwrap_err());
     assert_eq!((status.code, status.reason.as_str()), (404, "NotFound"));
 
     // Unknown paths and unsupported methods.
-    let req = http::Request::get("/apis/apps/v1/deployments").body(vec![]).unwrap();
+    let req = http::Request::get("/apis/apps/v1/deployments")
+        .body(vec![])
+        .unwrap();
     let status = api_status(server.client().request_text(req).await.unwrap_err());
     assert_eq!(status.code, 404);
     server.add_pod("default", "p", &[]);
-    let status = api_status(pods.delete("p", &DeleteParams::default()).await.unwrap_err());
-    assert_eq!((status.code, status.reason.as_str()), (405, "MethodNotAllowed"));
+    let status = api_status(
+        pods.delete("p", &DeleteParams::default())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (status.code, status.reason.as_str()),
+        (405, "MethodNotAllowed")
+    );
 }
 
 #[tokio::test]
@@ -332,19 +386,28 @@ async fn injected_500_on_a_later_page_is_surfaced() {
     for i in 0..6 {
         server.add_pod("default", &format!("p{i}"), &[]);
     }
-    server.inject(Fault::on_list_page("/pods", 2, FaultAction::Status(500, None)));
+    server.inject(Fault::on_list_page(
+        "/pods",
+        2,
+        FaultAction::Status(500, None),
+    ));
     let api: Api<Pod> = Api::namespaced(server.client(), "default");
     let status = api_status(
         all_pages(&api, ListParams::default().limit(2))
             .await
             .unwrap_err(),
     );
-    assert_eq!((status.code, status.reason.as_str()), (500, "InternalError"));
+    assert_eq!(
+        (status.code, status.reason.as_str()),
+        (500, "InternalError")
+    );
     let codes: Vec<_> = server.requests().iter().map(|r| r.status).collect();
     assert_eq!(codes, [Some(200), Some(200), Some(500)]);
 
     server.clear_faults();
-    let pages = all_pages(&api, ListParams::default().limit(2)).await.unwrap();
+    let pages = all_pages(&api, ListParams::default().limit(2))
+        .await
+        .unwrap();
     assert_eq!(pages.len(), 3);
 }
 
@@ -374,7 +437,10 @@ async fn expired_continue_answers_410_with_a_fresh_token() {
         .unwrap();
     let names: Vec<_> = rest.items.iter().map(|p| p.name_any()).collect();
     assert_eq!(names, ["p2", "p3", "p9"]);
-    assert_eq!(rest.metadata.resource_version.unwrap(), server.resource_version().to_string());
+    assert_eq!(
+        rest.metadata.resource_version.unwrap(),
+        server.resource_version().to_string()
+    );
 
     // Compaction expires old tokens; garbage tokens are a 400.
     let first = api.list(&ListParams::default().limit(1)).await.unwrap();
@@ -409,7 +475,11 @@ async fn denied_verbs_answer_403_and_access_reviews_agree() {
     );
     let all: Api<Pod> = Api::all(server.client());
     let status = api_status(all.list_metadata(&ListParams::default()).await.unwrap_err());
-    assert!(status.message.ends_with("at the cluster scope"), "{}", status.message);
+    assert!(
+        status.message.ends_with("at the cluster scope"),
+        "{}",
+        status.message
+    );
     // get is still allowed.
     assert!(pods.get_opt("p").await.unwrap().is_some());
 
@@ -435,9 +505,15 @@ async fn denied_verbs_answer_403_and_access_reviews_agree() {
         ..Default::default()
     };
     let pp = PostParams::default();
-    let denied = reviews.create(&pp, &review("list", "", "pods")).await.unwrap();
+    let denied = reviews
+        .create(&pp, &review("list", "", "pods"))
+        .await
+        .unwrap();
     assert!(!denied.status.unwrap().allowed);
-    let allowed = reviews.create(&pp, &review("get", "", "pods")).await.unwrap();
+    let allowed = reviews
+        .create(&pp, &review("get", "", "pods"))
+        .await
+        .unwrap();
     let allowed = allowed.status.unwrap();
     assert!(allowed.allowed);
     assert!(allowed.reason.is_some());
@@ -549,7 +625,10 @@ async fn kubeconfig_client_reaches_the_server_with_its_token() {
     assert_eq!(config.default_namespace, "default");
     let client = kube::Client::try_from(config).unwrap();
     let pods: Api<Pod> = Api::default_namespaced(client);
-    assert_eq!(pods.list(&ListParams::default()).await.unwrap().items.len(), 1);
+    assert_eq!(
+        pods.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
     assert_eq!(
         server.requests()[0].authorization.as_deref(),
         Some(format!("Bearer {FAKE_TOKEN}").as_str())
@@ -566,12 +645,16 @@ async fn discovery_reflects_served_sandbox_versions() {
     let gvk = GroupVersionKind::gvk("agents.x-k8s.io", "v1alpha1", "Sandbox");
     let (resource, _caps) = kube::discovery::pinned_kind(&client, &gvk).await.unwrap();
     assert_eq!(resource.plural, "sandboxes");
-    let group = kube::discovery::group(&client, "agents.x-k8s.io").await.unwrap();
+    let group = kube::discovery::group(&client, "agents.x-k8s.io")
+        .await
+        .unwrap();
     assert_eq!(group.preferred_version_or_latest(), "v1beta1");
     let raw = raw_get(&server, "/apis").await;
     assert_eq!(raw["kind"], "APIGroupList");
     server.disable_sandbox_api();
-    assert!(kube::discovery::group(&client, "agents.x-k8s.io").await.is_err());
+    assert!(kube::discovery::group(&client, "agents.x-k8s.io")
+        .await
+        .is_err());
 }
 
 #[tokio::test]
@@ -583,13 +666,25 @@ async fn exact_resource_version_reads_history() {
     server.add_pod("default", "b", &[]);
     let api: Api<Pod> = Api::namespaced(server.client(), "default");
     let old = api
-        .list(&ListParams::default().at(&rv.to_string()).matching(kube::api::VersionMatch::Exact))
+        .list(
+            &ListParams::default()
+                .at(&rv.to_string())
+                .matching(kube::api::VersionMatch::Exact),
+        )
         .await
         .unwrap();
-    assert_eq!(old.items.iter().map(|p| p.name_any()).collect::<Vec<_>>(), ["a"]);
+    assert_eq!(
+        old.items.iter().map(|p| p.name_any()).collect::<Vec<_>>(),
+        ["a"]
+    );
     let now = api.list(&ListParams::default()).await.unwrap();
-    assert_eq!(now.items.iter().map(|p| p.name_any()).collect::<Vec<_>>(), ["b"]);
-    let req = http::Request::get("/api/v1/pods?watch=true").body(vec![]).unwrap();
+    assert_eq!(
+        now.items.iter().map(|p| p.name_any()).collect::<Vec<_>>(),
+        ["b"]
+    );
+    let req = http::Request::get("/api/v1/pods?watch=true")
+        .body(vec![])
+        .unwrap();
     let status = api_status(server.client().request_text(req).await.unwrap_err());
     assert_eq!((status.code, status.reason.as_str()), (400, "BadRequest"));
 }

@@ -113,7 +113,11 @@ pub enum FaultAction {
     /// Answer this HTTP status with a proper `Status` body (reason derived from the code:
     /// 500 InternalError, 429 TooManyRequests, 403 Forbidden, 404 NotFound, 409 Conflict,
     /// 410 Expired, 503 ServiceUnavailable, 504 Timeout, 400 BadRequest, 401 Unauthorized),
-    /// optionally with a `Retry-After` header (seconds).
+    /// optionally with a `Retry-After` header (seconds, also in `details.retryAfterSeconds`).
+    ///
+    /// kube 5 clients retry 429, 503 and 504 on their own (`Config::default_retry`, up to 15
+    /// times, exponential backoff from 5ms, honouring `Retry-After`), so such a fault that fires
+    /// forever stalls the client for minutes: limit it with [`Fault::times`].
     Status(u16, Option<u64>),
     /// Answer a continued list request with 410 `Expired` (as after an etcd compaction).
     /// Applies only to requests that carry a `continue` parameter.
@@ -276,12 +280,18 @@ impl FakeApiServer {
         self.addr
     }
 
-    /// A real `kube::Client` for this server (default namespace `default`, no credentials,
-    /// kube's default retry policy). Must be called inside a tokio runtime.
-    pub fn client(&self) -> kube::Client {
+    /// A `kube::Config` for this server (default namespace `default`, no credentials), to
+    /// adjust before building a client, e.g. `default_retry = false` or a `read_timeout`.
+    pub fn config(&self) -> kube::Config {
         let uri = self.url().parse().expect("fake API server: url parses");
-        let config = kube::Config::new(uri);
-        kube::Client::try_from(config).expect("fake API server: build kube::Client")
+        kube::Config::new(uri)
+    }
+
+    /// A real `kube::Client` for this server built from [`config`](Self::config), with kube's
+    /// default retry policy (429/503/504 are retried, see [`FaultAction::Status`]). Must be
+    /// called inside a tokio runtime.
+    pub fn client(&self) -> kube::Client {
+        kube::Client::try_from(self.config()).expect("fake API server: build kube::Client")
     }
 
     /// Writes a kubeconfig (cluster server = [`url`](Self::url), namespace `default`, a user
@@ -676,7 +686,9 @@ impl State {
 
 fn lock(shared: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panicking test thread must not take every other request down with it.
-    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1033,7 +1045,11 @@ fn respond(
     if state.is_denied(&verb, &path.group, &path.resource) {
         return forbidden(path, &verb);
     }
-    let kind = match (path.group.as_str(), path.version.as_str(), path.resource.as_str()) {
+    let kind = match (
+        path.group.as_str(),
+        path.version.as_str(),
+        path.resource.as_str(),
+    ) {
         ("", "v1", "pods") => Kind::Pod,
         (SANDBOX_GROUP, version, "sandboxes") if state.sandbox_version_served(version) => {
             Kind::Sandbox
@@ -1122,9 +1138,7 @@ fn list(
         None => LabelSelector::default(),
         Some(Ok(s)) => s,
         Some(Err(e)) => {
-            return bad_request(&format!(
-                "unable to parse requested label selector: {e}"
-            ))
+            return bad_request(&format!("unable to parse requested label selector: {e}"))
         }
     };
     let fields = match param(params, "fieldSelector").map(|s| FieldSelector::parse(s, kind)) {
@@ -1164,44 +1178,47 @@ fn list(
             }
         }
         None => {
-            let rv = match (resource_version, version_match) {
-                (None, Some(_)) => {
-                    return bad_request(
-                        "resourceVersionMatch is forbidden unless resourceVersion is provided",
-                    )
-                }
-                (Some(rv), Some("Exact")) => match rv.parse::<u64>() {
-                    Ok(0) => return bad_request("resourceVersionMatch \"Exact\" is forbidden for resourceVersion \"0\""),
-                    Ok(n) if n < state.compacted_rv => {
-                        return status_reply(
-                            410,
-                            "Expired",
-                            &format!("too old resource version: {n} ({})", state.compacted_rv),
-                            json!({}),
+            let rv =
+                match (resource_version, version_match) {
+                    (None, Some(_)) => {
+                        return bad_request(
+                            "resourceVersionMatch is forbidden unless resourceVersion is provided",
                         )
                     }
-                    Ok(n) if n > state.rv => {
-                        return status_reply(
-                            504,
-                            "Timeout",
-                            &format!("Too large resource version: {n}, current: {}", state.rv),
-                            json!({}),
-                        )
+                    (Some(rv), Some("Exact")) => match rv.parse::<u64>() {
+                        Ok(0) => return bad_request(
+                            "resourceVersionMatch \"Exact\" is forbidden for resourceVersion \"0\"",
+                        ),
+                        Ok(n) if n < state.compacted_rv => {
+                            return status_reply(
+                                410,
+                                "Expired",
+                                &format!("too old resource version: {n} ({})", state.compacted_rv),
+                                json!({}),
+                            )
+                        }
+                        Ok(n) if n > state.rv => {
+                            return status_reply(
+                                504,
+                                "Timeout",
+                                &format!("Too large resource version: {n}, current: {}", state.rv),
+                                json!({}),
+                            )
+                        }
+                        Ok(n) => n,
+                        Err(_) => return bad_request(&format!("invalid resource version: {rv}")),
+                    },
+                    (Some(rv), Some("NotOlderThan") | None) => match rv.parse::<u64>() {
+                        Ok(_) => state.rv,
+                        Err(_) => return bad_request(&format!("invalid resource version: {rv}")),
+                    },
+                    (Some(_), Some(other)) => {
+                        return bad_request(&format!(
+                            "resourceVersionMatch: Unsupported value: \"{other}\""
+                        ))
                     }
-                    Ok(n) => n,
-                    Err(_) => return bad_request(&format!("invalid resource version: {rv}")),
-                },
-                (Some(rv), Some("NotOlderThan") | None) => match rv.parse::<u64>() {
-                    Ok(_) => state.rv,
-                    Err(_) => return bad_request(&format!("invalid resource version: {rv}")),
-                },
-                (Some(_), Some(other)) => {
-                    return bad_request(&format!(
-                        "resourceVersionMatch: Unsupported value: \"{other}\""
-                    ))
-                }
-                (None, None) => state.rv,
-            };
+                    (None, None) => state.rv,
+                };
             (rv, String::new(), 0)
         }
     };
@@ -1299,7 +1316,12 @@ fn negotiate(accept: Option<&str>, is_list: bool) -> Option<Representation> {
     None
 }
 
-fn render_object(object: &Value, representation: Representation, kind: Kind, in_list: bool) -> Value {
+fn render_object(
+    object: &Value,
+    representation: Representation,
+    kind: Kind,
+    in_list: bool,
+) -> Value {
     match representation {
         Representation::PartialMetadata => json!({
             "kind": "PartialObjectMetadata",
@@ -1545,7 +1567,8 @@ struct ContinueToken {
 
 impl ContinueToken {
     fn encode(&self) -> String {
-        let json = json!({ "v": "meta.k8s.io/v1", "rv": self.rv, "start": self.start, "page": self.page });
+        let json =
+            json!({ "v": "meta.k8s.io/v1", "rv": self.rv, "start": self.start, "page": self.page });
         base64url_encode(json.to_string().as_bytes())
     }
 
@@ -1645,12 +1668,12 @@ impl LabelSelector {
             Requirement::NotIn(k, vs) => get(k).is_none_or(|x| vs.iter().all(|v| v != x)),
             Requirement::Exists(k) => get(k).is_some(),
             Requirement::DoesNotExist(k) => get(k).is_none(),
-            Requirement::GreaterThan(k, n) => {
-                get(k).and_then(|x| x.parse::<i64>().ok()).is_some_and(|x| x > *n)
-            }
-            Requirement::LessThan(k, n) => {
-                get(k).and_then(|x| x.parse::<i64>().ok()).is_some_and(|x| x < *n)
-            }
+            Requirement::GreaterThan(k, n) => get(k)
+                .and_then(|x| x.parse::<i64>().ok())
+                .is_some_and(|x| x > *n),
+            Requirement::LessThan(k, n) => get(k)
+                .and_then(|x| x.parse::<i64>().ok())
+                .is_some_and(|x| x < *n),
         })
     }
 }
@@ -1731,7 +1754,7 @@ fn parse_requirement(part: &str) -> Result<Requirement, String> {
             .ok_or_else(|| format!("found {v:?}, expected: '(' ... ')'"))?;
         let values = inner
             .split(',')
-            .map(|v| value(v))
+            .map(&value)
             .collect::<Result<Vec<_>, _>>()?;
         if inner.trim().is_empty() {
             return Err("for 'in', 'notin' operators, values set can't be empty".to_string());
@@ -1773,7 +1796,8 @@ fn validate_key(key: &str) -> Result<(), String> {
         !p.is_empty()
             && p.len() <= 253
             && p.split('.').all(|label| {
-                is_name_part(label, 63) && label.bytes().all(|b| b != b'_' && !b.is_ascii_uppercase())
+                is_name_part(label, 63)
+                    && label.bytes().all(|b| b != b'_' && !b.is_ascii_uppercase())
             })
     });
     if prefix_ok && is_name_part(name, 63) {
@@ -1806,7 +1830,9 @@ impl FieldSelector {
             } else if let Some((f, v)) = part.split_once('=') {
                 (f, v, false)
             } else {
-                return Err(format!("invalid selector: '{part}'; can't understand '{part}'"));
+                return Err(format!(
+                    "invalid selector: '{part}'; can't understand '{part}'"
+                ));
             };
             let field = field.trim();
             let pointer = match (field, kind) {
@@ -1905,5 +1931,12 @@ fn new_uid() -> String {
     // RFC 4122 version 4, variant 1.
     let n = (n & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
     let h = format!("{n:032x}");
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }

@@ -1,0 +1,230 @@
+//! Test fixtures: a real PostgreSQL schema per test, the centaur-shaped session table, a fake
+//! API server, and helpers to run sweeps in-process or as the real binary.
+#![allow(dead_code)]
+
+pub mod fake_api;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use chrono::{DateTime, Duration, Utc};
+use sandbox_reconciler::cluster::KubeCluster;
+use sandbox_reconciler::config::Settings;
+use sandbox_reconciler::store::{Database, TableMapping};
+use sandbox_reconciler::sweep::{ClusterSource, Reconciler, SweepOptions, SweepReport};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool, Row};
+
+#[allow(unused_imports)]
+pub use fake_api::{FakeApiServer, Fault, FaultAction, FaultMatch, Kind};
+
+/// The server every test uses: `TEST_DATABASE_URL`, else the local trust-auth default.
+pub fn database_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// A private schema holding a centaur-shaped `sandbox_sessions` table.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub schema: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&database_url())
+            .await
+            .expect("PostgreSQL must be running (scripts/ensure-postgres.sh starts it)");
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let fixture = include_str!("../fixtures/centaur_sandbox_sessions.sql");
+        let sql = format!("CREATE SCHEMA {schema}; SET search_path = {schema}; {fixture}");
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::raw_sql("SET search_path = public")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        TestDb { pool, schema }
+    }
+
+    pub fn table(&self) -> String {
+        format!("{}.sandbox_sessions", self.schema)
+    }
+
+    pub fn audit_table(&self) -> String {
+        format!("{}.reconciler_audit", self.schema)
+    }
+
+    /// Inserts a session row updated `age` ago.
+    pub async fn insert(&self, key: &str, state: &str, object: &str, age: Duration) {
+        self.insert_at(key, state, object, Utc::now() - age).await;
+    }
+
+    pub async fn insert_at(&self, key: &str, state: &str, object: &str, updated_at: DateTime<Utc>) {
+        let sql = format!(
+            "INSERT INTO {} (thread_key, sandbox_id, state, updated_at, agent_thread_id) \
+             VALUES ($1, $2, $3, $4, $5)",
+            self.table()
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(key)
+            .bind(object)
+            .bind(state)
+            .bind(updated_at)
+            .bind(format!("agent-{key}"))
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
+    /// State and agent_thread_id of a row.
+    pub async fn row(&self, key: &str) -> (String, Option<String>) {
+        let sql = format!(
+            "SELECT state, agent_thread_id FROM {} WHERE thread_key = $1",
+            self.table()
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+
+    pub async fn state(&self, key: &str) -> String {
+        self.row(key).await.0
+    }
+
+    /// Number of audit records; 0 when the audit table does not exist yet.
+    pub async fn audit_count(&self) -> i64 {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(self.audit_table())
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+        if !exists {
+            return 0;
+        }
+        let sql = format!("SELECT count(*) FROM {}", self.audit_table());
+        sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Rows per state, for "nothing changed" assertions.
+    pub async fn fingerprint(&self) -> Vec<(String, String, Option<String>)> {
+        let sql = format!(
+            "SELECT thread_key, state, agent_thread_id FROM {} ORDER BY thread_key",
+            self.table()
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    /// Settings for this schema: pods and sandboxes in namespace "agents", no grace for
+    /// rows older than 10 minutes.
+    pub fn settings(&self) -> Settings {
+        let mut s = Settings::default();
+        s.database.url = database_url();
+        s.sessions.table = self.table();
+        s.audit.table = self.audit_table();
+        s.cluster.namespaces = vec!["agents".into()];
+        s.cluster.page_size = 2;
+        s.cluster.request_timeout_seconds = 5;
+        s.backends.agent_sandbox.enabled = true;
+        s.sweep.grace_period_seconds = 600;
+        s.guard.min_live_missing = 1;
+        s.validate().expect("test settings are valid");
+        s
+    }
+
+    /// The same settings as a TOML file for the binary.
+    pub fn write_config(&self, dir: &Path, extra: &str) -> PathBuf {
+        let path = dir.join(format!("config-{}.toml", uuid::Uuid::new_v4().simple()));
+        let text = format!(
+            "[database]\nurl = \"{url}\"\n\
+             [sessions]\ntable = \"{table}\"\n\
+             [audit]\ntable = \"{audit}\"\n\
+             [cluster]\nnamespaces = [\"agents\"]\npage_size = 2\nrequest_timeout_seconds = 5\n\
+             [backends.agent_sandbox]\nenabled = true\n\
+             [guard]\nmin_live_missing = 1\n{extra}\n",
+            url = database_url(),
+            table = self.table(),
+            audit = self.audit_table(),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// Builds an in-process reconciler talking to `api` with the real kube::Client.
+pub fn reconciler(settings: Settings, api: &FakeApiServer) -> Reconciler {
+    let cluster = KubeCluster::with_client(api.client(), &settings);
+    Reconciler {
+        mapping: TableMapping::from_settings(&settings).unwrap(),
+        database: Database::new(&settings).unwrap(),
+        settings,
+        source: ClusterSource::Api(Box::new(cluster)),
+    }
+}
+
+/// Runs one sweep in-process.
+pub async fn sweep(settings: Settings, api: &FakeApiServer, dry_run: bool) -> SweepReport {
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    reconciler(settings, api)
+        .sweep(
+            &SweepOptions {
+                dry_run,
+                max_downgrades: None,
+            },
+            &rx,
+        )
+        .await
+}
+
+/// Runs the real binary with `args`, a kubeconfig for `api` (if any) and extra env vars.
+pub async fn run_binary(
+    dir: &Path,
+    api: Option<&FakeApiServer>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandbox-reconciler"));
+    cmd.args(args)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "info")
+        .env("HOME", dir);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SANDBOX_RECONCILER") {
+            cmd.env_remove(k);
+        }
+    }
+    let kubeconfig = dir.join("kubeconfig");
+    if let Some(api) = api {
+        api.write_kubeconfig(&kubeconfig);
+    }
+    cmd.env("KUBECONFIG", &kubeconfig);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.kill_on_drop(true);
+    tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
+        .await
+        .expect("binary finished within 60s")
+        .expect("binary ran")
+}
+
+pub fn minutes(n: i64) -> Duration {
+    Duration::minutes(n)
+}
