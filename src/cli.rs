@@ -1,4 +1,4 @@
-//! Command line: a daemon by default, `--once` for one sweep, subcommands for operators.
+//! Command line: a daemon by default, `--once` for one sweep, `check` for a preflight.
 //!
 //! Exit status of `--once`: 0 the sweep completed; 1 it failed (database or API error,
 //! or another reconciler holds the writer lock; nothing partial is left behind); 2 usage or
@@ -7,11 +7,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
 use crate::cluster::KubeCluster;
 use crate::config::Settings;
+use crate::metrics::Metrics;
 use crate::report;
 use crate::store::{Database, TableMapping};
 use crate::sweep::{ClusterSource, Reconciler, SweepOptions, SweepResult};
@@ -39,7 +40,13 @@ pub enum LogFormat {
 pub struct Cli {
     /// Configuration file (TOML); repeat to layer files. Environment variables
     /// SANDBOX_RECONCILER__SECTION__KEY and DATABASE_URL override them.
-    #[arg(long = "config", short = 'c', value_name = "FILE", env = "SANDBOX_RECONCILER_CONFIG", value_delimiter = ',')]
+    #[arg(
+        long = "config",
+        short = 'c',
+        value_name = "FILE",
+        env = "SANDBOX_RECONCILER_CONFIG",
+        value_delimiter = ','
+    )]
     pub config: Vec<PathBuf>,
 
     /// Run exactly one sweep and exit.
@@ -64,8 +71,18 @@ pub struct Cli {
     pub output: OutputFormat,
 
     /// Log format (logs go to standard error).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SANDBOX_RECONCILER_LOG_FORMAT")]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SANDBOX_RECONCILER_LOG_FORMAT", global = true)]
     pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Preflight: configuration, database table and columns, API permissions. Exits 1 if
+    /// any check fails.
+    Check,
 }
 
 /// Sets up logging; RUST_LOG overrides the default level (info).
@@ -95,7 +112,11 @@ pub async fn build(cli: &Cli, settings: Settings) -> Result<Reconciler, String> 
             }
             ClusterSource::Dump(path.clone())
         }
-        None => ClusterSource::Api(KubeCluster::connect(&settings).await.map_err(|e| e.to_string())?),
+        None => ClusterSource::Api(Box::new(
+            KubeCluster::connect(&settings)
+                .await
+                .map_err(|e| e.to_string())?,
+        )),
     };
     Ok(Reconciler {
         settings,
@@ -114,21 +135,36 @@ pub async fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if !cli.once && cli.cluster_snapshot.is_none() {
-        eprintln!("error: daemon mode is not available in this build; run with --once");
-        return ExitCode::from(EXIT_CONFIG);
+    if let Some(Command::Check) = cli.command {
+        return run_check(&settings).await;
     }
-    let reconciler = match build(&cli, settings).await {
+    let metrics = Metrics::new(&settings);
+    let mut reconciler = match build(&cli, settings).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let ClusterSource::Api(cluster) = &mut reconciler.source {
+        let m = metrics.clone();
+        cluster.set_request_hook(std::sync::Arc::new(move |verb, code| {
+            m.kube_request(verb, code)
+        }));
+    }
     let options = SweepOptions {
         dry_run: cli.dry_run,
         max_downgrades: cli.max_downgrades,
     };
+    if !cli.once && cli.cluster_snapshot.is_none() {
+        return match crate::daemon::run(reconciler, options, metrics).await {
+            Ok(()) => ExitCode::from(EXIT_OK),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
     let (_stop, stopped) = watch::channel(false);
     let report = reconciler.sweep(&options, &stopped).await;
     match cli.output {
@@ -140,4 +176,25 @@ pub async fn run(cli: Cli) -> ExitCode {
         SweepResult::Refused => EXIT_REFUSED,
         SweepResult::Failed | SweepResult::Skipped => EXIT_FAILED,
     })
+}
+
+async fn run_check(settings: &Settings) -> ExitCode {
+    let client = match kube::Config::infer().await {
+        Ok(mut config) => {
+            config.read_timeout = Some(std::time::Duration::from_secs(
+                settings.cluster.request_timeout_seconds,
+            ));
+            kube::Client::try_from(config).map_err(|e| e.to_string())
+        }
+        Err(e) => Err(format!(
+            "{e}; run in a pod with a service account, or set KUBECONFIG"
+        )),
+    };
+    let lines = crate::check::run(settings, client).await;
+    print!("{}", crate::check::render(&lines));
+    if lines.iter().all(|l| l.ok) {
+        ExitCode::from(EXIT_OK)
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    }
 }

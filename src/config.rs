@@ -32,7 +32,7 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub database: DatabaseSettings,
@@ -102,7 +102,7 @@ pub struct ClusterSettings {
     pub confirm_concurrency: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackendSettings {
     pub pod: PodBackendSettings,
@@ -169,22 +169,6 @@ pub struct ShutdownSettings {
     pub timeout_seconds: u64,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            database: DatabaseSettings::default(),
-            sessions: SessionSettings::default(),
-            audit: AuditSettings::default(),
-            cluster: ClusterSettings::default(),
-            backends: BackendSettings::default(),
-            sweep: SweepSettings::default(),
-            guard: GuardSettings::default(),
-            server: ServerSettings::default(),
-            shutdown: ShutdownSettings::default(),
-        }
-    }
-}
-
 impl Default for DatabaseSettings {
     fn default() -> Self {
         DatabaseSettings {
@@ -231,15 +215,6 @@ impl Default for ClusterSettings {
             page_size: 500,
             request_timeout_seconds: 30,
             confirm_concurrency: 16,
-        }
-    }
-}
-
-impl Default for BackendSettings {
-    fn default() -> Self {
-        BackendSettings {
-            pod: PodBackendSettings::default(),
-            agent_sandbox: SandboxBackendSettings::default(),
         }
     }
 }
@@ -333,9 +308,8 @@ impl Settings {
                     message: "not found or not a file; pass an existing file to --config".into(),
                 });
             }
-            builder = builder.add_source(
-                config::File::from(path.as_path()).format(config::FileFormat::Toml),
-            );
+            builder = builder
+                .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
         }
         let mut source = config::Environment::with_prefix("SANDBOX_RECONCILER")
             .prefix_separator("__")
@@ -352,18 +326,15 @@ impl Settings {
             source = source.with_list_parse_key(key);
         }
         builder = builder.add_source(source);
-        if let Some((_, url)) = env
-            .iter()
-            .find(|(k, _)| k == "DATABASE_URL")
-            .filter(|_| !env.iter().any(|(k, _)| k == "SANDBOX_RECONCILER__DATABASE__URL"))
-        {
+        if let Some((_, url)) = env.iter().find(|(k, _)| k == "DATABASE_URL").filter(|_| {
+            !env.iter()
+                .any(|(k, _)| k == "SANDBOX_RECONCILER__DATABASE__URL")
+        }) {
             builder = builder
                 .set_override("database.url", url.clone())
                 .map_err(|e| ConfigError::Parse(e.to_string()))?;
         }
-        let raw = builder
-            .build()
-            .map_err(|e| file_error(files, e))?;
+        let raw = builder.build().map_err(|e| file_error(files, e))?;
         let settings: Settings = raw.try_deserialize().map_err(|e| file_error(files, e))?;
         settings.validate()?;
         Ok(settings)
@@ -381,9 +352,15 @@ impl Settings {
         ] {
             Identifier::parse(value).map_err(|e| invalid(key, e))?;
         }
-        let mapped = [&s.key_column, &s.state_column, &s.object_column, &s.updated_at_column];
+        let mapped = [
+            &s.key_column,
+            &s.state_column,
+            &s.object_column,
+            &s.updated_at_column,
+        ];
         for (i, column) in s.clear_columns.iter().enumerate() {
-            Identifier::parse(column).map_err(|e| invalid(&format!("sessions.clear_columns[{i}]"), e))?;
+            Identifier::parse(column)
+                .map_err(|e| invalid(&format!("sessions.clear_columns[{i}]"), e))?;
             if mapped.contains(&column) {
                 return Err(invalid(
                     &format!("sessions.clear_columns[{i}]"),
@@ -435,7 +412,9 @@ impl Settings {
                 if let Some((other, _)) = seen.iter().find(|(_, v)| *v == state) {
                     return Err(invalid(
                         key,
-                        format!("state {state:?} is also given by {other}; each state has one meaning"),
+                        format!(
+                            "state {state:?} is also given by {other}; each state has one meaning"
+                        ),
                     ));
                 }
                 seen.push((key, state));
@@ -471,10 +450,16 @@ impl Settings {
             }
         }
         if c.page_size == 0 {
-            return Err(invalid("cluster.page_size", "must be at least 1 (500 is typical)"));
+            return Err(invalid(
+                "cluster.page_size",
+                "must be at least 1 (500 is typical)",
+            ));
         }
         if c.request_timeout_seconds == 0 {
-            return Err(invalid("cluster.request_timeout_seconds", "must be at least 1"));
+            return Err(invalid(
+                "cluster.request_timeout_seconds",
+                "must be at least 1",
+            ));
         }
         if c.confirm_concurrency == 0 {
             return Err(invalid("cluster.confirm_concurrency", "must be at least 1"));
@@ -503,8 +488,12 @@ impl Settings {
         }
 
         let w = &self.sweep;
+        parse_schedule(&w.schedule).map_err(|e| invalid("sweep.schedule", e))?;
         if w.batch_size == 0 {
-            return Err(invalid("sweep.batch_size", "must be at least 1 (500 is typical)"));
+            return Err(invalid(
+                "sweep.batch_size",
+                "must be at least 1 (500 is typical)",
+            ));
         }
         if w.batch_size > 10_000 {
             return Err(invalid("sweep.batch_size", "must be at most 10000"));
@@ -525,7 +514,10 @@ impl Settings {
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 "server.listen",
-                format!("{:?} is not an address:port such as 0.0.0.0:9090", self.server.listen),
+                format!(
+                    "{:?} is not an address:port such as 0.0.0.0:9090",
+                    self.server.listen
+                ),
             ));
         }
         Ok(())
@@ -538,6 +530,36 @@ impl Settings {
             list => Some(list),
         }
     }
+}
+
+/// Parses a cron expression the way the scheduler does (seconds field required, UTC).
+pub fn parse_schedule(expr: &str) -> Result<croner::Cron, String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(expr)
+        .map_err(|e| {
+            format!("{expr:?} is not a cron expression with a seconds field ({e}); e.g. \"0 */5 * * * *\" for every 5 minutes")
+        })
+}
+
+/// The nominal period of a schedule: the longest gap between its next occurrences.
+pub fn schedule_period(cron: &croner::Cron) -> std::time::Duration {
+    let mut longest = std::time::Duration::ZERO;
+    // Whole seconds: occurrences are whole seconds too.
+    let now = chrono::Utc::now().timestamp();
+    let mut prev = chrono::DateTime::from_timestamp(now, 0).unwrap_or_default();
+    for _ in 0..12 {
+        let Ok(next) = cron.find_next_occurrence(&prev, false) else {
+            break;
+        };
+        if let Ok(gap) = (next - prev).to_std() {
+            longest = longest.max(gap);
+        }
+        prev = next;
+    }
+    longest
 }
 
 /// Turns a `config` crate error into one that says which file and key.
@@ -594,7 +616,10 @@ mod tests {
                 ("DATABASE_URL", "postgres://u@h/db"),
                 ("SANDBOX_RECONCILER__SWEEP__GRACE_PERIOD_SECONDS", "42"),
                 ("SANDBOX_RECONCILER__CLUSTER__NAMESPACES", "a,b"),
-                ("SANDBOX_RECONCILER__BACKENDS__AGENT_SANDBOX__ENABLED", "true"),
+                (
+                    "SANDBOX_RECONCILER__BACKENDS__AGENT_SANDBOX__ENABLED",
+                    "true",
+                ),
             ]),
         )
         .unwrap();
@@ -608,7 +633,10 @@ mod tests {
     fn bad_identifier_names_the_key() {
         let err = Settings::load_from(
             &[],
-            &env(&[("SANDBOX_RECONCILER__SESSIONS__OBJECT_COLUMN", "x; drop table y")]),
+            &env(&[(
+                "SANDBOX_RECONCILER__SESSIONS__OBJECT_COLUMN",
+                "x; drop table y",
+            )]),
         )
         .unwrap_err()
         .to_string();
@@ -628,11 +656,29 @@ mod tests {
     fn contradictory_states_rejected() {
         let err = Settings::load_from(
             &[],
-            &env(&[("SANDBOX_RECONCILER__SESSIONS__LIVE_STATES", "running,suspended")]),
+            &env(&[(
+                "SANDBOX_RECONCILER__SESSIONS__LIVE_STATES",
+                "running,suspended",
+            )]),
         )
         .unwrap_err()
         .to_string();
         assert!(err.contains("sessions.live_states"), "{err}");
+    }
+
+    #[test]
+    fn schedule_is_validated_and_has_a_period() {
+        let err = Settings::load_from(
+            &[],
+            &env(&[("SANDBOX_RECONCILER__SWEEP__SCHEDULE", "*/5 * * *")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sweep.schedule"), "{err}");
+        let cron = parse_schedule("0 */5 * * * *").unwrap();
+        assert_eq!(schedule_period(&cron).as_secs(), 300);
+        let every_second = parse_schedule("*/1 * * * * *").unwrap();
+        assert_eq!(schedule_period(&every_second).as_secs(), 1);
     }
 
     #[test]

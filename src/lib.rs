@@ -5,9 +5,13 @@
 //! See DESIGN.md for the shape: `cluster` and `store` do the I/O, `plan` decides, `sweep`
 //! runs one sweep in the safe order, `report` prints it.
 
+pub mod check;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod daemon;
+pub mod http;
+pub mod metrics;
 pub mod plan;
 pub mod report;
 pub mod selector;

@@ -102,7 +102,10 @@ pub struct BackendCounts {
 #[serde(tag = "verdict", rename_all = "snake_case")]
 pub enum GuardVerdict {
     Proceed,
-    Refuse { reason: RefusalReason, detail: String },
+    Refuse {
+        reason: RefusalReason,
+        detail: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -288,7 +291,10 @@ impl<'a> Planner<'a> {
         }
         let backend = self.attribute(name);
         if live {
-            self.backends.entry(backend).or_default().live_without_object += 1;
+            self.backends
+                .entry(backend)
+                .or_default()
+                .live_without_object += 1;
             return;
         }
         let Some(updated_at) = row.updated_at else {
@@ -315,7 +321,10 @@ impl<'a> Planner<'a> {
             counts.untracked_objects = (view.len() - self.referenced[i].len()) as u64;
         }
         for orphan in &self.orphans {
-            self.backends.entry(orphan.backend).or_default().orphaned_suspended += 1;
+            self.backends
+                .entry(orphan.backend)
+                .or_default()
+                .orphaned_suspended += 1;
         }
         let live_missing: u64 = self.backends.values().map(|c| c.live_without_object).sum();
         let total_objects: usize = self.snapshot.backends.iter().map(|b| b.len()).sum();
@@ -448,7 +457,10 @@ mod tests {
         let keys: Vec<_> = plan.downgrades.iter().map(|o| o.key.as_str()).collect();
         assert_eq!(keys, vec!["d"]);
         assert_eq!(plan.within_grace, 1);
-        assert_eq!(plan.backends[&BackendKind::AgentSandbox].suspended_with_object, 1);
+        assert_eq!(
+            plan.backends[&BackendKind::AgentSandbox].suspended_with_object,
+            1
+        );
         assert_eq!(plan.backends[&BackendKind::Pod].suspended_with_object, 1);
     }
 
@@ -457,7 +469,12 @@ mod tests {
         let snap = snapshot(&["live"], &[]);
         let mut rows = vec![row("live", "running", "live", 100)];
         for i in 0..10 {
-            rows.push(row(&format!("k{i}"), "suspended", &format!("o{i}"), 100 + i));
+            rows.push(row(
+                &format!("k{i}"),
+                "suspended",
+                &format!("o{i}"),
+                100 + i,
+            ));
         }
         let mut p = policy();
         p.max_downgrades = 3;
@@ -533,6 +550,9 @@ mod tests {
         let rows = vec![row("1", "running", "a", 60), row("2", "gone", "sb", 60)];
         let plan = plan(&snap, &policy(), &rows);
         assert_eq!(plan.backends[&BackendKind::Pod].untracked_objects, 1);
-        assert_eq!(plan.backends[&BackendKind::AgentSandbox].untracked_objects, 0);
+        assert_eq!(
+            plan.backends[&BackendKind::AgentSandbox].untracked_objects,
+            0
+        );
     }
 }

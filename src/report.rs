@@ -16,7 +16,11 @@ pub fn json(report: &SweepReport) -> String {
 /// Renders the report as a short text summary.
 pub fn text(r: &SweepReport) -> String {
     let mut out = String::new();
-    let mode = if r.dry_run { " (dry run: nothing written)" } else { "" };
+    let mode = if r.dry_run {
+        " (dry run: nothing written)"
+    } else {
+        ""
+    };
     let _ = writeln!(out, "sweep {} {}{mode}", r.sweep_id, r.result.as_str());
     let _ = writeln!(out, "  cluster:  {}", r.cluster_source);
     if let Some(e) = &r.error {
@@ -25,8 +29,17 @@ pub fn text(r: &SweepReport) -> String {
     if r.result == SweepResult::Failed && r.rows_read == 0 {
         return out;
     }
-    let states: Vec<String> = r.rows_by_state.iter().map(|(s, n)| format!("{s}={n}")).collect();
-    let _ = writeln!(out, "  rows:     {} read ({})", r.rows_read, states.join(", "));
+    let states: Vec<String> = r
+        .rows_by_state
+        .iter()
+        .map(|(s, n)| format!("{s}={n}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "  rows:     {} read ({})",
+        r.rows_read,
+        states.join(", ")
+    );
     for (backend, b) in &r.backends {
         let _ = writeln!(
             out,
@@ -50,7 +63,9 @@ pub fn text(r: &SweepReport) -> String {
         None => {}
     }
     let confirmed = match r.confirmation {
-        Confirmation::Get | Confirmation::None => format!("{} confirmed absent by GET", r.confirmed),
+        Confirmation::Get | Confirmation::None => {
+            format!("{} confirmed absent by GET", r.confirmed)
+        }
         Confirmation::ListingOnly => "not confirmed (sweep.confirm_absence = false)".to_string(),
         Confirmation::SnapshotFile => "not confirmed (snapshot file)".to_string(),
     };
@@ -60,8 +75,16 @@ pub fn text(r: &SweepReport) -> String {
         r.orphans_found,
         r.within_grace,
         r.selected,
-        if r.dry_run { r.changes.len() as u64 } else { r.downgraded },
-        if r.dry_run { "would be downgraded" } else { "downgraded" },
+        if r.dry_run {
+            r.changes.len() as u64
+        } else {
+            r.downgraded
+        },
+        if r.dry_run {
+            "would be downgraded"
+        } else {
+            "downgraded"
+        },
         r.deferred
     );
     if !r.skipped.is_empty() {
@@ -79,7 +102,11 @@ pub fn text(r: &SweepReport) -> String {
         t.list_cluster, t.read_db, t.confirm, t.apply, t.total
     );
     if !r.changes.is_empty() {
-        let verb = if r.dry_run { "would downgrade" } else { "downgraded" };
+        let verb = if r.dry_run {
+            "would downgrade"
+        } else {
+            "downgraded"
+        };
         let _ = writeln!(out, "  {verb}:");
         for c in r.changes.iter().take(TEXT_CHANGE_LINES) {
             let _ = writeln!(

@@ -42,8 +42,7 @@ fn valid_key(k: &str) -> bool {
 
 fn valid_value(v: &str) -> bool {
     v.len() <= 63
-        && v
-            .chars()
+        && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
@@ -148,7 +147,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -162,7 +164,9 @@ mod tests {
             ("legacy", "")
         ])));
         assert!(LabelSelector::parse("").unwrap().matches(&labels(&[])));
-        assert!(LabelSelector::parse("app!=x").unwrap().matches(&labels(&[])));
+        assert!(LabelSelector::parse("app!=x")
+            .unwrap()
+            .matches(&labels(&[])));
     }
 
     #[test]

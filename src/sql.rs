@@ -28,7 +28,9 @@ fn check(part: &str) -> Result<(), String> {
         ));
     }
     if part.len() > 63 {
-        return Err(format!("{part:?} is longer than PostgreSQL's 63-byte identifier limit"));
+        return Err(format!(
+            "{part:?} is longer than PostgreSQL's 63-byte identifier limit"
+        ));
     }
     Ok(())
 }
@@ -101,10 +103,20 @@ mod tests {
     fn quotes_and_rejects() {
         assert_eq!(Identifier::parse("state").unwrap().to_string(), "\"state\"");
         assert_eq!(
-            Identifier::parse_qualified("app.sessions").unwrap().to_string(),
+            Identifier::parse_qualified("app.sessions")
+                .unwrap()
+                .to_string(),
             "\"app\".\"sessions\""
         );
-        for bad in ["", "1x", "a-b", "a\"b", "x; drop table t", "a.b.c", &"x".repeat(64)] {
+        for bad in [
+            "",
+            "1x",
+            "a-b",
+            "a\"b",
+            "x; drop table t",
+            "a.b.c",
+            &"x".repeat(64),
+        ] {
             assert!(Identifier::parse_qualified(bad).is_err(), "{bad}");
         }
         assert_eq!(literal("it's"), "'it''s'");

@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -23,7 +22,7 @@ use crate::store::{self, Database, Downgrade, StoreError, TableMapping};
 /// Where the cluster view comes from.
 #[derive(Clone)]
 pub enum ClusterSource {
-    Api(KubeCluster),
+    Api(Box<KubeCluster>),
     /// A `kubectl get -o json` dump; always a dry run.
     Dump(PathBuf),
 }
@@ -239,19 +238,73 @@ impl Reconciler {
         }
     }
 
-    /// Runs one sweep. `shutdown` turning true stops between batches: the batch in flight
-    /// commits or rolls back, none is left half applied.
-    pub async fn sweep(&self, options: &SweepOptions, shutdown: &watch::Receiver<bool>) -> SweepReport {
-        let dry_run = options.dry_run
+    /// Whether this run writes nothing.
+    fn is_dry_run(&self, options: &SweepOptions) -> bool {
+        options.dry_run
             || self.settings.sweep.dry_run
-            || matches!(self.source, ClusterSource::Dump(_));
+            || matches!(self.source, ClusterSource::Dump(_))
+    }
+
+    fn new_report(&self, options: &SweepOptions) -> SweepReport {
         let source = match &self.source {
             ClusterSource::Api(_) => "api".to_string(),
             ClusterSource::Dump(path) => path.display().to_string(),
         };
-        let mut report = SweepReport::new(dry_run, source);
+        SweepReport::new(self.is_dry_run(options), source)
+    }
+
+    /// Runs one sweep on its own connection, taking the writer lock first (unless it is a
+    /// dry run); the lock goes with the connection at the end. `shutdown` turning true
+    /// stops between batches: the batch in flight commits or rolls back, none is left half
+    /// applied.
+    pub async fn sweep(
+        &self,
+        options: &SweepOptions,
+        shutdown: &watch::Receiver<bool>,
+    ) -> SweepReport {
+        let mut report = self.new_report(options);
         let started = Instant::now();
-        let outcome = self.run(options, dry_run, shutdown, &mut report).await;
+        let outcome = async {
+            let mut conn = self.database.connect().await?;
+            if !report.dry_run {
+                self.take_writer_lock(&mut conn).await?;
+            }
+            self.run(&mut conn, options, shutdown, &mut report).await
+        }
+        .await;
+        self.finish(&mut report, started, outcome);
+        report
+    }
+
+    /// Runs one sweep on `conn`, which already holds the writer lock (daemon mode).
+    pub async fn sweep_on(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        options: &SweepOptions,
+        shutdown: &watch::Receiver<bool>,
+    ) -> SweepReport {
+        let mut report = self.new_report(options);
+        let started = Instant::now();
+        let outcome = self.run(conn, options, shutdown, &mut report).await;
+        self.finish(&mut report, started, outcome);
+        report
+    }
+
+    /// A report for a sweep that did not run because another replica is the writer.
+    pub fn skipped_report(&self, options: &SweepOptions, why: &str) -> SweepReport {
+        let mut report = self.new_report(options);
+        report.result = SweepResult::Skipped;
+        report.error_kind = Some("lock_busy");
+        report.error = Some(why.to_string());
+        report
+    }
+
+    fn finish(
+        &self,
+        report: &mut SweepReport,
+        started: Instant,
+        outcome: Result<SweepResult, SweepError>,
+    ) {
         report.timings.total = started.elapsed().as_secs_f64();
         match outcome {
             Ok(result) => report.result = result,
@@ -270,23 +323,19 @@ impl Reconciler {
                 report.error = Some(store::redact(&e.to_string(), &self.settings.database.url));
             }
         }
-        report
     }
 
     async fn run(
         &self,
+        conn: &mut sqlx::PgConnection,
         options: &SweepOptions,
-        dry_run: bool,
         shutdown: &watch::Receiver<bool>,
         report: &mut SweepReport,
     ) -> Result<SweepResult, SweepError> {
-        let mut conn = self.database.connect().await?;
+        let dry_run = report.dry_run;
+        store::verify_table(&mut *conn, &self.mapping).await?;
         if !dry_run {
-            self.take_writer_lock(&mut conn).await?;
-        }
-        store::verify_table(&mut conn, &self.mapping).await?;
-        if !dry_run {
-            store::migrate(&mut conn, &self.mapping).await?;
+            store::migrate(&mut *conn, &self.mapping).await?;
         }
 
         let t = Instant::now();
@@ -299,7 +348,7 @@ impl Reconciler {
         let t = Instant::now();
         let policy = self.policy(options.max_downgrades);
         let mut planner = Planner::new(&snapshot, &policy);
-        store::read_rows(&mut conn, &self.mapping, &mut planner).await?;
+        store::read_rows(&mut *conn, &self.mapping, &mut planner).await?;
         let plan = planner.finish();
         report.timings.read_db = t.elapsed().as_secs_f64();
         report.absorb_plan(&plan, &snapshot);
@@ -323,10 +372,9 @@ impl Reconciler {
         }
 
         let t = Instant::now();
-        let result = self.apply(&mut conn, &confirmed, shutdown, report).await;
+        let result = self.apply(conn, &confirmed, shutdown, report).await;
         report.timings.apply = t.elapsed().as_secs_f64();
         result?;
-        let _ = store::release_writer_lock(&mut conn, &self.mapping).await;
         Ok(SweepResult::Success)
     }
 
@@ -379,7 +427,9 @@ impl Reconciler {
                     .iter()
                     .map(|row| Downgrade {
                         row,
-                        evidence: base("absent from the complete listing (sweep.confirm_absence = false)"),
+                        evidence: base(
+                            "absent from the complete listing (sweep.confirm_absence = false)",
+                        ),
                     })
                     .collect();
             }
@@ -394,14 +444,8 @@ impl Reconciler {
                     .collect();
             }
         };
-        let answers: Vec<(usize, Result<Absence, ClusterError>)> =
-            futures::stream::iter(orphans.iter().enumerate())
-                .map(|(i, row)| async move { (i, cluster.confirm_absent(&row.object).await) })
-                .buffer_unordered(self.settings.cluster.confirm_concurrency)
-                .collect()
-                .await;
-        let mut answers = answers;
-        answers.sort_by_key(|(i, _)| *i);
+        let answers =
+            confirm_all(cluster, orphans, self.settings.cluster.confirm_concurrency).await;
         let mut confirmed = Vec::with_capacity(orphans.len());
         report.confirmation = Confirmation::Get;
         for (i, answer) in answers {
@@ -466,12 +510,44 @@ impl Reconciler {
     }
 }
 
+/// Confirms every orphan's absence with at most `concurrency` requests in flight; answers
+/// come back in the orphans' order.
+async fn confirm_all(
+    cluster: &KubeCluster,
+    orphans: &[OrphanedRow],
+    concurrency: usize,
+) -> Vec<(usize, Result<Absence, ClusterError>)> {
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, row) in orphans.iter().enumerate() {
+        let cluster = cluster.clone();
+        let name = row.object.clone();
+        let permits = permits.clone();
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            (i, cluster.confirm_absent(&name).await)
+        });
+    }
+    let mut answers = Vec::with_capacity(orphans.len());
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(answer) => answers.push(answer),
+            Err(e) => tracing::error!("a confirming request task failed: {e}"),
+        }
+    }
+    answers.sort_by_key(|(i, _)| *i);
+    answers
+}
+
 fn change_line(d: &Downgrade<'_>) -> ChangeLine {
     ChangeLine {
         key: d.row.key.clone(),
         object: d.row.object.clone(),
         backend: d.row.backend,
         updated_at: d.row.updated_at,
-        evidence: d.evidence["absence"].as_str().unwrap_or_default().to_string(),
+        evidence: d.evidence["absence"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
     }
 }

@@ -56,9 +56,13 @@ pub fn parse(
     settings: &Settings,
     taken_at: DateTime<Utc>,
 ) -> Result<ClusterSnapshot, String> {
-    let list: DumpList = serde_json::from_str(text).map_err(|e| format!("not a kubectl JSON list: {e}"))?;
+    let list: DumpList =
+        serde_json::from_str(text).map_err(|e| format!("not a kubectl JSON list: {e}"))?;
     if !list.kind.ends_with("List") {
-        return Err(format!("expected a List (kubectl get -o json), got kind {:?}", list.kind));
+        return Err(format!(
+            "expected a List (kubectl get -o json), got kind {:?}",
+            list.kind
+        ));
     }
     let b = &settings.backends;
     let namespaces = settings.namespaces();
@@ -66,8 +70,10 @@ pub fn parse(
     let sb_selector = LabelSelector::parse(&b.agent_sandbox.label_selector)?;
     let sb_api_group = format!("{}/", b.agent_sandbox.group);
     let mut pods = BackendView::new(BackendKind::Pod, &b.pod.object_name_prefix);
-    let mut sandboxes =
-        BackendView::new(BackendKind::AgentSandbox, &b.agent_sandbox.object_name_prefix);
+    let mut sandboxes = BackendView::new(
+        BackendKind::AgentSandbox,
+        &b.agent_sandbox.object_name_prefix,
+    );
     for (i, item) in list.items.iter().enumerate() {
         let kind = item["kind"].as_str().unwrap_or_default();
         let api_version = item["apiVersion"].as_str().unwrap_or_default();
@@ -79,14 +85,24 @@ pub fn parse(
             .filter(|n| !n.is_empty())
             .ok_or_else(|| format!("item {i} ({kind}) has no metadata.name"))?;
         if let Some(allowed) = namespaces {
-            if !meta.namespace.as_ref().is_some_and(|ns| allowed.contains(ns)) {
+            if !meta
+                .namespace
+                .as_ref()
+                .is_some_and(|ns| allowed.contains(ns))
+            {
                 continue;
             }
         }
         let terminating = meta.deletion_timestamp.is_some();
         if kind == "Pod" && api_version == "v1" && b.pod.enabled {
             if pod_selector.matches(&meta.labels) {
-                pods.insert(name, ObjectFacts { terminating, suspended: false });
+                pods.insert(
+                    name,
+                    ObjectFacts {
+                        terminating,
+                        suspended: false,
+                    },
+                );
             }
         } else if kind == b.agent_sandbox.kind
             && api_version.starts_with(&sb_api_group)

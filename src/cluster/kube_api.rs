@@ -144,20 +144,32 @@ impl KubeCluster {
                 let what = describe("pods", ns);
                 let base = selector_params(&pod.selector);
                 view.requests += self
-                    .list_complete(&what, "list", "pods", &["PartialObjectMetadataList"], |lp| {
-                        let api = api.clone();
-                        async move { api.list_metadata(&lp).await }
-                    }, base, |item| {
-                        let name = item.metadata.name.as_deref().ok_or("an item has no metadata.name")?;
-                        view.insert(
-                            name,
-                            ObjectFacts {
-                                terminating: item.metadata.deletion_timestamp.is_some(),
-                                suspended: false,
-                            },
-                        );
-                        Ok(())
-                    })
+                    .list_complete(
+                        &what,
+                        "list",
+                        "pods",
+                        &["PartialObjectMetadataList"],
+                        |lp| {
+                            let api = api.clone();
+                            async move { api.list_metadata(&lp).await }
+                        },
+                        base,
+                        |item| {
+                            let name = item
+                                .metadata
+                                .name
+                                .as_deref()
+                                .ok_or("an item has no metadata.name")?;
+                            view.insert(
+                                name,
+                                ObjectFacts {
+                                    terminating: item.metadata.deletion_timestamp.is_some(),
+                                    suspended: false,
+                                },
+                            );
+                            Ok(())
+                        },
+                    )
                     .await?;
             }
             snapshot.backends.push(view);
@@ -171,20 +183,32 @@ impl KubeCluster {
                 let base = selector_params(&sb.selector);
                 let resource = format!("{}.{}", sb.resource.plural, sb.resource.group);
                 view.requests += self
-                    .list_complete(&what, "list", &resource, &[list_kind.as_str()], |lp| {
-                        let api = api.clone();
-                        async move { api.list(&lp).await }
-                    }, base, |item| {
-                        let name = item.metadata.name.as_deref().ok_or("an item has no metadata.name")?;
-                        view.insert(
-                            name,
-                            ObjectFacts {
-                                terminating: item.metadata.deletion_timestamp.is_some(),
-                                suspended: sandbox_is_suspended(&item.data),
-                            },
-                        );
-                        Ok(())
-                    })
+                    .list_complete(
+                        &what,
+                        "list",
+                        &resource,
+                        &[list_kind.as_str()],
+                        |lp| {
+                            let api = api.clone();
+                            async move { api.list(&lp).await }
+                        },
+                        base,
+                        |item| {
+                            let name = item
+                                .metadata
+                                .name
+                                .as_deref()
+                                .ok_or("an item has no metadata.name")?;
+                            view.insert(
+                                name,
+                                ObjectFacts {
+                                    terminating: item.metadata.deletion_timestamp.is_some(),
+                                    suspended: sandbox_is_suspended(&item.data),
+                                },
+                            );
+                            Ok(())
+                        },
+                    )
                     .await?;
             }
             snapshot.backends.push(view);
@@ -234,7 +258,10 @@ impl KubeCluster {
                             what: what.to_string(),
                         });
                     }
-                    tracing::warn!(listing = what, "continue token expired (410); restarting the listing once");
+                    tracing::warn!(
+                        listing = what,
+                        "continue token expired (410); restarting the listing once"
+                    );
                     restarted = true;
                     token = None;
                     continue;
@@ -278,8 +305,7 @@ impl KubeCluster {
         for ns in self.scopes() {
             if self.pod.is_some() {
                 let api = self.pod_api(ns);
-                let seen = self
-.probe(&api, "pods", ns, name).await?;
+                let seen = self.probe(&api, "pods", ns, name).await?;
                 match seen {
                     Some(e) => return Ok(Absence::Present { evidence: e }),
                     None => evidence.push(probe_text("pods", ns, name)),
@@ -287,8 +313,7 @@ impl KubeCluster {
             }
             if let Some(sb) = &self.sandbox {
                 let api = self.sandbox_api(sb, ns);
-                let seen = self
-.probe(&api, &sb.resource.plural, ns, name).await?;
+                let seen = self.probe(&api, &sb.resource.plural, ns, name).await?;
                 match seen {
                     Some(e) => return Ok(Absence::Present { evidence: e }),
                     None => evidence.push(probe_text(&sb.resource.plural, ns, name)),
@@ -318,7 +343,10 @@ impl KubeCluster {
         let verb = if ns.is_some() { "get" } else { "list" };
         let request = async {
             match ns {
-                Some(_) => api.get_metadata_opt(name).await.map(|o| o.map(|m| m.metadata)),
+                Some(_) => api
+                    .get_metadata_opt(name)
+                    .await
+                    .map(|o| o.map(|m| m.metadata)),
                 // No namespace to GET in: list by name across all namespaces instead.
                 None => {
                     let lp = ListParams::default().fields(&format!("metadata.name={name}"));
@@ -356,7 +384,9 @@ impl KubeCluster {
     }
 }
 
-fn terminating_note(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &'static str {
+fn terminating_note(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> &'static str {
     if meta.deletion_timestamp.is_some() {
         " (terminating)"
     } else {
@@ -397,6 +427,7 @@ fn api_code(err: &ClusterError) -> u16 {
     match err {
         ClusterError::Api { code, .. } => *code,
         ClusterError::Forbidden { .. } => 403,
+        ClusterError::NotServed { .. } => 404,
         _ => 0,
     }
 }
@@ -409,6 +440,12 @@ fn map_error(what: &str, verb: &'static str, resource: &str, e: kube::Error) -> 
             resource: resource.to_string(),
             message: status.message.clone(),
         },
+        kube::Error::Api(status) if status.code == 404 && verb == "list" => {
+            ClusterError::NotServed {
+                what: what.to_string(),
+                resource: resource.to_string(),
+            }
+        }
         kube::Error::Api(status) => ClusterError::Api {
             what: what.to_string(),
             code: status.code,
@@ -443,11 +480,15 @@ mod tests {
 
     #[test]
     fn suspended_sandbox_detection() {
-        assert!(sandbox_is_suspended(&serde_json::json!({"spec": {"replicas": 0}})));
+        assert!(sandbox_is_suspended(
+            &serde_json::json!({"spec": {"replicas": 0}})
+        ));
         assert!(sandbox_is_suspended(
             &serde_json::json!({"spec": {"operatingMode": "Suspended"}})
         ));
-        assert!(!sandbox_is_suspended(&serde_json::json!({"spec": {"replicas": 1}})));
+        assert!(!sandbox_is_suspended(
+            &serde_json::json!({"spec": {"replicas": 1}})
+        ));
         assert!(!sandbox_is_suspended(&serde_json::json!({})));
     }
 }

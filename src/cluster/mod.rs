@@ -134,7 +134,9 @@ impl ClusterSnapshot {
 /// sweep before a write.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("Kubernetes configuration: {0}; run in a pod with a service account, or set KUBECONFIG")]
+    #[error(
+        "Kubernetes configuration: {0}; run in a pod with a service account, or set KUBECONFIG"
+    )]
     Config(String),
     #[error("{what}: forbidden ({message}); grant the reconciler's service account {verb} on {resource}")]
     Forbidden {
@@ -150,6 +152,8 @@ pub enum ClusterError {
         reason: String,
         message: String,
     },
+    #[error("{what}: the API server does not serve {resource} (404); install its CustomResourceDefinition, fix the backend's group/version/plural, or disable the backend")]
+    NotServed { what: String, resource: String },
     #[error("{what}: the continue token expired twice (410); the listing could not complete")]
     Expired { what: String },
     #[error("{what}: no answer within {seconds}s")]
@@ -170,6 +174,7 @@ impl ClusterError {
             ClusterError::Forbidden { .. } => "forbidden",
             ClusterError::Api { .. } => "api",
             ClusterError::Expired { .. } => "expired",
+            ClusterError::NotServed { .. } => "not_served",
             ClusterError::Timeout { .. } => "timeout",
             ClusterError::Malformed { .. } => "malformed",
             ClusterError::Transport { .. } => "transport",

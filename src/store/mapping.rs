@@ -62,7 +62,10 @@ impl TableMapping {
             ("sessions.key_column".to_string(), self.key.name()),
             ("sessions.state_column".to_string(), self.state.name()),
             ("sessions.object_column".to_string(), self.object.name()),
-            ("sessions.updated_at_column".to_string(), self.updated_at.name()),
+            (
+                "sessions.updated_at_column".to_string(),
+                self.updated_at.name(),
+            ),
         ];
         for (i, c) in self.clear.iter().enumerate() {
             out.push((format!("sessions.clear_columns[{i}]"), c.name()));

@@ -140,8 +140,14 @@ pub fn redact(text: &str, url: &str) -> String {
 pub async fn migrate(conn: &mut PgConnection, mapping: &TableMapping) -> Result<(), StoreError> {
     let sql = include_str!("../../migrations/0001_audit.sql")
         .replace("{{audit}}", &mapping.audit.to_string())
-        .replace("{{sweep_idx}}", &format!("\"{}_sweep_idx\"", mapping.audit.name()))
-        .replace("{{session_idx}}", &format!("\"{}_session_idx\"", mapping.audit.name()));
+        .replace(
+            "{{sweep_idx}}",
+            &format!("\"{}_sweep_idx\"", mapping.audit.name()),
+        )
+        .replace(
+            "{{session_idx}}",
+            &format!("\"{}_session_idx\"", mapping.audit.name()),
+        );
     let migration = sqlx::migrate::Migration::new(
         1,
         "audit table".into(),
@@ -152,7 +158,7 @@ pub async fn migrate(conn: &mut PgConnection, mapping: &TableMapping) -> Result<
     let mut migrator = sqlx::migrate::Migrator::with_migrations(vec![migration]);
     migrator.dangerous_set_table_name(mapping.audit.with_suffix("_migrations").to_string());
     migrator
-        .run(conn)
+        .run_direct(None, conn, false)
         .await
         .map_err(|e| StoreError::Query {
             what: "running the audit-table migration",
@@ -161,7 +167,10 @@ pub async fn migrate(conn: &mut PgConnection, mapping: &TableMapping) -> Result<
 }
 
 /// Tries to take the writer lock on `conn`; `Ok(false)` when another session holds it.
-pub async fn try_writer_lock(conn: &mut PgConnection, mapping: &TableMapping) -> Result<bool, StoreError> {
+pub async fn try_writer_lock(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+) -> Result<bool, StoreError> {
     sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
         .bind(mapping.lock_key())
         .fetch_one(conn)
@@ -170,7 +179,10 @@ pub async fn try_writer_lock(conn: &mut PgConnection, mapping: &TableMapping) ->
 }
 
 /// Releases the writer lock held by `conn`.
-pub async fn release_writer_lock(conn: &mut PgConnection, mapping: &TableMapping) -> Result<(), StoreError> {
+pub async fn release_writer_lock(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(mapping.lock_key())
         .execute(conn)
@@ -180,7 +192,10 @@ pub async fn release_writer_lock(conn: &mut PgConnection, mapping: &TableMapping
 }
 
 /// Verifies that the table and every mapped column exist; names the config key otherwise.
-pub async fn verify_table(conn: &mut PgConnection, mapping: &TableMapping) -> Result<(), StoreError> {
+pub async fn verify_table(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+) -> Result<(), StoreError> {
     let rows = sqlx::query(
         "SELECT a.attname::text FROM pg_attribute a \
          WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
@@ -251,7 +266,11 @@ pub async fn read_rows(
 
 fn decode_row(row: &PgRow) -> SessionRow {
     SessionRow {
-        key: row.try_get::<Option<String>, _>(0).ok().flatten().unwrap_or_default(),
+        key: row
+            .try_get::<Option<String>, _>(0)
+            .ok()
+            .flatten()
+            .unwrap_or_default(),
         state: row.try_get(1).ok().flatten(),
         object: row.try_get(2).ok().flatten(),
         updated_at: row.try_get(3).ok().flatten(),

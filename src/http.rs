@@ -1,0 +1,178 @@
+//! The daemon's HTTP endpoint (hyper 1): `/metrics`, `/healthz`, `/readyz`.
+//!
+//! Serving is independent of sweeping: metrics are atomics rendered on demand and the health
+//! state is a few atomics and a short-lived mutex, so a scrape never waits for a sweep and a
+//! sweep never waits for a scrape. Connections are bounded: headers must arrive within a
+//! deadline and fit a small buffer; only GET and HEAD are served.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head accepted.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// What /healthz and /readyz report; shared with the daemon loop.
+#[derive(Default)]
+pub struct HealthState {
+    /// Set once configuration is loaded and the first sweep attempt finished.
+    pub ready: AtomicBool,
+    /// Unix seconds of the last scheduler heartbeat.
+    pub heartbeat: AtomicI64,
+    /// The scheduler loop counts as dead after this many seconds without a heartbeat.
+    pub heartbeat_deadline_seconds: AtomicI64,
+    /// Cleared when the sweep worker exits.
+    pub worker_alive: AtomicBool,
+    pub leader: AtomicBool,
+    pub last_sweep: Mutex<Option<LastSweep>>,
+}
+
+/// The last sweep, for /healthz.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LastSweep {
+    pub result: &'static str,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub sweep_id: String,
+}
+
+impl HealthState {
+    pub fn beat(&self) {
+        self.heartbeat
+            .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+    }
+
+    /// Alive while the worker runs and the scheduler beat recently.
+    pub fn is_alive(&self) -> bool {
+        let age = chrono::Utc::now().timestamp() - self.heartbeat.load(Ordering::Relaxed);
+        self.worker_alive.load(Ordering::Relaxed)
+            && age <= self.heartbeat_deadline_seconds.load(Ordering::Relaxed)
+    }
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res
+}
+
+fn route(
+    req: &Request<Incoming>,
+    metrics: &Metrics,
+    health: &HealthState,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let known = matches!(path, "/metrics" | "/healthz" | "/readyz");
+    if !known {
+        return response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into());
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut res = response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n".into(),
+        );
+        res.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return res;
+    }
+    let mut res = match path {
+        "/metrics" => response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
+        "/healthz" => {
+            let alive = health.is_alive();
+            let last = health.last_sweep.lock().map(|l| l.clone()).unwrap_or(None);
+            let body = serde_json::json!({
+                "status": if alive { "ok" } else { "stalled" },
+                "leader": health.leader.load(Ordering::Relaxed),
+                "version": env!("CARGO_PKG_VERSION"),
+                "last_sweep": last,
+            });
+            let status = if alive {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            response(status, "application/json", format!("{body}\n"))
+        }
+        _ => {
+            if health.ready.load(Ordering::Relaxed) {
+                response(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: the first sweep attempt has not finished\n".into(),
+                )
+            }
+        }
+    };
+    if req.method() == Method::HEAD {
+        *res.body_mut() = Full::new(Bytes::new());
+    }
+    res
+}
+
+/// Binds the listener (so a bad `server.listen` fails at start-up).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    health: Arc<HealthState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("accepting an HTTP connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let res = route(&req, &metrics, &health);
+                async move { Ok::<_, Infallible>(res) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            // An idle keep-alive connection is closed after a while regardless.
+            let _ = tokio::time::timeout(Duration::from_secs(300), conn).await;
+        });
+    }
+}

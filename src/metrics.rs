@@ -1,0 +1,265 @@
+//! The Prometheus registry and every metric sandbox-reconciler exports.
+//!
+//! Metric names are a contract: the dashboard in `dashboards/` and the alert rules in
+//! `deploy/prometheus/` depend on them. Label values are bounded (backends, states from the
+//! configuration plus "unknown", skip reasons, sweep results, phases, verbs, HTTP codes);
+//! session keys and object names never appear in labels.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::cluster::BackendKind;
+use crate::config::Settings;
+use crate::plan::SkipReason;
+use crate::sweep::{SweepReport, SweepResult};
+
+const NAMESPACE: &str = "sandbox_reconciler";
+
+/// Every metric, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    pub orphaned_suspended_sessions: IntGaugeVec,
+    pub sessions: IntGaugeVec,
+    pub live_sessions_without_object: IntGaugeVec,
+    pub untracked_cluster_objects: IntGaugeVec,
+    pub cluster_objects: IntGaugeVec,
+    pub sessions_downgraded_total: IntCounterVec,
+    pub deferred_downgrades: IntGauge,
+    pub skipped_rows_total: IntCounterVec,
+    pub sweeps_total: IntCounterVec,
+    pub sweep_duration_seconds: HistogramVec,
+    pub last_success_timestamp_seconds: Gauge,
+    pub last_sweep_timestamp_seconds: Gauge,
+    pub guard_refusals_total: IntCounterVec,
+    pub leader: IntGauge,
+    pub build_info: IntGaugeVec,
+    pub kube_requests_total: IntCounterVec,
+    pub db_errors_total: IntCounter,
+    pub dry_run: IntGauge,
+    pub sweep_interval_seconds: Gauge,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(NAMESPACE)
+}
+
+macro_rules! register {
+    ($registry:expr, $metric:expr) => {{
+        let m = $metric.expect("metric definition is valid");
+        $registry
+            .register(Box::new(m.clone()))
+            .expect("metric names are unique");
+        m
+    }};
+}
+
+impl Metrics {
+    /// Creates and registers every metric; label values known up front are initialised
+    /// to zero so series exist before the first sweep.
+    pub fn new(settings: &Settings) -> Arc<Metrics> {
+        let r = Registry::new();
+        let backend = &["backend"];
+        let m = Metrics {
+            orphaned_suspended_sessions: register!(r, IntGaugeVec::new(
+                opts("orphaned_suspended_sessions", "Suspended rows whose object is missing, still orphaned after the last completed sweep (in dry-run: all found)."),
+                backend)),
+            sessions: register!(r, IntGaugeVec::new(
+                opts("sessions", "Session rows per state as of the last completed sweep (states the configuration does not name count as \"unknown\")."),
+                &["state"])),
+            live_sessions_without_object: register!(r, IntGaugeVec::new(
+                opts("live_sessions_without_object", "Rows in a live state whose object is missing."),
+                backend)),
+            untracked_cluster_objects: register!(r, IntGaugeVec::new(
+                opts("untracked_cluster_objects", "Listed objects that no row outside the gone state refers to (leaked objects cost money)."),
+                backend)),
+            cluster_objects: register!(r, IntGaugeVec::new(
+                opts("cluster_objects", "Objects listed in the last completed sweep."),
+                backend)),
+            sessions_downgraded_total: register!(r, IntCounterVec::new(
+                opts("sessions_downgraded_total", "Suspended rows downgraded to gone."),
+                backend)),
+            deferred_downgrades: register!(r, IntGauge::with_opts(
+                opts("deferred_downgrades", "Orphans left for a later sweep by the per-sweep cap (or a guard refusal)."))),
+            skipped_rows_total: register!(r, IntCounterVec::new(
+                opts("skipped_rows_total", "Rows passed over, by reason."),
+                &["reason"])),
+            sweeps_total: register!(r, IntCounterVec::new(
+                opts("sweeps_total", "Sweeps by result: success, failed, refused (a guard refused to act), skipped (another sweep or writer was active)."),
+                &["result"])),
+            sweep_duration_seconds: register!(r, HistogramVec::new(
+                HistogramOpts::new("sweep_duration_seconds", "Duration of sweep phases.")
+                    .namespace(NAMESPACE)
+                    .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
+                &["phase"])),
+            last_success_timestamp_seconds: register!(r, Gauge::with_opts(
+                opts("last_success_timestamp_seconds", "Unix time of the last successful sweep."))),
+            last_sweep_timestamp_seconds: register!(r, Gauge::with_opts(
+                opts("last_sweep_timestamp_seconds", "Unix time of the last sweep attempt that ran (any result but skipped)."))),
+            guard_refusals_total: register!(r, IntCounterVec::new(
+                opts("guard_refusals_total", "Sweeps a safety guard refused to act on, by reason."),
+                &["reason"])),
+            leader: register!(r, IntGauge::with_opts(
+                opts("leader", "1 while this replica holds the writer lock."))),
+            build_info: register!(r, IntGaugeVec::new(
+                opts("build_info", "Always 1; the version label says which build runs."),
+                &["version"])),
+            kube_requests_total: register!(r, IntCounterVec::new(
+                opts("kube_requests_total", "Kubernetes API requests by verb and HTTP status (0: no answer)."),
+                &["verb", "code"])),
+            db_errors_total: register!(r, IntCounter::with_opts(
+                opts("db_errors_total", "Sweeps that failed on a database error."))),
+            dry_run: register!(r, IntGauge::with_opts(
+                opts("dry_run", "1 when the reconciler only reports and never writes."))),
+            sweep_interval_seconds: register!(r, Gauge::with_opts(
+                opts("sweep_interval_seconds", "Nominal period of the sweep schedule."))),
+            registry: r,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m.dry_run.set(i64::from(settings.sweep.dry_run));
+        for result in ["success", "failed", "refused", "skipped"] {
+            m.sweeps_total.with_label_values(&[result]);
+        }
+        for phase in ["list_cluster", "read_db", "confirm", "apply", "total"] {
+            m.sweep_duration_seconds.with_label_values(&[phase]);
+        }
+        for reason in ["empty_listing", "live_rows_missing"] {
+            m.guard_refusals_total.with_label_values(&[reason]);
+        }
+        for reason in ALL_SKIP_REASONS {
+            m.skipped_rows_total.with_label_values(&[reason.as_str()]);
+        }
+        let mut backends = Vec::new();
+        if settings.backends.pod.enabled {
+            backends.push(BackendKind::Pod);
+        }
+        if settings.backends.agent_sandbox.enabled {
+            backends.push(BackendKind::AgentSandbox);
+        }
+        for b in backends {
+            m.sessions_downgraded_total.with_label_values(&[b.as_str()]);
+        }
+        Arc::new(m)
+    }
+
+    /// Folds one sweep's report into the metrics.
+    pub fn record(&self, report: &SweepReport) {
+        self.sweeps_total
+            .with_label_values(&[report.result.as_str()])
+            .inc();
+        if report.result == SweepResult::Skipped {
+            return;
+        }
+        let now = report.started_at.timestamp_millis() as f64 / 1000.0 + report.timings.total;
+        self.last_sweep_timestamp_seconds.set(now);
+        for (reason, n) in &report.skipped {
+            self.skipped_rows_total
+                .with_label_values(&[reason.as_str()])
+                .inc_by(*n);
+        }
+        for (backend, b) in &report.backends {
+            if b.downgraded > 0 {
+                self.sessions_downgraded_total
+                    .with_label_values(&[backend.as_str()])
+                    .inc_by(b.downgraded);
+            }
+        }
+        let t = &report.timings;
+        for (phase, seconds) in [
+            ("list_cluster", t.list_cluster),
+            ("read_db", t.read_db),
+            ("confirm", t.confirm),
+            ("apply", t.apply),
+            ("total", t.total),
+        ] {
+            self.sweep_duration_seconds
+                .with_label_values(&[phase])
+                .observe(seconds);
+        }
+        match report.result {
+            SweepResult::Failed => {
+                if report.error_kind == Some("database") {
+                    self.db_errors_total.inc();
+                }
+                // Gauges keep the last completed sweep's values; staleness is visible
+                // through last_success_timestamp_seconds.
+            }
+            SweepResult::Refused | SweepResult::Success => {
+                if let Some(crate::plan::GuardVerdict::Refuse { reason, .. }) = &report.guard {
+                    self.guard_refusals_total
+                        .with_label_values(&[reason.as_str()])
+                        .inc();
+                }
+                if report.result == SweepResult::Success {
+                    self.last_success_timestamp_seconds.set(now);
+                }
+                self.set_gauges(report);
+            }
+            SweepResult::Skipped => {}
+        }
+    }
+
+    fn set_gauges(&self, report: &SweepReport) {
+        self.sessions.reset();
+        for (state, n) in &report.rows_by_state {
+            self.sessions
+                .with_label_values(&[state.as_str()])
+                .set(*n as i64);
+        }
+        for (backend, b) in &report.backends {
+            let label = &[backend.as_str()];
+            let still_orphaned = if report.dry_run {
+                b.orphaned_suspended
+            } else {
+                b.orphaned_suspended.saturating_sub(b.downgraded)
+            };
+            self.orphaned_suspended_sessions
+                .with_label_values(label)
+                .set(still_orphaned as i64);
+            self.live_sessions_without_object
+                .with_label_values(label)
+                .set(b.live_without_object as i64);
+            self.untracked_cluster_objects
+                .with_label_values(label)
+                .set(b.untracked_objects as i64);
+            self.cluster_objects
+                .with_label_values(label)
+                .set(b.cluster_objects as i64);
+        }
+        self.deferred_downgrades.set(report.deferred as i64);
+    }
+
+    /// Counts one Kubernetes API request.
+    pub fn kube_request(&self, verb: &'static str, code: u16) {
+        self.kube_requests_total
+            .with_label_values(&[verb, code.to_string().as_str()])
+            .inc();
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
+            tracing::warn!("encoding metrics failed: {e}");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Every skip reason, for initialising their series.
+const ALL_SKIP_REASONS: [SkipReason; 8] = [
+    SkipReason::UnknownState,
+    SkipReason::NullState,
+    SkipReason::NullObjectName,
+    SkipReason::InvalidObjectName,
+    SkipReason::NullUpdatedAt,
+    SkipReason::ChangedMeanwhile,
+    SkipReason::ConfirmFailed,
+    SkipReason::ObjectReappeared,
+];

@@ -1,0 +1,489 @@
+//! Daemon mode, spawned as a process against real PostgreSQL and the fake API server.
+
+mod support;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sqlx::AssertSqlSafe;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A raw HTTP/1.0 request; returns (status, body).
+async fn http(port: u16, method: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let req = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Value of a metric line (exact name with labels) in an exposition.
+fn metric(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+struct Daemon {
+    child: Child,
+    port: u16,
+}
+
+impl Daemon {
+    async fn start(dir: &Path, db: &TestDb, api: &FakeApiServer, env: &[(&str, &str)]) -> Daemon {
+        let port = free_port();
+        let config = db.write_config(
+            dir,
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n[sweep]\nschedule = \"*/1 * * * * *\"\n"
+            ),
+        );
+        let kubeconfig = dir.join(format!("kubeconfig-{port}"));
+        api.write_kubeconfig(&kubeconfig);
+        let log = std::fs::File::create(dir.join(format!("daemon-{port}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sandbox-reconciler"))
+            .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Daemon { child, port }
+    }
+
+    async fn metrics(&self) -> String {
+        match http(self.port, "GET", "/metrics").await {
+            Some((200, body)) => body,
+            _ => String::new(),
+        }
+    }
+
+    /// Waits until `pred` holds on the exposition, or panics after `secs`.
+    async fn wait_metrics(&self, secs: u64, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let m = self.metrics().await;
+            if pred(&m) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last scrape:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-s", sig, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+        tokio::time::timeout(Duration::from_secs(secs), self.child.wait())
+            .await
+            .expect("daemon exits in time")
+            .unwrap()
+            .code()
+    }
+}
+
+fn successes(m: &str) -> f64 {
+    metric(m, "sandbox_reconciler_sweeps_total{result=\"success\"}").unwrap_or(0.0)
+}
+
+async fn cluster_and_rows() -> (TestDb, FakeApiServer) {
+    let db = TestDb::new().await;
+    let api = FakeApiServer::start().await;
+    api.register_sandbox_version("v1alpha1");
+    for i in 0..3 {
+        api.add_pod("agents", &format!("pod-live-{i}"), MANAGED);
+        db.insert(
+            &format!("live-{i}"),
+            "running",
+            &format!("pod-live-{i}"),
+            minutes(60),
+        )
+        .await;
+    }
+    api.add_pod("agents", "pod-leaked", MANAGED);
+    for i in 0..4 {
+        db.insert(
+            &format!("orphan-{i}"),
+            "suspended",
+            &format!("pod-gone-{i}"),
+            minutes(60),
+        )
+        .await;
+    }
+    db.insert("fresh", "suspended", "pod-fresh", minutes(1))
+        .await;
+    (db, api)
+}
+
+#[tokio::test]
+async fn scheduled_sweeps_and_metrics_match_the_database() {
+    let (db, api) = cluster_and_rows().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &db, &api, &[]).await;
+    let m = d
+        .wait_metrics(30, "two successful sweeps", |m| successes(m) >= 2.0)
+        .await;
+    assert_eq!(
+        metric(&m, "sandbox_reconciler_sessions{state=\"gone\"}"),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(&m, "sandbox_reconciler_sessions{state=\"running\"}"),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(&m, "sandbox_reconciler_sessions{state=\"suspended\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sandbox_reconciler_sessions_downgraded_total{backend=\"pod\"}"
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sandbox_reconciler_orphaned_suspended_sessions{backend=\"pod\"}"
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sandbox_reconciler_untracked_cluster_objects{backend=\"pod\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "sandbox_reconciler_cluster_objects{backend=\"pod\"}"),
+        Some(4.0)
+    );
+    assert_eq!(metric(&m, "sandbox_reconciler_leader"), Some(1.0));
+    assert_eq!(
+        metric(&m, "sandbox_reconciler_sweep_interval_seconds"),
+        Some(1.0)
+    );
+    assert!(
+        metric(
+            &m,
+            "sandbox_reconciler_kube_requests_total{code=\"200\",verb=\"list\"}"
+        )
+        .unwrap()
+            >= 2.0
+    );
+    assert!(
+        metric(
+            &m,
+            "sandbox_reconciler_kube_requests_total{code=\"404\",verb=\"get\"}"
+        )
+        .unwrap()
+            >= 4.0
+    );
+    assert!(metric(&m, "sandbox_reconciler_last_success_timestamp_seconds").unwrap() > 1.7e9);
+    assert!(m.contains("sandbox_reconciler_build_info{version=\""));
+    for (key, _) in [("orphan-0", ()), ("orphan-3", ())] {
+        assert_eq!(db.state(key).await, "gone");
+    }
+    assert_eq!(db.audit_count().await, 4);
+
+    assert_eq!(http(d.port, "GET", "/readyz").await.unwrap().0, 200);
+    let (status, body) = http(d.port, "GET", "/healthz").await.unwrap();
+    assert_eq!(status, 200);
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["leader"], true);
+    assert_eq!(health["last_sweep"]["result"], "success");
+    assert_eq!(http(d.port, "GET", "/nope").await.unwrap().0, 404);
+    assert_eq!(http(d.port, "POST", "/metrics").await.unwrap().0, 405);
+    assert_eq!(http(d.port, "HEAD", "/metrics").await.unwrap().0, 200);
+
+    if let Some(promtool) = promtool() {
+        let file = dir.path().join("metrics.txt");
+        std::fs::write(&file, &m).unwrap();
+        let out = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&file).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(15).await, Some(0));
+}
+
+/// promtool, when installed; the test command installs it, and then requires it.
+fn promtool() -> Option<&'static str> {
+    let found = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found && std::env::var_os("SANDBOX_RECONCILER_REQUIRE_TOOLS").is_some() {
+        panic!("promtool is required (Debian package prometheus) but not installed");
+    }
+    found.then_some("promtool")
+}
+
+#[tokio::test]
+async fn healthz_stays_up_while_the_api_fails() {
+    let (db, api) = cluster_and_rows().await;
+    api.inject(Fault::always(FaultAction::Status(500, None)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &db, &api, &[]).await;
+    let failed =
+        |m: &str| metric(m, "sandbox_reconciler_sweeps_total{result=\"failed\"}").unwrap_or(0.0);
+    let m = d
+        .wait_metrics(30, "failed sweeps", |m| failed(m) >= 3.0)
+        .await;
+    assert_eq!(successes(&m), 0.0);
+    assert_eq!(
+        metric(&m, "sandbox_reconciler_last_success_timestamp_seconds"),
+        Some(0.0)
+    );
+    assert!(
+        metric(
+            &m,
+            "sandbox_reconciler_kube_requests_total{code=\"500\",verb=\"list\"}"
+        )
+        .unwrap()
+            >= 3.0
+    );
+    let (status, body) = http(d.port, "GET", "/healthz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"failed\""), "{body}");
+    assert_eq!(http(d.port, "GET", "/readyz").await.unwrap().0, 200);
+    assert_eq!(db.state("orphan-0").await, "suspended");
+    // Recovers by itself once the API answers again.
+    api.clear_faults();
+    d.wait_metrics(30, "a success after recovery", |m| successes(m) >= 1.0)
+        .await;
+    assert_eq!(db.state("orphan-0").await, "gone");
+    d.signal("INT");
+    assert_eq!(d.wait_exit(15).await, Some(0));
+}
+
+#[tokio::test]
+async fn two_daemons_one_writer_and_takeover() {
+    let (db, api) = cluster_and_rows().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Daemon::start(dir.path(), &db, &api, &[]).await;
+    let mut b = Daemon::start(dir.path(), &db, &api, &[]).await;
+    let leader = |m: &str| metric(m, "sandbox_reconciler_leader");
+    let skipped =
+        |m: &str| metric(m, "sandbox_reconciler_sweeps_total{result=\"skipped\"}").unwrap_or(0.0);
+    // Both have run a few ticks; exactly one is the writer.
+    let ma = a
+        .wait_metrics(30, "daemon a sweeping", |m| {
+            successes(m) + skipped(m) >= 3.0
+        })
+        .await;
+    let mb = b
+        .wait_metrics(30, "daemon b sweeping", |m| {
+            successes(m) + skipped(m) >= 3.0
+        })
+        .await;
+    let (la, lb) = (leader(&ma).unwrap(), leader(&mb).unwrap());
+    assert_eq!(la + lb, 1.0, "exactly one leader:\n{ma}\n{mb}");
+    let (writer, standby) = if la == 1.0 {
+        (a, &mut b)
+    } else {
+        (b, &mut { a })
+    };
+    let ms = standby.metrics().await;
+    assert_eq!(successes(&ms), 0.0, "the standby never sweeps");
+    assert_eq!(http(standby.port, "GET", "/readyz").await.unwrap().0, 200);
+    assert_eq!(db.audit_count().await, 4, "each orphan downgraded once");
+
+    // The writer dies: the standby takes over within a schedule period or two.
+    let mut writer = writer;
+    writer.child.kill().await.unwrap();
+    let _ = writer.child.wait().await;
+    db.insert("late-orphan", "suspended", "pod-late", minutes(60))
+        .await;
+    standby
+        .wait_metrics(20, "standby takes over", |m| {
+            leader(m) == Some(1.0) && successes(m) >= 1.0
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while db.state("late-orphan").await != "gone" {
+        assert!(Instant::now() < deadline, "the new writer downgrades");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(db.audit_count().await, 5);
+}
+
+#[tokio::test]
+async fn sigterm_during_apply_finishes_the_batch_and_exits_0() {
+    let (db, api) = cluster_and_rows().await;
+    for i in 0..6 {
+        db.insert(
+            &format!("more-{i}"),
+            "suspended",
+            &format!("pod-more-{i}"),
+            minutes(60),
+        )
+        .await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Create the audit table first (a dry sweep does not), then hold it locked so the first
+    // batch blocks inside its transaction.
+    let settings = db.settings();
+    let mut conn = sandbox_reconciler::store::Database::new(&settings)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mapping = sandbox_reconciler::store::TableMapping::from_settings(&settings).unwrap();
+    sandbox_reconciler::store::migrate(&mut conn, &mapping)
+        .await
+        .unwrap();
+    let mut blocker = db.pool.begin().await.unwrap();
+    let lock = format!("LOCK TABLE {} IN EXCLUSIVE MODE", db.audit_table());
+    sqlx::query(AssertSqlSafe(lock))
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+
+    let mut d = Daemon::start(
+        dir.path(),
+        &db,
+        &api,
+        &[
+            ("SANDBOX_RECONCILER__SWEEP__BATCH_SIZE", "3"),
+            ("SANDBOX_RECONCILER__DATABASE__LOCK_TIMEOUT_SECONDS", "60"),
+        ],
+    )
+    .await;
+    // Wait until the first batch is waiting on the lock.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sandbox-reconciler' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first batch never reached the audit insert"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    d.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    blocker.rollback().await.unwrap();
+    assert_eq!(d.wait_exit(20).await, Some(0));
+    // Whole batches only: the in-flight batch of 3 committed, nothing after it.
+    assert_eq!(db.audit_count().await, 3);
+    let fp = db.fingerprint().await;
+    let gone = fp.iter().filter(|(_, s, _)| s == "gone").count();
+    assert_eq!(gone, 3);
+    assert!(fp
+        .iter()
+        .filter(|(_, s, _)| s == "gone")
+        .all(|(_, _, agent)| agent.is_none()));
+}
+
+#[tokio::test]
+async fn check_names_a_missing_column_and_a_forbidden_resource() {
+    let (db, api) = cluster_and_rows().await;
+    api.deny("list", "agents.x-k8s.io", "sandboxes");
+    let dir = tempfile::tempdir().unwrap();
+    let config = db.write_config(dir.path(), "");
+    let out = run_binary(
+        dir.path(),
+        Some(&api),
+        &["--config", config.to_str().unwrap(), "check"],
+        &[],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let row = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no row {prefix}: {text}"))
+            .to_string()
+    };
+    assert!(
+        row("list sandboxes.agents.x-k8s.io in namespace agents").contains(" FAIL "),
+        "{text}"
+    );
+    assert!(
+        row("get sandboxes.agents.x-k8s.io in namespace agents").contains(" pass "),
+        "{text}"
+    );
+    assert!(
+        row("list pods in namespace agents").contains(" pass "),
+        "{text}"
+    );
+
+    let out = run_binary(
+        dir.path(),
+        Some(&api),
+        &["--config", config.to_str().unwrap(), "check"],
+        &[(
+            "SANDBOX_RECONCILER__SESSIONS__CLEAR_COLUMNS",
+            "agent_thread_idd",
+        )],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("has no column agent_thread_idd; set sessions.clear_columns[0]"),
+        "{text}"
+    );
+
+    api.allow_all();
+}
