@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: starts (or installs) PostgreSQL, then runs
-# formatting, lint and every test against it.
+# The whole test suite on a fresh machine: starts (or installs) PostgreSQL, installs and runs
+# the deployment checks (promtool, kubectl kustomize, kubernetes-validate, yamllint), then
+# formatting, lint and every Rust test against real PostgreSQL, a fake Kubernetes API server
+# and a real Prometheus server. Missing tools are failures here, never silent skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-postgres.sh test
 export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
+export SANDBOX_RECONCILER_REQUIRE_TOOLS=1
+mkdir -p target
+bash scripts/check-deploy.sh --metric-names-out target/metric-names.txt
+export SANDBOX_RECONCILER_METRIC_NAMES="$PWD/target/metric-names.txt"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked --all-targets

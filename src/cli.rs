@@ -54,7 +54,7 @@ pub struct Cli {
     pub once: bool,
 
     /// Plan and report, but write nothing.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub dry_run: bool,
 
     /// Override sweep.max_downgrades_per_sweep for this run.
@@ -66,8 +66,8 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub cluster_snapshot: Option<PathBuf>,
 
-    /// Summary format of --once.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    /// Summary format of --once and undo.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text, global = true)]
     pub output: OutputFormat,
 
     /// Log format (logs go to standard error).
@@ -83,6 +83,16 @@ pub enum Command {
     /// Preflight: configuration, database table and columns, API permissions. Exits 1 if
     /// any check fails.
     Check,
+    /// Restore downgraded sessions from the audit records, for rows still exactly as the
+    /// downgrade left them. Exits 1 on a database error.
+    Undo {
+        /// Undo every downgrade of this sweep (its id is in the summary and the logs).
+        #[arg(long, value_name = "ID", required_unless_present = "session")]
+        sweep: Option<uuid::Uuid>,
+        /// Undo the latest downgrade of this session (with --sweep: only within that sweep).
+        #[arg(long, value_name = "KEY")]
+        session: Option<String>,
+    },
 }
 
 /// Sets up logging; RUST_LOG overrides the default level (info).
@@ -135,8 +145,17 @@ pub async fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(Command::Check) = cli.command {
-        return run_check(&settings).await;
+    match &cli.command {
+        Some(Command::Check) => return run_check(&settings).await,
+        Some(Command::Undo { sweep, session }) => {
+            let request = crate::undo::UndoRequest {
+                sweep: *sweep,
+                session: session.clone(),
+                dry_run: cli.dry_run,
+            };
+            return run_undo(&settings, &request, cli.output).await;
+        }
+        None => {}
     }
     let metrics = Metrics::new(&settings);
     let mut reconciler = match build(&cli, settings).await {
@@ -176,6 +195,44 @@ pub async fn run(cli: Cli) -> ExitCode {
         SweepResult::Refused => EXIT_REFUSED,
         SweepResult::Failed | SweepResult::Skipped => EXIT_FAILED,
     })
+}
+
+async fn run_undo(
+    settings: &Settings,
+    request: &crate::undo::UndoRequest,
+    output: OutputFormat,
+) -> ExitCode {
+    let prepared = TableMapping::from_settings(settings).and_then(|mapping| {
+        Database::new(settings)
+            .map(|db| (db, mapping))
+            .map_err(|e| e.to_string())
+    });
+    let (database, mapping) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match crate::undo::run(&database, &mapping, request).await {
+        Ok(report) => {
+            match output {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                ),
+                OutputFormat::Text => print!("{}", crate::undo::text(&report)),
+            }
+            ExitCode::from(EXIT_OK)
+        }
+        Err(e) => {
+            eprintln!(
+                "error: {}",
+                crate::store::redact(&e.to_string(), &settings.database.url)
+            );
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
 }
 
 async fn run_check(settings: &Settings) -> ExitCode {

@@ -18,3 +18,4 @@ pub mod selector;
 pub mod sql;
 pub mod store;
 pub mod sweep;
+pub mod undo;

@@ -166,6 +166,83 @@ impl TableMapping {
         )
     }
 
+    /// Restores rows still exactly as a downgrade left them, from their audit records, and
+    /// audits the undo. Returns (key, restored state) of each restored row.
+    ///
+    /// `$1` sweep id or NULL, `$2` session key or NULL, `$3` table name, `$4` undo id,
+    /// `$5` scope value.
+    pub fn undo_sql(&self) -> String {
+        let untouched: String = self
+            .clear
+            .iter()
+            .map(|c| format!(" AND t.{c} IS NULL"))
+            .collect();
+        let mut set = vec![
+            format!("{} = cand.old_state", self.state),
+            format!("{} = now()", self.updated_at),
+        ];
+        set.extend(self.clear.iter().map(|c| {
+            format!(
+                "{c} = (jsonb_populate_record(NULL::{t}, cand.cleared)).{c}",
+                t = self.table
+            )
+        }));
+        format!(
+            "WITH a AS ( \
+               SELECT DISTINCT ON (session_key) id, session_key, object_name, old_state, \
+                      new_state, new_updated_at, cleared \
+               FROM {a} d \
+               WHERE action = 'downgrade' AND session_table = $3 \
+                 AND ($1::uuid IS NULL OR sweep_id = $1) AND ($2::text IS NULL OR session_key = $2) \
+                 AND NOT EXISTS (SELECT 1 FROM {a} u WHERE u.undoes = d.id) \
+               ORDER BY session_key, at DESC, id DESC \
+             ), cand AS ( \
+               SELECT a.* FROM {t} t JOIN a ON t.{k}::text = a.session_key \
+               WHERE t.{s}::text = a.new_state AND t.{o}::text = a.object_name \
+                 AND t.{u}::timestamptz = a.new_updated_at{untouched}{scope} \
+               FOR UPDATE OF t SKIP LOCKED \
+             ), upd AS ( \
+               UPDATE {t} t SET {set} FROM cand WHERE t.{k}::text = cand.session_key \
+               RETURNING cand.id, cand.session_key, cand.object_name, cand.old_state, \
+                         cand.new_state, cand.new_updated_at, t.{u}::timestamptz AS restored_at \
+             ) \
+             INSERT INTO {a} (sweep_id, action, undoes, session_table, session_key, object_name, \
+                              old_state, new_state, old_updated_at, new_updated_at, reason, evidence) \
+             SELECT $4, 'undo', id, $3, session_key, object_name, new_state, old_state, \
+                    new_updated_at, restored_at, 'undo', jsonb_build_object('undoes_audit_id', id) \
+             FROM upd \
+             RETURNING session_key, new_state",
+            a = self.audit,
+            t = self.table,
+            k = self.key,
+            s = self.state,
+            o = self.object,
+            u = self.updated_at,
+            set = set.join(", "),
+            scope = self.scope_clause("t.", 5),
+        )
+    }
+
+    /// The downgrades an undo with the same arguments would consider, with the row's current
+    /// state (NULL when the row no longer exists). `$1` sweep id or NULL, `$2` session key or
+    /// NULL, `$3` table name.
+    pub fn undo_candidates_sql(&self) -> String {
+        format!(
+            "SELECT DISTINCT ON (d.session_key) d.session_key, d.object_name, d.old_state, \
+                    t.{s}::text AS current_state, t.{o}::text AS current_object \
+             FROM {a} d LEFT JOIN {t} t ON t.{k}::text = d.session_key \
+             WHERE d.action = 'downgrade' AND d.session_table = $3 \
+               AND ($1::uuid IS NULL OR d.sweep_id = $1) AND ($2::text IS NULL OR d.session_key = $2) \
+               AND NOT EXISTS (SELECT 1 FROM {a} u WHERE u.undoes = d.id) \
+             ORDER BY d.session_key, d.at DESC, d.id DESC",
+            a = self.audit,
+            t = self.table,
+            k = self.key,
+            s = self.state,
+            o = self.object,
+        )
+    }
+
     /// The advisory-lock key of the writer lock: stable for the same table and scope, so
     /// every reconciler writing the same rows contends for the same lock.
     pub fn lock_key(&self) -> i64 {

@@ -138,25 +138,39 @@ pub fn redact(text: &str, url: &str) -> String {
 /// Runs the reconciler's own migrations (the audit table). Tracked in a table of its own
 /// (`<audit.table>_migrations`), never the application's `_sqlx_migrations`.
 pub async fn migrate(conn: &mut PgConnection, mapping: &TableMapping) -> Result<(), StoreError> {
-    let sql = include_str!("../../migrations/0001_audit.sql")
-        .replace("{{audit}}", &mapping.audit.to_string())
-        .replace(
-            "{{sweep_idx}}",
-            &format!("\"{}_sweep_idx\"", mapping.audit.name()),
+    let name = mapping.audit.name();
+    let render = |sql: &str| {
+        sql.replace("{{audit}}", &mapping.audit.to_string())
+            .replace("{{sweep_idx}}", &format!("\"{name}_sweep_idx\""))
+            .replace("{{session_idx}}", &format!("\"{name}_session_idx\""))
+            .replace("{{undoes_idx}}", &format!("\"{name}_undoes_idx\""))
+    };
+    let migrations = [
+        (
+            1,
+            "audit table",
+            include_str!("../../migrations/0001_audit.sql"),
+        ),
+        (
+            2,
+            "undo records",
+            include_str!("../../migrations/0002_undo.sql"),
+        ),
+    ]
+    .into_iter()
+    .map(|(version, description, sql)| {
+        sqlx::migrate::Migration::new(
+            version,
+            description.into(),
+            sqlx::migrate::MigrationType::Simple,
+            AssertSqlSafe(render(sql)).into_sql_str(),
+            false,
         )
-        .replace(
-            "{{session_idx}}",
-            &format!("\"{}_session_idx\"", mapping.audit.name()),
-        );
-    let migration = sqlx::migrate::Migration::new(
-        1,
-        "audit table".into(),
-        sqlx::migrate::MigrationType::Simple,
-        AssertSqlSafe(sql).into_sql_str(),
-        false,
-    );
-    let mut migrator = sqlx::migrate::Migrator::with_migrations(vec![migration]);
+    })
+    .collect();
+    let mut migrator = sqlx::migrate::Migrator::with_migrations(migrations);
     migrator.dangerous_set_table_name(mapping.audit.with_suffix("_migrations").to_string());
+    // run_direct: the generic `run` trips "Acquire is not general enough" in spawned tasks.
     migrator
         .run_direct(None, conn, false)
         .await

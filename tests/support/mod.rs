@@ -2,6 +2,7 @@
 //! API server, and helpers to run sweeps in-process or as the real binary.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod fake_api;
 
 use std::path::{Path, PathBuf};
