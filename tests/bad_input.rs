@@ -9,14 +9,8 @@ use support::daemon::*;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
-
 async fn world() -> (TestDb, FakeApiServer) {
-    let db = TestDb::new().await;
-    let api = FakeApiServer::start().await;
-    api.register_sandbox_version("v1alpha1");
-    api.add_pod("agents", "pod-live", MANAGED);
-    db.insert("live", "running", "pod-live", minutes(60)).await;
+    let (db, api) = seeded(1, 0).await;
     db.insert("orphan", "suspended", "pod-gone", minutes(60))
         .await;
     (db, api)

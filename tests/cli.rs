@@ -6,8 +6,6 @@ use serde_json::json;
 use sqlx::AssertSqlSafe;
 use support::*;
 
-const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
-
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -16,20 +14,9 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Five live pods (three list pages of two) and one orphan.
 async fn setup() -> (TestDb, FakeApiServer, tempfile::TempDir) {
-    let db = TestDb::new().await;
-    let api = FakeApiServer::start().await;
-    api.register_sandbox_version("v1alpha1");
-    for i in 0..5 {
-        api.add_pod("agents", &format!("pod-live-{i}"), MANAGED);
-        db.insert(
-            &format!("live-{i}"),
-            "running",
-            &format!("pod-live-{i}"),
-            minutes(60),
-        )
-        .await;
-    }
+    let (db, api) = seeded(5, 0).await;
     db.insert("orphan", "suspended", "pod-deleted", minutes(120))
         .await;
     (db, api, tempfile::tempdir().unwrap())

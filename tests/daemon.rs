@@ -4,40 +4,17 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use sqlx::AssertSqlSafe;
 use support::daemon::*;
 use support::*;
-
-const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
 
 fn successes(m: &str) -> f64 {
     metric(m, "sandbox_reconciler_sweeps_total{result=\"success\"}").unwrap_or(0.0)
 }
 
+/// Three live sessions, four orphans, one leaked pod and one fresh suspended row.
 async fn cluster_and_rows() -> (TestDb, FakeApiServer) {
-    let db = TestDb::new().await;
-    let api = FakeApiServer::start().await;
-    api.register_sandbox_version("v1alpha1");
-    for i in 0..3 {
-        api.add_pod("agents", &format!("pod-live-{i}"), MANAGED);
-        db.insert(
-            &format!("live-{i}"),
-            "running",
-            &format!("pod-live-{i}"),
-            minutes(60),
-        )
-        .await;
-    }
+    let (db, api) = seeded(3, 4).await;
     api.add_pod("agents", "pod-leaked", MANAGED);
-    for i in 0..4 {
-        db.insert(
-            &format!("orphan-{i}"),
-            "suspended",
-            &format!("pod-gone-{i}"),
-            minutes(60),
-        )
-        .await;
-    }
     db.insert("fresh", "suspended", "pod-fresh", minutes(1))
         .await;
     (db, api)
@@ -259,24 +236,7 @@ async fn sigterm_during_apply_finishes_the_batch_and_exits_0() {
         .await;
     }
     let dir = tempfile::tempdir().unwrap();
-    // Create the audit table first (a dry sweep does not), then hold it locked so the first
-    // batch blocks inside its transaction.
-    let settings = db.settings();
-    let mut conn = sandbox_reconciler::store::Database::new(&settings)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mapping = sandbox_reconciler::store::TableMapping::from_settings(&settings).unwrap();
-    sandbox_reconciler::store::migrate(&mut conn, &mapping)
-        .await
-        .unwrap();
-    let mut blocker = db.pool.begin().await.unwrap();
-    let lock = format!("LOCK TABLE {} IN EXCLUSIVE MODE", db.audit_table());
-    sqlx::query(AssertSqlSafe(lock))
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = block_audit(&db).await;
 
     let mut d = Daemon::start(
         dir.path(),
@@ -288,24 +248,7 @@ async fn sigterm_during_apply_finishes_the_batch_and_exits_0() {
         ],
     )
     .await;
-    // Wait until the first batch is waiting on the lock.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sandbox-reconciler' AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the first batch never reached the audit insert"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_blocked_batch(&db).await;
     d.signal("TERM");
     tokio::time::sleep(Duration::from_millis(500)).await;
     blocker.rollback().await.unwrap();

@@ -10,33 +10,9 @@ use sqlx::AssertSqlSafe;
 use support::daemon::*;
 use support::*;
 
-const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
-
 /// Five live pods (three list pages of two), one orphan per `orphans`.
 async fn world(orphans: usize) -> (TestDb, FakeApiServer) {
-    let db = TestDb::new().await;
-    let api = FakeApiServer::start().await;
-    api.register_sandbox_version("v1alpha1");
-    for i in 0..5 {
-        api.add_pod("agents", &format!("pod-live-{i}"), MANAGED);
-        db.insert(
-            &format!("live-{i}"),
-            "running",
-            &format!("pod-live-{i}"),
-            minutes(60),
-        )
-        .await;
-    }
-    for i in 0..orphans {
-        db.insert(
-            &format!("orphan-{i}"),
-            "suspended",
-            &format!("pod-gone-{i}"),
-            minutes(60 + i as i64),
-        )
-        .await;
-    }
-    (db, api)
+    seeded(5, orphans).await
 }
 
 fn fast_settings(db: &TestDb) -> sandbox_reconciler::config::Settings {
@@ -187,53 +163,6 @@ async fn empty_listing_with_live_rows_is_refused() {
     let report = sweep(db.settings(), &api, false).await;
     assert_eq!(report.result, SweepResult::Refused);
     assert_eq!(db.fingerprint().await, before);
-}
-
-/// The reconciler's backend waiting on a lock, if any.
-async fn waiting_backend(db: &TestDb) -> Option<i32> {
-    sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'sandbox-reconciler' \
-         AND wait_event_type = 'Lock' AND query ILIKE '%unnest%' LIMIT 1",
-    )
-    .fetch_optional(&db.pool)
-    .await
-    .unwrap()
-}
-
-async fn wait_for_blocked_batch(db: &TestDb) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(pid) = waiting_backend(db).await {
-            return pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no batch blocked on the audit table"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Creates the audit table, then holds it locked so the next batch blocks inside its
-/// transaction. Returns the transaction holding the lock.
-async fn block_audit(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let settings = db.settings();
-    let mut conn = sandbox_reconciler::store::Database::new(&settings)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mapping = sandbox_reconciler::store::TableMapping::from_settings(&settings).unwrap();
-    sandbox_reconciler::store::migrate(&mut conn, &mapping)
-        .await
-        .unwrap();
-    let mut blocker = db.pool.begin().await.unwrap();
-    let lock = format!("LOCK TABLE {} IN EXCLUSIVE MODE", db.audit_table());
-    sqlx::query(AssertSqlSafe(lock))
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
-    blocker
 }
 
 #[tokio::test]

@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 use support::daemon::*;
 use support::*;
 
-const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
-
 fn tool(name: &str) -> Option<String> {
     let found = std::process::Command::new(name)
         .arg("--version")

@@ -11,8 +11,6 @@ use serde_json::json;
 use sqlx::{AssertSqlSafe, Row};
 use support::*;
 
-const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
-
 /// A cluster with two live pods and one suspended Sandbox, plus the matching rows.
 async fn baseline() -> (TestDb, FakeApiServer) {
     let db = TestDb::new().await;

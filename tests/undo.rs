@@ -5,8 +5,6 @@ mod support;
 use sqlx::AssertSqlSafe;
 use support::*;
 
-const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
-
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -3,32 +3,8 @@
 DROP TABLE IF EXISTS sandbox_sessions;
 DROP TABLE IF EXISTS sandbox_reconciler_audit;
 DROP TABLE IF EXISTS sandbox_reconciler_audit_migrations;
-CREATE TABLE sandbox_sessions (
-  thread_key TEXT PRIMARY KEY,
-  sandbox_id TEXT NOT NULL,
-  harness TEXT NOT NULL DEFAULT 'amp',
-  engine TEXT NOT NULL DEFAULT 'amp',
-  state TEXT NOT NULL DEFAULT 'creating'
-    CONSTRAINT sandbox_sessions_state_check
-    CHECK (state IN ('creating','running','idle','error','stopped','gone','delivering','suspended')),
-  last_delivered_id TEXT,
-  thread_name TEXT,
-  started_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
-  updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
-  agent_thread_id TEXT,
-  inflight_turn_id TEXT,
-  inflight_turn_input JSONB,
-  inflight_started_at TIMESTAMPTZ,
-  inflight_attempts INTEGER NOT NULL DEFAULT 0,
-  last_result TEXT,
-  last_result_at TIMESTAMPTZ,
-  wire_lease_id TEXT,
-  wire_connected_at TIMESTAMPTZ,
-  wire_last_seen_at TIMESTAMPTZ,
-  trace_id UUID NOT NULL DEFAULT gen_random_uuid(),
-  model TEXT
-);
-CREATE UNIQUE INDEX idx_sandbox_sessions_trace_id ON sandbox_sessions (trace_id);
+-- The table has the shape of centaur's (the same fixture the tests use).
+\ir ../../tests/fixtures/centaur_sandbox_sessions.sql
 
 -- live sessions whose pods exist
 INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id)

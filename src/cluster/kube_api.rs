@@ -154,21 +154,7 @@ impl KubeCluster {
                             async move { api.list_metadata(&lp).await }
                         },
                         base,
-                        |item| {
-                            let name = item
-                                .metadata
-                                .name
-                                .as_deref()
-                                .ok_or("an item has no metadata.name")?;
-                            view.insert(
-                                name,
-                                ObjectFacts {
-                                    terminating: item.metadata.deletion_timestamp.is_some(),
-                                    suspended: false,
-                                },
-                            );
-                            Ok(())
-                        },
+                        |item| record(&mut view, &item.metadata, false),
                     )
                     .await?;
             }
@@ -193,21 +179,7 @@ impl KubeCluster {
                             async move { api.list(&lp).await }
                         },
                         base,
-                        |item| {
-                            let name = item
-                                .metadata
-                                .name
-                                .as_deref()
-                                .ok_or("an item has no metadata.name")?;
-                            view.insert(
-                                name,
-                                ObjectFacts {
-                                    terminating: item.metadata.deletion_timestamp.is_some(),
-                                    suspended: sandbox_is_suspended(&item.data),
-                                },
-                            );
-                            Ok(())
-                        },
+                        |item| record(&mut view, &item.metadata, sandbox_is_suspended(&item.data)),
                     )
                     .await?;
             }
@@ -382,6 +354,23 @@ impl KubeCluster {
             }
         }
     }
+}
+
+/// Adds one listed object to `view`; an object without a name makes the listing malformed.
+fn record(
+    view: &mut BackendView,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    suspended: bool,
+) -> Result<(), &'static str> {
+    let name = meta.name.as_deref().ok_or("an item has no metadata.name")?;
+    view.insert(
+        name,
+        ObjectFacts {
+            terminating: meta.deletion_timestamp.is_some(),
+            suspended,
+        },
+    );
+    Ok(())
 }
 
 fn terminating_note(

@@ -226,6 +226,78 @@ pub async fn run_binary(
         .expect("binary ran")
 }
 
+/// Pods labelled the way the default backend selects them.
+pub const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
+
+/// A typical world: `live` running sessions with their pods (`live-i` / `pod-live-i`) and
+/// `orphans` suspended sessions whose pods are gone (`orphan-i` / `pod-gone-i`, oldest last),
+/// with the Sandbox API served.
+pub async fn seeded(live: usize, orphans: usize) -> (TestDb, FakeApiServer) {
+    let db = TestDb::new().await;
+    let api = FakeApiServer::start().await;
+    api.register_sandbox_version("v1alpha1");
+    for i in 0..live {
+        api.add_pod("agents", &format!("pod-live-{i}"), MANAGED);
+        db.insert(
+            &format!("live-{i}"),
+            "running",
+            &format!("pod-live-{i}"),
+            minutes(60),
+        )
+        .await;
+    }
+    for i in 0..orphans {
+        db.insert(
+            &format!("orphan-{i}"),
+            "suspended",
+            &format!("pod-gone-{i}"),
+            minutes(60 + i as i64),
+        )
+        .await;
+    }
+    (db, api)
+}
+
+/// Creates the audit table, then holds it locked so the next apply batch blocks inside its
+/// transaction. Returns the transaction holding the lock.
+pub async fn block_audit(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let settings = db.settings();
+    let mut conn = Database::new(&settings).unwrap().connect().await.unwrap();
+    let mapping = TableMapping::from_settings(&settings).unwrap();
+    sandbox_reconciler::store::migrate(&mut conn, &mapping)
+        .await
+        .unwrap();
+    let mut blocker = db.pool.begin().await.unwrap();
+    let lock = format!("LOCK TABLE {} IN EXCLUSIVE MODE", db.audit_table());
+    sqlx::query(AssertSqlSafe(lock))
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    blocker
+}
+
+/// Waits until a reconciler's apply batch is blocked on a lock; returns its backend pid.
+pub async fn wait_for_blocked_batch(db: &TestDb) -> i32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'sandbox-reconciler' \
+             AND wait_event_type = 'Lock' AND query ILIKE '%unnest%' LIMIT 1",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some(pid) = pid {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no apply batch blocked on the audit table"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 pub fn minutes(n: i64) -> Duration {
     Duration::minutes(n)
 }
