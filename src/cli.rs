@@ -184,7 +184,16 @@ pub async fn run(cli: Cli) -> ExitCode {
             }
         };
     }
-    let (_stop, stopped) = watch::channel(false);
+    // SIGTERM/SIGINT: finish or roll back the batch in flight, start no other.
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        crate::daemon::wait_for_signal().await;
+        tracing::warn!("stopping after the batch in flight (signal again to abort at once)");
+        let _ = stop.send(true);
+        crate::daemon::wait_for_signal().await;
+        // An open batch rolls back as the connection closes.
+        std::process::exit(130);
+    });
     let report = reconciler.sweep(&options, &stopped).await;
     match cli.output {
         OutputFormat::Json => println!("{}", report::json(&report)),
