@@ -620,24 +620,31 @@ impl State {
             .push(Revision { rv, object });
     }
 
-    /// Objects of `kind` as they were at `rv`, in key order, restricted to `namespace` and (for
-    /// sandboxes) `api_version`.
-    fn snapshot(
-        &self,
+    /// Objects of `kind` as they were at `rv`, in key order from `start` (inclusive),
+    /// restricted to `namespace` and (for sandboxes) `api_version`. Lazy, so a page reads only
+    /// as far as it needs: the store is ordered like etcd's keys.
+    fn snapshot<'a>(
+        &'a self,
         kind: Kind,
         rv: u64,
-        namespace: Option<&str>,
-        api_version: &str,
-    ) -> Vec<(&str, &Value)> {
+        namespace: Option<&'a str>,
+        api_version: &'a str,
+        start: &str,
+    ) -> impl Iterator<Item = (&'a str, &'a Value)> + 'a {
+        // Keys are "namespace/name": a namespaced scan starts at its namespace's first key.
+        let floor = match namespace {
+            Some(ns) => std::cmp::max(format!("{ns}/"), start.to_string()),
+            None => start.to_string(),
+        };
         self.objects
-            .range((kind, String::new())..)
-            .take_while(|((k, _), _)| *k == kind)
-            .filter(|((_, key), _)| namespace.is_none_or(|ns| key_namespace(key) == ns))
-            .filter_map(|((_, key), revs)| {
+            .range((kind, floor)..)
+            .take_while(move |((k, key), _)| {
+                *k == kind && namespace.is_none_or(|ns| key_namespace(key) == ns)
+            })
+            .filter_map(move |((_, key), revs)| {
                 let object = revs.iter().rev().find(|r| r.rv <= rv)?.object.as_ref()?;
                 (api_version_of(object) == api_version).then_some((key.as_str(), object))
             })
-            .collect()
     }
 
     fn is_denied(&self, verb: &str, group: &str, resource: &str) -> bool {
@@ -1225,24 +1232,27 @@ fn list(
 
     // Scan like the apiserver's etcd store: in key order, from `start`, stop once `limit`
     // matching objects are collected; there is "more" if any key (matching or not) follows.
-    let scope: Vec<(&str, &Value)> = state
-        .snapshot(kind, rv, namespace, api_version)
-        .into_iter()
-        .filter(|(key, _)| *key >= start.as_str())
-        .collect();
+    let mut scope = state.snapshot(kind, rv, namespace, api_version, &start);
     let mut items = Vec::new();
     let mut last_key = None;
-    let mut remaining = 0;
-    for (i, (key, object)) in scope.iter().enumerate() {
+    let mut more = false;
+    for (key, object) in scope.by_ref() {
         if limit > 0 && items.len() >= limit {
-            remaining = scope.len() - i;
+            more = true;
             break;
         }
-        last_key = Some(*key);
+        last_key = Some(key);
         if labels.matches(object) && fields.matches(object) {
-            items.push(*object);
+            items.push(object);
         }
     }
+    // The apiserver only knows the count when nothing is filtered; count only then.
+    let unfiltered = labels.is_empty() && fields.is_empty();
+    let remaining = if more && unfiltered {
+        1 + scope.count()
+    } else {
+        usize::from(more)
+    };
     let mut metadata = json!({ "resourceVersion": rv.to_string() });
     if remaining > 0 {
         let token = ContinueToken {
@@ -1251,8 +1261,7 @@ fn list(
             page: page + 1,
         };
         metadata["continue"] = json!(token.encode());
-        // The apiserver only knows the count when nothing is filtered.
-        if labels.is_empty() && fields.is_empty() {
+        if unfiltered {
             metadata["remainingItemCount"] = json!(remaining);
         }
     }
