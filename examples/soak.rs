@@ -1,0 +1,235 @@
+//! Soak with an oracle: the real daemon, real PostgreSQL and the fake Kubernetes API server,
+//! under a simulated agent platform and switching faults. What runs and what the oracle
+//! claims is described in `tests/support/soak.rs`; `tests/soak.rs` runs a short version in
+//! the default test suite.
+//!
+//! ```sh
+//! cargo run --release --example soak -- --duration 60s
+//! cargo run --release --example soak -- --duration 10m --seed 7 --json soak.json
+//! ```
+//!
+//! The daemon binary is the `sandbox-reconciler` next to this example's target directory
+//! (`target/<profile>/`); it is (re)built first with the same profile unless `--binary` names
+//! one or `--no-build` is given. The exit code is 0 when the soak passed, 1 when it found a
+//! wrong downgrade, a lost or inconsistent row, no downgrade at all, or a daemon that crashed,
+//! and 2 when the harness could not run.
+
+#[path = "../tests/support/fake_api.rs"]
+mod fake_api;
+#[path = "../tests/support/soak.rs"]
+mod soak;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Soak sandbox-reconciler under application churn and faults, judged by an oracle",
+    long_about = None
+)]
+struct Args {
+    /// How long to run, e.g. 60s, 10m, 1h (a bare number is seconds)
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Seed of the simulator's and fault switcher's random choices (default: from the clock)
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Also write the report as JSON to this file
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// PostgreSQL server (a private schema is created in it)
+    #[arg(
+        long,
+        env = "TEST_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    database_url: String,
+    /// Daemon replicas competing for the writer lock
+    #[arg(long, default_value_t = 2)]
+    replicas: usize,
+    /// Sessions the application simulator keeps
+    #[arg(long, default_value_t = 150)]
+    sessions: usize,
+    /// Concurrent application simulator tasks
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Do not run `--once` beside the daemons
+    #[arg(long)]
+    no_once: bool,
+    /// Do not inject faults
+    #[arg(long)]
+    no_faults: bool,
+    /// The sandbox-reconciler binary to soak (default: built next to this example)
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Use the binary next to this example as it is, without running cargo build first
+    #[arg(long)]
+    no_build: bool,
+    /// Directory for configs and daemon logs (default: a temporary one, kept if the run fails)
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Keep the PostgreSQL schema even when the run passes
+    #[arg(long)]
+    keep_schema: bool,
+    /// No progress lines on stderr
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a duration such as 60s, 10m or 1h"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(format!("{text:?}: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// The daemon binary: `--binary`, else `sandbox-reconciler` in this example's profile
+/// directory (`target/<profile>/examples/soak` -> `target/<profile>/sandbox-reconciler`),
+/// rebuilt first with the same profile unless `--no-build`.
+fn daemon_binary(args: &Args) -> Result<PathBuf> {
+    if let Some(path) = &args.binary {
+        return Ok(path.clone());
+    }
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let Some(profile_dir) = exe.parent().and_then(|examples| examples.parent()) else {
+        bail!(
+            "{}: cannot find the target directory; pass --binary",
+            exe.display()
+        );
+    };
+    let binary = profile_dir.join(format!(
+        "sandbox-reconciler{}",
+        std::env::consts::EXE_SUFFIX
+    ));
+    if !args.no_build {
+        let profile = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("debug");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args([
+            "build",
+            "--bin",
+            "sandbox-reconciler",
+            "--manifest-path",
+            manifest,
+        ]);
+        match profile {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        // Build into the same target directory this example runs from.
+        if let Some(target_dir) = profile_dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target_dir);
+        }
+        // `cargo run` gives this process the package's variables (CARGO_MANIFEST_DIR,
+        // CARGO_PKG_NAME, ...); build scripts such as ring's rerun when those change, so
+        // passing them on would rebuild half the dependency tree on every run, twice.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let set_by_cargo_run = key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    &*key,
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_RUSTC_CURRENT_DIR"
+                        | "OUT_DIR"
+                );
+            if set_by_cargo_run {
+                cmd.env_remove(&*key);
+            }
+        }
+        eprintln!("soak: building the daemon binary ({profile})");
+        let status = cmd.status().context("running cargo build")?;
+        if !status.success() {
+            bail!("cargo build --bin sandbox-reconciler failed ({status})");
+        }
+    }
+    Ok(binary)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let binary = match daemon_binary(&args) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("soak: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let mut cfg = soak::SoakConfig::new(binary, args.database_url.clone());
+    cfg.duration = args.duration;
+    cfg.seed = seed;
+    cfg.replicas = args.replicas.max(1);
+    cfg.sessions = args.sessions;
+    cfg.workers = args.workers.max(1);
+    cfg.once_runs = !args.no_once;
+    cfg.faults = !args.no_faults;
+    cfg.keep_schema = args.keep_schema;
+    cfg.work_dir = args.work_dir.clone();
+    cfg.progress = !args.quiet;
+    eprintln!(
+        "soak: {:?} with seed {seed}, {} replica(s), daemon {}",
+        cfg.duration,
+        cfg.replicas,
+        cfg.binary.display()
+    );
+    let report = match soak::run(cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("soak: could not run: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", report.text());
+    if let Some(path) = &args.json {
+        if let Err(e) = std::fs::write(path, report.json()) {
+            eprintln!("soak: writing {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
