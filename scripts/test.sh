@@ -14,3 +14,6 @@ export SANDBOX_RECONCILER_METRIC_NAMES="$PWD/target/metric-names.txt"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked --all-targets
+# A seconds-long run of the benchmark harness keeps it from rotting (the full run is in
+# docs/PERFORMANCE.md and is not part of the suite).
+bash scripts/bench-smoke.sh
