@@ -340,7 +340,15 @@ impl Reconciler {
 
         let t = Instant::now();
         let snapshot = match &self.source {
-            ClusterSource::Api(cluster) => cluster.snapshot().await?,
+            ClusterSource::Api(cluster) => {
+                // The grace period compares rows' updated_at, written by the database clock,
+                // with the moment the listing started: take that moment from the same clock,
+                // read before the listing begins (never later than its real start).
+                let database_clock = store::database_now(&mut *conn).await?;
+                let mut snapshot = cluster.snapshot().await?;
+                snapshot.listing_started_at = database_clock;
+                snapshot
+            }
             ClusterSource::Dump(path) => dump::load(path, &self.settings)?,
         };
         report.timings.list_cluster = t.elapsed().as_secs_f64();

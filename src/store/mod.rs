@@ -180,6 +180,14 @@ pub async fn migrate(conn: &mut PgConnection, mapping: &TableMapping) -> Result<
         })
 }
 
+/// The database server's clock (`clock_timestamp()`, not the transaction start).
+pub async fn database_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, StoreError> {
+    sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(conn)
+        .await
+        .map_err(StoreError::query("reading the database clock"))
+}
+
 /// Tries to take the writer lock on `conn`; `Ok(false)` when another session holds it.
 pub async fn try_writer_lock(
     conn: &mut PgConnection,
