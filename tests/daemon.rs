@@ -236,19 +236,7 @@ async fn sigterm_during_apply_finishes_the_batch_and_exits_0() {
         .await;
     }
     let dir = tempfile::tempdir().unwrap();
-    let blocker = block_audit(&db).await;
-
-    let mut d = Daemon::start(
-        dir.path(),
-        &db,
-        &api,
-        &[
-            ("SANDBOX_RECONCILER__SWEEP__BATCH_SIZE", "3"),
-            ("SANDBOX_RECONCILER__DATABASE__LOCK_TIMEOUT_SECONDS", "60"),
-        ],
-    )
-    .await;
-    wait_for_blocked_batch(&db).await;
+    let (mut d, blocker) = Daemon::start_blocked_in_apply(dir.path(), &db, &api).await;
     d.signal("TERM");
     tokio::time::sleep(Duration::from_millis(500)).await;
     blocker.rollback().await.unwrap();

@@ -245,19 +245,8 @@ async fn statement_timeout_aborts_the_read_cleanly() {
 #[tokio::test]
 async fn sigkill_during_apply_leaves_whole_batches_only() {
     let (db, api) = world(6).await;
-    let blocker = block_audit(&db).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(
-        dir.path(),
-        &db,
-        &api,
-        &[
-            ("SANDBOX_RECONCILER__SWEEP__BATCH_SIZE", "3"),
-            ("SANDBOX_RECONCILER__DATABASE__LOCK_TIMEOUT_SECONDS", "60"),
-        ],
-    )
-    .await;
-    wait_for_blocked_batch(&db).await;
+    let (mut d, blocker) = Daemon::start_blocked_in_apply(dir.path(), &db, &api).await;
     d.signal("KILL");
     let _ = d.wait_exit(10).await;
     blocker.rollback().await.unwrap();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
-use super::{FakeApiServer, TestDb};
+use super::{block_audit, wait_for_blocked_batch, FakeApiServer, TestDb};
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -82,6 +82,28 @@ impl Daemon {
             .spawn()
             .unwrap();
         Daemon { child, port }
+    }
+
+    /// Starts a daemon whose first apply batch (3 rows) is blocked inside its transaction on
+    /// the locked audit table; returns it with the transaction holding that lock.
+    pub async fn start_blocked_in_apply(
+        dir: &Path,
+        db: &TestDb,
+        api: &FakeApiServer,
+    ) -> (Daemon, sqlx::Transaction<'static, sqlx::Postgres>) {
+        let blocker = block_audit(db).await;
+        let daemon = Daemon::start(
+            dir,
+            db,
+            api,
+            &[
+                ("SANDBOX_RECONCILER__SWEEP__BATCH_SIZE", "3"),
+                ("SANDBOX_RECONCILER__DATABASE__LOCK_TIMEOUT_SECONDS", "60"),
+            ],
+        )
+        .await;
+        wait_for_blocked_batch(db).await;
+        (daemon, blocker)
     }
 
     pub async fn metrics(&self) -> String {
