@@ -1042,20 +1042,19 @@ impl Sim {
         Ok(())
     }
 
-    /// Names of the usable pods of sessions the application last left running or idle.
-    fn running_pods(&self) -> Vec<String> {
+    /// The usable objects of sessions the application last left running or idle.
+    fn live_objects(&self) -> Vec<(Kind, String)> {
         let st = self.lock();
         st.sessions
             .iter()
-            .filter(|s| s.backend == Backend::Pod)
-            .filter_map(|s| st.writes.get(&s.key)?.last())
-            .filter(|w| matches!(w.new.state.as_str(), "running" | "idle"))
-            .filter(|w| {
+            .filter_map(|s| Some((s.backend.kind(), st.writes.get(&s.key)?.last()?)))
+            .filter(|(_, w)| matches!(w.new.state.as_str(), "running" | "idle"))
+            .filter(|(_, w)| {
                 st.objects
                     .get(&w.new.object)
                     .is_some_and(|l| l.removed_before.is_none() && l.terminating_after.is_none())
             })
-            .map(|w| w.new.object.clone())
+            .map(|(kind, w)| (kind, w.new.object.clone()))
             .collect()
     }
 
@@ -1314,7 +1313,7 @@ const FAULT_KINDS: &[(&str, u32)] = &[
     ("item_without_name", 2),
     ("close_connection", 4),
     ("db_terminate", 5),
-    ("mass_eviction", 1),
+    ("mass_eviction", 2),
     ("replica_sigterm", 1),
     ("replica_sigkill", 1),
 ];
@@ -1450,13 +1449,13 @@ async fn fault_switcher(targets: FaultTargets, stop: watch::Receiver<bool>, mut 
                 }
             }
             "mass_eviction" => {
-                // Most running pods vanish at once (a node pool drained): the live rows lose
-                // their objects and the misconfiguration guard should refuse until the
-                // platform has noticed.
-                let victims = sim.running_pods();
-                let n = victims.len() * 6 / 10;
-                for name in victims.iter().take(n) {
-                    sim.remove_object(Kind::Pod, name);
+                // Most live objects vanish at once (a namespace wiped by mistake): the live
+                // rows lose their objects and the misconfiguration guard should refuse until
+                // the platform has noticed.
+                let victims = sim.live_objects();
+                let n = victims.len() * 7 / 10;
+                for (kind, name) in victims.iter().take(n) {
+                    sim.remove_object(*kind, name);
                 }
                 injected = n > 0;
             }
