@@ -1026,6 +1026,27 @@ async fn exec(conn: &mut PgConnection, sql: &str) -> Result<()> {
     Ok(())
 }
 
+/// Holds a session advisory lock keyed by the benchmark database's name for the whole run, so
+/// two runs never drop each other's database; the lock goes with the returned connection.
+async fn claim_database(args: &Args) -> Result<PgConnection> {
+    let mut conn = PgConnection::connect(&args.admin_url)
+        .await
+        .context("connecting to --admin-url")?;
+    let claimed: bool = sqlx::query_scalar(
+        "SELECT pg_try_advisory_lock(hashtext('sandbox-reconciler-bench:' || $1))",
+    )
+    .bind(&args.database)
+    .fetch_one(&mut conn)
+    .await?;
+    if !claimed {
+        bail!(
+            "another benchmark run is using database {}; wait for it or pass another --database",
+            args.database
+        );
+    }
+    Ok(conn)
+}
+
 async fn create_database(args: &Args, bench_url: &str) -> Result<()> {
     if !args
         .database
@@ -1774,6 +1795,7 @@ async fn run(args: Args) -> Result<bool> {
         "bench: loading {} rows into {} and starting the fake API server with {} pods and {} sandboxes...",
         args.rows, args.database, args.pods, args.sandboxes
     );
+    let _claim = claim_database(&args).await?;
     create_database(&args, &direct_url).await?;
     let fake_started = Instant::now();
     let (fake, load) = tokio::join!(FakeCluster::start(&args), load(&args, &layout, &direct_url));
