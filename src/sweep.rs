@@ -525,22 +525,24 @@ async fn confirm_all(
     orphans: &[OrphanedRow],
     concurrency: usize,
 ) -> Vec<(usize, Result<Absence, ClusterError>)> {
-    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    // At most `concurrency` tasks exist at a time, so memory stays bounded however many
+    // orphans there are; a finished answer makes room for the next request.
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, row) in orphans.iter().enumerate() {
-        let cluster = cluster.clone();
-        let name = row.object.clone();
-        let permits = permits.clone();
-        tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await;
-            (i, cluster.confirm_absent(&name).await)
-        });
-    }
+    let mut pending = orphans.iter().enumerate();
     let mut answers = Vec::with_capacity(orphans.len());
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(answer) => answers.push(answer),
-            Err(e) => tracing::error!("a confirming request task failed: {e}"),
+    loop {
+        while tasks.len() < concurrency.max(1) {
+            let Some((i, row)) = pending.next() else {
+                break;
+            };
+            let cluster = cluster.clone();
+            let name = row.object.clone();
+            tasks.spawn(async move { (i, cluster.confirm_absent(&name).await) });
+        }
+        match tasks.join_next().await {
+            Some(Ok(answer)) => answers.push(answer),
+            Some(Err(e)) => tracing::error!("a confirming request task failed: {e}"),
+            None => break,
         }
     }
     answers.sort_by_key(|(i, _)| *i);
