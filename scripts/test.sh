@@ -13,7 +13,10 @@ bash scripts/check-deploy.sh --metric-names-out target/metric-names.txt
 export SANDBOX_RECONCILER_METRIC_NAMES="$PWD/target/metric-names.txt"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked --all-targets
+cargo test --locked --all-targets 2>&1 | tee target/test-output.txt
 # A seconds-long run of the benchmark harness keeps it from rotting (the full run is in
 # docs/PERFORMANCE.md and is not part of the suite).
 bash scripts/bench-smoke.sh
+# One closing line for the whole run.
+passed=$(grep -oE 'test result: ok\. [0-9]+ passed' target/test-output.txt | awk '{s += $4} END {print s + 0}')
+echo "tests: ${passed} passed, 0 failed"
