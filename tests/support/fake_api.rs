@@ -7,15 +7,26 @@
 //!
 //! - Pods (`/api/v1/[namespaces/{ns}/]pods[/{name}]`) and agent-sandbox `Sandbox` objects
 //!   (`/apis/agents.x-k8s.io/{version}/[namespaces/{ns}/]sandboxes[/{name}]`), GET only;
+//! - Namespaces (`/api/v1/namespaces[/{name}]`, cluster-scoped, GET only): a new server has
+//!   `default` and `kube-system`, whose UID is the cluster's identity ([`cluster_uid`], random
+//!   per server, [`set_cluster_uid`] to pin or change it). Adding a pod, sandbox or other
+//!   object into a namespace creates that namespace if it does not exist (a test convenience;
+//!   a real API server answers 404 instead); [`add_namespace`], [`remove_namespace`] and
+//!   [`set_namespace_terminating`] control them explicitly. Removing a namespace removes only
+//!   the Namespace object, not what is in it (no namespace controller runs here);
 //! - list semantics: key order (namespace, then name), `labelSelector` (equality, set and
 //!   existence requirements), `fieldSelector` (`metadata.name`, `metadata.namespace`, a few pod
-//!   fields), `limit`/`continue` pagination over a consistent snapshot (every page of one
-//!   listing reports the resourceVersion at which the listing started and shows the objects as
-//!   they were then), `remainingItemCount`, 410 `Expired` for compacted continue tokens;
+//!   fields, `status.phase` of namespaces), `limit`/`continue` pagination over a consistent
+//!   snapshot (every page of one listing reports the resourceVersion at which the listing
+//!   started and shows the objects as they were then), `remainingItemCount`, 410 `Expired`
+//!   for compacted continue tokens; one resourceVersion counter for every kind, like etcd's
+//!   revision;
 //! - content negotiation for `as=PartialObjectMetadataList` / `as=PartialObjectMetadata`;
 //! - `Status` error bodies with the real reasons and messages (404, 403, 400, 405, 406, 410);
 //! - RBAC as seen by a client: `deny(verb, group, resource)` makes requests answer 403 and
-//!   `SelfSubjectAccessReview`s answer `allowed: false`;
+//!   `SelfSubjectAccessReview`s answer `allowed: false` (whatever the resource name). Like
+//!   the apiserver, a request for the Namespace `x` is authorized in namespace `x`, so its
+//!   403 says `... cannot get resource "namespaces" in API group "" in the namespace "x"`;
 //! - legacy discovery (`/version`, `/api`, `/api/v1`, `/apis`, `/apis/{group}[/{version}]`).
 //!
 //! Tests change the cluster while a client runs (`add_pod`, `remove`, `set_terminating`, ...)
@@ -23,8 +34,22 @@
 //! continue tokens, hangs, malformed or wrong-kind bodies, dropped connections. Every request
 //! is recorded (`requests`) so a test can assert what the client actually sent.
 //!
+//! Faults match the request path by substring, so mind that every namespaced path contains
+//! `/namespaces/{ns}/`: `Fault::on_get("/namespaces/agents", ..)` fires on the GET of the
+//! Namespace `agents` *and* on GETs of single objects in it (`.../namespaces/agents/pods/x`),
+//! and also in `agents-2`. A Namespace GET is a single-object GET, never a list, so `on_list`
+//! rules do not fire on it, and `on_get` rules do not fire on pod lists in that namespace.
+//! [`Fault::on_namespace_get`] targets exactly the GET of one Namespace (it matches the
+//! parsed resource and name, see [`FaultMatch::resource`] and [`FaultMatch::name`]).
+//!
 //! The module depends only on crates the project already uses (tokio, hyper, hyper-util,
 //! http-body-util, serde_json, kube, chrono, rand), so a non-test binary can reuse it.
+//!
+//! [`cluster_uid`]: FakeApiServer::cluster_uid
+//! [`set_cluster_uid`]: FakeApiServer::set_cluster_uid
+//! [`add_namespace`]: FakeApiServer::add_namespace
+//! [`remove_namespace`]: FakeApiServer::remove_namespace
+//! [`set_namespace_terminating`]: FakeApiServer::set_namespace_terminating
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -60,6 +85,8 @@ pub enum Kind {
     Pod,
     /// agents.x-k8s.io Sandbox (`sandboxes`), any version.
     Sandbox,
+    /// core/v1 Namespace (`namespaces`), cluster-scoped: pass `""` as its namespace.
+    Namespace,
 }
 
 impl Kind {
@@ -67,13 +94,36 @@ impl Kind {
         match self {
             Kind::Pod => "pods",
             Kind::Sandbox => "sandboxes",
+            Kind::Namespace => "namespaces",
         }
     }
 
     fn group(self) -> &'static str {
         match self {
-            Kind::Pod => "",
+            Kind::Pod | Kind::Namespace => "",
             Kind::Sandbox => SANDBOX_GROUP,
+        }
+    }
+
+    fn kind_name(self) -> &'static str {
+        match self {
+            Kind::Pod => "Pod",
+            Kind::Sandbox => "Sandbox",
+            Kind::Namespace => "Namespace",
+        }
+    }
+
+    /// Built-in kinds' list items carry no `apiVersion`/`kind`; custom resources' do.
+    fn is_built_in(self) -> bool {
+        self != Kind::Sandbox
+    }
+
+    /// The key an object is stored under, ordered like etcd's: "namespace/name" for
+    /// namespaced kinds, the name for cluster-scoped ones.
+    fn store_key(self, namespace: &str, name: &str) -> String {
+        match self {
+            Kind::Namespace => name.to_string(),
+            Kind::Pod | Kind::Sandbox => object_key(namespace, name),
         }
     }
 }
@@ -97,7 +147,21 @@ pub struct FaultMatch {
     /// HTTP method, e.g. `"GET"` (case-insensitive).
     pub method: Option<String>,
     /// Substring of the request path (without query), e.g. `"/pods"` or `"sandboxes"`.
+    /// Every namespaced path contains `/namespaces/{ns}/`, so `"/namespaces/agents"` also
+    /// matches requests for objects in `agents` (and in `agents-2`); use [`resource`] and
+    /// [`name`] to target the Namespace itself.
+    ///
+    /// [`resource`]: FaultMatch::resource
+    /// [`name`]: FaultMatch::name
     pub path_contains: Option<String>,
+    /// Plural resource of the request as the apiserver parses the path, exactly: `"pods"`,
+    /// `"sandboxes"`, `"namespaces"` (`/api/v1/namespaces/x` is a request for the Namespace
+    /// `x`; `/api/v1/namespaces/x/pods` one for pods), `"selfsubjectaccessreviews"`.
+    /// Discovery requests have no resource and never match.
+    pub resource: Option<String>,
+    /// Object name of the request, exactly (for a Namespace GET, the namespace's name).
+    /// Requests without a name (lists, reviews, discovery) never match.
+    pub name: Option<String>,
     /// 0-based page of a paginated listing: 0 = request without `continue`, k = the k-th
     /// continued request of that listing (the page number travels in the continue token).
     pub page: Option<usize>,
@@ -178,12 +242,31 @@ impl Fault {
         fault
     }
 
-    /// Fires on single-object GETs whose path contains `path_contains`, forever.
+    /// Fires on single-object GETs whose path contains `path_contains`, forever. A Namespace
+    /// GET is a single-object GET: `on_get("/namespaces/kube-system", ..)` fires on it (and on
+    /// GETs of single objects in `kube-system`), never on lists.
     pub fn on_get(path_contains: &str, action: FaultAction) -> Fault {
         Fault {
             matcher: FaultMatch {
                 method: Some("GET".to_string()),
                 path_contains: Some(path_contains.to_string()),
+                is_list: Some(false),
+                ..FaultMatch::default()
+            },
+            action,
+            times: None,
+        }
+    }
+
+    /// Fires on GETs of the Namespace `name` (`/api/v1/namespaces/{name}`) only, forever:
+    /// not on requests for objects in that namespace, nor on other namespaces whose name
+    /// starts with `name`.
+    pub fn on_namespace_get(name: &str, action: FaultAction) -> Fault {
+        Fault {
+            matcher: FaultMatch {
+                method: Some("GET".to_string()),
+                resource: Some("namespaces".to_string()),
+                name: Some(name.to_string()),
                 is_list: Some(false),
                 ..FaultMatch::default()
             },
@@ -355,25 +438,31 @@ impl FakeApiServer {
 
     /// Adds (or replaces) an arbitrary object. The server fills in `metadata.name`,
     /// `namespace`, `uid`, `resourceVersion`, `creationTimestamp` (and `generation` for
-    /// sandboxes); `apiVersion`/`kind` default to `v1`/`Pod` or
-    /// `agents.x-k8s.io/v1alpha1`/`Sandbox`. A Sandbox's version is registered as served.
+    /// sandboxes); `apiVersion`/`kind` default to `v1`/`Pod`, `agents.x-k8s.io/v1alpha1`/
+    /// `Sandbox` or `v1`/`Namespace`. A Sandbox's version is registered as served.
+    ///
+    /// The object's namespace is created (Active) if it does not exist, unlike on a real API
+    /// server, so tests need not set up namespaces; an existing one, even terminating, is
+    /// left as it is. A [`Kind::Namespace`] is cluster-scoped: pass `""` as `namespace`
+    /// (anything else panics); it gets the label `kubernetes.io/metadata.name`, and
+    /// `spec.finalizers: [kubernetes]` and `status.phase: Active` unless given; `kube-system`
+    /// always carries [`cluster_uid`](Self::cluster_uid) as its UID.
     pub fn add_object(&self, kind: Kind, namespace: &str, name: &str, mut object: Value) {
         if !object.is_object() {
             panic!("fake API server: add_object needs a JSON object, got {object}");
         }
+        if kind == Kind::Namespace && !namespace.is_empty() {
+            panic!("fake API server: add_object: Namespaces are cluster-scoped, got namespace {namespace:?} for {name:?}");
+        }
         let default_api_version = match kind {
-            Kind::Pod => "v1".to_string(),
+            Kind::Pod | Kind::Namespace => "v1".to_string(),
             Kind::Sandbox => format!("{SANDBOX_GROUP}/v1alpha1"),
-        };
-        let kind_name = match kind {
-            Kind::Pod => "Pod",
-            Kind::Sandbox => "Sandbox",
         };
         let map = object.as_object_mut().expect("checked above");
         map.entry("apiVersion")
             .or_insert_with(|| Value::String(default_api_version));
         map.entry("kind")
-            .or_insert_with(|| Value::String(kind_name.to_string()));
+            .or_insert_with(|| Value::String(kind.kind_name().to_string()));
         let meta = map
             .entry("metadata")
             .or_insert_with(|| Value::Object(Map::new()));
@@ -385,7 +474,12 @@ impl FakeApiServer {
             meta.remove("labels");
         }
         meta.insert("name".into(), Value::String(name.to_string()));
-        meta.insert("namespace".into(), Value::String(namespace.to_string()));
+        if kind == Kind::Namespace {
+            meta.remove("namespace");
+            complete_namespace(&mut object, name);
+        } else {
+            meta.insert("namespace".into(), Value::String(namespace.to_string()));
+        }
 
         let mut state = self.state();
         if kind == Kind::Sandbox {
@@ -396,33 +490,68 @@ impl FakeApiServer {
                 .to_string();
             state.sandbox_versions.insert(version);
         }
-        let key = object_key(namespace, name);
-        let previous = state.current(kind, &key).cloned();
-        let meta = object["metadata"]
-            .as_object_mut()
-            .expect("metadata is an object");
-        match previous {
-            Some(old) => {
-                for field in ["uid", "creationTimestamp"] {
-                    if let Some(v) = old["metadata"].get(field) {
-                        meta.insert(field.into(), v.clone());
-                    }
-                }
-                if kind == Kind::Sandbox {
-                    let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
-                    let bump = i64::from(old.get("spec") != object.get("spec"));
-                    object["metadata"]["generation"] = json!(generation + bump);
-                }
-            }
-            None => {
-                meta.insert("uid".into(), Value::String(new_uid()));
-                meta.insert("creationTimestamp".into(), Value::String(now_timestamp()));
-                if kind == Kind::Sandbox {
-                    meta.insert("generation".into(), json!(1));
-                }
-            }
+        if kind != Kind::Namespace {
+            state.ensure_namespace(namespace);
         }
-        state.write(kind, &key, Some(object));
+        state.upsert(kind, namespace, name, object);
+    }
+
+    /// Adds an Active Namespace `name` unless it exists (an existing one, even terminating,
+    /// is left unchanged). Returns whether it was created.
+    pub fn add_namespace(&self, name: &str) -> bool {
+        self.state().ensure_namespace(name)
+    }
+
+    /// Removes the Namespace `name` (a GET answers 404 `NotFound` afterwards). Only the
+    /// Namespace object goes: objects in it stay listed, as no namespace controller runs
+    /// here. Adding an object into it, or [`add_namespace`](Self::add_namespace), creates
+    /// it again with a new UID (`kube-system` keeps [`cluster_uid`](Self::cluster_uid)).
+    /// Returns whether it existed.
+    pub fn remove_namespace(&self, name: &str) -> bool {
+        self.remove(Kind::Namespace, "", name)
+    }
+
+    /// Marks the Namespace `name` as being deleted, as `kubectl delete namespace` does while
+    /// its content is being removed: `metadata.deletionTimestamp` set, `status.phase:
+    /// Terminating`; GET still answers 200. Panics if there is no such namespace.
+    pub fn set_namespace_terminating(&self, name: &str) {
+        let found = self.modify(Kind::Namespace, "", name, |object| {
+            object["metadata"]["deletionTimestamp"] = Value::String(now_timestamp());
+            object["status"]["phase"] = json!("Terminating");
+        });
+        assert!(
+            found,
+            "fake API server: set_namespace_terminating: no namespace {name}"
+        );
+    }
+
+    /// Names of the existing Namespaces, in order.
+    pub fn namespaces(&self) -> Vec<String> {
+        let state = self.state();
+        let rv = state.rv;
+        state
+            .snapshot(Kind::Namespace, rv, None, "v1", "")
+            .map(|(key, _)| key.to_string())
+            .collect()
+    }
+
+    /// The cluster's identity: the UID of the `kube-system` Namespace (a random UUID v4 per
+    /// server unless set with [`set_cluster_uid`](Self::set_cluster_uid)). Stays the same
+    /// while `kube-system` is removed and comes back with it.
+    pub fn cluster_uid(&self) -> String {
+        self.state().cluster_uid.clone()
+    }
+
+    /// Changes the cluster's identity, e.g. to a fixed UID or to simulate another cluster
+    /// behind the same address: `kube-system` gets `uid` (a new revision, if it exists).
+    pub fn set_cluster_uid(&self, uid: &str) {
+        let mut state = self.state();
+        state.cluster_uid = uid.to_string();
+        let key = Kind::Namespace.store_key("", "kube-system");
+        if let Some(mut object) = state.current(Kind::Namespace, &key).cloned() {
+            object["metadata"]["uid"] = json!(uid);
+            state.write(Kind::Namespace, &key, Some(object));
+        }
     }
 
     /// Changes a stored object in place (a new revision with a new resourceVersion).
@@ -435,7 +564,7 @@ impl FakeApiServer {
         change: impl FnOnce(&mut Value),
     ) -> bool {
         let mut state = self.state();
-        let key = object_key(namespace, name);
+        let key = kind.store_key(namespace, name);
         let Some(mut object) = state.current(kind, &key).cloned() else {
             return false;
         };
@@ -449,10 +578,11 @@ impl FakeApiServer {
         true
     }
 
-    /// Deletes an object (any sandbox version). Returns whether it existed.
+    /// Deletes an object (any sandbox version; for a [`Kind::Namespace`], pass `""` as
+    /// `namespace`). Returns whether it existed.
     pub fn remove(&self, kind: Kind, namespace: &str, name: &str) -> bool {
         let mut state = self.state();
-        let key = object_key(namespace, name);
+        let key = kind.store_key(namespace, name);
         if state.current(kind, &key).is_none() {
             return false;
         }
@@ -462,8 +592,12 @@ impl FakeApiServer {
 
     /// Marks an object as being deleted: sets `metadata.deletionTimestamp` (and
     /// `deletionGracePeriodSeconds`); it is still listed and GET answers 200.
-    /// Panics if there is no such object.
+    /// Panics if there is no such object. For a [`Kind::Namespace`] this is
+    /// [`set_namespace_terminating`](Self::set_namespace_terminating).
     pub fn set_terminating(&self, kind: Kind, namespace: &str, name: &str) {
+        if kind == Kind::Namespace {
+            return self.set_namespace_terminating(name);
+        }
         let found = self.modify(kind, namespace, name, |object| {
             object["metadata"]["deletionTimestamp"] = Value::String(now_timestamp());
             object["metadata"]["deletionGracePeriodSeconds"] = json!(30);
@@ -486,8 +620,9 @@ impl FakeApiServer {
     }
 
     /// Denies `verb` (`"list"`, `"get"`, `"watch"`, `"create"`, or `"*"`) on `resource` in
-    /// `group` (`""` for pods, `"agents.x-k8s.io"` for sandboxes; `"*"` matches any):
-    /// requests answer 403 and access reviews answer `allowed: false`.
+    /// `group` (`""` for pods and namespaces, `"agents.x-k8s.io"` for sandboxes; `"*"`
+    /// matches any), in every namespace and for every object name: requests answer 403 and
+    /// access reviews answer `allowed: false`, whatever `resourceAttributes.name` they carry.
     pub fn deny(&self, verb: &str, group: &str, resource: &str) {
         self.state()
             .denied
@@ -580,6 +715,8 @@ struct State {
     objects: BTreeMap<(Kind, String), Vec<Revision>>,
     sandbox_versions: BTreeSet<String>,
     sandbox_api_disabled: bool,
+    /// UID of the `kube-system` Namespace: the cluster's identity.
+    cluster_uid: String,
     denied: Vec<(String, String, String)>,
     faults: Vec<FaultRule>,
     requests: Vec<RecordedRequest>,
@@ -587,17 +724,72 @@ struct State {
 
 impl State {
     fn new(addr: SocketAddr) -> State {
-        State {
+        let mut state = State {
             addr,
             rv: 1,
             compacted_rv: 0,
             objects: BTreeMap::new(),
             sandbox_versions: BTreeSet::new(),
             sandbox_api_disabled: false,
+            cluster_uid: new_uid(),
             denied: Vec::new(),
             faults: Vec::new(),
             requests: Vec::new(),
+        };
+        state.ensure_namespace("default");
+        state.ensure_namespace("kube-system");
+        state
+    }
+
+    /// Creates the Namespace `name` (Active) unless it exists; returns whether it did.
+    fn ensure_namespace(&mut self, name: &str) -> bool {
+        if self.current(Kind::Namespace, name).is_some() {
+            return false;
         }
+        let mut object = json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": { "name": name }
+        });
+        complete_namespace(&mut object, name);
+        self.upsert(Kind::Namespace, "", name, object);
+        true
+    }
+
+    /// Stores `object` (metadata.name and namespace already set) as a new revision: a new
+    /// object gets a uid, creationTimestamp (and generation 1 for sandboxes); a replaced one
+    /// keeps them (and a sandbox's generation moves on if its spec changed).
+    fn upsert(&mut self, kind: Kind, namespace: &str, name: &str, mut object: Value) {
+        let key = kind.store_key(namespace, name);
+        let previous = self.current(kind, &key).cloned();
+        let meta = object["metadata"]
+            .as_object_mut()
+            .expect("metadata is an object");
+        match previous {
+            Some(old) => {
+                for field in ["uid", "creationTimestamp"] {
+                    if let Some(v) = old["metadata"].get(field) {
+                        meta.insert(field.into(), v.clone());
+                    }
+                }
+                if kind == Kind::Sandbox {
+                    let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                    let bump = i64::from(old.get("spec") != object.get("spec"));
+                    object["metadata"]["generation"] = json!(generation + bump);
+                }
+            }
+            None => {
+                meta.insert("uid".into(), Value::String(new_uid()));
+                meta.insert("creationTimestamp".into(), Value::String(now_timestamp()));
+                if kind == Kind::Sandbox {
+                    meta.insert("generation".into(), json!(1));
+                }
+            }
+        }
+        if kind == Kind::Namespace && name == "kube-system" {
+            object["metadata"]["uid"] = json!(self.cluster_uid);
+        }
+        self.write(kind, &key, Some(object));
     }
 
     fn current(&self, kind: Kind, key: &str) -> Option<&Value> {
@@ -670,6 +862,12 @@ impl State {
                 && m.path_contains
                     .as_ref()
                     .is_none_or(|x| req.path.contains(x.as_str()))
+                && m.resource
+                    .as_ref()
+                    .is_none_or(|x| req.resource.as_deref() == Some(x.as_str()))
+                && m.name
+                    .as_ref()
+                    .is_none_or(|x| req.name.as_deref() == Some(x.as_str()))
                 && m.is_list.is_none_or(|x| x == req.is_list)
                 && m.page.is_none_or(|x| req.page == Some(x))
                 && (rule.fault.action != FaultAction::ExpireContinue || req.has_continue);
@@ -738,6 +936,9 @@ async fn serve_connection(stream: tokio::net::TcpStream, shared: Arc<Mutex<State
 struct RequestFacts {
     method: String,
     path: String,
+    /// Plural resource and object name as parsed from the path (`None` for discovery).
+    resource: Option<String>,
+    name: Option<String>,
     is_list: bool,
     has_continue: bool,
     page: Option<usize>,
@@ -779,6 +980,8 @@ async fn handle(
     let facts = RequestFacts {
         method: recorded.method.clone(),
         path: recorded.path.clone(),
+        resource: path.as_ref().map(|p| p.resource.clone()),
+        name: path.as_ref().and_then(|p| p.name.clone()),
         is_list,
         has_continue: continue_token.is_some(),
         page: match (is_list, continue_token) {
@@ -944,7 +1147,7 @@ fn details(path: &ResourcePath) -> Value {
 }
 
 fn forbidden(path: &ResourcePath, verb: &str) -> Reply {
-    let scope = match &path.namespace {
+    let scope = match path.rbac_namespace() {
         Some(ns) => format!("in the namespace \"{ns}\""),
         None => "at the cluster scope".to_string(),
     };
@@ -954,7 +1157,7 @@ fn forbidden(path: &ResourcePath, verb: &str) -> Reply {
     };
     let message = format!(
         "{subject} is forbidden: User \"{FAKE_USER}\" cannot {verb} resource \"{}\" in API group \"{}\" {scope}",
-        path.resource, path.group
+        path.rbac_resource(), path.group
     );
     status_reply(403, "Forbidden", &message, details(path))
 }
@@ -1049,7 +1252,7 @@ fn respond(
     let watch = param(params, "watch").is_some_and(|w| w == "true" || w == "1");
     let verb = path.verb(&req.method, watch);
     // Authorization comes before routing, as in the apiserver's handler chain.
-    if state.is_denied(&verb, &path.group, &path.resource) {
+    if state.is_denied(&verb, &path.group, &path.rbac_resource()) {
         return forbidden(path, &verb);
     }
     let kind = match (
@@ -1058,6 +1261,8 @@ fn respond(
         path.resource.as_str(),
     ) {
         ("", "v1", "pods") => Kind::Pod,
+        // Cluster-scoped: /api/v1/namespaces/x/namespaces does not exist.
+        ("", "v1", "namespaces") if path.namespace.is_none() => Kind::Namespace,
         (SANDBOX_GROUP, version, "sandboxes") if state.sandbox_version_served(version) => {
             Kind::Sandbox
         }
@@ -1082,16 +1287,17 @@ fn respond(
         None => return not_acceptable(),
     };
     let api_version = match kind {
-        Kind::Pod => "v1".to_string(),
+        Kind::Pod | Kind::Namespace => "v1".to_string(),
         Kind::Sandbox => format!("{SANDBOX_GROUP}/{}", path.version),
     };
     match &path.name {
         Some(name) => {
-            let Some(namespace) = &path.namespace else {
+            let key = match (kind, &path.namespace) {
+                (Kind::Namespace, _) => kind.store_key("", name),
+                (_, Some(namespace)) => kind.store_key(namespace, name),
                 // e.g. /api/v1/pods/x: pods are namespaced.
-                return not_found_path();
+                (_, None) => return not_found_path(),
             };
-            let key = object_key(namespace, name);
             match state.current(kind, &key) {
                 Some(object) if api_version_of(object) == api_version => {
                     Reply::json(200, render_object(object, representation, kind, false))
@@ -1268,6 +1474,7 @@ fn list(
     let (list_kind, list_api_version) = match (representation, kind) {
         (Representation::PartialMetadata, _) => ("PartialObjectMetadataList", "meta.k8s.io/v1"),
         (Representation::Full, Kind::Pod) => ("PodList", "v1"),
+        (Representation::Full, Kind::Namespace) => ("NamespaceList", "v1"),
         (Representation::Full, Kind::Sandbox) => ("SandboxList", api_version),
     };
     let items: Vec<Value> = items
@@ -1340,7 +1547,7 @@ fn render_object(
         Representation::Full => {
             let mut out = object.clone();
             // Built-in lists (PodList) carry no per-item apiVersion/kind; CRD lists do.
-            if in_list && kind == Kind::Pod {
+            if in_list && kind.is_built_in() {
                 if let Some(map) = out.as_object_mut() {
                     map.remove("apiVersion");
                     map.remove("kind");
@@ -1363,9 +1570,19 @@ fn access_review(state: &State, body: &str) -> Reply {
     let attrs = &review["spec"]["resourceAttributes"];
     let status = if attrs.is_object() {
         let field = |name: &str| attrs[name].as_str().unwrap_or_default().to_string();
-        let (verb, group, resource) = (field("verb"), field("group"), field("resource"));
+        let (verb, group, mut resource) = (field("verb"), field("group"), field("resource"));
+        let (name, subresource) = (field("name"), field("subresource"));
+        if !subresource.is_empty() {
+            resource = format!("{resource}/{subresource}");
+        }
+        // A deny rule covers every object name, so the name only shows in the reason.
         if state.is_denied(&verb, &group, &resource) {
-            json!({ "allowed": false, "reason": format!("fake API server denies {verb} on {resource} in API group \"{group}\"") })
+            let object = if name.is_empty() {
+                String::new()
+            } else {
+                format!(" (name \"{name}\")")
+            };
+            json!({ "allowed": false, "reason": format!("fake API server denies {verb} on {resource}{object} in API group \"{group}\"") })
         } else {
             json!({ "allowed": true, "reason": "RBAC: allowed by fake API server" })
         }
@@ -1415,7 +1632,10 @@ fn discovery(state: &State, req: &RecordedRequest) -> Reply {
         "/api/v1" => json!({
             "kind": "APIResourceList",
             "groupVersion": "v1",
-            "resources": [{ "name": "pods", "singularName": "pod", "namespaced": true, "kind": "Pod", "verbs": ["get", "list"], "shortNames": ["po"] }]
+            "resources": [
+                { "name": "namespaces", "singularName": "namespace", "namespaced": false, "kind": "Namespace", "verbs": ["get", "list"], "shortNames": ["ns"] },
+                { "name": "pods", "singularName": "pod", "namespaced": true, "kind": "Pod", "verbs": ["get", "list"], "shortNames": ["po"] }
+            ]
         }),
         "/apis" => {
             let mut groups = vec![group_doc("authorization.k8s.io", &authz_versions)];
@@ -1502,7 +1722,11 @@ impl ResourcePath {
             ["apis", group, version, rest @ ..] => (*group, *version, rest),
             _ => return None,
         };
+        // As the apiserver's RequestInfoFactory: `namespaces/{ns}/{resource}...` is a request
+        // in namespace `ns`, except the Namespace's own subresources (`namespaces/{ns}/status`,
+        // `namespaces/{ns}/finalize`); `namespaces/{ns}` is the Namespace `ns` itself.
         let (namespace, rest) = match rest {
+            ["namespaces", _, sub] if matches!(*sub, "status" | "finalize") => (None, rest),
             ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
             _ => (None, rest),
         };
@@ -1530,6 +1754,25 @@ impl ResourcePath {
             self.resource.clone()
         } else {
             format!("{}.{}", self.resource, self.group)
+        }
+    }
+
+    /// The resource RBAC authorizes: `pods`, or `namespaces/status` for a subresource.
+    fn rbac_resource(&self) -> String {
+        match &self.subresource {
+            Some(sub) => format!("{}/{sub}", self.resource),
+            None => self.resource.clone(),
+        }
+    }
+
+    /// The namespace RBAC authorizes the request in: the path's namespace or, for a request
+    /// on a Namespace object, that namespace itself (so a RoleBinding in `x` can grant
+    /// `get` on the Namespace `x`).
+    fn rbac_namespace(&self) -> Option<&str> {
+        match (&self.namespace, self.group.as_str(), self.resource.as_str()) {
+            (Some(ns), _, _) => Some(ns),
+            (None, "", "namespaces") => self.name.as_deref(),
+            (None, _, _) => None,
         }
     }
 
@@ -1846,7 +2089,9 @@ impl FieldSelector {
             let field = field.trim();
             let pointer = match (field, kind) {
                 ("metadata.name", _) => "/metadata/name",
-                ("metadata.namespace", _) => "/metadata/namespace",
+                // Cluster-scoped kinds have no metadata.namespace field to select on.
+                ("metadata.namespace", Kind::Pod | Kind::Sandbox) => "/metadata/namespace",
+                ("status.phase", Kind::Namespace) => "/status/phase",
                 ("spec.nodeName", Kind::Pod) => "/spec/nodeName",
                 ("spec.restartPolicy", Kind::Pod) => "/spec/restartPolicy",
                 ("status.phase", Kind::Pod) => "/status/phase",
@@ -1925,6 +2170,28 @@ fn labels_json(labels: &[(&str, &str)]) -> Value {
             .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
             .collect(),
     )
+}
+
+/// Fills in what the apiserver sets on every Namespace: the `kubernetes.io/metadata.name`
+/// label, and `spec.finalizers: [kubernetes]` and `status.phase: Active` unless present.
+fn complete_namespace(object: &mut Value, name: &str) {
+    let meta = &mut object["metadata"];
+    if !meta["labels"].is_object() {
+        meta["labels"] = json!({});
+    }
+    meta["labels"]["kubernetes.io/metadata.name"] = json!(name);
+    if !object["spec"].is_object() {
+        object["spec"] = json!({});
+    }
+    if object["spec"].get("finalizers").is_none() {
+        object["spec"]["finalizers"] = json!(["kubernetes"]);
+    }
+    if !object["status"].is_object() {
+        object["status"] = json!({});
+    }
+    if object["status"].get("phase").is_none() {
+        object["status"]["phase"] = json!("Active");
+    }
 }
 
 fn is_empty_map(v: &Value) -> bool {
