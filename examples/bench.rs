@@ -1298,12 +1298,12 @@ impl Bench {
     fn reconciler(&self, url: &str) -> Result<Reconciler> {
         let settings = bench_settings(&self.args, url)?;
         let cluster = KubeCluster::with_client(self.kube.clone(), &settings);
-        Ok(Reconciler {
-            mapping: TableMapping::from_settings(&settings).map_err(|e| anyhow!(e))?,
-            database: Database::new(&settings)?,
-            settings,
-            source: ClusterSource::Api(Box::new(cluster)),
-        })
+        Ok(Reconciler::new(
+            settings.clone(),
+            Database::new(&settings)?,
+            TableMapping::from_settings(&settings).map_err(|e| anyhow!(e))?,
+            ClusterSource::Api(Box::new(cluster)),
+        ))
     }
 
     /// One scenario: timed `--repeat` times on direct connections (the median run is

@@ -1,9 +1,13 @@
 //! `sandbox-reconciler check`: a preflight an operator runs before trusting a deployment.
 //!
-//! Loads the configuration, connects to PostgreSQL, verifies the session table and every
-//! mapped column exist with usable types and that the reconciler may read and update them,
-//! and asks the API server (SelfSubjectAccessReview) whether the reconciler may list and get
-//! each backend's resource in each namespace. Prints a pass/fail table.
+//! Loads the configuration, connects to PostgreSQL, resolves the session table through the
+//! catalog (its canonical name, that every mapped column exists with a usable type, that the
+//! key (+ scope) is unique, that a naive timestamp has a zone, that no transaction pooler sits
+//! in between) and that the reconciler may read and update it; then reads the cluster's
+//! identity, checks that each configured namespace exists, and asks the API server
+//! (SelfSubjectAccessReview) whether the reconciler may list and get each backend's resource
+//! in each namespace and get those Namespaces. Prints a pass/warn/fail table; warnings (such
+//! as both backends enabled without name prefixes) do not fail it.
 
 use std::fmt::Write;
 
@@ -12,7 +16,6 @@ use k8s_openapi::api::authorization::v1::{
 };
 use kube::api::PostParams;
 use kube::{Api, Client};
-use sqlx::Row;
 
 use crate::config::Settings;
 use crate::store::{self, Database, TableMapping};
@@ -22,6 +25,8 @@ use crate::store::{self, Database, TableMapping};
 pub struct CheckLine {
     pub check: String,
     pub ok: bool,
+    /// Passed, but deserves attention.
+    pub warning: bool,
     pub detail: String,
 }
 
@@ -29,16 +34,57 @@ fn line(check: impl Into<String>, ok: bool, detail: impl Into<String>) -> CheckL
     CheckLine {
         check: check.into(),
         ok,
+        warning: false,
         detail: detail.into(),
     }
 }
 
+fn warn(check: impl Into<String>, detail: impl Into<String>) -> CheckLine {
+    CheckLine {
+        warning: true,
+        ..line(check, true, detail)
+    }
+}
+
+/// Configuration that is valid but probably not what was meant.
+fn configuration_warnings(settings: &Settings) -> Vec<CheckLine> {
+    let b = &settings.backends;
+    let mut out = Vec::new();
+    if b.pod.enabled
+        && b.agent_sandbox.enabled
+        && b.pod.object_name_prefix == b.agent_sandbox.object_name_prefix
+    {
+        out.push(warn(
+            "backend attribution",
+            "both backends are enabled with the same object_name_prefix, so a row whose object is missing cannot be attributed: it is reported as backend \"unknown\" and counts against both backends' guards; set backends.pod.object_name_prefix and backends.agent_sandbox.object_name_prefix",
+        ));
+    }
+    if settings.cluster.expected_uid.is_empty() {
+        out.push(warn(
+            "cluster pin",
+            "cluster.expected_uid is empty: a wrong kubeconfig context with the same namespaces would be swept; pin the cluster (see the cluster identity line)",
+        ));
+    }
+    out
+}
+
 /// Runs every check; never stops at the first failure.
-pub async fn run(settings: &Settings, client: Result<Client, String>) -> Vec<CheckLine> {
+pub async fn run(
+    settings: &Settings,
+    client: Result<(Client, crate::cluster::client::ClientOrigin), String>,
+) -> Vec<CheckLine> {
     let mut lines = vec![line("configuration", true, "loaded and valid")];
+    lines.extend(configuration_warnings(settings));
     lines.extend(database_checks(settings).await);
     match client {
-        Ok(client) => lines.extend(cluster_checks(settings, client).await),
+        Ok((client, origin)) => {
+            lines.push(line(
+                "kubernetes client",
+                true,
+                format!("{} ({})", origin.server, origin.source),
+            ));
+            lines.extend(cluster_checks(settings, client).await);
+        }
         Err(e) => lines.push(line("kubernetes client", false, e)),
     }
     lines
@@ -69,72 +115,48 @@ async fn database_checks(settings: &Settings) -> Vec<CheckLine> {
             return out;
         }
     };
-    match store::verify_table(&mut conn, &mapping).await {
-        Ok(()) => out.push(line(
-            "session table and columns",
-            true,
-            format!("{} has every mapped column", mapping.table_display()),
-        )),
-        Err(e) => {
-            out.push(line("session table and columns", false, e.to_string()));
-            return out;
-        }
-    }
-    // Column types the queries rely on.
-    let types = sqlx::query(
-        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
-         WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
-    )
-    .bind(mapping.table.to_string())
-    .fetch_all(&mut conn)
-    .await
-    .map(|rows| {
-        rows.iter()
-            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
-            .collect::<Vec<_>>()
-    });
-    match types {
-        Ok(types) => {
-            let type_of = |c: &str| {
-                types
-                    .iter()
-                    .find(|(n, _)| n == c)
-                    .map(|(_, t)| t.clone())
-                    .unwrap_or_default()
-            };
-            let textual = |t: &str| {
-                t == "text" || t.starts_with("character varying") || t.starts_with("character(")
-            };
-            let u = type_of(mapping.updated_at.name());
-            let ok = u.starts_with("timestamp");
+    let mapping = match store::resolve(&mut conn, &mapping).await {
+        Ok(resolved) => {
             out.push(line(
-                format!("{} column type", mapping.updated_at.name()),
-                ok,
-                if ok {
-                    u.clone()
-                } else {
-                    format!("{u}; it must be timestamp or timestamptz (sessions.updated_at_column)")
-                },
+                "session table",
+                true,
+                format!(
+                    "{} (configured as {}): every mapped column, types usable, key unique",
+                    resolved.table_display(),
+                    mapping.table_display()
+                ),
             ));
-            for (key, column) in [
-                ("sessions.state_column", mapping.state.name()),
-                ("sessions.object_column", mapping.object.name()),
-            ] {
-                let t = type_of(column);
-                let ok = textual(&t);
+            if let Some(r) = &resolved.resolved {
                 out.push(line(
-                    format!("{column} column type"),
-                    ok,
-                    if ok {
-                        t.clone()
-                    } else {
-                        format!("{t}; it must be text or varchar ({key})")
-                    },
+                    "column types",
+                    true,
+                    format!(
+                        "key {}, state {}, object {}{}, updated_at {}",
+                        r.key_type,
+                        r.state_type,
+                        r.object_type,
+                        r.scope_type
+                            .as_ref()
+                            .map(|t| format!(", scope {t}"))
+                            .unwrap_or_default(),
+                        if r.naive_updated_at {
+                            format!(
+                                "timestamp without time zone, read in {}",
+                                resolved.updated_at_zone.as_deref().unwrap_or("?")
+                            )
+                        } else {
+                            "timestamptz".to_string()
+                        }
+                    ),
                 ));
             }
+            resolved
         }
-        Err(e) => out.push(line("column types", false, e.to_string())),
-    }
+        Err(e) => {
+            out.push(line("session table", false, redact(e.to_string())));
+            return out;
+        }
+    };
     let privileges: Result<(bool, bool), sqlx::Error> = sqlx::query_as(
         "SELECT has_table_privilege(to_regclass($1), 'SELECT'), has_table_privilege(to_regclass($1), 'UPDATE')",
     )
@@ -173,6 +195,82 @@ fn yes(b: bool) -> &'static str {
 }
 
 async fn cluster_checks(settings: &Settings, client: Client) -> Vec<CheckLine> {
+    let mut out = scope_checks(settings, client.clone()).await;
+    out.extend(access_checks(settings, client).await);
+    out
+}
+
+/// The cluster's identity and the configured namespaces, as a sweep checks them.
+async fn scope_checks(settings: &Settings, client: Client) -> Vec<CheckLine> {
+    let cluster = crate::cluster::KubeCluster::with_client(client, settings);
+    let expected = Some(settings.cluster.expected_uid.trim()).filter(|u| !u.is_empty());
+    match cluster.verify_scope(expected).await {
+        Ok(crate::cluster::ScopeVerdict::Proceed { cluster_uid }) => vec![
+            line(
+                "cluster identity",
+                true,
+                format!(
+                    "kube-system UID {cluster_uid}{}",
+                    if expected.is_some() {
+                        " (matches cluster.expected_uid)"
+                    } else {
+                        "; set cluster.expected_uid to it to pin this cluster"
+                    }
+                ),
+            ),
+            line(
+                "namespaces",
+                true,
+                match settings.namespaces() {
+                    Some(list) => format!("{} exist", list.join(", ")),
+                    None => "all namespaces".to_string(),
+                },
+            ),
+        ],
+        Ok(crate::cluster::ScopeVerdict::Refuse {
+            reason,
+            detail,
+            cluster_uid,
+        }) => vec![
+            line(
+                "cluster identity",
+                true,
+                format!("kube-system UID {cluster_uid}"),
+            ),
+            line(format!("scope ({})", reason.as_str()), false, detail),
+        ],
+        Err(e) => vec![line("cluster identity", false, e.to_string())],
+    }
+}
+
+/// One permission a sweep needs.
+struct Permission {
+    group: String,
+    resource: String,
+    verb: &'static str,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+impl Permission {
+    fn describe(&self) -> (String, String) {
+        let full = if self.group.is_empty() {
+            self.resource.clone()
+        } else {
+            format!("{}.{}", self.resource, self.group)
+        };
+        let scope = match (&self.namespace, &self.name) {
+            (_, Some(name)) => name.clone(),
+            (Some(n), None) => format!("in namespace {n}"),
+            (None, None) => "in all namespaces".into(),
+        };
+        (format!("{} {full} {scope}", self.verb), full)
+    }
+}
+
+/// Every permission a sweep needs: list and get of each backend's resource in each
+/// namespace, and get of the configured Namespaces and kube-system (the cluster's identity).
+fn permissions(settings: &Settings) -> Vec<Permission> {
     let mut resources: Vec<(&str, String)> = Vec::new();
     if settings.backends.pod.enabled {
         resources.push(("", "pods".to_string()));
@@ -185,57 +283,84 @@ async fn cluster_checks(settings: &Settings, client: Client) -> Vec<CheckLine> {
         Some(list) => list.iter().cloned().map(Some).collect(),
         None => vec![None],
     };
-    let api: Api<SelfSubjectAccessReview> = Api::all(client);
     let mut out = Vec::new();
     for (group, resource) in &resources {
         for ns in &namespaces {
             for verb in ["list", "get"] {
-                let review = SelfSubjectAccessReview {
-                    spec: SelfSubjectAccessReviewSpec {
-                        resource_attributes: Some(ResourceAttributes {
-                            group: Some(group.to_string()),
-                            resource: Some(resource.clone()),
-                            verb: Some(verb.to_string()),
-                            namespace: ns.clone(),
-                            ..ResourceAttributes::default()
-                        }),
-                        ..SelfSubjectAccessReviewSpec::default()
-                    },
-                    ..SelfSubjectAccessReview::default()
-                };
-                let full = if group.is_empty() {
-                    resource.clone()
-                } else {
-                    format!("{resource}.{group}")
-                };
-                let scope = ns
-                    .as_deref()
-                    .map(|n| format!("namespace {n}"))
-                    .unwrap_or_else(|| "all namespaces".into());
-                let name = format!("{verb} {full} in {scope}");
-                let answer = tokio::time::timeout(
-                    std::time::Duration::from_secs(settings.cluster.request_timeout_seconds),
-                    api.create(&PostParams::default(), &review),
-                )
-                .await;
-                out.push(match answer {
-                    Ok(Ok(r)) => {
-                        let status = r.status.unwrap_or_default();
-                        let detail = if status.allowed {
-                            "allowed".to_string()
-                        } else {
-                            format!(
-                                "forbidden{}; grant {verb} on {full} to the reconciler's service account",
-                                status.reason.map(|r| format!(" ({r})")).unwrap_or_default()
-                            )
-                        };
-                        line(name, status.allowed, detail)
-                    }
-                    Ok(Err(e)) => line(name, false, format!("access review failed: {e}")),
-                    Err(_) => line(name, false, "the API server did not answer in time"),
+                out.push(Permission {
+                    group: group.to_string(),
+                    resource: resource.clone(),
+                    verb,
+                    namespace: ns.clone(),
+                    name: None,
                 });
             }
         }
+    }
+    let mut named = vec!["kube-system".to_string()];
+    named.extend(settings.namespaces().into_iter().flatten().cloned());
+    for ns in named {
+        // The API server checks a GET of Namespace N against bindings in N (a Role in each
+        // watched namespace) and cluster-wide ones (the ClusterRole for kube-system), so
+        // the review names N as both object and namespace, as the real request does.
+        out.push(Permission {
+            group: String::new(),
+            resource: "namespaces".into(),
+            verb: "get",
+            namespace: Some(ns.clone()),
+            name: Some(ns),
+        });
+    }
+    out
+}
+
+/// SelfSubjectAccessReviews of every permission a sweep needs.
+async fn access_checks(settings: &Settings, client: Client) -> Vec<CheckLine> {
+    let api: Api<SelfSubjectAccessReview> = Api::all(client);
+    let mut out = Vec::new();
+    for p in permissions(settings) {
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(p.group.clone()),
+                    resource: Some(p.resource.clone()),
+                    verb: Some(p.verb.to_string()),
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        let (name, full) = p.describe();
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(settings.cluster.request_timeout_seconds),
+            api.create(&PostParams::default(), &review),
+        )
+        .await;
+        out.push(match answer {
+            Ok(Ok(r)) => {
+                let status = r.status.unwrap_or_default();
+                let detail = if status.allowed {
+                    "allowed".to_string()
+                } else {
+                    format!(
+                        "forbidden{}; grant {} on {full} to the reconciler's service account{}",
+                        status.reason.map(|r| format!(" ({r})")).unwrap_or_default(),
+                        p.verb,
+                        if p.resource == "namespaces" {
+                            " (deploy/common: the Role in each watched namespace, the ClusterRole for kube-system)"
+                        } else {
+                            ""
+                        }
+                    )
+                };
+                line(name, status.allowed, detail)
+            }
+            Ok(Err(e)) => line(name, false, format!("access review failed: {e}")),
+            Err(_) => line(name, false, "the API server did not answer in time"),
+        });
     }
     out
 }
@@ -251,13 +376,12 @@ pub fn render(lines: &[CheckLine]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{:<width$}  RESULT  DETAIL", "CHECK");
     for l in lines {
-        let _ = writeln!(
-            out,
-            "{:<width$}  {:<6}  {}",
-            l.check,
-            if l.ok { "pass" } else { "FAIL" },
-            l.detail
-        );
+        let result = match (l.ok, l.warning) {
+            (false, _) => "FAIL",
+            (true, true) => "warn",
+            (true, false) => "pass",
+        };
+        let _ = writeln!(out, "{:<width$}  {:<6}  {}", l.check, result, l.detail);
     }
     let failed = lines.iter().filter(|l| !l.ok).count();
     if failed == 0 {

@@ -97,8 +97,17 @@ pub enum Command {
 
 /// Sets up logging; RUST_LOG overrides the default level (info).
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    // kube-client's HTTP layer logs every failed request at ERROR on its own; the reconciler
+    // logs each failure once, with what it was doing, so that line is off unless RUST_LOG
+    // names kube_client itself.
+    let env = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,kube=warn"));
+    if !env.contains("kube_client") {
+        if let Ok(off) = "kube_client::client::builder=off".parse() {
+            filter = filter.add_directive(off);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -128,12 +137,7 @@ pub async fn build(cli: &Cli, settings: Settings) -> Result<Reconciler, String> 
                 .map_err(|e| e.to_string())?,
         )),
     };
-    Ok(Reconciler {
-        settings,
-        database,
-        mapping,
-        source,
-    })
+    Ok(Reconciler::new(settings, database, mapping, source))
 }
 
 /// Runs the command line; returns the process exit code.
@@ -175,6 +179,18 @@ pub async fn run(cli: Cli) -> ExitCode {
         dry_run: cli.dry_run,
         max_downgrades: cli.max_downgrades,
     };
+    // Resolve the table and run the audit migrations once, before any sweep: a table that
+    // does not fit the configuration is a configuration error (exit 2). A database that does
+    // not answer yet is not: the sweep reports it (and the daemon retries).
+    let dry_run = reconciler.is_dry_run(&options);
+    if let Err(e) = reconciler.prepare_at_start(!dry_run).await {
+        let message = crate::store::redact(&e.to_string(), &reconciler.settings.database.url);
+        if e.is_configuration() {
+            eprintln!("error: {message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        tracing::warn!("preparing the session table failed (retried by the sweep): {message}");
+    }
     if !cli.once && cli.cluster_snapshot.is_none() {
         return match crate::daemon::run(reconciler, options, metrics).await {
             Ok(()) => ExitCode::from(EXIT_OK),
@@ -223,7 +239,8 @@ async fn run_undo(
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match crate::undo::run(&database, &mapping, request).await {
+    let lock_wait = std::time::Duration::from_secs(settings.database.writer_lock_wait_seconds);
+    match crate::undo::run(&database, &mapping, request, lock_wait).await {
         Ok(report) => {
             match output {
                 OutputFormat::Json => println!(
@@ -239,23 +256,19 @@ async fn run_undo(
                 "error: {}",
                 crate::store::redact(&e.to_string(), &settings.database.url)
             );
-            ExitCode::from(EXIT_FAILED)
+            ExitCode::from(if e.is_configuration() {
+                EXIT_CONFIG
+            } else {
+                EXIT_FAILED
+            })
         }
     }
 }
 
 async fn run_check(settings: &Settings) -> ExitCode {
-    let client = match kube::Config::infer().await {
-        Ok(mut config) => {
-            config.read_timeout = Some(std::time::Duration::from_secs(
-                settings.cluster.request_timeout_seconds,
-            ));
-            kube::Client::try_from(config).map_err(|e| e.to_string())
-        }
-        Err(e) => Err(format!(
-            "{e}; run in a pod with a service account, or set KUBECONFIG"
-        )),
-    };
+    let client = crate::cluster::client::connect(settings)
+        .await
+        .map_err(|e| e.to_string());
     let lines = crate::check::run(settings, client).await;
     print!("{}", crate::check::render(&lines));
     if lines.iter().all(|l| l.ok) {

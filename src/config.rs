@@ -58,6 +58,10 @@ pub struct DatabaseSettings {
     pub lock_timeout_seconds: u64,
     /// How long `--once` waits for the writer lock held by another reconciler.
     pub writer_lock_wait_seconds: u64,
+    /// Client-side deadline of every database call; longer than statement_timeout_seconds so
+    /// the server's own timeout normally fires first. A half-open connection (after a
+    /// failover) never answers at all: this is what ends the wait.
+    pub client_deadline_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +84,9 @@ pub struct SessionSettings {
     /// Optional row scope: only rows with `scope_column = scope_value` are read or written.
     pub scope_column: String,
     pub scope_value: String,
+    /// The zone a `timestamp without time zone` updated_at column is written in (e.g.
+    /// "America/New_York"); required for such a column, ignored for timestamptz.
+    pub updated_at_time_zone: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +107,9 @@ pub struct ClusterSettings {
     pub request_timeout_seconds: u64,
     /// Concurrent confirming GETs.
     pub confirm_concurrency: usize,
+    /// The cluster's identity (the kube-system Namespace's UID) this reconciler may act on;
+    /// empty = any cluster (its identity is still recorded).
+    pub expected_uid: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -155,12 +165,18 @@ pub struct GuardSettings {
     pub max_live_missing_ratio: f64,
     /// ... but only once at least this many live rows have no object.
     pub min_live_missing: u64,
+    /// Agent-sandbox backend: refuse when more than this share of its suspended rows have no
+    /// Sandbox (pausing keeps the Sandbox); 1 turns this guard off.
+    pub max_suspended_missing_ratio: f64,
+    pub min_suspended_missing: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
     pub listen: String,
+    /// /healthz fails when a sweep has been running longer than this many schedule periods.
+    pub liveness_sweep_periods: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -177,6 +193,7 @@ impl Default for DatabaseSettings {
             statement_timeout_seconds: 60,
             lock_timeout_seconds: 5,
             writer_lock_wait_seconds: 0,
+            client_deadline_seconds: 90,
         }
     }
 }
@@ -196,6 +213,7 @@ impl Default for SessionSettings {
             other_states: vec!["creating".into(), "error".into(), "stopped".into()],
             scope_column: String::new(),
             scope_value: String::new(),
+            updated_at_time_zone: String::new(),
         }
     }
 }
@@ -215,6 +233,7 @@ impl Default for ClusterSettings {
             page_size: 500,
             request_timeout_seconds: 30,
             confirm_concurrency: 16,
+            expected_uid: String::new(),
         }
     }
 }
@@ -262,6 +281,8 @@ impl Default for GuardSettings {
         GuardSettings {
             max_live_missing_ratio: 0.5,
             min_live_missing: 3,
+            max_suspended_missing_ratio: 0.5,
+            min_suspended_missing: 3,
         }
     }
 }
@@ -270,6 +291,7 @@ impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
             listen: "0.0.0.0:9090".into(),
+            liveness_sweep_periods: 3,
         }
     }
 }
@@ -353,18 +375,25 @@ impl Settings {
             Identifier::parse(value).map_err(|e| invalid(key, e))?;
         }
         let mapped = [
-            &s.key_column,
-            &s.state_column,
-            &s.object_column,
-            &s.updated_at_column,
+            ("sessions.key_column", &s.key_column),
+            ("sessions.state_column", &s.state_column),
+            ("sessions.object_column", &s.object_column),
+            ("sessions.updated_at_column", &s.updated_at_column),
+            ("sessions.scope_column", &s.scope_column),
         ];
         for (i, column) in s.clear_columns.iter().enumerate() {
-            Identifier::parse(column)
-                .map_err(|e| invalid(&format!("sessions.clear_columns[{i}]"), e))?;
-            if mapped.contains(&column) {
+            let key = format!("sessions.clear_columns[{i}]");
+            Identifier::parse(column).map_err(|e| invalid(&key, e))?;
+            if let Some((other, _)) = mapped.iter().find(|(_, c)| *c == column) {
                 return Err(invalid(
-                    &format!("sessions.clear_columns[{i}]"),
-                    format!("{column:?} is a mapped column (key, state, object or updated_at) and cannot be cleared; remove it from the list"),
+                    &key,
+                    format!("{column:?} is the column of {other} and cannot be cleared; remove it from the list"),
+                ));
+            }
+            if s.clear_columns[..i].contains(column) {
+                return Err(invalid(
+                    &key,
+                    format!("{column:?} is listed twice; list each column once"),
                 ));
             }
         }
@@ -420,7 +449,20 @@ impl Settings {
                 seen.push((key, state));
             }
         }
-        Identifier::parse_qualified(&self.audit.table).map_err(|e| invalid("audit.table", e))?;
+        let audit = Identifier::parse_qualified(&self.audit.table)
+            .map_err(|e| invalid("audit.table", e))?;
+        // The migrations derive names from it ("<name>_migrations", "<name>_session_idx");
+        // PostgreSQL would silently cut longer ones at 63 bytes, and two could collide.
+        if audit.name().len() > MAX_AUDIT_NAME {
+            return Err(invalid(
+                "audit.table",
+                format!(
+                    "{:?} is longer than {MAX_AUDIT_NAME} bytes; names derived from it (\"{}_session_idx\") must fit PostgreSQL's 63-byte limit",
+                    audit.name(),
+                    audit.name()
+                ),
+            ));
+        }
         if Identifier::parse_qualified(&self.audit.table).ok()
             == Identifier::parse_qualified(&s.table).ok()
         {
@@ -464,6 +506,15 @@ impl Settings {
         if c.confirm_concurrency == 0 {
             return Err(invalid("cluster.confirm_concurrency", "must be at least 1"));
         }
+        if !c.expected_uid.is_empty() && uuid::Uuid::parse_str(c.expected_uid.trim()).is_err() {
+            return Err(invalid(
+                "cluster.expected_uid",
+                format!(
+                    "{:?} is not a UID; use the kube-system Namespace's metadata.uid (kubectl get namespace kube-system -o jsonpath='{{.metadata.uid}}'), or leave it empty",
+                    c.expected_uid
+                ),
+            ));
+        }
 
         let b = &self.backends;
         if !b.pod.enabled && !b.agent_sandbox.enabled {
@@ -489,6 +540,12 @@ impl Settings {
 
         let w = &self.sweep;
         parse_schedule(&w.schedule).map_err(|e| invalid("sweep.schedule", e))?;
+        if w.grace_period_seconds > MAX_GRACE_PERIOD_SECONDS {
+            return Err(invalid(
+                "sweep.grace_period_seconds",
+                format!("must be at most {MAX_GRACE_PERIOD_SECONDS} (100 years); use sweep.dry_run = true to stop downgrades"),
+            ));
+        }
         if w.batch_size == 0 {
             return Err(invalid(
                 "sweep.batch_size",
@@ -503,6 +560,38 @@ impl Settings {
             return Err(invalid(
                 "guard.max_live_missing_ratio",
                 "must be a fraction between 0 and 1 (0.5 = refuse when most live rows have no object)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&g.max_suspended_missing_ratio)
+            || g.max_suspended_missing_ratio.is_nan()
+        {
+            return Err(invalid(
+                "guard.max_suspended_missing_ratio",
+                "must be a fraction between 0 and 1 (0.5 = refuse when most of the agent-sandbox backend's suspended rows have no Sandbox; 1 = off)",
+            ));
+        }
+        let d = &self.database;
+        if d.client_deadline_seconds == 0 {
+            return Err(invalid(
+                "database.client_deadline_seconds",
+                "must be at least 1 (90 is typical)",
+            ));
+        }
+        if d.statement_timeout_seconds > 0
+            && d.client_deadline_seconds <= d.statement_timeout_seconds
+        {
+            return Err(invalid(
+                "database.client_deadline_seconds",
+                format!(
+                    "must be longer than database.statement_timeout_seconds ({}), so the server's own timeout fires first",
+                    d.statement_timeout_seconds
+                ),
+            ));
+        }
+        if self.server.liveness_sweep_periods == 0 {
+            return Err(invalid(
+                "server.liveness_sweep_periods",
+                "must be at least 1 (3 is typical)",
             ));
         }
         if self.database.url.trim().is_empty() {
@@ -531,6 +620,11 @@ impl Settings {
         }
     }
 }
+
+/// The longest audit.table name whose derived names fit 63 bytes.
+const MAX_AUDIT_NAME: usize = 63 - "_session_idx".len();
+/// The longest grace period: long enough for any policy, short enough for date arithmetic.
+pub const MAX_GRACE_PERIOD_SECONDS: u64 = 100 * 365 * 24 * 3600;
 
 /// Parses a cron expression the way the scheduler does (seconds field required, UTC).
 pub fn parse_schedule(expr: &str) -> Result<croner::Cron, String> {

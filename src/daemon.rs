@@ -13,6 +13,12 @@
 //! connection is checked; if it was lost, so was the lock, and the replica competes for it
 //! again like any standby. A standby stays ready, reports `leader 0` and tries to take the
 //! lock at every tick, so it takes over within one schedule period after the writer dies.
+//!
+//! Liveness is judged against the schedule itself: after each tick the daemon exports when
+//! the next one is due (`next_sweep_timestamp_seconds`), and `/healthz` fails only when that
+//! moment has passed without a tick, or when one sweep has run longer than
+//! `server.liveness_sweep_periods` periods. A business-hours schedule is therefore healthy
+//! all night.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +33,7 @@ use crate::config::{parse_schedule, schedule_period};
 use crate::http::{self, HealthState, LastSweep};
 use crate::metrics::Metrics;
 use crate::store;
+use crate::store::TableMapping;
 use crate::sweep::{Reconciler, SweepOptions, SweepReport, SweepResult};
 
 /// Why the daemon could not start.
@@ -47,15 +54,16 @@ impl Leadership {
     /// Makes sure this replica holds the writer lock; `Ok(false)` when another does.
     async fn ensure(&mut self, reconciler: &Reconciler) -> Result<bool, store::StoreError> {
         if let Some(conn) = &mut self.conn {
-            let alive = sqlx::query("SELECT 1").execute(&mut *conn).await.is_ok();
-            if alive {
+            if store::ping(conn, &reconciler.mapping).await {
                 return Ok(true);
             }
             tracing::warn!("lost the writer connection, and the writer lock with it");
             self.conn = None;
         }
         let mut conn = reconciler.database.connect().await?;
-        if store::try_writer_lock(&mut conn, &reconciler.mapping).await? {
+        // The lock is keyed by the table's canonical name, so resolve it first.
+        let mapping: TableMapping = reconciler.prepare(&mut conn, true).await?;
+        if store::try_writer_lock(&mut conn, &mapping).await? {
             tracing::info!("took the writer lock: this replica now sweeps");
             self.conn = Some(conn);
             Ok(true)
@@ -82,9 +90,18 @@ pub async fn run(
     let health = Arc::new(HealthState::default());
     health.worker_alive.store(true, Ordering::Relaxed);
     health
-        .heartbeat_deadline_seconds
-        .store(2 * period.as_secs() as i64 + 60, Ordering::Relaxed);
-    health.beat();
+        .tick_slack_seconds
+        .store(60 + settings.sweep.jitter_seconds as i64, Ordering::Relaxed);
+    health.max_sweep_seconds.store(
+        (settings.server.liveness_sweep_periods * period.as_secs().max(1)) as i64,
+        Ordering::Relaxed,
+    );
+    let schedule = Schedule {
+        cron: cron.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+    };
+    schedule.ticked();
 
     let addr: std::net::SocketAddr =
         settings
@@ -118,14 +135,8 @@ pub async fn run(
     // Ticks: capacity one, and a tick that finds a sweep running is dropped and counted.
     let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
     let running = Arc::new(AtomicBool::new(false));
-    let scheduler = start_scheduler(
-        &settings.sweep.schedule,
-        tick_tx,
-        running.clone(),
-        metrics.clone(),
-        health.clone(),
-    )
-    .await?;
+    let scheduler =
+        start_scheduler(&settings.sweep.schedule, tick_tx, running.clone(), schedule).await?;
 
     let worker = tokio::spawn(worker(
         reconciler,
@@ -156,22 +167,43 @@ pub async fn run(
     Ok(())
 }
 
-async fn start_scheduler(
-    schedule: &str,
-    tick_tx: mpsc::Sender<()>,
-    running: Arc<AtomicBool>,
+/// The schedule's clock: when the next tick is due, for the metric and for liveness.
+#[derive(Clone)]
+struct Schedule {
+    cron: croner::Cron,
     metrics: Arc<Metrics>,
     health: Arc<HealthState>,
+}
+
+impl Schedule {
+    /// Records a tick (or the start): the next one is due at the schedule's next occurrence.
+    fn ticked(&self) {
+        let now = chrono::Utc::now();
+        let next = self
+            .cron
+            .find_next_occurrence(&now, false)
+            .map(|t| t.timestamp())
+            .unwrap_or(i64::MAX);
+        self.metrics.next_sweep_timestamp_seconds.set(next as f64);
+        self.health.next_tick.store(next, Ordering::Relaxed);
+    }
+}
+
+async fn start_scheduler(
+    expression: &str,
+    tick_tx: mpsc::Sender<()>,
+    running: Arc<AtomicBool>,
+    schedule: Schedule,
 ) -> Result<JobScheduler, DaemonError> {
     let err = |e: tokio_cron_scheduler::JobSchedulerError| DaemonError::Schedule(e.to_string());
     let scheduler = JobScheduler::new().await.map_err(err)?;
-    let job = Job::new_async(schedule, move |_, _| {
+    let job = Job::new_async(expression, move |_, _| {
         let tick_tx = tick_tx.clone();
         let running = running.clone();
-        let metrics = metrics.clone();
-        let health = health.clone();
+        let schedule = schedule.clone();
         Box::pin(async move {
-            health.beat();
+            schedule.ticked();
+            let metrics = &schedule.metrics;
             if running.load(Ordering::Acquire) || tick_tx.try_send(()).is_err() {
                 metrics.sweeps_total.with_label_values(&["skipped"]).inc();
                 tracing::warn!("schedule tick skipped: the previous sweep is still running");
@@ -225,7 +257,9 @@ async fn worker(
             return;
         }
         running.store(true, Ordering::Release);
+        health.sweep_started(true);
         let report = sweep_once(&reconciler, &options, &mut leadership, &stop).await;
+        health.sweep_started(false);
         running.store(false, Ordering::Release);
         metrics.record(&report);
         metrics.leader.set(i64::from(leadership.conn.is_some()));
@@ -281,8 +315,7 @@ async fn sweep_once(
     let report = reconciler.sweep_on(conn, options, stop).await;
     if report.error_kind == Some("database") {
         // The connection may be broken; check it (and the lock) before the next sweep.
-        let alive = sqlx::query("SELECT 1").execute(&mut *conn).await.is_ok();
-        if !alive {
+        if !store::ping(conn, &reconciler.mapping).await {
             tracing::warn!("the writer connection failed; the writer lock is released");
             leadership.conn = None;
         }

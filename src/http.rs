@@ -33,10 +33,14 @@ const MAX_HEADER_BYTES: usize = 16 * 1024;
 pub struct HealthState {
     /// Set once configuration is loaded and the first sweep attempt finished.
     pub ready: AtomicBool,
-    /// Unix seconds of the last scheduler heartbeat.
-    pub heartbeat: AtomicI64,
-    /// The scheduler loop counts as dead after this many seconds without a heartbeat.
-    pub heartbeat_deadline_seconds: AtomicI64,
+    /// Unix seconds when the next schedule tick is due.
+    pub next_tick: AtomicI64,
+    /// How late a tick may be before the scheduler counts as dead.
+    pub tick_slack_seconds: AtomicI64,
+    /// Unix seconds when the running sweep started; 0 when none runs.
+    pub sweep_started_at: AtomicI64,
+    /// A sweep running longer than this makes the daemon unhealthy (0 = no limit).
+    pub max_sweep_seconds: AtomicI64,
     /// Cleared when the sweep worker exits.
     pub worker_alive: AtomicBool,
     pub leader: AtomicBool,
@@ -52,16 +56,45 @@ pub struct LastSweep {
 }
 
 impl HealthState {
-    pub fn beat(&self) {
-        self.heartbeat
-            .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+    /// Marks a sweep as started (`true`) or finished (`false`).
+    pub fn sweep_started(&self, running: bool) {
+        let at = if running {
+            chrono::Utc::now().timestamp()
+        } else {
+            0
+        };
+        self.sweep_started_at.store(at, Ordering::Relaxed);
     }
 
-    /// Alive while the worker runs and the scheduler beat recently.
+    /// Why the daemon is not healthy, or `None` when it is: the worker exited, the schedule's
+    /// next tick is overdue, or one sweep has run too long (a hung database call).
+    pub fn unhealthy(&self) -> Option<String> {
+        let now = chrono::Utc::now().timestamp();
+        if !self.worker_alive.load(Ordering::Relaxed) {
+            return Some("the sweep worker stopped".into());
+        }
+        let due = self.next_tick.load(Ordering::Relaxed);
+        let slack = self.tick_slack_seconds.load(Ordering::Relaxed);
+        if now > due.saturating_add(slack) {
+            return Some(format!(
+                "the schedule tick due {}s ago did not happen",
+                now - due
+            ));
+        }
+        let started = self.sweep_started_at.load(Ordering::Relaxed);
+        let limit = self.max_sweep_seconds.load(Ordering::Relaxed);
+        if started > 0 && limit > 0 && now - started > limit {
+            return Some(format!(
+                "the running sweep started {}s ago, longer than server.liveness_sweep_periods schedule periods ({limit}s)",
+                now - started
+            ));
+        }
+        None
+    }
+
+    /// Alive while the worker runs, the schedule ticks on time and no sweep hangs.
     pub fn is_alive(&self) -> bool {
-        let age = chrono::Utc::now().timestamp() - self.heartbeat.load(Ordering::Relaxed);
-        self.worker_alive.load(Ordering::Relaxed)
-            && age <= self.heartbeat_deadline_seconds.load(Ordering::Relaxed)
+        self.unhealthy().is_none()
     }
 }
 
@@ -100,10 +133,12 @@ fn route(
             metrics.render(),
         ),
         "/healthz" => {
-            let alive = health.is_alive();
+            let problem = health.unhealthy();
+            let alive = problem.is_none();
             let last = health.last_sweep.lock().map(|l| l.clone()).unwrap_or(None);
             let body = serde_json::json!({
                 "status": if alive { "ok" } else { "stalled" },
+                "problem": problem,
                 "leader": health.leader.load(Ordering::Relaxed),
                 "version": env!("CARGO_PKG_VERSION"),
                 "last_sweep": last,

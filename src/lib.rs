@@ -2,8 +2,9 @@
 //! Kubernetes cluster: it finds `suspended` session rows whose Pod or Sandbox no longer
 //! exists and downgrades them to `gone`, safely, with an audit record for each.
 //!
-//! See DESIGN.md for the shape: `cluster` and `store` do the I/O, `plan` decides, `sweep`
-//! runs one sweep in the safe order, `report` prints it.
+//! See docs/DESIGN.md for the shape: `cluster` and `store` do the I/O, `snapshot` holds the
+//! values they exchange, `plan` decides, `sweep` runs one sweep in the safe order, `report`
+//! prints it.
 
 pub mod check;
 pub mod cli;
@@ -15,7 +16,12 @@ pub mod metrics;
 pub mod plan;
 pub mod report;
 pub mod selector;
+pub mod snapshot;
 pub mod sql;
 pub mod store;
 pub mod sweep;
 pub mod undo;
+
+/// The git commit this binary was built from ("unknown" outside a git checkout; a build can
+/// set `SANDBOX_RECONCILER_REVISION` instead, e.g. in a container build).
+pub const REVISION: &str = env!("SANDBOX_RECONCILER_REVISION");

@@ -1,20 +1,21 @@
 //! The Prometheus registry and every metric sandbox-reconciler exports.
 //!
 //! Metric names are a contract: the dashboard in `dashboards/` and the alert rules in
-//! `deploy/prometheus/` depend on them. Label values are bounded (backends, states from the
-//! configuration plus "unknown", skip reasons, sweep results, phases, verbs, HTTP codes);
-//! session keys and object names never appear in labels.
+//! `deploy/prometheus/` depend on them. Label values are bounded (backends including
+//! "unknown", states from the configuration plus "unknown", skip and refusal reasons, sweep
+//! results, phases, verbs, HTTP codes, the cluster's identity); session keys and object names
+//! never appear in labels. The standard process collector (`process_*`) is registered too.
 
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::cluster::BackendKind;
 use crate::config::Settings;
-use crate::plan::SkipReason;
+use crate::plan::{RefusalReason, SkipReason};
+use crate::snapshot::BackendKind;
 use crate::sweep::{SweepReport, SweepResult};
 
 const NAMESPACE: &str = "sandbox_reconciler";
@@ -29,9 +30,12 @@ pub struct Metrics {
     pub cluster_objects: IntGaugeVec,
     pub sessions_downgraded_total: IntCounterVec,
     pub deferred_downgrades: IntGauge,
-    pub skipped_rows_total: IntCounterVec,
+    pub skipped_rows: IntGaugeVec,
     pub sweeps_total: IntCounterVec,
-    pub sweep_duration_seconds: HistogramVec,
+    pub sweep_duration_seconds: Histogram,
+    pub sweep_phase_duration_seconds: HistogramVec,
+    pub next_sweep_timestamp_seconds: Gauge,
+    pub cluster_info: IntGaugeVec,
     pub last_success_timestamp_seconds: Gauge,
     pub last_sweep_timestamp_seconds: Gauge,
     pub guard_refusals_total: IntCounterVec,
@@ -84,17 +88,26 @@ impl Metrics {
                 backend)),
             deferred_downgrades: register!(r, IntGauge::with_opts(
                 opts("deferred_downgrades", "Orphans left for a later sweep by the per-sweep cap (or a guard refusal)."))),
-            skipped_rows_total: register!(r, IntCounterVec::new(
-                opts("skipped_rows_total", "Rows passed over, by reason."),
+            skipped_rows: register!(r, IntGaugeVec::new(
+                opts("skipped_rows", "Rows the last completed sweep passed over, by reason (the same rows count again in every sweep until they change)."),
                 &["reason"])),
             sweeps_total: register!(r, IntCounterVec::new(
                 opts("sweeps_total", "Sweeps by result: success, failed, refused (a guard refused to act), skipped (another sweep or writer was active)."),
                 &["result"])),
-            sweep_duration_seconds: register!(r, HistogramVec::new(
-                HistogramOpts::new("sweep_duration_seconds", "Duration of sweep phases.")
+            sweep_duration_seconds: register!(r, Histogram::with_opts(
+                HistogramOpts::new("sweep_duration_seconds", "Duration of whole sweeps that ran (not skipped).")
                     .namespace(NAMESPACE)
-                    .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
+                    .buckets(DURATION_BUCKETS.to_vec()))),
+            sweep_phase_duration_seconds: register!(r, HistogramVec::new(
+                HistogramOpts::new("sweep_phase_duration_seconds", "Duration of each sweep phase that ran (apply: only when a batch was written).")
+                    .namespace(NAMESPACE)
+                    .buckets(DURATION_BUCKETS.to_vec()),
                 &["phase"])),
+            next_sweep_timestamp_seconds: register!(r, Gauge::with_opts(
+                opts("next_sweep_timestamp_seconds", "Unix time the next scheduled sweep is due (daemon only)."))),
+            cluster_info: register!(r, IntGaugeVec::new(
+                opts("cluster_info", "Always 1; the cluster the last sweep looked at: the kube-system Namespace's UID and the API server URL."),
+                &["cluster_uid", "server"])),
             last_success_timestamp_seconds: register!(r, Gauge::with_opts(
                 opts("last_success_timestamp_seconds", "Unix time of the last successful sweep."))),
             last_sweep_timestamp_seconds: register!(r, Gauge::with_opts(
@@ -105,8 +118,8 @@ impl Metrics {
             leader: register!(r, IntGauge::with_opts(
                 opts("leader", "1 while this replica holds the writer lock."))),
             build_info: register!(r, IntGaugeVec::new(
-                opts("build_info", "Always 1; the version label says which build runs."),
-                &["version"])),
+                opts("build_info", "Always 1; the version and revision (git commit) labels say which build runs."),
+                &["version", "revision"])),
             kube_requests_total: register!(r, IntCounterVec::new(
                 opts("kube_requests_total", "Kubernetes API requests by verb and HTTP status (0: no answer)."),
                 &["verb", "code"])),
@@ -118,31 +131,39 @@ impl Metrics {
                 opts("sweep_interval_seconds", "Nominal period of the sweep schedule."))),
             registry: r,
         };
+        #[cfg(target_os = "linux")]
+        if let Err(e) = m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )) {
+            tracing::warn!("the process collector could not be registered: {e}");
+        }
         m.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::REVISION])
             .set(1);
         m.dry_run.set(i64::from(settings.sweep.dry_run));
         for result in ["success", "failed", "refused", "skipped"] {
             m.sweeps_total.with_label_values(&[result]);
         }
-        for phase in ["list_cluster", "read_db", "confirm", "apply", "total"] {
-            m.sweep_duration_seconds.with_label_values(&[phase]);
+        for phase in PHASES {
+            m.sweep_phase_duration_seconds.with_label_values(&[phase]);
         }
-        for reason in ["empty_listing", "live_rows_missing"] {
-            m.guard_refusals_total.with_label_values(&[reason]);
+        for reason in RefusalReason::ALL {
+            m.guard_refusals_total.with_label_values(&[reason.as_str()]);
         }
-        for reason in ALL_SKIP_REASONS {
-            m.skipped_rows_total.with_label_values(&[reason.as_str()]);
+        for reason in SkipReason::ALL {
+            m.skipped_rows.with_label_values(&[reason.as_str()]);
         }
-        let mut backends = Vec::new();
-        if settings.backends.pod.enabled {
-            backends.push(BackendKind::Pod);
-        }
-        if settings.backends.agent_sandbox.enabled {
-            backends.push(BackendKind::AgentSandbox);
-        }
-        for b in backends {
-            m.sessions_downgraded_total.with_label_values(&[b.as_str()]);
+        let b = &settings.backends;
+        for kind in BackendKind::ALL {
+            let enabled = match kind {
+                BackendKind::Pod => b.pod.enabled,
+                BackendKind::AgentSandbox => b.agent_sandbox.enabled,
+                BackendKind::Unknown => b.pod.enabled && b.agent_sandbox.enabled,
+            };
+            if enabled {
+                m.sessions_downgraded_total
+                    .with_label_values(&[kind.as_str()]);
+            }
         }
         Arc::new(m)
     }
@@ -157,10 +178,11 @@ impl Metrics {
         }
         let now = report.started_at.timestamp_millis() as f64 / 1000.0 + report.timings.total;
         self.last_sweep_timestamp_seconds.set(now);
-        for (reason, n) in &report.skipped {
-            self.skipped_rows_total
-                .with_label_values(&[reason.as_str()])
-                .inc_by(*n);
+        if let Some(uid) = &report.cluster_uid {
+            self.cluster_info.reset();
+            self.cluster_info
+                .with_label_values(&[uid.as_str(), report.cluster_server.as_deref().unwrap_or("")])
+                .set(1);
         }
         for (backend, b) in &report.backends {
             if b.downgraded > 0 {
@@ -170,16 +192,19 @@ impl Metrics {
             }
         }
         let t = &report.timings;
-        for (phase, seconds) in [
-            ("list_cluster", t.list_cluster),
-            ("read_db", t.read_db),
-            ("confirm", t.confirm),
-            ("apply", t.apply),
-            ("total", t.total),
+        self.sweep_duration_seconds.observe(t.total);
+        // Only the phases that ran: an apply phase that wrote nothing is not a 0 s apply.
+        for (phase, seconds, ran) in [
+            ("list_cluster", t.list_cluster, t.list_cluster > 0.0),
+            ("read_db", t.read_db, t.read_db > 0.0),
+            ("confirm", t.confirm, report.selected > 0),
+            ("apply", t.apply, report.batches > 0),
         ] {
-            self.sweep_duration_seconds
-                .with_label_values(&[phase])
-                .observe(seconds);
+            if ran {
+                self.sweep_phase_duration_seconds
+                    .with_label_values(&[phase])
+                    .observe(seconds);
+            }
         }
         match report.result {
             SweepResult::Failed => {
@@ -198,13 +223,23 @@ impl Metrics {
                 if report.result == SweepResult::Success {
                     self.last_success_timestamp_seconds.set(now);
                 }
-                self.set_gauges(report);
+                // A refusal before planning (wrong cluster, missing namespace) saw no rows:
+                // the gauges keep the last planned sweep's values.
+                if !report.backends.is_empty() {
+                    self.set_gauges(report);
+                }
             }
             SweepResult::Skipped => {}
         }
     }
 
     fn set_gauges(&self, report: &SweepReport) {
+        for reason in SkipReason::ALL {
+            let n = report.skipped.get(&reason).copied().unwrap_or(0);
+            self.skipped_rows
+                .with_label_values(&[reason.as_str()])
+                .set(n as i64);
+        }
         self.sessions.reset();
         for (state, n) in &report.rows_by_state {
             self.sessions
@@ -252,14 +287,10 @@ impl Metrics {
     }
 }
 
-/// Every skip reason, for initialising their series.
-const ALL_SKIP_REASONS: [SkipReason; 8] = [
-    SkipReason::UnknownState,
-    SkipReason::NullState,
-    SkipReason::NullObjectName,
-    SkipReason::InvalidObjectName,
-    SkipReason::NullUpdatedAt,
-    SkipReason::ChangedMeanwhile,
-    SkipReason::ConfirmFailed,
-    SkipReason::ObjectReappeared,
+/// The phases of `sweep_phase_duration_seconds`.
+pub const PHASES: [&str; 4] = ["list_cluster", "read_db", "confirm", "apply"];
+
+/// Buckets of both duration histograms: past the longest sweep a CronJob allows (1800 s).
+const DURATION_BUCKETS: [f64; 15] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
 ];

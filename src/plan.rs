@@ -2,16 +2,30 @@
 //!
 //! Nothing here does I/O. Rows are fed one at a time ([`Planner::observe`]) so a sweep can
 //! stream millions of rows from PostgreSQL without holding them; only orphan candidates are
-//! kept. Every safety rule that can be decided from values alone lives here and is tested
-//! with plain values: not seen is not gone (an object in the snapshot protects its row),
-//! fresh rows are left alone, the misconfiguration guard, and the per-sweep cap.
+//! kept, and of those only the oldest `max_downgrades` (a bounded heap). Every safety rule
+//! that can be decided from values alone lives here and is tested with plain values: not seen
+//! is not gone (an object in the snapshot protects its row), fresh rows are left alone, the
+//! misconfiguration guards (global and per backend), and the per-sweep cap.
+//!
+//! The guards, in the order they are checked (docs/DESIGN.md, "Guards"):
+//! 1. `empty_listing`: nothing at all was listed while rows are in live states.
+//! 2. `backend_empty_listing`: one backend listed nothing while rows could belong to it. On
+//!    the bare-pod backend only live rows count (a suspended row's pod is gone by design); on
+//!    the agent-sandbox backend suspended rows count too (a paused Sandbox keeps its object).
+//! 3. `live_rows_missing`: most live rows have no object either.
+//! 4. `suspended_objects_missing` (agent-sandbox only): more than a configured share of the
+//!    backend's suspended rows have no Sandbox. Pausing never deletes a Sandbox, so a mass of
+//!    such rows means the listing is looking in the wrong place.
+//!
+//! A row whose object is missing could belong to any backend it is attributed to; a row
+//! attributed to no backend (`unknown`) counts against every backend's guard.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
 
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 
-use crate::cluster::{BackendKind, ClusterSnapshot};
+use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot};
 
 /// One session row as read from the database. `None` is SQL NULL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +47,10 @@ pub struct Policy {
     pub max_downgrades: usize,
     pub max_live_missing_ratio: f64,
     pub min_live_missing: u64,
+    /// Agent-sandbox backend: refuse when more than this share of its suspended rows have no
+    /// Sandbox (1.0 disables this guard and the suspended-row part of the empty-listing guard).
+    pub max_suspended_missing_ratio: f64,
+    pub min_suspended_missing: u64,
 }
 
 /// A suspended row whose object is absent from the complete snapshot.
@@ -68,6 +86,18 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    /// Every reason, for initialising metric series; a new variant must be added here.
+    pub const ALL: [SkipReason; 8] = [
+        SkipReason::UnknownState,
+        SkipReason::NullState,
+        SkipReason::NullObjectName,
+        SkipReason::InvalidObjectName,
+        SkipReason::NullUpdatedAt,
+        SkipReason::ChangedMeanwhile,
+        SkipReason::ConfirmFailed,
+        SkipReason::ObjectReappeared,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SkipReason::UnknownState => "unknown_state",
@@ -89,10 +119,14 @@ pub struct BackendCounts {
     pub cluster_objects: u64,
     /// Listed objects no row (in any state) refers to.
     pub untracked_objects: u64,
+    /// Rows in a live state whose object is listed.
+    pub live_with_object: u64,
     /// Rows in a live state whose object is missing.
     pub live_without_object: u64,
     /// Suspended rows whose object exists (healthy for agent-sandbox).
     pub suspended_with_object: u64,
+    /// Suspended rows whose object is missing, within the grace period or not.
+    pub suspended_without_object: u64,
     /// Suspended rows past the grace period whose object is missing.
     pub orphaned_suspended: u64,
 }
@@ -113,15 +147,37 @@ pub enum GuardVerdict {
 pub enum RefusalReason {
     /// The cluster listing is empty while live rows exist.
     EmptyListing,
+    /// One backend listed nothing while rows could belong to it.
+    BackendEmptyListing,
     /// Most live rows have no object either.
     LiveRowsMissing,
+    /// Too many of the agent-sandbox backend's suspended rows have no Sandbox.
+    SuspendedObjectsMissing,
+    /// A configured namespace does not exist (checked before listing).
+    NamespaceMissing,
+    /// The cluster is not the one `cluster.expected_uid` names.
+    ClusterMismatch,
 }
 
 impl RefusalReason {
+    /// Every reason, for initialising metric series; a new variant must be added here.
+    pub const ALL: [RefusalReason; 6] = [
+        RefusalReason::EmptyListing,
+        RefusalReason::BackendEmptyListing,
+        RefusalReason::LiveRowsMissing,
+        RefusalReason::SuspendedObjectsMissing,
+        RefusalReason::NamespaceMissing,
+        RefusalReason::ClusterMismatch,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RefusalReason::EmptyListing => "empty_listing",
+            RefusalReason::BackendEmptyListing => "backend_empty_listing",
             RefusalReason::LiveRowsMissing => "live_rows_missing",
+            RefusalReason::SuspendedObjectsMissing => "suspended_objects_missing",
+            RefusalReason::NamespaceMissing => "namespace_missing",
+            RefusalReason::ClusterMismatch => "cluster_mismatch",
         }
     }
 }
@@ -150,7 +206,10 @@ pub struct Planner<'a> {
     policy: &'a Policy,
     cutoff: DateTime<Utc>,
     referenced: Vec<HashSet<&'a str>>,
-    orphans: Vec<OrphanedRow>,
+    /// The oldest `max_downgrades` orphans seen so far (a max-heap on age order, so the
+    /// youngest kept orphan is dropped first).
+    oldest: BinaryHeap<OldestFirst>,
+    orphans_found: u64,
     rows_read: u64,
     rows_by_state: BTreeMap<String, u64>,
     backends: BTreeMap<BackendKind, BackendCounts>,
@@ -189,7 +248,8 @@ impl<'a> Planner<'a> {
             policy,
             cutoff: snapshot.listing_started_at - policy.grace_period,
             referenced: snapshot.backends.iter().map(|_| HashSet::new()).collect(),
-            orphans: Vec::new(),
+            oldest: BinaryHeap::new(),
+            orphans_found: 0,
             rows_read: 0,
             rows_by_state: BTreeMap::new(),
             backends,
@@ -228,18 +288,12 @@ impl<'a> Planner<'a> {
             || p.other_states.iter().any(|s| s == state)
     }
 
-    /// The backend a row with a missing object is counted under: the one with the longest
-    /// `object_name_prefix` that matches the name (the first backend on a tie).
+    /// The backend a row with a missing object is counted under: among the enabled backends
+    /// whose `object_name_prefix` starts the name ("" matches every name), the one with the
+    /// strictly longest prefix; `Unknown` when none matches or two tie (both backends enabled
+    /// without prefixes). Never a backend that is not enabled.
     fn attribute(&self, name: &str) -> BackendKind {
-        let mut best: Option<&crate::cluster::BackendView> = None;
-        for b in &self.snapshot.backends {
-            if name.starts_with(b.name_prefix.as_str())
-                && best.is_none_or(|x| b.name_prefix.len() > x.name_prefix.len())
-            {
-                best = Some(b);
-            }
-        }
-        best.map_or(BackendKind::Pod, |b| b.kind)
+        attribute(&self.snapshot.backends, name)
     }
 
     /// Marks every backend's object of that name as referenced by a row.
@@ -283,20 +337,24 @@ impl<'a> Planner<'a> {
             return;
         }
         if let Some(i) = self.reference(name) {
+            let counts = self
+                .backends
+                .entry(self.snapshot.backends[i].kind)
+                .or_default();
             if suspended {
-                let kind = self.snapshot.backends[i].kind;
-                self.backends.entry(kind).or_default().suspended_with_object += 1;
+                counts.suspended_with_object += 1;
+            } else {
+                counts.live_with_object += 1;
             }
             return;
         }
         let backend = self.attribute(name);
+        let counts = self.backends.entry(backend).or_default();
         if live {
-            self.backends
-                .entry(backend)
-                .or_default()
-                .live_without_object += 1;
+            counts.live_without_object += 1;
             return;
         }
+        counts.suspended_without_object += 1;
         let Some(updated_at) = row.updated_at else {
             self.skip(SkipReason::NullUpdatedAt);
             return;
@@ -305,13 +363,105 @@ impl<'a> Planner<'a> {
             self.within_grace += 1;
             return;
         }
-        self.orphans.push(OrphanedRow {
+        self.orphans_found += 1;
+        self.backends.entry(backend).or_default().orphaned_suspended += 1;
+        let cap = self.policy.max_downgrades;
+        let older_than_kept = |kept: &OldestFirst| (updated_at, row.key.as_str()) < kept.order();
+        if self.oldest.len() >= cap && !self.oldest.peek().is_some_and(older_than_kept) {
+            return;
+        }
+        self.oldest.push(OldestFirst(OrphanedRow {
             key: row.key.clone(),
             object: name.to_string(),
             state: state.to_string(),
             updated_at,
             backend,
-        });
+        }));
+        if self.oldest.len() > cap {
+            self.oldest.pop();
+        }
+    }
+
+    /// The guards' verdict over the counts of a whole snapshot (see the module comment).
+    fn guard(&self) -> GuardVerdict {
+        let p = self.policy;
+        let total_objects: usize = self.snapshot.backends.iter().map(BackendView::len).sum();
+        if total_objects == 0 && self.live_rows > 0 {
+            return refuse(
+                RefusalReason::EmptyListing,
+                format!(
+                    "the cluster listing is empty but {} rows are in live states; check cluster.namespaces, the backends' label selectors and RBAC",
+                    self.live_rows
+                ),
+            );
+        }
+        let unknown = self
+            .backends
+            .get(&BackendKind::Unknown)
+            .cloned()
+            .unwrap_or_default();
+        let sandbox_suspended_guard = p.max_suspended_missing_ratio < 1.0;
+        for view in &self.snapshot.backends {
+            let own = self.backends.get(&view.kind).cloned().unwrap_or_default();
+            // Rows whose object is missing and that could belong to this backend.
+            let live_missing = own.live_without_object + unknown.live_without_object;
+            let suspended_missing = own.suspended_without_object + unknown.suspended_without_object;
+            let signal = match view.kind {
+                BackendKind::AgentSandbox if sandbox_suspended_guard => {
+                    live_missing + suspended_missing
+                }
+                _ => live_missing,
+            };
+            if view.is_empty() && signal > 0 {
+                return refuse(
+                    RefusalReason::BackendEmptyListing,
+                    format!(
+                        "the {} backend listed no objects but {signal} rows that could belong to it have no object; check cluster.namespaces, its label selector, its API version and RBAC",
+                        view.kind
+                    ),
+                );
+            }
+        }
+        let live_missing: u64 = self.backends.values().map(|c| c.live_without_object).sum();
+        if live_missing >= p.min_live_missing.max(1)
+            && live_missing as f64 > p.max_live_missing_ratio * self.live_rows as f64
+        {
+            return refuse(
+                RefusalReason::LiveRowsMissing,
+                format!(
+                    "{live_missing} of {} live rows have no object either (more than {:.0}%); the namespace, label selector or RBAC is probably wrong",
+                    self.live_rows,
+                    p.max_live_missing_ratio * 100.0
+                ),
+            );
+        }
+        if sandbox_suspended_guard
+            && self
+                .snapshot
+                .backends
+                .iter()
+                .any(|v| v.kind == BackendKind::AgentSandbox)
+        {
+            let own = self
+                .backends
+                .get(&BackendKind::AgentSandbox)
+                .cloned()
+                .unwrap_or_default();
+            let missing = own.suspended_without_object + unknown.suspended_without_object;
+            let all = missing + own.suspended_with_object;
+            if missing >= p.min_suspended_missing.max(1)
+                && missing as f64 > p.max_suspended_missing_ratio * all as f64
+            {
+                return refuse(
+                    RefusalReason::SuspendedObjectsMissing,
+                    format!(
+                        "{missing} of {all} suspended rows that could belong to the agent-sandbox backend have no Sandbox (more than {:.0}%); pausing keeps the Sandbox, so the listing is probably looking in the wrong place (namespace, label selector, API version). If the Sandboxes really were deleted, run once with guard.max_suspended_missing_ratio = 1",
+                        p.max_suspended_missing_ratio * 100.0
+                    ),
+                );
+            }
+        }
+        GuardVerdict::Proceed
     }
 
     /// Applies the guard and the cap and returns the plan.
@@ -320,45 +470,18 @@ impl<'a> Planner<'a> {
             let counts = self.backends.entry(view.kind).or_default();
             counts.untracked_objects = (view.len() - self.referenced[i].len()) as u64;
         }
-        for orphan in &self.orphans {
-            self.backends
-                .entry(orphan.backend)
-                .or_default()
-                .orphaned_suspended += 1;
-        }
-        let live_missing: u64 = self.backends.values().map(|c| c.live_without_object).sum();
-        let total_objects: usize = self.snapshot.backends.iter().map(|b| b.len()).sum();
-        let guard = if total_objects == 0 && self.live_rows > 0 {
-            GuardVerdict::Refuse {
-                reason: RefusalReason::EmptyListing,
-                detail: format!(
-                    "the cluster listing is empty but {} rows are in live states; check cluster.namespaces, the backends' label selectors and RBAC",
-                    self.live_rows
-                ),
-            }
-        } else if live_missing >= self.policy.min_live_missing.max(1)
-            && live_missing as f64 > self.policy.max_live_missing_ratio * self.live_rows as f64
-        {
-            GuardVerdict::Refuse {
-                reason: RefusalReason::LiveRowsMissing,
-                detail: format!(
-                    "{live_missing} of {} live rows have no object either (more than {:.0}%); the namespace, label selector or RBAC is probably wrong",
-                    self.live_rows,
-                    self.policy.max_live_missing_ratio * 100.0
-                ),
-            }
-        } else {
-            GuardVerdict::Proceed
-        };
-        let orphans_found = self.orphans.len() as u64;
-        let mut orphans = std::mem::take(&mut self.orphans);
+        let guard = self.guard();
+        let orphans_found = self.orphans_found;
+        // into_sorted_vec is ascending in age order: oldest first.
+        let oldest: Vec<OrphanedRow> = std::mem::take(&mut self.oldest)
+            .into_sorted_vec()
+            .into_iter()
+            .map(|o| o.0)
+            .collect();
         let (downgrades, deferred) = match guard {
             GuardVerdict::Proceed => {
-                orphans.sort_by(|a, b| a.updated_at.cmp(&b.updated_at).then(a.key.cmp(&b.key)));
-                let cap = self.policy.max_downgrades.min(orphans.len());
-                let deferred = (orphans.len() - cap) as u64;
-                orphans.truncate(cap);
-                (orphans, deferred)
+                let deferred = orphans_found - oldest.len() as u64;
+                (oldest, deferred)
             }
             GuardVerdict::Refuse { .. } => (Vec::new(), orphans_found),
         };
@@ -374,6 +497,62 @@ impl<'a> Planner<'a> {
             live_rows: self.live_rows,
             orphans_found,
         }
+    }
+}
+
+fn refuse(reason: RefusalReason, detail: String) -> GuardVerdict {
+    GuardVerdict::Refuse { reason, detail }
+}
+
+/// See [`Planner::attribute`].
+pub fn attribute(backends: &[BackendView], name: &str) -> BackendKind {
+    let mut best: Option<&BackendView> = None;
+    let mut tie = false;
+    for b in backends {
+        if !name.starts_with(b.name_prefix.as_str()) {
+            continue;
+        }
+        match best {
+            Some(x) if b.name_prefix.len() < x.name_prefix.len() => {}
+            Some(x) if b.name_prefix.len() == x.name_prefix.len() => tie = true,
+            _ => {
+                best = Some(b);
+                tie = false;
+            }
+        }
+    }
+    match best {
+        Some(b) if !tie => b.kind,
+        _ => BackendKind::Unknown,
+    }
+}
+
+/// An orphan ordered by age (`updated_at`, then key): the heap's top is the youngest kept.
+struct OldestFirst(OrphanedRow);
+
+impl OldestFirst {
+    fn order(&self) -> (DateTime<Utc>, &str) {
+        (self.0.updated_at, self.0.key.as_str())
+    }
+}
+
+impl PartialEq for OldestFirst {
+    fn eq(&self, other: &Self) -> bool {
+        self.order() == other.order()
+    }
+}
+
+impl Eq for OldestFirst {}
+
+impl PartialOrd for OldestFirst {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for OldestFirst {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.order().cmp(&other.order())
     }
 }
 
@@ -393,7 +572,7 @@ pub fn plan<'r>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{BackendView, ObjectFacts};
+    use crate::snapshot::ObjectFacts;
 
     fn policy() -> Policy {
         Policy {
@@ -405,6 +584,8 @@ mod tests {
             max_downgrades: 100,
             max_live_missing_ratio: 0.5,
             min_live_missing: 1,
+            max_suspended_missing_ratio: 0.5,
+            min_suspended_missing: 3,
         }
     }
 
@@ -478,6 +659,9 @@ mod tests {
         }
         let mut p = policy();
         p.max_downgrades = 3;
+        // Both backends without prefixes and no Sandbox at all: the orphans could be
+        // Sandboxes, so only with that guard off.
+        p.max_suspended_missing_ratio = 1.0;
         let plan = plan(&snap, &p, &rows);
         let keys: Vec<_> = plan.downgrades.iter().map(|o| o.key.as_str()).collect();
         assert_eq!(keys, vec!["k9", "k8", "k7"]);
@@ -487,7 +671,7 @@ mod tests {
 
     #[test]
     fn guard_refuses_when_most_live_rows_missing() {
-        let snap = snapshot(&["x"], &[]);
+        let snap = snapshot(&["x"], &["sb"]);
         let rows = vec![
             row("a", "running", "gone-1", 60),
             row("b", "idle", "gone-2", 60),
@@ -554,5 +738,158 @@ mod tests {
             plan.backends[&BackendKind::AgentSandbox].untracked_objects,
             0
         );
+    }
+
+    fn view(kind: BackendKind, prefix: &str, names: &[&str], suspended: bool) -> BackendView {
+        let mut v = BackendView::new(kind, prefix);
+        for n in names {
+            v.insert(
+                n,
+                ObjectFacts {
+                    suspended,
+                    ..ObjectFacts::default()
+                },
+            );
+        }
+        v
+    }
+
+    #[test]
+    fn attribution_needs_a_distinguishing_prefix() {
+        let both = vec![
+            view(BackendKind::Pod, "", &[], false),
+            view(BackendKind::AgentSandbox, "", &[], true),
+        ];
+        assert_eq!(attribute(&both, "sb-1"), BackendKind::Unknown);
+        let prefixed = vec![
+            view(BackendKind::Pod, "pod-", &[], false),
+            view(BackendKind::AgentSandbox, "sb-", &[], true),
+        ];
+        assert_eq!(attribute(&prefixed, "sb-1"), BackendKind::AgentSandbox);
+        assert_eq!(attribute(&prefixed, "pod-1"), BackendKind::Pod);
+        assert_eq!(attribute(&prefixed, "other"), BackendKind::Unknown);
+        // Only the sandbox backend is enabled: never "pod", whatever the name.
+        let sandbox_only = vec![view(BackendKind::AgentSandbox, "", &[], true)];
+        assert_eq!(attribute(&sandbox_only, "pod-1"), BackendKind::AgentSandbox);
+        let sandbox_prefixed = vec![view(BackendKind::AgentSandbox, "sb-", &[], true)];
+        assert_eq!(attribute(&sandbox_prefixed, "pod-1"), BackendKind::Unknown);
+        // The longer prefix wins.
+        let nested = vec![
+            view(BackendKind::Pod, "s", &[], false),
+            view(BackendKind::AgentSandbox, "sb-", &[], true),
+        ];
+        assert_eq!(attribute(&nested, "sb-1"), BackendKind::AgentSandbox);
+    }
+
+    /// Quiet hour, namespace typo: only paused Sandboxes' rows, an empty Sandbox listing.
+    #[test]
+    fn empty_sandbox_listing_with_suspended_rows_refuses() {
+        let mut snap = ClusterSnapshot::new(now());
+        snap.backends
+            .push(view(BackendKind::AgentSandbox, "", &[], true));
+        let rows: Vec<_> = (0..5)
+            .map(|i| row(&format!("k{i}"), "suspended", &format!("sb-{i}"), 600))
+            .collect();
+        let plan = plan(&snap, &policy(), &rows);
+        assert!(
+            matches!(
+                plan.guard,
+                GuardVerdict::Refuse {
+                    reason: RefusalReason::BackendEmptyListing,
+                    ..
+                }
+            ),
+            "{:?}",
+            plan.guard
+        );
+        assert!(plan.downgrades.is_empty());
+        // The bare-pod backend's suspended pods are gone by design: an empty pod listing
+        // with only suspended rows is normal and proceeds.
+        let mut pods = ClusterSnapshot::new(now());
+        pods.backends.push(view(BackendKind::Pod, "", &[], false));
+        let plan = super::plan(&pods, &policy(), &rows);
+        assert_eq!(plan.guard, GuardVerdict::Proceed);
+        assert_eq!(plan.downgrades.len(), 5);
+        // ...but not with live rows that have no pod.
+        let mut live = rows.clone();
+        live.push(row("l", "running", "pod-l", 60));
+        let plan = super::plan(&pods, &policy(), &live);
+        assert!(matches!(
+            plan.guard,
+            GuardVerdict::Refuse {
+                reason: RefusalReason::EmptyListing | RefusalReason::BackendEmptyListing,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn most_suspended_sandboxes_missing_refuses_unless_turned_off() {
+        let mut snap = ClusterSnapshot::new(now());
+        snap.backends
+            .push(view(BackendKind::AgentSandbox, "", &["sb-kept"], true));
+        let mut rows = vec![row("kept", "suspended", "sb-kept", 600)];
+        for i in 0..4 {
+            rows.push(row(&format!("k{i}"), "suspended", &format!("sb-{i}"), 600));
+        }
+        let refused = plan(&snap, &policy(), &rows);
+        assert!(matches!(
+            refused.guard,
+            GuardVerdict::Refuse {
+                reason: RefusalReason::SuspendedObjectsMissing,
+                ..
+            }
+        ));
+        let mut off = policy();
+        off.max_suspended_missing_ratio = 1.0;
+        let allowed = plan(&snap, &off, &rows);
+        assert_eq!(allowed.guard, GuardVerdict::Proceed);
+        assert_eq!(allowed.downgrades.len(), 4);
+        // A few missing Sandboxes among many paused ones proceed at the default.
+        for i in 0..10 {
+            let name = format!("sb-p{i}");
+            snap.backends[0].insert(&name, ObjectFacts::default());
+            rows.push(row(&format!("p{i}"), "suspended", &name, 600));
+        }
+        let few = plan(&snap, &policy(), &rows);
+        assert_eq!(few.guard, GuardVerdict::Proceed);
+    }
+
+    #[test]
+    fn unknown_orphans_are_reported_as_unknown() {
+        let snap = snapshot(&["live"], &["sb"]);
+        let rows = vec![
+            row("a", "running", "live", 60),
+            row("b", "suspended", "sb", 60),
+            row("o", "suspended", "gone-1", 60),
+        ];
+        let plan = plan(&snap, &policy(), &rows);
+        assert_eq!(plan.downgrades[0].backend, BackendKind::Unknown);
+        assert_eq!(plan.backends[&BackendKind::Unknown].orphaned_suspended, 1);
+        assert!(
+            !plan.backends.contains_key(&BackendKind::Pod)
+                || plan.backends[&BackendKind::Pod].orphaned_suspended == 0
+        );
+    }
+
+    #[test]
+    fn the_cap_keeps_the_oldest_without_sorting_everything() {
+        let snap = snapshot(&["live"], &[]);
+        let mut rows = vec![row("live", "running", "live", 100)];
+        // Ages in a scrambled order, with ties broken by key.
+        for (i, age) in [130, 110, 150, 120, 150, 140, 100].iter().enumerate() {
+            rows.push(row(&format!("k{i}"), "suspended", &format!("o{i}"), *age));
+        }
+        let mut p = policy();
+        p.max_downgrades = 3;
+        p.max_suspended_missing_ratio = 1.0;
+        let plan = plan(&snap, &p, &rows);
+        let keys: Vec<_> = plan.downgrades.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, vec!["k2", "k4", "k5"]);
+        assert_eq!(plan.deferred, 4);
+        p.max_downgrades = 0;
+        let none = super::plan(&snap, &p, &rows);
+        assert!(none.downgrades.is_empty());
+        assert_eq!(none.deferred, 7);
     }
 }

@@ -60,6 +60,15 @@ impl Identifier {
         }
     }
 
+    /// A name read from the catalog (`pg_namespace.nspname`, `pg_class.relname`): not
+    /// validated, since it is what PostgreSQL itself holds; quoted (with `"` doubled) on output.
+    pub fn from_catalog(schema: &str, name: &str) -> Identifier {
+        Identifier {
+            schema: Some(schema.to_string()),
+            name: name.to_string(),
+        }
+    }
+
     /// The unqualified name, unquoted.
     pub fn name(&self) -> &str {
         &self.name
@@ -84,9 +93,9 @@ impl Identifier {
 impl fmt::Display for Identifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(schema) = &self.schema {
-            write!(f, "\"{schema}\".")?;
+            write!(f, "\"{}\".", schema.replace('"', "\"\""))?;
         }
-        write!(f, "\"{}\"", self.name)
+        write!(f, "\"{}\"", self.name.replace('"', "\"\""))
     }
 }
 

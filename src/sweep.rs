@@ -1,22 +1,30 @@
-//! One sweep: lock -> list cluster -> read rows -> plan -> guard -> confirm -> apply -> report.
+//! One sweep: lock -> verify scope -> list cluster -> read rows -> plan -> guard -> confirm ->
+//! apply -> report.
 //!
-//! The order is the safety argument. The cluster is listed completely *before* rows are read
-//! and the listing's start time is the clock for the grace period, so an object created after
-//! the listing started can only belong to a row that is fresher than the grace period. Any
-//! failure before the apply step aborts with nothing written; the apply step writes whole
-//! batches only, each re-checking the row as read.
+//! The order is the safety argument. Before anything is listed the sweep checks that it looks
+//! at the intended cluster and that every configured namespace exists (rule 10). The cluster
+//! is listed completely *before* rows are read and the listing's start time is the clock for
+//! the grace period, so an object created after the listing started can only belong to a row
+//! that is fresher than the grace period. Any failure before the apply step aborts with
+//! nothing written; the apply step writes whole batches only, each re-checking the row as read.
+//!
+//! The session table is resolved through the catalog (and the audit table migrated) once per
+//! process, on the first sweep or at start-up ([`Reconciler::prepare`]), never in every sweep.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::cluster::{dump, Absence, BackendKind, ClusterError, ClusterSnapshot, KubeCluster};
+use crate::cluster::{
+    dump, Absence, BackendKind, ClusterError, ClusterSnapshot, KubeCluster, ScopeVerdict,
+};
 use crate::config::Settings;
-use crate::plan::{GuardVerdict, OrphanedRow, Plan, Planner, Policy, SkipReason};
+use crate::plan::{GuardVerdict, OrphanedRow, Plan, Planner, Policy, RefusalReason, SkipReason};
 use crate::store::{self, Database, Downgrade, StoreError, TableMapping};
 
 /// Where the cluster view comes from.
@@ -142,6 +150,14 @@ pub struct SweepReport {
     pub deferred: u64,
     pub skipped: BTreeMap<SkipReason, u64>,
     pub timings: Timings,
+    /// Apply transactions attempted (0: the apply phase did not run).
+    pub batches: u64,
+    /// The cluster's identity (the kube-system Namespace's UID), when read from the API.
+    pub cluster_uid: Option<String>,
+    /// The API server URL, when read from the API.
+    pub cluster_server: Option<String>,
+    /// The session table by its canonical `schema.table`, once resolved.
+    pub table: Option<String>,
     /// Rows changed (or that would change, in a dry run).
     pub changes: Vec<ChangeLine>,
 }
@@ -170,6 +186,10 @@ impl SweepReport {
             deferred: 0,
             skipped: BTreeMap::new(),
             timings: Timings::default(),
+            batches: 0,
+            cluster_uid: None,
+            cluster_server: None,
+            table: None,
             changes: Vec::new(),
         }
     }
@@ -197,7 +217,7 @@ impl SweepReport {
             self.backends.insert(
                 view.kind,
                 BackendReport {
-                    cluster_objects: counts.cluster_objects,
+                    cluster_objects: view.len() as u64,
                     terminating_objects: view.count(|f| f.terminating) as u64,
                     suspended_objects: view.count(|f| f.suspended) as u64,
                     untracked_objects: counts.untracked_objects,
@@ -209,6 +229,39 @@ impl SweepReport {
                 },
             );
         }
+        // Rows attributed to no backend have no listing of their own but are reported.
+        if let Some(unknown) = plan.backends.get(&BackendKind::Unknown) {
+            self.backends.insert(
+                BackendKind::Unknown,
+                BackendReport {
+                    live_without_object: unknown.live_without_object,
+                    orphaned_suspended: unknown.orphaned_suspended,
+                    ..BackendReport::default()
+                },
+            );
+        }
+    }
+
+    /// After the apply phase: the state counts as the sweep left the table, so the
+    /// `sessions{state}` gauge agrees with the database right after a clean-up.
+    fn count_downgrades(&mut self, suspended: &str, gone: &str) {
+        if self.downgraded == 0 {
+            return;
+        }
+        if let Some(n) = self.rows_by_state.get_mut(suspended) {
+            *n = n.saturating_sub(self.downgraded);
+        }
+        *self.rows_by_state.entry(gone.to_string()).or_default() += self.downgraded;
+    }
+
+    fn refuse(&mut self, reason: RefusalReason, detail: String) -> SweepResult {
+        tracing::error!(
+            sweep_id = %self.sweep_id,
+            reason = reason.as_str(),
+            "refusing to act: {detail}"
+        );
+        self.guard = Some(GuardVerdict::Refuse { reason, detail });
+        SweepResult::Refused
     }
 }
 
@@ -217,11 +270,57 @@ impl SweepReport {
 pub struct Reconciler {
     pub settings: Settings,
     pub database: Database,
+    /// The mapping as configured; [`Reconciler::prepare`] resolves it through the catalog.
     pub mapping: TableMapping,
     pub source: ClusterSource,
+    resolved: Arc<tokio::sync::OnceCell<TableMapping>>,
+    migrated: Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl Reconciler {
+    pub fn new(
+        settings: Settings,
+        database: Database,
+        mapping: TableMapping,
+        source: ClusterSource,
+    ) -> Reconciler {
+        Reconciler {
+            settings,
+            database,
+            mapping,
+            source,
+            resolved: Arc::default(),
+            migrated: Arc::default(),
+        }
+    }
+
+    /// Resolves the session table through the catalog (once per process) and, when `write`,
+    /// runs the audit migrations (once per process). Returns the resolved mapping, whose
+    /// canonical name keys the writer lock and the audit records.
+    pub async fn prepare(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        write: bool,
+    ) -> Result<TableMapping, StoreError> {
+        let mapping = self
+            .resolved
+            .get_or_try_init(|| store::resolve(&mut *conn, &self.mapping))
+            .await?
+            .clone();
+        if write {
+            self.migrated
+                .get_or_try_init(|| store::migrate(&mut *conn, &mapping))
+                .await?;
+        }
+        Ok(mapping)
+    }
+
+    /// [`Reconciler::prepare`] on a short-lived connection of its own (start-up).
+    pub async fn prepare_at_start(&self, write: bool) -> Result<TableMapping, StoreError> {
+        let mut conn = self.database.connect().await?;
+        self.prepare(&mut conn, write).await
+    }
+
     pub fn policy(&self, max_downgrades: Option<usize>) -> Policy {
         let s = &self.settings;
         Policy {
@@ -235,11 +334,13 @@ impl Reconciler {
             max_downgrades: max_downgrades.unwrap_or(s.sweep.max_downgrades_per_sweep),
             max_live_missing_ratio: s.guard.max_live_missing_ratio,
             min_live_missing: s.guard.min_live_missing,
+            max_suspended_missing_ratio: s.guard.max_suspended_missing_ratio,
+            min_suspended_missing: s.guard.min_suspended_missing,
         }
     }
 
     /// Whether this run writes nothing.
-    fn is_dry_run(&self, options: &SweepOptions) -> bool {
+    pub fn is_dry_run(&self, options: &SweepOptions) -> bool {
         options.dry_run
             || self.settings.sweep.dry_run
             || matches!(self.source, ClusterSource::Dump(_))
@@ -267,7 +368,8 @@ impl Reconciler {
         let outcome = async {
             let mut conn = self.database.connect().await?;
             if !report.dry_run {
-                self.take_writer_lock(&mut conn).await?;
+                let mapping = self.prepare(&mut conn, true).await?;
+                self.take_writer_lock(&mut conn, &mapping).await?;
             }
             self.run(&mut conn, options, shutdown, &mut report).await
         }
@@ -333,20 +435,33 @@ impl Reconciler {
         report: &mut SweepReport,
     ) -> Result<SweepResult, SweepError> {
         let dry_run = report.dry_run;
-        store::verify_table(&mut *conn, &self.mapping).await?;
-        if !dry_run {
-            store::migrate(&mut *conn, &self.mapping).await?;
-        }
+        let mapping = self.prepare(&mut *conn, !dry_run).await?;
+        report.table = Some(mapping.table_display());
 
         let t = Instant::now();
         let snapshot = match &self.source {
             ClusterSource::Api(cluster) => {
+                report.cluster_server = cluster.origin().map(|o| o.server.clone());
+                let expected =
+                    Some(self.settings.cluster.expected_uid.trim()).filter(|u| !u.is_empty());
+                match cluster.verify_scope(expected).await? {
+                    ScopeVerdict::Proceed { cluster_uid } => report.cluster_uid = Some(cluster_uid),
+                    ScopeVerdict::Refuse {
+                        reason,
+                        detail,
+                        cluster_uid,
+                    } => {
+                        report.cluster_uid = Some(cluster_uid);
+                        return Ok(report.refuse(reason, detail));
+                    }
+                }
                 // The grace period compares rows' updated_at, written by the database clock,
                 // with the moment the listing started: take that moment from the same clock,
                 // read before the listing begins (never later than its real start).
-                let database_clock = store::database_now(&mut *conn).await?;
+                let database_clock = store::database_now(&mut *conn, &mapping).await?;
                 let mut snapshot = cluster.snapshot().await?;
                 snapshot.listing_started_at = database_clock;
+                snapshot.cluster_uid = report.cluster_uid.clone();
                 snapshot
             }
             ClusterSource::Dump(path) => dump::load(path, &self.settings)?,
@@ -356,22 +471,19 @@ impl Reconciler {
         let t = Instant::now();
         let policy = self.policy(options.max_downgrades);
         let mut planner = Planner::new(&snapshot, &policy);
-        store::read_rows(&mut *conn, &self.mapping, &mut planner).await?;
+        store::read_rows(&mut *conn, &mapping, &mut planner).await?;
         let plan = planner.finish();
         report.timings.read_db = t.elapsed().as_secs_f64();
         report.absorb_plan(&plan, &snapshot);
 
         if let GuardVerdict::Refuse { reason, detail } = &plan.guard {
-            tracing::error!(
-                sweep_id = %report.sweep_id,
-                reason = reason.as_str(),
-                "refusing to act: {detail}"
-            );
-            return Ok(SweepResult::Refused);
+            return Ok(report.refuse(*reason, detail.clone()));
         }
 
         let t = Instant::now();
-        let confirmed = self.confirm(&plan.downgrades, &snapshot, report).await;
+        let confirmed = self
+            .confirm(&plan.downgrades, &snapshot, &mapping, report)
+            .await;
         report.timings.confirm = t.elapsed().as_secs_f64();
 
         if dry_run {
@@ -380,23 +492,30 @@ impl Reconciler {
         }
 
         let t = Instant::now();
-        let result = self.apply(conn, &confirmed, shutdown, report).await;
+        let result = self
+            .apply(conn, &mapping, &confirmed, shutdown, report)
+            .await;
         report.timings.apply = t.elapsed().as_secs_f64();
+        report.count_downgrades(&mapping.suspended_state, &mapping.gone_state);
         result?;
         Ok(SweepResult::Success)
     }
 
-    async fn take_writer_lock(&self, conn: &mut sqlx::PgConnection) -> Result<(), SweepError> {
+    async fn take_writer_lock(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        mapping: &TableMapping,
+    ) -> Result<(), SweepError> {
         let deadline =
             Instant::now() + Duration::from_secs(self.settings.database.writer_lock_wait_seconds);
         let mut announced = false;
         loop {
-            if store::try_writer_lock(conn, &self.mapping).await? {
+            if store::try_writer_lock(conn, mapping).await? {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(StoreError::LockBusy {
-                    table: self.mapping.table_display(),
+                    table: mapping.table_display(),
                 }
                 .into());
             }
@@ -416,13 +535,22 @@ impl Reconciler {
         &self,
         orphans: &'p [OrphanedRow],
         snapshot: &ClusterSnapshot,
+        mapping: &TableMapping,
         report: &mut SweepReport,
     ) -> Vec<Downgrade<'p>> {
         let cluster_source = report.cluster_source.clone();
+        let server = match &self.source {
+            ClusterSource::Api(cluster) => cluster.origin().map(|o| o.server.clone()),
+            ClusterSource::Dump(_) => None,
+        };
+        let table = mapping.table_display();
         let base = |absence: &str| {
             serde_json::json!({
                 "absence": absence,
                 "cluster_source": cluster_source,
+                "cluster_uid": snapshot.cluster_uid,
+                "api_server": server,
+                "table": table,
                 "listing_started_at": snapshot.listing_started_at,
                 "grace_period_seconds": self.settings.sweep.grace_period_seconds,
             })
@@ -482,6 +610,7 @@ impl Reconciler {
     async fn apply(
         &self,
         conn: &mut sqlx::PgConnection,
+        mapping: &TableMapping,
         confirmed: &[Downgrade<'_>],
         shutdown: &watch::Receiver<bool>,
         report: &mut SweepReport,
@@ -490,7 +619,8 @@ impl Reconciler {
             if *shutdown.borrow() {
                 return Err(SweepError::Interrupted);
             }
-            let outcome = store::apply_batch(conn, &self.mapping, report.sweep_id, batch).await?;
+            report.batches += 1;
+            let outcome = store::apply_batch(conn, mapping, report.sweep_id, batch).await?;
             report.skip(SkipReason::ChangedMeanwhile, outcome.skipped_changed as u64);
             let done: std::collections::HashSet<&str> =
                 outcome.downgraded.iter().map(String::as_str).collect();

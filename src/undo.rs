@@ -4,10 +4,15 @@
 //! object, the `updated_at` the sweep wrote, cleared columns still NULL); rows the platform
 //! has touched since are listed and left alone. State and cleared columns are restored with
 //! their original types (`jsonb_populate_record` over the table's row type) and `updated_at`
-//! is bumped, so the grace period protects the restored rows for a while. The undo takes the
-//! writer lock, runs in one transaction and is itself audited (`action = 'undo'`, `undoes` =
-//! the downgrade's audit id), so the same downgrade is never undone twice. `--dry-run` runs
-//! the same transaction and rolls it back.
+//! is bumped, so the grace period protects the restored rows for a while. Rows are matched by
+//! their full identity (key, scope, and the conditions above) and changed by the physical row
+//! the statement locked, so another scope's row with the same key is never touched.
+//!
+//! A real undo takes the writer lock (waiting up to `database.writer_lock_wait_seconds` for a
+//! running daemon's sweep), runs in one transaction and is itself audited (`action = 'undo'`,
+//! `undoes` = the downgrade's audit id), so the same downgrade is never undone twice.
+//! `--dry-run` takes no lock and runs no DDL: it runs the same statement in a transaction that
+//! is rolled back, so it works beside a running daemon and writes nothing.
 
 use std::fmt::Write;
 
@@ -49,48 +54,71 @@ pub struct UndoReport {
 /// Runs the undo (or its dry run).
 pub async fn run(
     database: &Database,
-    mapping: &TableMapping,
+    configured: &TableMapping,
     request: &UndoRequest,
+    lock_wait: std::time::Duration,
 ) -> Result<UndoReport, StoreError> {
     let mut conn = database.connect().await?;
-    if !store::try_writer_lock(&mut conn, mapping).await? {
-        return Err(StoreError::LockBusy {
-            table: mapping.table_display(),
-        });
-    }
-    store::migrate(&mut conn, mapping).await?;
+    let mapping = &store::resolve(&mut conn, configured).await?;
     let undo_id = uuid::Uuid::new_v4();
-    let q = |e: sqlx::Error| StoreError::Query {
-        what: "undoing downgrades",
-        message: e.to_string(),
-    };
-    let mut tx = conn.begin().await.map_err(q)?;
-    let candidates = sqlx::query(AssertSqlSafe(mapping.undo_candidates_sql()))
-        .bind(request.sweep)
-        .bind(request.session.as_deref())
-        .bind(mapping.table_display())
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(q)?;
-    let mut undo = sqlx::query(AssertSqlSafe(mapping.undo_sql()))
-        .bind(request.sweep)
-        .bind(request.session.as_deref())
-        .bind(mapping.table_display())
-        .bind(undo_id);
-    if let Some((_, value)) = &mapping.scope {
-        undo = undo.bind(value);
-    }
-    let restored: Vec<String> = undo
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(q)?
-        .iter()
-        .map(|r| r.get::<String, _>(0))
-        .collect();
     if request.dry_run {
-        tx.rollback().await.map_err(q)?;
+        if !audit_exists(&mut conn, mapping).await? {
+            return Ok(UndoReport {
+                undo_id,
+                dry_run: true,
+                restored: 0,
+                left_alone: 0,
+                lines: Vec::new(),
+            });
+        }
     } else {
-        tx.commit().await.map_err(q)?;
+        take_lock(&mut conn, mapping, lock_wait).await?;
+        store::migrate(&mut conn, mapping).await?;
+    }
+    let deadline = mapping.deadline;
+    let what = "undoing downgrades";
+    let mut tx = store::within(deadline, what, conn.begin()).await?;
+    if request.dry_run {
+        // Whatever the statement would do is rolled back; READ ONLY would refuse it outright.
+        store::within(
+            deadline,
+            what,
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx),
+        )
+        .await?;
+    }
+    let names = mapping.table_names();
+    let candidates = store::within(
+        deadline,
+        what,
+        sqlx::query(AssertSqlSafe(mapping.undo_candidates_sql()))
+            .bind(request.sweep)
+            .bind(request.session.as_deref())
+            .bind(&names)
+            .bind(mapping.scope_value())
+            .fetch_all(&mut *tx),
+    )
+    .await?;
+    let restored: Vec<String> = store::within(
+        deadline,
+        what,
+        sqlx::query(AssertSqlSafe(mapping.undo_sql()))
+            .bind(request.sweep)
+            .bind(request.session.as_deref())
+            .bind(&names)
+            .bind(undo_id)
+            .bind(mapping.scope_value())
+            .bind(mapping.table_display())
+            .fetch_all(&mut *tx),
+    )
+    .await?
+    .iter()
+    .map(|r| r.get::<String, _>(0))
+    .collect();
+    if request.dry_run {
+        store::within(deadline, what, tx.rollback()).await?;
+    } else {
+        store::within(deadline, what, tx.commit()).await?;
     }
     let lines: Vec<UndoLine> = candidates
         .iter()
@@ -115,6 +143,50 @@ pub async fn run(
         left_alone: lines.iter().filter(|l| !l.restored).count(),
         lines,
     })
+}
+
+/// Whether the audit table exists (a dry run creates nothing).
+async fn audit_exists(
+    conn: &mut sqlx::PgConnection,
+    mapping: &TableMapping,
+) -> Result<bool, StoreError> {
+    store::within(
+        mapping.deadline,
+        "looking for the audit table",
+        sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(mapping.audit.to_string())
+            .fetch_one(conn),
+    )
+    .await
+}
+
+/// Takes the writer lock, waiting up to `wait` for a running sweep to finish.
+async fn take_lock(
+    conn: &mut sqlx::PgConnection,
+    mapping: &TableMapping,
+    wait: std::time::Duration,
+) -> Result<(), StoreError> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut announced = false;
+    while !store::try_writer_lock(conn, mapping).await? {
+        if std::time::Instant::now() >= deadline {
+            return Err(StoreError::LockBusy {
+                table: format!(
+                    "{} (a daemon's writer holds it; pause it first: set sweep.dry_run = true and roll it out, or scale it to 0 replicas; or raise database.writer_lock_wait_seconds)",
+                    mapping.table_display()
+                ),
+            });
+        }
+        if !announced {
+            tracing::info!(
+                "another sandbox-reconciler holds the writer lock; waiting up to {}s",
+                wait.as_secs()
+            );
+            announced = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    Ok(())
 }
 
 /// Text rendering of an undo report.

@@ -153,8 +153,10 @@ async fn missing_column_is_named_with_its_key() {
         &[("SANDBOX_RECONCILER__SESSIONS__OBJECT_COLUMN", "sandbox_idd")],
     )
     .await;
-    assert_eq!(out.status.code(), Some(1));
-    let text = stdout(&out);
+    // A table that does not fit the configuration is a configuration error, refused before
+    // any sweep (exit 2), with the key to change.
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stderr);
     assert!(
         text.contains("no column sandbox_idd; set sessions.object_column"),
         "{text}"

@@ -87,7 +87,10 @@ async fn scheduled_sweeps_and_metrics_match_the_database() {
             >= 4.0
     );
     assert!(metric(&m, "sandbox_reconciler_last_success_timestamp_seconds").unwrap() > 1.7e9);
-    assert!(m.contains("sandbox_reconciler_build_info{version=\""));
+    assert!(m.contains("sandbox_reconciler_build_info{revision=\""));
+    assert!(m.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))));
+    assert!(metric(&m, "sandbox_reconciler_next_sweep_timestamp_seconds").unwrap() > 1.7e9);
+    assert!(m.contains("process_start_time_seconds"));
     for (key, _) in [("orphan-0", ()), ("orphan-3", ())] {
         assert_eq!(db.state(key).await, "gone");
     }
@@ -150,10 +153,11 @@ async fn healthz_stays_up_while_the_api_fails() {
         metric(&m, "sandbox_reconciler_last_success_timestamp_seconds"),
         Some(0.0)
     );
+    // The first request of each sweep (reading the cluster's identity) fails.
     assert!(
         metric(
             &m,
-            "sandbox_reconciler_kube_requests_total{code=\"500\",verb=\"list\"}"
+            "sandbox_reconciler_kube_requests_total{code=\"500\",verb=\"get\"}"
         )
         .unwrap()
             >= 3.0

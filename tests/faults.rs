@@ -178,12 +178,12 @@ async fn connection_killed_mid_apply_rolls_back_and_next_sweep_finishes() {
         tokio::spawn(async move {
             let cluster =
                 sandbox_reconciler::cluster::KubeCluster::with_client(api_client, &settings);
-            let r = sandbox_reconciler::sweep::Reconciler {
-                mapping: sandbox_reconciler::store::TableMapping::from_settings(&settings).unwrap(),
-                database: sandbox_reconciler::store::Database::new(&settings).unwrap(),
-                source: sandbox_reconciler::sweep::ClusterSource::Api(Box::new(cluster)),
-                settings,
-            };
+            let r = sandbox_reconciler::sweep::Reconciler::new(
+                settings.clone(),
+                sandbox_reconciler::store::Database::new(&settings).unwrap(),
+                sandbox_reconciler::store::TableMapping::from_settings(&settings).unwrap(),
+                sandbox_reconciler::sweep::ClusterSource::Api(Box::new(cluster)),
+            );
             let (_tx, rx) = tokio::sync::watch::channel(false);
             r.sweep(&Default::default(), &rx).await
         })

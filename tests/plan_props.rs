@@ -35,6 +35,10 @@ fn policy(cap: usize) -> Policy {
         max_downgrades: cap,
         max_live_missing_ratio: 0.5,
         min_live_missing: 3,
+        // Off here so that the cap and ordering properties are exercised on most inputs; the
+        // guard itself has properties of its own below.
+        max_suspended_missing_ratio: 1.0,
+        min_suspended_missing: 3,
     }
 }
 
@@ -144,5 +148,21 @@ proptest! {
             prop_assert!(refused, "an empty listing with live rows is refused");
             prop_assert!(result.downgrades.is_empty());
         }
+    }
+
+    /// The quiet hour (issue: every session idle, so suspended): when the agent-sandbox
+    /// backend lists nothing (a namespace typo, a wrong selector) no row whose object could be
+    /// a Sandbox is downgraded, whatever the rows, with the guard at its default.
+    #[test]
+    fn empty_sandbox_listing_never_downgrades_rows_it_could_own(
+        rows in proptest::collection::vec(row(), 1..150),
+        pods in proptest::collection::vec((0..40u32).prop_map(|i| format!("obj-{i}")), 0..40),
+    ) {
+        let snap = snapshot(&pods, &[]);
+        let mut p = policy(1000);
+        p.max_suspended_missing_ratio = 0.5;
+        let result = plan(&snap, &p, &rows);
+        // Both backends are enabled without prefixes: every orphan could be a Sandbox.
+        prop_assert!(result.downgrades.is_empty(), "refused: {:?}", result.guard);
     }
 }

@@ -12,12 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{ApiResource, DynamicObject, ListParams, ObjectList};
 use kube::{Api, Client};
 
+use super::client::{self, ClientOrigin};
 use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot, ObjectFacts};
 use crate::config::Settings;
+use crate::plan::RefusalReason;
 
 /// Called once per API request with the verb ("list"/"get") and HTTP status (0 when no
 /// answer arrived); the daemon counts these in `kube_requests_total`.
@@ -45,10 +47,26 @@ pub enum Absence {
     Present { evidence: String },
 }
 
+/// The answer of [`KubeCluster::verify_scope`]: whether this is the intended cluster and
+/// every configured namespace exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeVerdict {
+    /// Proceed; the cluster's identity (the `kube-system` Namespace's UID).
+    Proceed { cluster_uid: String },
+    /// Refuse before any listing: a configured namespace is missing or the cluster is not the
+    /// pinned one.
+    Refuse {
+        reason: RefusalReason,
+        detail: String,
+        cluster_uid: String,
+    },
+}
+
 /// The cluster as seen through the Kubernetes API.
 #[derive(Clone)]
 pub struct KubeCluster {
     client: Client,
+    origin: Option<ClientOrigin>,
     namespaces: Option<Vec<String>>,
     page_size: u32,
     timeout: Duration,
@@ -58,16 +76,105 @@ pub struct KubeCluster {
 }
 
 impl KubeCluster {
-    /// Connects with in-cluster configuration, else `KUBECONFIG` / `~/.kube/config`.
+    /// Connects with a kubeconfig, else the in-cluster service account (see [`client`]),
+    /// and logs which one and the API server URL.
     pub async fn connect(settings: &Settings) -> Result<KubeCluster, ClusterError> {
-        let mut config = kube::Config::infer()
-            .await
-            .map_err(|e| ClusterError::Config(e.to_string()))?;
-        let timeout = Duration::from_secs(settings.cluster.request_timeout_seconds);
-        config.read_timeout = Some(timeout);
-        config.connect_timeout = Some(timeout.min(Duration::from_secs(10)));
-        let client = Client::try_from(config).map_err(|e| ClusterError::Config(e.to_string()))?;
-        Ok(Self::with_client(client, settings))
+        let (client, origin) = client::connect(settings).await?;
+        tracing::info!(
+            server = %origin.server,
+            source = %origin.source,
+            "Kubernetes client configured"
+        );
+        let mut cluster = Self::with_client(client, settings);
+        cluster.origin = Some(origin);
+        Ok(cluster)
+    }
+
+    /// Where the client configuration came from (`None` for an in-process client).
+    pub fn origin(&self) -> Option<&ClientOrigin> {
+        self.origin.as_ref()
+    }
+
+    /// Rule 10: reads the cluster's identity (the `kube-system` Namespace's UID) and checks
+    /// that it is the pinned one (`cluster.expected_uid`) and that every configured namespace
+    /// exists. A missing namespace is a refusal, not an empty listing: a namespace typo would
+    /// otherwise list nothing and make every object look deleted. Needs `get` on those
+    /// Namespaces (a ClusterRole limited by `resourceNames`).
+    pub async fn verify_scope(
+        &self,
+        expected_uid: Option<&str>,
+    ) -> Result<ScopeVerdict, ClusterError> {
+        let kube_system = self.get_namespace("kube-system").await?.ok_or_else(|| {
+            ClusterError::Identity(
+                "the namespace kube-system does not exist, so the cluster cannot be identified"
+                    .into(),
+            )
+        })?;
+        let cluster_uid = kube_system.metadata.uid.clone().ok_or_else(|| {
+            ClusterError::Identity("the namespace kube-system has no metadata.uid".into())
+        })?;
+        if let Some(expected) = expected_uid.filter(|e| *e != cluster_uid) {
+            return Ok(ScopeVerdict::Refuse {
+                reason: RefusalReason::ClusterMismatch,
+                detail: format!(
+                    "this is cluster {cluster_uid} (the kube-system Namespace's UID) but cluster.expected_uid is {expected}; check the kubeconfig context or the in-cluster credentials{}",
+                    self.origin
+                        .as_ref()
+                        .map(|o| format!(" ({} at {})", o.source, o.server))
+                        .unwrap_or_default()
+                ),
+                cluster_uid,
+            });
+        }
+        let mut missing = Vec::new();
+        for ns in self.namespaces.iter().flatten() {
+            match self.get_namespace(ns).await? {
+                None => missing.push(ns.clone()),
+                Some(n) if n.metadata.deletion_timestamp.is_some() => {
+                    tracing::warn!(namespace = %ns, "the namespace is terminating");
+                }
+                Some(_) => {}
+            }
+        }
+        if !missing.is_empty() {
+            return Ok(ScopeVerdict::Refuse {
+                reason: RefusalReason::NamespaceMissing,
+                detail: format!(
+                    "namespace {} of cluster.namespaces does not exist in cluster {cluster_uid}; fix cluster.namespaces (a typo?) or the kubeconfig context",
+                    missing.join(", ")
+                ),
+                cluster_uid,
+            });
+        }
+        Ok(ScopeVerdict::Proceed { cluster_uid })
+    }
+
+    /// GETs one Namespace; `None` only on a 404 `NotFound` Status.
+    async fn get_namespace(&self, name: &str) -> Result<Option<Namespace>, ClusterError> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let what = format!("reading namespace {name}");
+        match tokio::time::timeout(self.timeout, api.get_opt(name)).await {
+            Err(_) => {
+                self.note("get", Err(0));
+                Err(ClusterError::Timeout {
+                    what,
+                    seconds: self.timeout.as_secs(),
+                })
+            }
+            Ok(Err(e)) => {
+                let err = map_error(&what, "get", "namespaces", e);
+                self.note("get", Err(api_code(&err)));
+                Err(err)
+            }
+            Ok(Ok(None)) => {
+                self.note("get", Err(404));
+                Ok(None)
+            }
+            Ok(Ok(Some(ns))) => {
+                self.note("get", Ok(()));
+                Ok(Some(ns))
+            }
+        }
     }
 
     /// Uses an existing client (in-process callers).
@@ -91,6 +198,7 @@ impl KubeCluster {
         });
         KubeCluster {
             client,
+            origin: None,
             namespaces: settings.namespaces().map(<[String]>::to_vec),
             page_size: settings.cluster.page_size,
             timeout: Duration::from_secs(settings.cluster.request_timeout_seconds),

@@ -1,13 +1,37 @@
 //! The configured mapping of the session table, and the SQL generated from it.
 //!
 //! Every identifier is validated and quoted ([`Identifier`]); values (states, scope, keys)
-//! are always bound parameters.
+//! are always bound parameters. Once [`super::resolve`] has read the catalog, the SQL names the
+//! table by its canonical `schema.table` (whatever the spelling in the configuration) and
+//! casts bound values to each column's own type, so a `uuid` or `bigint` key is compared with
+//! its index and an enum state column works. Rows are changed by the physical identity
+//! (`ctid`) of the row that the same statement locked, never by key alone, so another scope's
+//! row with the same key can never be touched.
+
+use std::time::Duration;
 
 use crate::config::Settings;
 use crate::sql::{literal, Identifier};
 
+/// What the catalog says about the session table (see [`super::resolve`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedTable {
+    /// `pg_class.oid`.
+    pub oid: u32,
+    /// The canonical name: the schema and name the table really has.
+    pub canonical: Identifier,
+    /// Each mapped column's type as `regtype` text (quoted and qualified as needed).
+    pub key_type: String,
+    pub state_type: String,
+    pub object_type: String,
+    pub scope_type: Option<String>,
+    /// `timestamp without time zone`: read in `sessions.updated_at_time_zone`.
+    pub naive_updated_at: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct TableMapping {
+    /// The table as configured (possibly unqualified).
     pub table: Identifier,
     pub key: Identifier,
     pub state: Identifier,
@@ -19,6 +43,12 @@ pub struct TableMapping {
     pub suspended_state: String,
     pub gone_state: String,
     pub audit: Identifier,
+    /// The zone a `timestamp without time zone` updated_at column is written in.
+    pub updated_at_zone: Option<String>,
+    /// Client-side deadline of every database call (a half-open connection never answers).
+    pub deadline: Duration,
+    /// Filled from the catalog by [`super::resolve`]; `None` until then.
+    pub resolved: Option<ResolvedTable>,
 }
 
 impl TableMapping {
@@ -45,14 +75,84 @@ impl TableMapping {
             suspended_state: s.suspended_state.clone(),
             gone_state: s.gone_state.clone(),
             audit: Identifier::parse_qualified(&settings.audit.table)?,
+            updated_at_zone: Some(s.updated_at_time_zone.trim().to_string())
+                .filter(|z| !z.is_empty()),
+            deadline: Duration::from_secs(settings.database.client_deadline_seconds.max(1)),
+            resolved: None,
         })
     }
 
-    /// The table as the user wrote it (unquoted), for messages and audit records.
+    /// The table for messages, audit records and the writer lock: the canonical
+    /// `schema.table` once resolved, else as configured (unquoted).
     pub fn table_display(&self) -> String {
-        match self.table.schema() {
+        let t = self.resolved.as_ref().map_or(&self.table, |r| &r.canonical);
+        match t.schema() {
+            Some(schema) => format!("{schema}.{}", t.name()),
+            None => t.name().to_string(),
+        }
+    }
+
+    /// Every name audit records of this table may carry: the canonical name and the
+    /// configured spelling (records written before the table was resolved by catalog).
+    pub fn table_names(&self) -> Vec<String> {
+        let configured = match self.table.schema() {
             Some(schema) => format!("{schema}.{}", self.table.name()),
             None => self.table.name().to_string(),
+        };
+        let mut names = vec![self.table_display()];
+        if !names.contains(&configured) {
+            names.push(configured);
+        }
+        names
+    }
+
+    /// The scope value, if the rows are scoped.
+    pub fn scope_value(&self) -> Option<&str> {
+        self.scope.as_ref().map(|(_, v)| v.as_str())
+    }
+
+    /// The table in SQL: canonical and quoted once resolved.
+    fn t(&self) -> String {
+        self.resolved
+            .as_ref()
+            .map_or(&self.table, |r| &r.canonical)
+            .to_string()
+    }
+
+    /// A cast of a text value to the column's type (`::text` until resolved).
+    fn cast(&self, column: Column) -> String {
+        let r = self.resolved.as_ref();
+        let ty = match column {
+            Column::Key => r.map(|r| r.key_type.as_str()),
+            Column::State => r.map(|r| r.state_type.as_str()),
+            Column::Object => r.map(|r| r.object_type.as_str()),
+            Column::Scope => r.and_then(|r| r.scope_type.as_deref()),
+        };
+        format!("::{}", ty.unwrap_or("text"))
+    }
+
+    fn naive(&self) -> bool {
+        self.resolved.as_ref().is_some_and(|r| r.naive_updated_at)
+    }
+
+    /// `updated_at` of `alias` as a timestamptz: a naive column is read in its configured
+    /// zone, so ages are compared in the application's own terms.
+    fn updated_at_expr(&self, alias: &str) -> String {
+        match (&self.updated_at_zone, self.naive()) {
+            (Some(zone), true) => format!(
+                "({alias}{} AT TIME ZONE {})",
+                self.updated_at,
+                literal(zone)
+            ),
+            _ => format!("{alias}{}::timestamptz", self.updated_at),
+        }
+    }
+
+    /// The value written to `updated_at`: now, in the column's own terms.
+    fn now_expr(&self) -> String {
+        match (&self.updated_at_zone, self.naive()) {
+            (Some(zone), true) => format!("(now() AT TIME ZONE {})", literal(zone)),
+            _ => "now()".to_string(),
         }
     }
 
@@ -76,10 +176,13 @@ impl TableMapping {
         out
     }
 
-    /// `AND <scope> = $n`, or nothing.
+    /// `AND <alias><scope> = $n`, or nothing.
     fn scope_clause(&self, alias: &str, param: usize) -> String {
         match &self.scope {
-            Some((column, _)) => format!(" AND {alias}{column}::text = ${param}"),
+            Some((column, _)) => format!(
+                " AND {alias}{column} = ${param}{}",
+                self.cast(Column::Scope)
+            ),
             None => String::new(),
         }
     }
@@ -87,9 +190,10 @@ impl TableMapping {
     /// `$1` = gone state, `$2` = scope value.
     pub fn count_gone_sql(&self) -> String {
         format!(
-            "SELECT count(*) FROM {} WHERE {}::text = $1{}",
-            self.table,
+            "SELECT count(*) FROM {} WHERE {} = $1{}{}",
+            self.t(),
             self.state,
+            self.cast(Column::State),
             self.scope_clause("", 2)
         )
     }
@@ -98,24 +202,26 @@ impl TableMapping {
     /// `$1` = gone state, `$2` = scope value.
     pub fn select_rows_sql(&self) -> String {
         format!(
-            "SELECT {k}::text, {s}::text, {o}::text, {u}::timestamptz FROM {t} \
-             WHERE {s}::text IS DISTINCT FROM $1{scope}",
+            "SELECT {k}::text, {s}::text, {o}::text, {u} FROM {t} \
+             WHERE {s} IS DISTINCT FROM $1{scast}{scope}",
             k = self.key,
             s = self.state,
             o = self.object,
-            u = self.updated_at,
-            t = self.table,
+            u = self.updated_at_expr(""),
+            t = self.t(),
+            scast = self.cast(Column::State),
             scope = self.scope_clause("", 2)
         )
     }
 
     /// One statement that locks the rows still exactly as read (skipping rows the
-    /// application holds), downgrades them, clears the configured columns and writes one
-    /// audit record per row with the old values. Returns the keys downgraded.
+    /// application holds), downgrades exactly those rows (by the locked row's `ctid`), clears
+    /// the configured columns and writes one audit record per row with the old values.
+    /// Returns the keys downgraded.
     ///
     /// `$1` keys, `$2` objects, `$3` updated_at as read, `$4` backends, `$5` evidence (JSON
     /// text), `$6` suspended state, `$7` gone state, `$8` sweep id, `$9` table name,
-    /// `$10` scope value.
+    /// `$10` scope value (NULL when unscoped).
     pub fn downgrade_sql(&self) -> String {
         let cleared = if self.clear.is_empty() {
             "'{}'::jsonb".to_string()
@@ -128,8 +234,8 @@ impl TableMapping {
             format!("jsonb_build_object({})", pairs.join(", "))
         };
         let mut set = vec![
-            format!("{} = $7", self.state),
-            format!("{} = now()", self.updated_at),
+            format!("{} = $7{}", self.state, self.cast(Column::State)),
+            format!("{} = {}", self.updated_at, self.now_expr()),
         ];
         set.extend(self.clear.iter().map(|c| format!("{c} = NULL")));
         format!(
@@ -137,40 +243,63 @@ impl TableMapping {
                SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[]) \
                  AS c(key, object, updated_at, backend, evidence) \
              ), old AS ( \
-               SELECT t.{k}::text AS key, t.{s}::text AS old_state, t.{o}::text AS object, \
-                      t.{u}::timestamptz AS old_updated_at, {cleared} AS cleared, \
+               SELECT t.ctid AS row_id, t.{k}::text AS key, t.{s}::text AS old_state, \
+                      t.{o}::text AS object, {tu} AS old_updated_at, {cleared} AS cleared, \
                       c.backend, c.evidence \
-               FROM {t} t JOIN c ON t.{k}::text = c.key \
-               WHERE t.{s}::text = $6 AND t.{o}::text = c.object \
-                 AND t.{u}::timestamptz = c.updated_at{scope} \
+               FROM {t} t JOIN c ON t.{k} = c.key{kcast} \
+               WHERE t.{s} = $6{scast} AND t.{o} = c.object{ocast} \
+                 AND {tu} = c.updated_at{scope} \
                FOR UPDATE OF t SKIP LOCKED \
              ), upd AS ( \
-               UPDATE {t} t SET {set} FROM old WHERE t.{k}::text = old.key \
+               UPDATE {t} t SET {set} FROM old WHERE t.ctid = old.row_id \
                RETURNING old.key, old.old_state, old.object, old.old_updated_at, old.cleared, \
-                         old.backend, old.evidence, t.{u}::timestamptz AS new_updated_at \
+                         old.backend, old.evidence, {tu} AS new_updated_at \
              ) \
-             INSERT INTO {a} (sweep_id, action, session_table, session_key, object_name, backend, \
-                              old_state, new_state, old_updated_at, new_updated_at, cleared, \
-                              reason, evidence) \
-             SELECT $8, 'downgrade', $9, key, object, backend, old_state, $7, old_updated_at, \
+             INSERT INTO {a} (sweep_id, action, session_table, session_scope, session_key, \
+                              object_name, backend, old_state, new_state, old_updated_at, \
+                              new_updated_at, cleared, reason, evidence) \
+             SELECT $8, 'downgrade', $9, $10, key, object, backend, old_state, $7, old_updated_at, \
                     new_updated_at, cleared, 'orphaned_suspended', evidence::jsonb FROM upd \
              RETURNING session_key",
             k = self.key,
             s = self.state,
             o = self.object,
-            u = self.updated_at,
-            t = self.table,
+            tu = self.updated_at_expr("t."),
+            t = self.t(),
             a = self.audit,
+            kcast = self.cast(Column::Key),
+            scast = self.cast(Column::State),
+            ocast = self.cast(Column::Object),
             set = set.join(", "),
             scope = self.scope_clause("t.", 10),
+        )
+    }
+
+    /// The audit records an undo considers: the latest not-yet-undone downgrade of each
+    /// session of this table (any of its names) and scope.
+    fn undo_records(&self, sweep: &str, key: &str, tables: &str, scope: &str) -> String {
+        let scoped = match &self.scope {
+            Some(_) => format!(" AND (d.session_scope IS NULL OR d.session_scope = {scope})"),
+            None => String::new(),
+        };
+        format!(
+            "SELECT DISTINCT ON (d.session_key) d.id, d.session_key, d.object_name, d.old_state, \
+                    d.new_state, d.new_updated_at, d.cleared \
+             FROM {a} d \
+             WHERE d.action = 'downgrade' AND d.session_table = ANY({tables}) \
+               AND ({sweep}::uuid IS NULL OR d.sweep_id = {sweep}) \
+               AND ({key}::text IS NULL OR d.session_key = {key}){scoped} \
+               AND NOT EXISTS (SELECT 1 FROM {a} u WHERE u.undoes = d.id) \
+             ORDER BY d.session_key, d.at DESC, d.id DESC",
+            a = self.audit,
         )
     }
 
     /// Restores rows still exactly as a downgrade left them, from their audit records, and
     /// audits the undo. Returns (key, restored state) of each restored row.
     ///
-    /// `$1` sweep id or NULL, `$2` session key or NULL, `$3` table name, `$4` undo id,
-    /// `$5` scope value.
+    /// `$1` sweep id or NULL, `$2` session key or NULL, `$3` table names (text[]), `$4` undo
+    /// id, `$5` scope value (NULL when unscoped), `$6` the canonical table name.
     pub fn undo_sql(&self) -> String {
         let untouched: String = self
             .clear
@@ -178,46 +307,47 @@ impl TableMapping {
             .map(|c| format!(" AND t.{c} IS NULL"))
             .collect();
         let mut set = vec![
-            format!("{} = cand.old_state", self.state),
-            format!("{} = now()", self.updated_at),
+            format!(
+                "{} = cand.old_state{}",
+                self.state,
+                self.cast(Column::State)
+            ),
+            format!("{} = {}", self.updated_at, self.now_expr()),
         ];
         set.extend(self.clear.iter().map(|c| {
             format!(
                 "{c} = (jsonb_populate_record(NULL::{t}, cand.cleared)).{c}",
-                t = self.table
+                t = self.t()
             )
         }));
         format!(
-            "WITH a AS ( \
-               SELECT DISTINCT ON (session_key) id, session_key, object_name, old_state, \
-                      new_state, new_updated_at, cleared \
-               FROM {a} d \
-               WHERE action = 'downgrade' AND session_table = $3 \
-                 AND ($1::uuid IS NULL OR sweep_id = $1) AND ($2::text IS NULL OR session_key = $2) \
-                 AND NOT EXISTS (SELECT 1 FROM {a} u WHERE u.undoes = d.id) \
-               ORDER BY session_key, at DESC, id DESC \
-             ), cand AS ( \
-               SELECT a.* FROM {t} t JOIN a ON t.{k}::text = a.session_key \
-               WHERE t.{s}::text = a.new_state AND t.{o}::text = a.object_name \
-                 AND t.{u}::timestamptz = a.new_updated_at{untouched}{scope} \
+            "WITH a AS ({records}), cand AS ( \
+               SELECT t.ctid AS row_id, a.* FROM {t} t JOIN a ON t.{k} = a.session_key{kcast} \
+               WHERE t.{s} = a.new_state{scast} AND t.{o} = a.object_name{ocast} \
+                 AND {tu} = a.new_updated_at{untouched}{scope} \
                FOR UPDATE OF t SKIP LOCKED \
              ), upd AS ( \
-               UPDATE {t} t SET {set} FROM cand WHERE t.{k}::text = cand.session_key \
+               UPDATE {t} t SET {set} FROM cand WHERE t.ctid = cand.row_id \
                RETURNING cand.id, cand.session_key, cand.object_name, cand.old_state, \
-                         cand.new_state, cand.new_updated_at, t.{u}::timestamptz AS restored_at \
+                         cand.new_state, cand.new_updated_at, {tu} AS restored_at \
              ) \
-             INSERT INTO {a} (sweep_id, action, undoes, session_table, session_key, object_name, \
-                              old_state, new_state, old_updated_at, new_updated_at, reason, evidence) \
-             SELECT $4, 'undo', id, $3, session_key, object_name, new_state, old_state, \
+             INSERT INTO {a} (sweep_id, action, undoes, session_table, session_scope, session_key, \
+                              object_name, old_state, new_state, old_updated_at, new_updated_at, \
+                              reason, evidence) \
+             SELECT $4, 'undo', id, $6, $5, session_key, object_name, new_state, old_state, \
                     new_updated_at, restored_at, 'undo', jsonb_build_object('undoes_audit_id', id) \
              FROM upd \
              RETURNING session_key, new_state",
+            records = self.undo_records("$1", "$2", "$3", "$5"),
             a = self.audit,
-            t = self.table,
+            t = self.t(),
             k = self.key,
             s = self.state,
             o = self.object,
-            u = self.updated_at,
+            tu = self.updated_at_expr("t."),
+            kcast = self.cast(Column::Key),
+            scast = self.cast(Column::State),
+            ocast = self.cast(Column::Object),
             set = set.join(", "),
             scope = self.scope_clause("t.", 5),
         )
@@ -225,41 +355,55 @@ impl TableMapping {
 
     /// The downgrades an undo with the same arguments would consider, with the row's current
     /// state (NULL when the row no longer exists). `$1` sweep id or NULL, `$2` session key or
-    /// NULL, `$3` table name.
+    /// NULL, `$3` table names (text[]), `$4` scope value (NULL when unscoped).
     pub fn undo_candidates_sql(&self) -> String {
         format!(
-            "SELECT DISTINCT ON (d.session_key) d.session_key, d.object_name, d.old_state, \
+            "SELECT a.session_key, a.object_name, a.old_state, \
                     t.{s}::text AS current_state, t.{o}::text AS current_object \
-             FROM {a} d LEFT JOIN {t} t ON t.{k}::text = d.session_key \
-             WHERE d.action = 'downgrade' AND d.session_table = $3 \
-               AND ($1::uuid IS NULL OR d.sweep_id = $1) AND ($2::text IS NULL OR d.session_key = $2) \
-               AND NOT EXISTS (SELECT 1 FROM {a} u WHERE u.undoes = d.id) \
-             ORDER BY d.session_key, d.at DESC, d.id DESC",
-            a = self.audit,
-            t = self.table,
+             FROM ({records}) a LEFT JOIN {t} t ON t.{k} = a.session_key{kcast}{scope}",
+            records = self.undo_records("$1", "$2", "$3", "$4"),
+            t = self.t(),
             k = self.key,
             s = self.state,
             o = self.object,
+            kcast = self.cast(Column::Key),
+            scope = self.scope_clause("t.", 4),
         )
     }
 
-    /// The advisory-lock key of the writer lock: stable for the same table and scope, so
-    /// every reconciler writing the same rows contends for the same lock.
+    /// The advisory-lock key of the writer lock: stable for the same table (by its canonical
+    /// name once resolved, however it was spelled) and scope, so every reconciler writing the
+    /// same rows contends for the same lock.
     pub fn lock_key(&self) -> i64 {
         let scope = self
             .scope
             .as_ref()
             .map(|(c, v)| format!("{}={v}", c.name()))
             .unwrap_or_default();
-        let text = format!("sandbox-reconciler|{}|{scope}", self.table_display());
-        // FNV-1a, 64 bit: stable across releases and platforms.
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in text.bytes() {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        hash as i64
+        fnv1a(&format!(
+            "sandbox-reconciler|{}|{scope}",
+            self.table_display()
+        ))
     }
+}
+
+/// A mapped column whose type matters for casts.
+#[derive(Debug, Clone, Copy)]
+enum Column {
+    Key,
+    State,
+    Object,
+    Scope,
+}
+
+/// FNV-1a, 64 bit: stable across releases and platforms.
+pub fn fnv1a(text: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash as i64
 }
 
 #[cfg(test)]
@@ -275,7 +419,8 @@ mod tests {
         let sql = m.downgrade_sql();
         assert!(sql.contains("\"sandbox_sessions\""));
         assert!(sql.contains("\"agent_thread_id\" = NULL"));
-        assert!(sql.contains("t.\"cluster\"::text = $10"));
+        assert!(sql.contains("t.\"cluster\" = $10::text"));
+        assert!(sql.contains("WHERE t.ctid = old.row_id"));
         assert!(!sql.contains("drop table"));
         assert_ne!(m.lock_key(), {
             let mut other = settings.clone();

@@ -8,22 +8,30 @@
 //! writes their audit records, inside one transaction: a batch is applied whole or not at all.
 //!
 //! One writer (DESIGN.md rule 8): the sweep runs on one dedicated connection that holds a
-//! session-level advisory lock keyed by the session table and scope. Reads and writes go
-//! through that same connection, so if it is lost the lock is lost with it and no further
-//! write can happen under a lock that is no longer held.
+//! session-level advisory lock keyed by the session table's canonical name and scope. Reads
+//! and writes go through that same connection, so if it is lost the lock is lost with it and
+//! no further write can happen under a lock that is no longer held.
+//!
+//! Every call has a client-side deadline (`database.client_deadline_seconds`): after a
+//! failover a half-open TCP connection never answers, and a sweep must fail rather than hang.
+//! The server is asked to probe each connection with TCP keepalives, so the backend of a
+//! reconciler that vanished ends and releases the writer lock.
 
 pub mod mapping;
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row, SqlSafeStr};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 
 use crate::config::Settings;
 use crate::plan::{OrphanedRow, Planner, SessionRow};
-pub use mapping::TableMapping;
+use crate::sql::Identifier;
+pub use mapping::{ResolvedTable, TableMapping};
 
 /// Why a database step failed. Messages never contain the connection password.
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +48,30 @@ pub enum StoreError {
         column: String,
         key: String,
     },
+    /// The table does not fit the configuration; the message names the key to change.
+    #[error("table {table}: {message}")]
+    Unfit { table: String, message: String },
     #[error("{what}: {message}")]
     Query { what: &'static str, message: String },
+    #[error("{what}: no answer from PostgreSQL within {seconds}s (database.client_deadline_seconds); the connection is dropped")]
+    Deadline { what: &'static str, seconds: u64 },
     #[error("another sandbox-reconciler holds the writer lock for {table}; only one writer sweeps at a time")]
     LockBusy { table: String },
 }
 
 impl StoreError {
+    /// Whether this is a configuration error (the table or its columns do not fit the
+    /// configuration): exit status 2, not a transient failure.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Url(_)
+                | StoreError::MissingTable { .. }
+                | StoreError::MissingColumn { .. }
+                | StoreError::Unfit { .. }
+        )
+    }
+
     fn query(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
         move |e| StoreError::Query {
             what,
@@ -108,15 +133,22 @@ impl Database {
                 target: self.target.clone(),
                 message: e.to_string(),
             })?;
+        // Keepalives and tcp_user_timeout make the server notice a vanished client within
+        // about a minute, ending its session and releasing any advisory lock it held. On a
+        // Unix socket the server ignores them.
         let setup = format!(
-            "SET statement_timeout = {}; SET lock_timeout = {}",
+            "SET statement_timeout = {}; SET lock_timeout = {}; \
+             SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
+             SET tcp_keepalives_count = 3; SET tcp_user_timeout = 60000",
             self.statement_timeout.as_millis(),
             self.lock_timeout.as_millis()
         );
-        sqlx::raw_sql(AssertSqlSafe(setup))
-            .execute(&mut conn)
-            .await
-            .map_err(StoreError::query("setting timeouts"))?;
+        within(
+            self.connect_timeout,
+            "setting session parameters",
+            sqlx::raw_sql(AssertSqlSafe(setup)).execute(&mut conn),
+        )
+        .await?;
         Ok(conn)
     }
 }
@@ -135,8 +167,50 @@ pub fn redact(text: &str, url: &str) -> String {
     }
 }
 
-/// Runs the reconciler's own migrations (the audit table). Tracked in a table of its own
-/// (`<audit.table>_migrations`), never the application's `_sqlx_migrations`.
+/// Runs `fut` under a client-side deadline; a query error or no answer in time is an error
+/// naming `what`.
+pub async fn within<T>(
+    deadline: Duration,
+    what: &'static str,
+    fut: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(deadline, fut).await {
+        Ok(result) => result.map_err(StoreError::query(what)),
+        Err(_) => Err(StoreError::Deadline {
+            what,
+            seconds: deadline.as_secs(),
+        }),
+    }
+}
+
+/// The audit table's migrations: version, description and SQL template. `{{audit}}` and the
+/// `{{..._idx}}` names are filled in from `audit.table`; the checksum is taken of the
+/// template, so it does not depend on how the table name was spelled.
+const MIGRATIONS: [(i64, &str, &str); 3] = [
+    (
+        1,
+        "audit table",
+        include_str!("../../migrations/0001_audit.sql"),
+    ),
+    (
+        2,
+        "undo records",
+        include_str!("../../migrations/0002_undo.sql"),
+    ),
+    (
+        3,
+        "row scope",
+        include_str!("../../migrations/0003_scope.sql"),
+    ),
+];
+
+/// Runs the reconciler's own migrations (the audit table), once per process at start-up,
+/// tracked in a table of its own (`<audit.table>_migrations`, in the layout sqlx uses, so
+/// earlier installs carry on), never the application's `_sqlx_migrations`.
+///
+/// All pending migrations run in one transaction under a transaction-level advisory lock:
+/// two replicas starting together take turns, and a failed migration rolls back and releases
+/// the lock with the transaction (a session-level lock would outlive the failure).
 pub async fn migrate(conn: &mut PgConnection, mapping: &TableMapping) -> Result<(), StoreError> {
     let name = mapping.audit.name();
     let render = |sql: &str| {
@@ -145,47 +219,280 @@ pub async fn migrate(conn: &mut PgConnection, mapping: &TableMapping) -> Result<
             .replace("{{session_idx}}", &format!("\"{name}_session_idx\""))
             .replace("{{undoes_idx}}", &format!("\"{name}_undoes_idx\""))
     };
-    let migrations = [
-        (
-            1,
-            "audit table",
-            include_str!("../../migrations/0001_audit.sql"),
-        ),
-        (
-            2,
-            "undo records",
-            include_str!("../../migrations/0002_undo.sql"),
-        ),
-    ]
-    .into_iter()
-    .map(|(version, description, sql)| {
-        sqlx::migrate::Migration::new(
-            version,
-            description.into(),
-            sqlx::migrate::MigrationType::Simple,
-            AssertSqlSafe(render(sql)).into_sql_str(),
-            false,
+    let deadline = mapping.deadline;
+    let table = mapping.audit.with_suffix("_migrations");
+    let mut tx = within(deadline, "starting the audit migrations", conn.begin()).await?;
+    let lock = mapping::fnv1a(&format!("sandbox-reconciler-migrations|{table}"));
+    within(
+        deadline,
+        "locking the audit migrations",
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock)
+            .execute(&mut *tx),
+    )
+    .await?;
+    let create = format!(
+        "CREATE TABLE IF NOT EXISTS {table} (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+         installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL, \
+         checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL)"
+    );
+    within(
+        deadline,
+        "creating the audit migrations table",
+        sqlx::raw_sql(AssertSqlSafe(create)).execute(&mut *tx),
+    )
+    .await?;
+    let applied: Vec<i64> = within(
+        deadline,
+        "reading the applied audit migrations",
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT version FROM {table} WHERE success"
+        )))
+        .fetch_all(&mut *tx),
+    )
+    .await?;
+    for (version, description, template) in MIGRATIONS {
+        if applied.contains(&version) {
+            continue;
+        }
+        let started = Instant::now();
+        within(
+            deadline,
+            "running an audit migration",
+            sqlx::raw_sql(AssertSqlSafe(render(template))).execute(&mut *tx),
         )
-    })
-    .collect();
-    let mut migrator = sqlx::migrate::Migrator::with_migrations(migrations);
-    migrator.dangerous_set_table_name(mapping.audit.with_suffix("_migrations").to_string());
-    // run_direct: the generic `run` trips "Acquire is not general enough" in spawned tasks.
-    migrator
-        .run_direct(None, conn, false)
-        .await
-        .map_err(|e| StoreError::Query {
-            what: "running the audit-table migration",
-            message: e.to_string(),
-        })
+        .await?;
+        let record = format!(
+            "INSERT INTO {table} (version, description, success, checksum, execution_time) \
+             VALUES ($1, $2, true, $3, $4) \
+             ON CONFLICT (version) DO UPDATE SET success = true, checksum = $3"
+        );
+        within(
+            deadline,
+            "recording an audit migration",
+            sqlx::query(AssertSqlSafe(record))
+                .bind(version)
+                .bind(description)
+                .bind(mapping::fnv1a(template).to_be_bytes().to_vec())
+                .bind(started.elapsed().as_nanos() as i64)
+                .execute(&mut *tx),
+        )
+        .await?;
+        tracing::info!(version, description, "applied an audit-table migration");
+    }
+    within(deadline, "committing the audit migrations", tx.commit()).await
+}
+
+/// Reads what the catalog says about the session table and checks that it fits the
+/// configuration; returns the mapping with [`ResolvedTable`] filled in. Errors are
+/// configuration errors ([`StoreError::is_configuration`]) that name the key to change:
+/// a missing table or column, a state column that is neither text nor an enum, a key (plus
+/// scope) that is not unique, a naive `updated_at` without `sessions.updated_at_time_zone`,
+/// and a connection through a transaction-mode pooler (which cannot hold the writer lock).
+pub async fn resolve(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+) -> Result<TableMapping, StoreError> {
+    let deadline = mapping.deadline;
+    let configured = mapping.table_display();
+    let table: Option<(i64, String, String, String)> = within(
+        deadline,
+        "resolving the session table",
+        sqlx::query_as(
+            "SELECT c.oid::bigint, n.nspname::text, c.relname::text, c.relkind::text \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = to_regclass($1)",
+        )
+        .bind(mapping.table.to_string())
+        .fetch_optional(&mut *conn),
+    )
+    .await?;
+    let Some((oid, schema, name, kind)) = table else {
+        return Err(StoreError::MissingTable { table: configured });
+    };
+    let canonical = Identifier::from_catalog(&schema, &name);
+    let unfit = |message: String| StoreError::Unfit {
+        table: format!("{schema}.{name}"),
+        message,
+    };
+    if kind != "r" && kind != "p" {
+        return Err(unfit(
+            "is not a table (a view or another relation); set sessions.table to the table itself"
+                .into(),
+        ));
+    }
+    let columns: Vec<(String, String, String)> = within(
+        deadline,
+        "reading the session table's columns",
+        sqlx::query_as(
+            "SELECT a.attname::text, a.atttypid::regtype::text, \
+                    t.typtype::text || coalesce(bt.typcategory::text, t.typcategory::text) \
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+             LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype \
+             WHERE a.attrelid = $1::oid AND a.attnum > 0 AND NOT a.attisdropped",
+        )
+        .bind(oid)
+        .fetch_all(&mut *conn),
+    )
+    .await?;
+    let column = |key: &str, column: &Identifier| {
+        columns
+            .iter()
+            .find(|(n, _, _)| n == column.name())
+            .map(|(_, ty, class)| (ty.clone(), class.clone()))
+            .ok_or_else(|| StoreError::MissingColumn {
+                table: format!("{schema}.{name}"),
+                column: column.name().to_string(),
+                key: key.to_string(),
+            })
+    };
+    for (key, c) in mapping.columns_with_keys() {
+        column(&key, &Identifier::parse(c).map_err(unfit)?)?;
+    }
+    let (key_type, _) = column("sessions.key_column", &mapping.key)?;
+    let (state_type, state_class) = column("sessions.state_column", &mapping.state)?;
+    let (object_type, object_class) = column("sessions.object_column", &mapping.object)?;
+    let (updated_type, _) = column("sessions.updated_at_column", &mapping.updated_at)?;
+    let scope_type = match &mapping.scope {
+        Some((c, _)) => Some(column("sessions.scope_column", c)?.0),
+        None => None,
+    };
+    // typtype 'e' = enum; category 'S' = string (text, varchar, char, and domains over them).
+    if !(state_class.starts_with('e') || state_class.ends_with('S')) {
+        return Err(unfit(format!(
+            "column {} is of type {state_type}; sessions.state_column must be text, varchar or an enum",
+            mapping.state.name()
+        )));
+    }
+    if !object_class.ends_with('S') {
+        return Err(unfit(format!(
+            "column {} is of type {object_type}; sessions.object_column must be text or varchar",
+            mapping.object.name()
+        )));
+    }
+    let naive_updated_at = match updated_type.as_str() {
+        "timestamp with time zone" => false,
+        "timestamp without time zone" => true,
+        other => {
+            return Err(unfit(format!(
+                "column {} is of type {other}; sessions.updated_at_column must be timestamptz or timestamp",
+                mapping.updated_at.name()
+            )))
+        }
+    };
+    if naive_updated_at {
+        let Some(zone) = &mapping.updated_at_zone else {
+            return Err(unfit(format!(
+                "column {} is a timestamp without time zone, so its values mean nothing without the zone the application writes them in; set sessions.updated_at_time_zone (e.g. \"UTC\" or \"America/New_York\"), or migrate the column to timestamptz",
+                mapping.updated_at.name()
+            )));
+        };
+        let known: bool = within(
+            deadline,
+            "checking sessions.updated_at_time_zone",
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = $1) \
+                 OR EXISTS (SELECT 1 FROM pg_timezone_abbrevs WHERE abbrev = $1)",
+            )
+            .bind(zone)
+            .fetch_one(&mut *conn),
+        )
+        .await?;
+        if !known {
+            return Err(unfit(format!(
+                "sessions.updated_at_time_zone {zone:?} is not a time zone PostgreSQL knows (see pg_timezone_names)"
+            )));
+        }
+    }
+    let mut identity = vec![mapping.key.name().to_string()];
+    if let Some((c, _)) = &mapping.scope {
+        identity.push(c.name().to_string());
+    }
+    if !key_is_unique(conn, deadline, oid, &identity).await? {
+        return Err(unfit(format!(
+            "no unique index or primary key covers {}; a row must be identified by sessions.key_column{} alone. If the table holds several clusters' rows (a key unique per cluster), set sessions.scope_column and sessions.scope_value",
+            identity.join(" + "),
+            if mapping.scope.is_some() { " (+ sessions.scope_column)" } else { "" }
+        )));
+    }
+    if behind_transaction_pooler(conn, deadline).await? {
+        return Err(StoreError::Unfit {
+            table: format!("{schema}.{name}"),
+            message: "database.url reaches PostgreSQL through a transaction-mode pooler (the server session changes between statements), which cannot hold the writer lock; connect directly or through session pooling".into(),
+        });
+    }
+    let mut resolved = mapping.clone();
+    resolved.resolved = Some(ResolvedTable {
+        oid: u32::try_from(oid).unwrap_or_default(),
+        canonical,
+        key_type,
+        state_type,
+        object_type,
+        scope_type,
+        naive_updated_at,
+    });
+    Ok(resolved)
+}
+
+/// Whether a valid, non-partial unique index (or the primary key) of the table consists of
+/// columns among `identity` and includes the first of them (the key).
+async fn key_is_unique(
+    conn: &mut PgConnection,
+    deadline: Duration,
+    oid: i64,
+    identity: &[String],
+) -> Result<bool, StoreError> {
+    within(
+        deadline,
+        "reading the session table's unique indexes",
+        sqlx::query_scalar(
+            "SELECT EXISTS ( \
+               SELECT 1 FROM pg_index i \
+               WHERE i.indrelid = $1::oid AND i.indisunique AND i.indisvalid \
+                 AND i.indpred IS NULL AND i.indexprs IS NULL \
+                 AND (SELECT array_agg(a.attname::text) FROM unnest(i.indkey) k \
+                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k) <@ $2::text[] \
+                 AND $3 = ANY (SELECT a.attname::text FROM unnest(i.indkey) k \
+                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k))",
+        )
+        .bind(oid)
+        .bind(identity)
+        .bind(&identity[0])
+        .fetch_one(&mut *conn),
+    )
+    .await
+}
+
+/// A transaction-mode pooler (PgBouncer `pool_mode = transaction`) may hand consecutive
+/// statements to different server sessions: the backend pid changes.
+async fn behind_transaction_pooler(
+    conn: &mut PgConnection,
+    deadline: Duration,
+) -> Result<bool, StoreError> {
+    let mut pids = HashSet::new();
+    for _ in 0..3 {
+        let pid: i32 = within(
+            deadline,
+            "reading the server session",
+            sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *conn),
+        )
+        .await?;
+        pids.insert(pid);
+    }
+    Ok(pids.len() > 1)
 }
 
 /// The database server's clock (`clock_timestamp()`, not the transaction start).
-pub async fn database_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, StoreError> {
-    sqlx::query_scalar("SELECT clock_timestamp()")
-        .fetch_one(conn)
-        .await
-        .map_err(StoreError::query("reading the database clock"))
+pub async fn database_now(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+) -> Result<DateTime<Utc>, StoreError> {
+    within(
+        mapping.deadline,
+        "reading the database clock",
+        sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(conn),
+    )
+    .await
 }
 
 /// Tries to take the writer lock on `conn`; `Ok(false)` when another session holds it.
@@ -193,11 +500,14 @@ pub async fn try_writer_lock(
     conn: &mut PgConnection,
     mapping: &TableMapping,
 ) -> Result<bool, StoreError> {
-    sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-        .bind(mapping.lock_key())
-        .fetch_one(conn)
-        .await
-        .map_err(StoreError::query("taking the writer lock"))
+    within(
+        mapping.deadline,
+        "taking the writer lock",
+        sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+            .bind(mapping.lock_key())
+            .fetch_one(conn),
+    )
+    .await
 }
 
 /// Releases the writer lock held by `conn`.
@@ -205,43 +515,26 @@ pub async fn release_writer_lock(
     conn: &mut PgConnection,
     mapping: &TableMapping,
 ) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(mapping.lock_key())
-        .execute(conn)
-        .await
-        .map(|_| ())
-        .map_err(StoreError::query("releasing the writer lock"))
+    within(
+        mapping.deadline,
+        "releasing the writer lock",
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(mapping.lock_key())
+            .execute(conn),
+    )
+    .await
+    .map(|_| ())
 }
 
-/// Verifies that the table and every mapped column exist; names the config key otherwise.
-pub async fn verify_table(
-    conn: &mut PgConnection,
-    mapping: &TableMapping,
-) -> Result<(), StoreError> {
-    let rows = sqlx::query(
-        "SELECT a.attname::text FROM pg_attribute a \
-         WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+/// Checks that `conn` still answers (the writer connection, before each sweep).
+pub async fn ping(conn: &mut PgConnection, mapping: &TableMapping) -> bool {
+    within(
+        mapping.deadline,
+        "checking the connection",
+        sqlx::query("SELECT 1").execute(conn),
     )
-    .bind(mapping.table.to_string())
-    .fetch_all(&mut *conn)
     .await
-    .map_err(StoreError::query("reading the session table's columns"))?;
-    if rows.is_empty() {
-        return Err(StoreError::MissingTable {
-            table: mapping.table_display(),
-        });
-    }
-    let columns: Vec<String> = rows.iter().map(|r| r.get::<String, _>(0)).collect();
-    for (key, column) in mapping.columns_with_keys() {
-        if !columns.iter().any(|c| c == column) {
-            return Err(StoreError::MissingColumn {
-                table: mapping.table_display(),
-                column: column.to_string(),
-                key,
-            });
-        }
-    }
-    Ok(())
+    .is_ok()
 }
 
 /// Streams the rows into `planner` from one consistent snapshot of the table. Rows in the
@@ -251,39 +544,36 @@ pub async fn read_rows(
     mapping: &TableMapping,
     planner: &mut Planner<'_>,
 ) -> Result<(), StoreError> {
-    let mut tx = conn
-        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(StoreError::query("starting the read transaction"))?;
-    let count_sql = mapping.count_gone_sql();
-    let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(count_sql)).bind(&mapping.gone_state);
-    if let Some(scope) = &mapping.scope {
-        q = q.bind(&scope.1);
-    }
-    let gone = q
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(StoreError::query("counting gone rows"))?;
+    let deadline = mapping.deadline;
+    let mut tx = within(
+        deadline,
+        "starting the read transaction",
+        conn.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+    )
+    .await?;
+    let gone: i64 = within(
+        deadline,
+        "counting gone rows",
+        sqlx::query_scalar(AssertSqlSafe(mapping.count_gone_sql()))
+            .bind(&mapping.gone_state)
+            .bind(mapping.scope_value())
+            .fetch_one(&mut *tx),
+    )
+    .await?;
     planner.count_state(Some(&mapping.gone_state), gone as u64);
 
     let select_sql = mapping.select_rows_sql();
-    let mut q = sqlx::query(AssertSqlSafe(select_sql)).bind(&mapping.gone_state);
-    if let Some(scope) = &mapping.scope {
-        q = q.bind(&scope.1);
-    }
-    let mut stream = q.fetch(&mut *tx);
-    while let Some(row) = stream
-        .try_next()
-        .await
-        .map_err(StoreError::query("reading session rows"))?
-    {
+    let mut stream = sqlx::query(AssertSqlSafe(select_sql))
+        .bind(&mapping.gone_state)
+        .bind(mapping.scope_value())
+        .fetch(&mut *tx);
+    // The deadline applies to each wait for the next row: a long table streams for as long
+    // as rows keep coming, a connection that stops answering fails.
+    while let Some(row) = within(deadline, "reading session rows", stream.try_next()).await? {
         planner.observe(&decode_row(&row));
     }
     drop(stream);
-    tx.commit()
-        .await
-        .map_err(StoreError::query("ending the read transaction"))?;
-    Ok(())
+    within(deadline, "ending the read transaction", tx.commit()).await
 }
 
 fn decode_row(row: &PgRow) -> SessionRow {
@@ -328,33 +618,43 @@ pub async fn apply_batch(
     let updated: Vec<DateTime<Utc>> = batch.iter().map(|d| d.row.updated_at).collect();
     let backends: Vec<&str> = batch.iter().map(|d| d.row.backend.as_str()).collect();
     let evidence: Vec<String> = batch.iter().map(|d| d.evidence.to_string()).collect();
-    let mut tx = conn
-        .begin()
-        .await
-        .map_err(StoreError::query("starting the apply transaction"))?;
+    let deadline = mapping.deadline;
+    let mut tx = within(deadline, "starting the apply transaction", conn.begin()).await?;
     let sql = mapping.downgrade_sql();
-    let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
-        .bind(&keys)
-        .bind(&objects)
-        .bind(&updated)
-        .bind(&backends)
-        .bind(&evidence)
-        .bind(&mapping.suspended_state)
-        .bind(&mapping.gone_state)
-        .bind(sweep_id)
-        .bind(mapping.table_display());
-    if let Some(scope) = &mapping.scope {
-        q = q.bind(&scope.1);
+    let downgraded: Vec<String> = within(
+        deadline,
+        "downgrading a batch",
+        sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(&keys)
+            .bind(&objects)
+            .bind(&updated)
+            .bind(&backends)
+            .bind(&evidence)
+            .bind(&mapping.suspended_state)
+            .bind(&mapping.gone_state)
+            .bind(sweep_id)
+            .bind(mapping.table_display())
+            .bind(mapping.scope_value())
+            .fetch_all(&mut *tx),
+    )
+    .await?;
+    // Each planned row can be changed at most once; anything else means the statement
+    // touched rows it was not asked to, and the batch must not commit.
+    let planned: HashSet<&str> = keys.iter().copied().collect();
+    let unique: HashSet<&str> = downgraded.iter().map(String::as_str).collect();
+    if unique.len() != downgraded.len() || !unique.is_subset(&planned) {
+        return Err(StoreError::Query {
+            what: "downgrading a batch",
+            message: format!(
+                "the statement changed {} rows for {} planned keys; rolled back",
+                downgraded.len(),
+                planned.len()
+            ),
+        });
     }
-    let downgraded = q
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(StoreError::query("downgrading a batch"))?;
-    tx.commit()
-        .await
-        .map_err(StoreError::query("committing a batch"))?;
+    within(deadline, "committing a batch", tx.commit()).await?;
     Ok(BatchOutcome {
-        skipped_changed: batch.len() - downgraded.len(),
+        skipped_changed: batch.len().saturating_sub(downgraded.len()),
         downgraded,
     })
 }

@@ -133,8 +133,8 @@ impl TestDb {
             .collect()
     }
 
-    /// Settings for this schema: pods and sandboxes in namespace "agents", no grace for
-    /// rows older than 10 minutes.
+    /// Settings for this schema: pods and sandboxes (names "sb-…", so a missing object is
+    /// attributed to a backend) in namespace "agents", no grace for rows older than 10 minutes.
     pub fn settings(&self) -> Settings {
         let mut s = Settings::default();
         s.database.url = database_url();
@@ -144,6 +144,7 @@ impl TestDb {
         s.cluster.page_size = 2;
         s.cluster.request_timeout_seconds = 5;
         s.backends.agent_sandbox.enabled = true;
+        s.backends.agent_sandbox.object_name_prefix = "sb-".into();
         s.sweep.grace_period_seconds = 600;
         s.guard.min_live_missing = 1;
         s.validate().expect("test settings are valid");
@@ -158,7 +159,7 @@ impl TestDb {
              [sessions]\ntable = \"{table}\"\n\
              [audit]\ntable = \"{audit}\"\n\
              [cluster]\nnamespaces = [\"agents\"]\npage_size = 2\nrequest_timeout_seconds = 5\n\
-             [backends.agent_sandbox]\nenabled = true\n\
+             [backends.agent_sandbox]\nenabled = true\nobject_name_prefix = \"sb-\"\n\
              [guard]\nmin_live_missing = 1\n{extra}\n",
             url = database_url(),
             table = self.table(),
@@ -172,12 +173,12 @@ impl TestDb {
 /// Builds an in-process reconciler talking to `api` with the real kube::Client.
 pub fn reconciler(settings: Settings, api: &FakeApiServer) -> Reconciler {
     let cluster = KubeCluster::with_client(api.client(), &settings);
-    Reconciler {
-        mapping: TableMapping::from_settings(&settings).unwrap(),
-        database: Database::new(&settings).unwrap(),
-        settings,
-        source: ClusterSource::Api(Box::new(cluster)),
-    }
+    Reconciler::new(
+        settings.clone(),
+        Database::new(&settings).unwrap(),
+        TableMapping::from_settings(&settings).unwrap(),
+        ClusterSource::Api(Box::new(cluster)),
+    )
 }
 
 /// Runs one sweep in-process.
@@ -236,6 +237,7 @@ pub async fn seeded(live: usize, orphans: usize) -> (TestDb, FakeApiServer) {
     let db = TestDb::new().await;
     let api = FakeApiServer::start().await;
     api.register_sandbox_version("v1alpha1");
+    api.add_namespace("agents");
     for i in 0..live {
         api.add_pod("agents", &format!("pod-live-{i}"), MANAGED);
         db.insert(

@@ -1,0 +1,142 @@
+//! The data both sides of a sweep share: what the cluster looked like, as plain values.
+//!
+//! [`ClusterSnapshot`] is produced by the cluster side (`cluster::KubeCluster`, or a
+//! `kubectl` dump) and consumed by the pure planner (`plan`). Keeping these types here, apart
+//! from the module that talks to the API server, lets the decision depend on data only.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+/// Which kind of object backs a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum BackendKind {
+    /// One bare Pod per session.
+    #[serde(rename = "pod")]
+    Pod,
+    /// One agent-sandbox `Sandbox` custom resource per session.
+    #[serde(rename = "agent-sandbox")]
+    AgentSandbox,
+    /// A row whose object is missing and whose name no single backend claims (both backends
+    /// enabled without distinguishing `object_name_prefix`es). Never a listing of its own.
+    #[serde(rename = "unknown")]
+    Unknown,
+}
+
+impl BackendKind {
+    /// The label value used in reports and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Pod => "pod",
+            BackendKind::AgentSandbox => "agent-sandbox",
+            BackendKind::Unknown => "unknown",
+        }
+    }
+}
+
+impl BackendKind {
+    /// Every value, for initialising metric series.
+    pub const ALL: [BackendKind; 3] = [
+        BackendKind::Pod,
+        BackendKind::AgentSandbox,
+        BackendKind::Unknown,
+    ];
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the reconciler keeps about one object name (merged over namespaces).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ObjectFacts {
+    /// `metadata.deletionTimestamp` is set: not absent yet.
+    pub terminating: bool,
+    /// A Sandbox paused on purpose (`spec.replicas: 0` or `spec.operatingMode: Suspended`).
+    pub suspended: bool,
+}
+
+/// All objects of one backend, by name.
+#[derive(Debug, Clone)]
+pub struct BackendView {
+    pub kind: BackendKind,
+    /// Rows with a missing object whose name starts with this are counted under this backend.
+    pub name_prefix: String,
+    objects: HashMap<Box<str>, ObjectFacts>,
+    /// Requests the listing took (pages, including a restarted listing).
+    pub requests: u64,
+}
+
+impl BackendView {
+    pub fn new(kind: BackendKind, name_prefix: &str) -> BackendView {
+        BackendView {
+            kind,
+            name_prefix: name_prefix.to_string(),
+            objects: HashMap::new(),
+            requests: 0,
+        }
+    }
+
+    /// Adds an object; a name seen in several namespaces is kept once.
+    pub fn insert(&mut self, name: &str, facts: ObjectFacts) {
+        let entry = self.objects.entry(name.into()).or_default();
+        entry.terminating |= facts.terminating;
+        entry.suspended |= facts.suspended;
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.objects.contains_key(name)
+    }
+
+    /// The stored key for `name` (borrowed from the view), if present.
+    pub fn key_of(&self, name: &str) -> Option<&str> {
+        self.objects.get_key_value(name).map(|(k, _)| &**k)
+    }
+
+    pub fn facts(&self, name: &str) -> Option<ObjectFacts> {
+        self.objects.get(name).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    /// Objects that are terminating / deliberately suspended.
+    pub fn count(&self, pred: impl Fn(&ObjectFacts) -> bool) -> usize {
+        self.objects.values().filter(|f| pred(f)).count()
+    }
+}
+
+/// A complete view of every enabled backend, taken at `listing_started_at`.
+#[derive(Debug, Clone)]
+pub struct ClusterSnapshot {
+    pub listing_started_at: DateTime<Utc>,
+    pub backends: Vec<BackendView>,
+    /// Where the view came from ("api" or the dump file's path).
+    pub source: String,
+    /// The cluster's identity (the `kube-system` Namespace's UID), when read from the API.
+    pub cluster_uid: Option<String>,
+}
+
+impl ClusterSnapshot {
+    pub fn new(listing_started_at: DateTime<Utc>) -> ClusterSnapshot {
+        ClusterSnapshot {
+            listing_started_at,
+            backends: Vec::new(),
+            source: "api".into(),
+            cluster_uid: None,
+        }
+    }
+
+    pub fn total_objects(&self) -> usize {
+        self.backends.iter().map(BackendView::len).sum()
+    }
+}
