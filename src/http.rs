@@ -211,3 +211,59 @@ pub async fn serve(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(next_tick_in: i64, max_sweep: i64) -> HealthState {
+        let h = HealthState::default();
+        h.worker_alive.store(true, Ordering::Relaxed);
+        h.tick_slack_seconds.store(60, Ordering::Relaxed);
+        h.max_sweep_seconds.store(max_sweep, Ordering::Relaxed);
+        h.next_tick.store(
+            chrono::Utc::now().timestamp() + next_tick_in,
+            Ordering::Relaxed,
+        );
+        h
+    }
+
+    /// A business-hours schedule: the next tick is tomorrow morning. Before, liveness used
+    /// a period estimated from the next 12 runs (5 minutes) and failed every night.
+    #[test]
+    fn a_tick_due_tomorrow_is_healthy_tonight() {
+        let h = health(14 * 3600, 900);
+        assert!(h.is_alive(), "{:?}", h.unhealthy());
+    }
+
+    #[test]
+    fn an_overdue_tick_is_unhealthy() {
+        let h = health(-61, 900);
+        assert!(h.unhealthy().is_some_and(|p| p.contains("tick")));
+        let h = health(-30, 900);
+        assert!(h.is_alive(), "within the slack");
+    }
+
+    /// A sweep stuck on a database call that never answers fails liveness once it has run
+    /// longer than the configured number of periods.
+    #[test]
+    fn a_hung_sweep_is_unhealthy() {
+        let h = health(300, 900);
+        h.sweep_started(true);
+        assert!(h.is_alive());
+        h.sweep_started_at
+            .store(chrono::Utc::now().timestamp() - 901, Ordering::Relaxed);
+        assert!(h
+            .unhealthy()
+            .is_some_and(|p| p.contains("liveness_sweep_periods")));
+        h.sweep_started(false);
+        assert!(h.is_alive());
+    }
+
+    #[test]
+    fn a_stopped_worker_is_unhealthy() {
+        let h = health(300, 900);
+        h.worker_alive.store(false, Ordering::Relaxed);
+        assert!(!h.is_alive());
+    }
+}
