@@ -204,6 +204,13 @@ const MIGRATIONS: [(i64, &str, &str); 3] = [
     ),
 ];
 
+/// The transaction-level advisory lock the audit migrations run under: one key per database,
+/// whatever the audit table is called or however it is spelled (migrations are short, and two
+/// spellings of one table must take turns).
+pub fn migrations_lock_key() -> i64 {
+    mapping::fnv1a("sandbox-reconciler|audit-migrations")
+}
+
 /// Runs the reconciler's own migrations (the audit table), once per process at start-up,
 /// tracked in a table of its own (`<audit.table>_migrations`, in the layout sqlx uses, so
 /// earlier installs carry on), never the application's `_sqlx_migrations`.
@@ -222,7 +229,7 @@ pub async fn migrate(conn: &mut PgConnection, mapping: &TableMapping) -> Result<
     let deadline = mapping.deadline;
     let table = mapping.audit.with_suffix("_migrations");
     let mut tx = within(deadline, "starting the audit migrations", conn.begin()).await?;
-    let lock = mapping::fnv1a(&format!("sandbox-reconciler-migrations|{table}"));
+    let lock = migrations_lock_key();
     within(
         deadline,
         "locking the audit migrations",
@@ -370,6 +377,14 @@ pub async fn resolve(
             mapping.object.name()
         )));
     }
+    if state_class.starts_with('e') {
+        enum_has_states(conn, deadline, &state_type, mapping)
+            .await
+            .map_err(|e| match e {
+                StoreError::Unfit { message, .. } => unfit(message),
+                other => other,
+            })?;
+    }
     let naive_updated_at = match updated_type.as_str() {
         "timestamp with time zone" => false,
         "timestamp without time zone" => true,
@@ -432,6 +447,41 @@ pub async fn resolve(
         naive_updated_at,
     });
     Ok(resolved)
+}
+
+/// An enum state column must have the suspended and gone states among its labels, or every
+/// downgrade would fail at run time; a configuration error instead.
+async fn enum_has_states(
+    conn: &mut PgConnection,
+    deadline: Duration,
+    state_type: &str,
+    mapping: &TableMapping,
+) -> Result<(), StoreError> {
+    let labels: Vec<String> = within(
+        deadline,
+        "reading the state column's enum labels",
+        sqlx::query_scalar(
+            "SELECT enumlabel::text FROM pg_enum WHERE enumtypid = $1::regtype ORDER BY enumsortorder",
+        )
+        .bind(state_type)
+        .fetch_all(&mut *conn),
+    )
+    .await?;
+    for (key, state) in [
+        ("sessions.suspended_state", &mapping.suspended_state),
+        ("sessions.gone_state", &mapping.gone_state),
+    ] {
+        if !labels.contains(state) {
+            return Err(StoreError::Unfit {
+                table: String::new(),
+                message: format!(
+                    "{key} {state:?} is not a value of the state column's enum {state_type} ({}); fix {key} or add the value to the enum",
+                    labels.join(", ")
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Whether a valid, non-partial unique index (or the primary key) of the table consists of
