@@ -17,10 +17,36 @@ use crate::report;
 use crate::store::{Database, TableMapping};
 use crate::sweep::{ClusterSource, Reconciler, SweepOptions, SweepResult};
 
-pub const EXIT_OK: u8 = 0;
-pub const EXIT_FAILED: u8 = 1;
-pub const EXIT_CONFIG: u8 = 2;
-pub const EXIT_REFUSED: u8 = 3;
+/// The exit status of every command, in one place (README, "Exit codes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The sweep (or command) completed.
+    Ok = 0,
+    /// It failed: a database or API error, or another reconciler holds the writer lock;
+    /// nothing partial is left behind.
+    Failed = 1,
+    /// Usage or configuration error, including a table that does not fit the configuration.
+    Config = 2,
+    /// A guard refused to act.
+    Refused = 3,
+}
+
+impl Exit {
+    /// How a sweep's result ends the process.
+    pub fn of(result: SweepResult) -> Exit {
+        match result {
+            SweepResult::Success => Exit::Ok,
+            SweepResult::Refused => Exit::Refused,
+            SweepResult::Failed | SweepResult::Skipped => Exit::Failed,
+        }
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> ExitCode {
+        ExitCode::from(exit as u8)
+    }
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum OutputFormat {
@@ -146,7 +172,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            return Exit::Config.into();
         }
     };
     match &cli.command {
@@ -166,7 +192,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            return Exit::Config.into();
         }
     };
     if let ClusterSource::Api(cluster) = &mut reconciler.source {
@@ -187,16 +213,16 @@ pub async fn run(cli: Cli) -> ExitCode {
         let message = crate::store::redact(&e.to_string(), &reconciler.settings.database.url);
         if e.is_configuration() {
             eprintln!("error: {message}");
-            return ExitCode::from(EXIT_CONFIG);
+            return Exit::Config.into();
         }
         tracing::warn!("preparing the session table failed (retried by the sweep): {message}");
     }
     if !cli.once && cli.cluster_snapshot.is_none() {
         return match crate::daemon::run(reconciler, options, metrics).await {
-            Ok(()) => ExitCode::from(EXIT_OK),
+            Ok(()) => Exit::Ok.into(),
             Err(e) => {
                 eprintln!("error: {e}");
-                ExitCode::from(EXIT_CONFIG)
+                Exit::Config.into()
             }
         };
     }
@@ -215,11 +241,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         OutputFormat::Json => println!("{}", report::json(&report)),
         OutputFormat::Text => print!("{}", report::text(&report)),
     }
-    ExitCode::from(match report.result {
-        SweepResult::Success => EXIT_OK,
-        SweepResult::Refused => EXIT_REFUSED,
-        SweepResult::Failed | SweepResult::Skipped => EXIT_FAILED,
-    })
+    Exit::of(report.result).into()
 }
 
 async fn run_undo(
@@ -236,7 +258,7 @@ async fn run_undo(
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            return Exit::Config.into();
         }
     };
     let lock_wait = std::time::Duration::from_secs(settings.database.writer_lock_wait_seconds);
@@ -249,18 +271,18 @@ async fn run_undo(
                 ),
                 OutputFormat::Text => print!("{}", crate::undo::text(&report)),
             }
-            ExitCode::from(EXIT_OK)
+            Exit::Ok.into()
         }
         Err(e) => {
             eprintln!(
                 "error: {}",
                 crate::store::redact(&e.to_string(), &settings.database.url)
             );
-            ExitCode::from(if e.is_configuration() {
-                EXIT_CONFIG
+            if e.is_configuration() {
+                Exit::Config.into()
             } else {
-                EXIT_FAILED
-            })
+                Exit::Failed.into()
+            }
         }
     }
 }
@@ -272,8 +294,8 @@ async fn run_check(settings: &Settings) -> ExitCode {
     let lines = crate::check::run(settings, client).await;
     print!("{}", crate::check::render(&lines));
     if lines.iter().all(|l| l.ok) {
-        ExitCode::from(EXIT_OK)
+        Exit::Ok.into()
     } else {
-        ExitCode::from(EXIT_FAILED)
+        Exit::Failed.into()
     }
 }

@@ -32,8 +32,8 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
     pub database: DatabaseSettings,
     pub sessions: SessionSettings,
@@ -47,7 +47,7 @@ pub struct Settings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     /// PostgreSQL URL. Prefer the `DATABASE_URL` environment variable for real credentials.
     pub url: String,
@@ -65,7 +65,7 @@ pub struct DatabaseSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct SessionSettings {
     /// Session table, optionally schema-qualified (`schema.table`).
     pub table: String,
@@ -90,14 +90,14 @@ pub struct SessionSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct AuditSettings {
     /// The reconciler's own audit table (created by its migrations).
     pub table: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct ClusterSettings {
     /// Namespaces to list; `["*"]` means all namespaces.
     pub namespaces: Vec<String>,
@@ -112,15 +112,15 @@ pub struct ClusterSettings {
     pub expected_uid: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BackendSettings {
     pub pod: PodBackendSettings,
     pub agent_sandbox: SandboxBackendSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct PodBackendSettings {
     pub enabled: bool,
     pub label_selector: String,
@@ -130,7 +130,7 @@ pub struct PodBackendSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct SandboxBackendSettings {
     pub enabled: bool,
     pub group: String,
@@ -142,7 +142,7 @@ pub struct SandboxBackendSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct SweepSettings {
     /// Cron expression with a seconds field, UTC (daemon mode).
     pub schedule: String,
@@ -159,7 +159,7 @@ pub struct SweepSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct GuardSettings {
     /// Refuse to act when more than this fraction of live rows have no object.
     pub max_live_missing_ratio: f64,
@@ -172,7 +172,7 @@ pub struct GuardSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct ServerSettings {
     pub listen: String,
     /// /healthz fails when a sweep has been running longer than this many schedule periods.
@@ -180,131 +180,30 @@ pub struct ServerSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
     pub timeout_seconds: u64,
 }
 
-impl Default for DatabaseSettings {
+/// Every key with its default: `config/default.toml`, embedded as the first layer, so the
+/// file is the one place a default is written (a unit test parses it).
+pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
+
+impl Default for Settings {
+    /// The defaults of `config/default.toml`, unvalidated (its `database.url` is a local
+    /// placeholder).
     fn default() -> Self {
-        DatabaseSettings {
-            url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
-            connect_timeout_seconds: 10,
-            statement_timeout_seconds: 60,
-            lock_timeout_seconds: 5,
-            writer_lock_wait_seconds: 0,
-            client_deadline_seconds: 90,
-        }
+        config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULTS_TOML,
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .expect("config/default.toml (embedded) sets every key; a unit test checks it")
     }
 }
 
-impl Default for SessionSettings {
-    fn default() -> Self {
-        SessionSettings {
-            table: "sandbox_sessions".into(),
-            key_column: "thread_key".into(),
-            state_column: "state".into(),
-            object_column: "sandbox_id".into(),
-            updated_at_column: "updated_at".into(),
-            clear_columns: vec!["agent_thread_id".into()],
-            suspended_state: "suspended".into(),
-            gone_state: "gone".into(),
-            live_states: vec!["running".into(), "idle".into(), "delivering".into()],
-            other_states: vec!["creating".into(), "error".into(), "stopped".into()],
-            scope_column: String::new(),
-            scope_value: String::new(),
-            updated_at_time_zone: String::new(),
-        }
-    }
-}
-
-impl Default for AuditSettings {
-    fn default() -> Self {
-        AuditSettings {
-            table: "sandbox_reconciler_audit".into(),
-        }
-    }
-}
-
-impl Default for ClusterSettings {
-    fn default() -> Self {
-        ClusterSettings {
-            namespaces: vec!["default".into()],
-            page_size: 500,
-            request_timeout_seconds: 30,
-            confirm_concurrency: 16,
-            expected_uid: String::new(),
-        }
-    }
-}
-
-impl Default for PodBackendSettings {
-    fn default() -> Self {
-        PodBackendSettings {
-            enabled: true,
-            label_selector: "centaur.ai/managed=true".into(),
-            object_name_prefix: String::new(),
-        }
-    }
-}
-
-impl Default for SandboxBackendSettings {
-    fn default() -> Self {
-        SandboxBackendSettings {
-            enabled: false,
-            group: "agents.x-k8s.io".into(),
-            version: "v1alpha1".into(),
-            plural: "sandboxes".into(),
-            kind: "Sandbox".into(),
-            label_selector: String::new(),
-            object_name_prefix: String::new(),
-        }
-    }
-}
-
-impl Default for SweepSettings {
-    fn default() -> Self {
-        SweepSettings {
-            schedule: "0 */5 * * * *".into(),
-            jitter_seconds: 0,
-            grace_period_seconds: 600,
-            max_downgrades_per_sweep: 500,
-            confirm_absence: true,
-            batch_size: 500,
-            dry_run: false,
-        }
-    }
-}
-
-impl Default for GuardSettings {
-    fn default() -> Self {
-        GuardSettings {
-            max_live_missing_ratio: 0.5,
-            min_live_missing: 3,
-            max_suspended_missing_ratio: 0.5,
-            min_suspended_missing: 3,
-        }
-    }
-}
-
-impl Default for ServerSettings {
-    fn default() -> Self {
-        ServerSettings {
-            listen: "0.0.0.0:9090".into(),
-            liveness_sweep_periods: 3,
-        }
-    }
-}
-
-impl Default for ShutdownSettings {
-    fn default() -> Self {
-        ShutdownSettings {
-            timeout_seconds: 30,
-        }
-    }
-}
-
-/// Keys whose environment values are comma-separated lists.
 const LIST_KEYS: &[&str] = &[
     "sessions.clear_columns",
     "sessions.live_states",
@@ -322,7 +221,10 @@ impl Settings {
 
     /// Like [`Settings::load`] with an explicit environment (for tests).
     pub fn load_from(files: &[PathBuf], env: &[(String, String)]) -> Result<Settings, ConfigError> {
-        let mut builder = config::Config::builder();
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULTS_TOML,
+            config::FileFormat::Toml,
+        ));
         for path in files {
             if !path.is_file() {
                 return Err(ConfigError::File {
@@ -362,8 +264,20 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Checks every value; the error names the key and what to do.
+    /// Checks every value, section by section; the error names the key and what to do.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_sessions()?;
+        self.validate_audit()?;
+        self.validate_cluster()?;
+        self.validate_backends()?;
+        self.validate_sweep()?;
+        self.validate_guard()?;
+        self.validate_database()?;
+        self.validate_server()
+    }
+
+    /// `[sessions]`: identifiers, clear_columns, scope, states.
+    fn validate_sessions(&self) -> Result<(), ConfigError> {
         let s = &self.sessions;
         Identifier::parse_qualified(&s.table).map_err(|e| invalid("sessions.table", e))?;
         for (key, value) in [
@@ -449,6 +363,11 @@ impl Settings {
                 seen.push((key, state));
             }
         }
+        Ok(())
+    }
+
+    /// `[audit]`: a valid name, short enough for its derived names, not the session table.
+    fn validate_audit(&self) -> Result<(), ConfigError> {
         let audit = Identifier::parse_qualified(&self.audit.table)
             .map_err(|e| invalid("audit.table", e))?;
         // The migrations derive names from it ("<name>_migrations", "<name>_session_idx");
@@ -464,11 +383,16 @@ impl Settings {
             ));
         }
         if Identifier::parse_qualified(&self.audit.table).ok()
-            == Identifier::parse_qualified(&s.table).ok()
+            == Identifier::parse_qualified(&self.sessions.table).ok()
         {
             return Err(invalid("audit.table", "must differ from sessions.table"));
         }
 
+        Ok(())
+    }
+
+    /// `[cluster]`: namespaces, paging, deadlines, the pinned identity.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
         let c = &self.cluster;
         if c.namespaces.is_empty() {
             return Err(invalid(
@@ -516,6 +440,11 @@ impl Settings {
             ));
         }
 
+        Ok(())
+    }
+
+    /// `[backends]`: at least one enabled, selectors and API names.
+    fn validate_backends(&self) -> Result<(), ConfigError> {
         let b = &self.backends;
         if !b.pod.enabled && !b.agent_sandbox.enabled {
             return Err(invalid(
@@ -538,6 +467,11 @@ impl Settings {
             }
         }
 
+        Ok(())
+    }
+
+    /// `[sweep]`: schedule, grace period, batches.
+    fn validate_sweep(&self) -> Result<(), ConfigError> {
         let w = &self.sweep;
         parse_schedule(&w.schedule).map_err(|e| invalid("sweep.schedule", e))?;
         if w.grace_period_seconds > MAX_GRACE_PERIOD_SECONDS {
@@ -555,6 +489,11 @@ impl Settings {
         if w.batch_size > 10_000 {
             return Err(invalid("sweep.batch_size", "must be at most 10000"));
         }
+        Ok(())
+    }
+
+    /// `[guard]`: ratios are fractions.
+    fn validate_guard(&self) -> Result<(), ConfigError> {
         let g = &self.guard;
         if !(0.0..=1.0).contains(&g.max_live_missing_ratio) || g.max_live_missing_ratio.is_nan() {
             return Err(invalid(
@@ -570,6 +509,11 @@ impl Settings {
                 "must be a fraction between 0 and 1 (0.5 = refuse when most of the agent-sandbox backend's suspended rows have no Sandbox; 1 = off)",
             ));
         }
+        Ok(())
+    }
+
+    /// `[database]`: a URL and deadlines that nest.
+    fn validate_database(&self) -> Result<(), ConfigError> {
         let d = &self.database;
         if d.client_deadline_seconds == 0 {
             return Err(invalid(
@@ -588,6 +532,11 @@ impl Settings {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// `[server]`: the listen address and liveness.
+    fn validate_server(&self) -> Result<(), ConfigError> {
         if self.server.liveness_sweep_periods == 0 {
             return Err(invalid(
                 "server.liveness_sweep_periods",
@@ -700,6 +649,91 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Settings::load_from(&[], &[]).unwrap();
+        Settings::default().validate().unwrap();
+    }
+
+    /// Every key of the embedded defaults, flattened to `section.key` (nested tables joined).
+    fn default_keys() -> Vec<(String, serde_json::Value)> {
+        fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+            match v.as_object() {
+                Some(map) => {
+                    for (k, v) in map {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                None => out.push((prefix.to_string(), v.clone())),
+            }
+        }
+        let value: serde_json::Value = config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULTS_TOML,
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let mut out = Vec::new();
+        walk("", &value, &mut out);
+        out
+    }
+
+    /// The README's configuration table is checked against config/default.toml, the one
+    /// source of every default: each key is documented there, with the same default.
+    #[test]
+    fn the_readme_documents_every_key_with_its_default() {
+        let readme = include_str!("../README.md");
+        let mut documented = std::collections::BTreeMap::new();
+        for line in readme
+            .lines()
+            .filter(|l| l.starts_with("| `") && l.contains('.'))
+        {
+            let cells: Vec<&str> = line.split(" | ").collect();
+            if cells.len() < 3 {
+                continue;
+            }
+            let keys: Vec<&str> = cells[0]
+                .trim_start_matches("| ")
+                .split(" / ")
+                .map(|k| k.trim_matches('`'))
+                .collect();
+            let Some((section, _)) = keys[0].rsplit_once('.') else {
+                continue;
+            };
+            let values: Vec<&str> = cells[1].split(" / ").collect();
+            for (i, key) in keys.iter().enumerate() {
+                let full = if i == 0 {
+                    key.to_string()
+                } else {
+                    format!("{section}.{key}")
+                };
+                let value = values.get(i).or(values.first()).copied().unwrap_or("");
+                documented.insert(full, value.trim().trim_matches('`').to_string());
+            }
+        }
+        let normalise = |s: &str| match s {
+            "empty" | "\"\"" => String::new(),
+            other => other.replace(' ', ""),
+        };
+        for (key, value) in default_keys() {
+            let Some(shown) = documented.get(&key) else {
+                panic!("README.md's configuration table does not document {key}");
+            };
+            let actual = match &value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            assert_eq!(
+                normalise(shown),
+                normalise(&actual),
+                "README.md shows the default of {key} as {shown:?}; config/default.toml says {actual:?}"
+            );
+        }
     }
 
     #[test]

@@ -13,22 +13,44 @@ pub fn json(report: &SweepReport) -> String {
     serde_json::to_string_pretty(report).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
-/// Renders the report as a short text summary.
+/// Renders the report as a short text summary: what ran where, what it saw, what it
+/// decided, how long it took, and the rows it changed.
 pub fn text(r: &SweepReport) -> String {
     let mut out = String::new();
+    header(&mut out, r);
+    if r.result == SweepResult::Failed && r.rows_read == 0 {
+        return out;
+    }
+    observations(&mut out, r);
+    decisions(&mut out, r);
+    changes(&mut out, r);
+    out
+}
+
+/// The sweep, its result, the cluster and table it looked at, and the error if any.
+fn header(out: &mut String, r: &SweepReport) {
     let mode = if r.dry_run {
         " (dry run: nothing written)"
     } else {
         ""
     };
     let _ = writeln!(out, "sweep {} {}{mode}", r.sweep_id, r.result.as_str());
-    let _ = writeln!(out, "  cluster:  {}", r.cluster_source);
+    let identity = r
+        .cluster_uid
+        .as_ref()
+        .map(|u| format!(" (cluster {u})"))
+        .unwrap_or_default();
+    let _ = writeln!(out, "  cluster:  {}{identity}", r.cluster_source);
+    if let Some(table) = &r.table {
+        let _ = writeln!(out, "  table:    {table}");
+    }
     if let Some(e) = &r.error {
         let _ = writeln!(out, "  error:    {e}");
     }
-    if r.result == SweepResult::Failed && r.rows_read == 0 {
-        return out;
-    }
+}
+
+/// Rows by state and each backend's figures.
+fn observations(out: &mut String, r: &SweepReport) {
     let states: Vec<String> = r
         .rows_by_state
         .iter()
@@ -53,6 +75,10 @@ pub fn text(r: &SweepReport) -> String {
             b.orphaned_suspended
         );
     }
+}
+
+/// The guard's verdict, the orphans and what became of them, skips and timings.
+fn decisions(out: &mut String, r: &SweepReport) {
     match &r.guard {
         Some(GuardVerdict::Refuse { reason, detail }) => {
             let _ = writeln!(out, "  guard:    REFUSED ({}): {detail}", reason.as_str());
@@ -101,6 +127,10 @@ pub fn text(r: &SweepReport) -> String {
         "  timings:  list_cluster {:.3}s, read_db {:.3}s, confirm {:.3}s, apply {:.3}s, total {:.3}s",
         t.list_cluster, t.read_db, t.confirm, t.apply, t.total
     );
+}
+
+/// The rows changed (or that would change), at most [`TEXT_CHANGE_LINES`] of them.
+fn changes(out: &mut String, r: &SweepReport) {
     if !r.changes.is_empty() {
         let verb = if r.dry_run {
             "would downgrade"
@@ -126,5 +156,4 @@ pub fn text(r: &SweepReport) -> String {
             );
         }
     }
-    out
 }
