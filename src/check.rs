@@ -157,11 +157,18 @@ async fn database_checks(settings: &Settings) -> Vec<CheckLine> {
             return out;
         }
     };
+    out.extend(write_checks(&mut conn, &mapping).await);
+    out
+}
+
+/// What writing needs: table privileges and the writer lock (free, or held by a writer).
+async fn write_checks(conn: &mut sqlx::PgConnection, mapping: &TableMapping) -> Vec<CheckLine> {
+    let mut out = Vec::new();
     let privileges: Result<(bool, bool), sqlx::Error> = sqlx::query_as(
-        "SELECT has_table_privilege(to_regclass($1), 'SELECT'), has_table_privilege(to_regclass($1), 'UPDATE')",
+        "SELECT has_table_privilege($1::oid, 'SELECT'), has_table_privilege($1::oid, 'UPDATE')",
     )
-    .bind(mapping.table.to_string())
-    .fetch_one(&mut conn)
+    .bind(mapping.resolved.as_ref().map_or(0, |r| i64::from(r.oid)))
+    .fetch_one(&mut *conn)
     .await;
     match privileges {
         Ok((select, update)) => out.push(line(
@@ -171,9 +178,9 @@ async fn database_checks(settings: &Settings) -> Vec<CheckLine> {
         )),
         Err(e) => out.push(line("session table privileges", false, e.to_string())),
     }
-    match store::try_writer_lock(&mut conn, &mapping).await {
+    match store::try_writer_lock(conn, mapping).await {
         Ok(true) => {
-            let _ = store::release_writer_lock(&mut conn, &mapping).await;
+            let _ = store::release_writer_lock(conn, mapping).await;
             out.push(line("writer lock", true, "free"));
         }
         Ok(false) => out.push(line(
