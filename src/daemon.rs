@@ -4,7 +4,7 @@
 //! worker task runs sweeps, one at a time (a tick that finds a sweep running is skipped and
 //! counted). One sweep runs at start-up.
 //!
-//! Leadership (DESIGN.md rule 8) is a PostgreSQL session advisory lock, chosen over a
+//! Leadership (docs/DESIGN.md, rule 8) is a PostgreSQL session advisory lock, chosen over a
 //! Kubernetes Lease because it lives in the database being written: whoever holds it is the
 //! only process that can write, even a `--once` run from a laptop with no access to the
 //! cluster's Lease objects, and it needs no extra RBAC. The writer keeps one dedicated

@@ -1,6 +1,6 @@
 //! The cluster side: complete, paginated, metadata-only listings per backend.
 //!
-//! A sweep acts only on a *complete* view of the cluster (DESIGN.md rule 1). [`KubeCluster`]
+//! A sweep acts only on a *complete* view of the cluster (docs/DESIGN.md, rule 1). [`KubeCluster`]
 //! lists every page of every configured backend through the real `kube::Client` and returns a
 //! [`ClusterSnapshot`] of object names, or an error: there is no partial snapshot. The same
 //! type is built from a `kubectl get -o json` dump by [`dump`] for offline audits.

@@ -7,7 +7,7 @@
 //! `updated_at`; rows the application holds are skipped, not waited for), updates them and
 //! writes their audit records, inside one transaction: a batch is applied whole or not at all.
 //!
-//! One writer (DESIGN.md rule 8): the sweep runs on one dedicated connection that holds a
+//! One writer (docs/DESIGN.md, rule 8): the sweep runs on one dedicated connection that holds a
 //! session-level advisory lock keyed by the session table's canonical name and scope. Reads
 //! and writes go through that same connection, so if it is lost the lock is lost with it and
 //! no further write can happen under a lock that is no longer held.
