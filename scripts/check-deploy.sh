@@ -197,6 +197,14 @@ step() {
 
 helper() { "$PY" "$HELPER" "$@"; }
 
+# The metrics contract comes from the binary itself (src/metrics.rs states it once).
+say "metrics contract: sandbox-reconciler --print-metrics"
+export SANDBOX_RECONCILER_METRICS_CONTRACT="$WORK/metrics-contract.txt"
+cargo run --locked --quiet --bin sandbox-reconciler -- --print-metrics > "$SANDBOX_RECONCILER_METRICS_CONTRACT" \
+  || die "cannot build or run sandbox-reconciler --print-metrics"
+
+step "unit tests of scripts/deploy_checks.py" "$PY" -m unittest discover -s "$ROOT/scripts" -p 'test_*.py' -q
+
 if [[ $sync_prometheusrule == 1 ]]; then
   step "scripts/sync-deploy.sh (generated files)" bash "$ROOT/scripts/sync-deploy.sh"
 fi

@@ -32,23 +32,33 @@ ROOT_README = "README.md"
 NETWORK_POLICY = "deploy/common/networkpolicy.yaml"
 CONFIG = "config/default.toml"
 
-# The daemon's metrics contract (prefix sandbox_reconciler_), with histogram base names.
-CONTRACT = {
-    "orphaned_suspended_sessions", "sessions", "live_sessions_without_object",
-    "untracked_cluster_objects", "cluster_objects", "sessions_downgraded_total",
-    "deferred_downgrades", "skipped_rows", "sweeps_total", "sweep_duration_seconds",
-    "sweep_phase_duration_seconds", "last_success_timestamp_seconds",
-    "last_sweep_timestamp_seconds", "next_sweep_timestamp_seconds", "guard_refusals_total",
-    "leader", "build_info", "cluster_info", "kube_requests_total", "db_errors_total", "dry_run",
-    "sweep_interval_seconds",
-}
-CONTRACT = {"sandbox_reconciler_" + m for m in CONTRACT}
+def load_contract():
+    """The metrics the binary exports, read from `sandbox-reconciler --print-metrics` (written
+    by check-deploy.sh into $SANDBOX_RECONCILER_METRICS_CONTRACT): names are stated once, in
+    src/metrics.rs, never in a list kept here. Lines: NAME KIND LABELS HELP."""
+    path = os.environ.get("SANDBOX_RECONCILER_METRICS_CONTRACT")
+    if not path:
+        sys.exit("deploy_checks: SANDBOX_RECONCILER_METRICS_CONTRACT is not set "
+                 "(scripts/check-deploy.sh writes it from `sandbox-reconciler --print-metrics`)")
+    kinds = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                name, kind = line.split()[:2]
+                kinds[name] = kind
+    if not kinds:
+        sys.exit(f"deploy_checks: {path} lists no metric")
+    return kinds
+
+
+_ALL = load_contract() if __name__ == "__main__" else {}
+# The daemon's own metrics (prefix sandbox_reconciler_), histograms by base name.
+CONTRACT = {n for n in _ALL if n.startswith("sandbox_reconciler_")}
 # The process collector's series (no prefix); the binary exports them on Linux.
-PROCESS = {"process_start_time_seconds", "process_resident_memory_bytes", "process_virtual_memory_bytes",
-           "process_open_fds", "process_max_fds", "process_cpu_seconds_total"}
+PROCESS = {n for n in _ALL if n.startswith("process_")}
 # Series Prometheus itself writes for every target; never in the binary's /metrics.
 SYNTHETIC = {"up"}
-HISTOGRAMS = {"sandbox_reconciler_sweep_duration_seconds", "sandbox_reconciler_sweep_phase_duration_seconds"}
+HISTOGRAMS = {n for n, kind in _ALL.items() if kind == "histogram"}
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 # Words that mark a value nobody filled in.
 PLACEHOLDERS = re.compile(r"OWNER|CHANGE-?ME|REPLACE|TODO|FIXME|example\.(com|org|net)|<[^>]*>", re.I)

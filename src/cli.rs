@@ -100,6 +100,11 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SANDBOX_RECONCILER_LOG_FORMAT", global = true)]
     pub log_format: LogFormat,
 
+    /// Print every metric the binary exports (name, type, labels, help) and exit; the deploy
+    /// checks and the README test read the metrics contract from here.
+    #[arg(long, hide = true)]
+    pub print_metrics: bool,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -168,6 +173,10 @@ pub async fn build(cli: &Cli, settings: Settings) -> Result<Reconciler, String> 
 
 /// Runs the command line; returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
+    if cli.print_metrics {
+        print!("{}", print_metrics(cli.output));
+        return Exit::Ok.into();
+    }
     let settings = match Settings::load(&cli.config) {
         Ok(s) => s,
         Err(e) => {
@@ -242,6 +251,27 @@ pub async fn run(cli: Cli) -> ExitCode {
         OutputFormat::Text => print!("{}", report::text(&report)),
     }
     Exit::of(report.result).into()
+}
+
+/// The metrics contract: one line per metric (`NAME KIND LABELS HELP`, labels comma-separated
+/// or `-`), or a JSON array.
+pub fn print_metrics(output: OutputFormat) -> String {
+    let metrics = Metrics::new(&Settings::default());
+    let described = metrics.describe();
+    match output {
+        OutputFormat::Json => serde_json::to_string_pretty(described).unwrap_or_default() + "\n",
+        OutputFormat::Text => described
+            .iter()
+            .map(|m| {
+                let labels = if m.labels.is_empty() {
+                    "-".to_string()
+                } else {
+                    m.labels.join(",")
+                };
+                format!("{} {} {labels} {}\n", m.name, m.kind, m.help)
+            })
+            .collect(),
+    }
 }
 
 async fn run_undo(

@@ -23,6 +23,7 @@ const NAMESPACE: &str = "sandbox_reconciler";
 /// Every metric, registered in one registry.
 pub struct Metrics {
     registry: Registry,
+    described: Vec<MetricDescription>,
     pub orphaned_suspended_sessions: IntGaugeVec,
     pub sessions: IntGaugeVec,
     pub live_sessions_without_object: IntGaugeVec,
@@ -51,9 +52,45 @@ fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help).namespace(NAMESPACE)
 }
 
+/// One exported metric, as `--print-metrics` lists it (and the deploy checks and the README
+/// test read it from there): the contract, stated once, by the code that exports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MetricDescription {
+    pub name: String,
+    /// counter, gauge or histogram.
+    pub kind: &'static str,
+    pub labels: Vec<String>,
+    pub help: String,
+}
+
+fn describe_collector(
+    kind: &'static str,
+    c: &dyn prometheus::core::Collector,
+) -> Vec<MetricDescription> {
+    c.desc()
+        .into_iter()
+        .map(|desc| MetricDescription {
+            name: desc.fq_name.clone(),
+            kind: if kind.is_empty() {
+                if desc.fq_name.ends_with("_total") {
+                    "counter"
+                } else {
+                    "gauge"
+                }
+            } else {
+                kind
+            },
+            labels: desc.variable_labels.clone(),
+            help: desc.help.clone(),
+        })
+        .collect()
+}
+
+/// Registers a metric in `$registry` and records its description in `$described`.
 macro_rules! register {
-    ($registry:expr, $metric:expr) => {{
+    ($registry:expr, $described:expr, $kind:literal, $metric:expr) => {{
         let m = $metric.expect("metric definition is valid");
+        $described.extend(describe_collector($kind, &m));
         $registry
             .register(Box::new(m.clone()))
             .expect("metric names are unique");
@@ -66,76 +103,81 @@ impl Metrics {
     /// to zero so series exist before the first sweep.
     pub fn new(settings: &Settings) -> Arc<Metrics> {
         let r = Registry::new();
+        let mut d: Vec<MetricDescription> = Vec::new();
         let backend = &["backend"];
-        let m = Metrics {
-            orphaned_suspended_sessions: register!(r, IntGaugeVec::new(
+        let mut m = Metrics {
+            orphaned_suspended_sessions: register!(r, d, "gauge", IntGaugeVec::new(
                 opts("orphaned_suspended_sessions", "Suspended rows whose object is missing, still orphaned after the last completed sweep (in dry-run: all found)."),
                 backend)),
-            sessions: register!(r, IntGaugeVec::new(
+            sessions: register!(r, d, "gauge", IntGaugeVec::new(
                 opts("sessions", "Session rows per state as of the last completed sweep (states the configuration does not name count as \"unknown\")."),
                 &["state"])),
-            live_sessions_without_object: register!(r, IntGaugeVec::new(
+            live_sessions_without_object: register!(r, d, "gauge", IntGaugeVec::new(
                 opts("live_sessions_without_object", "Rows in a live state whose object is missing."),
                 backend)),
-            untracked_cluster_objects: register!(r, IntGaugeVec::new(
+            untracked_cluster_objects: register!(r, d, "gauge", IntGaugeVec::new(
                 opts("untracked_cluster_objects", "Listed objects that no row outside the gone state refers to (leaked objects cost money)."),
                 backend)),
-            cluster_objects: register!(r, IntGaugeVec::new(
+            cluster_objects: register!(r, d, "gauge", IntGaugeVec::new(
                 opts("cluster_objects", "Objects listed in the last completed sweep."),
                 backend)),
-            sessions_downgraded_total: register!(r, IntCounterVec::new(
+            sessions_downgraded_total: register!(r, d, "counter", IntCounterVec::new(
                 opts("sessions_downgraded_total", "Suspended rows downgraded to gone."),
                 backend)),
-            deferred_downgrades: register!(r, IntGauge::with_opts(
+            deferred_downgrades: register!(r, d, "gauge", IntGauge::with_opts(
                 opts("deferred_downgrades", "Orphans left for a later sweep by the per-sweep cap (or a guard refusal)."))),
-            skipped_rows: register!(r, IntGaugeVec::new(
+            skipped_rows: register!(r, d, "gauge", IntGaugeVec::new(
                 opts("skipped_rows", "Rows the last completed sweep passed over, by reason (the same rows count again in every sweep until they change)."),
                 &["reason"])),
-            sweeps_total: register!(r, IntCounterVec::new(
+            sweeps_total: register!(r, d, "counter", IntCounterVec::new(
                 opts("sweeps_total", "Sweeps by result: success, failed, refused (a guard refused to act), skipped (another sweep or writer was active)."),
                 &["result"])),
-            sweep_duration_seconds: register!(r, Histogram::with_opts(
+            sweep_duration_seconds: register!(r, d, "histogram", Histogram::with_opts(
                 HistogramOpts::new("sweep_duration_seconds", "Duration of whole sweeps that ran (not skipped).")
                     .namespace(NAMESPACE)
                     .buckets(DURATION_BUCKETS.to_vec()))),
-            sweep_phase_duration_seconds: register!(r, HistogramVec::new(
+            sweep_phase_duration_seconds: register!(r, d, "histogram", HistogramVec::new(
                 HistogramOpts::new("sweep_phase_duration_seconds", "Duration of each sweep phase that ran (apply: only when a batch was written).")
                     .namespace(NAMESPACE)
                     .buckets(DURATION_BUCKETS.to_vec()),
                 &["phase"])),
-            next_sweep_timestamp_seconds: register!(r, Gauge::with_opts(
+            next_sweep_timestamp_seconds: register!(r, d, "gauge", Gauge::with_opts(
                 opts("next_sweep_timestamp_seconds", "Unix time the next scheduled sweep is due (daemon only)."))),
-            cluster_info: register!(r, IntGaugeVec::new(
+            cluster_info: register!(r, d, "gauge", IntGaugeVec::new(
                 opts("cluster_info", "Always 1; the cluster the last sweep looked at: the kube-system Namespace's UID and the API server URL."),
                 &["cluster_uid", "server"])),
-            last_success_timestamp_seconds: register!(r, Gauge::with_opts(
+            last_success_timestamp_seconds: register!(r, d, "gauge", Gauge::with_opts(
                 opts("last_success_timestamp_seconds", "Unix time of the last successful sweep."))),
-            last_sweep_timestamp_seconds: register!(r, Gauge::with_opts(
+            last_sweep_timestamp_seconds: register!(r, d, "gauge", Gauge::with_opts(
                 opts("last_sweep_timestamp_seconds", "Unix time of the last sweep attempt that ran (any result but skipped)."))),
-            guard_refusals_total: register!(r, IntCounterVec::new(
+            guard_refusals_total: register!(r, d, "counter", IntCounterVec::new(
                 opts("guard_refusals_total", "Sweeps a safety guard refused to act on, by reason."),
                 &["reason"])),
-            leader: register!(r, IntGauge::with_opts(
+            leader: register!(r, d, "gauge", IntGauge::with_opts(
                 opts("leader", "1 while this replica holds the writer lock."))),
-            build_info: register!(r, IntGaugeVec::new(
+            build_info: register!(r, d, "gauge", IntGaugeVec::new(
                 opts("build_info", "Always 1; the version and revision (git commit) labels say which build runs."),
                 &["version", "revision"])),
-            kube_requests_total: register!(r, IntCounterVec::new(
+            kube_requests_total: register!(r, d, "counter", IntCounterVec::new(
                 opts("kube_requests_total", "Kubernetes API requests by verb and HTTP status (0: no answer)."),
                 &["verb", "code"])),
-            db_errors_total: register!(r, IntCounter::with_opts(
+            db_errors_total: register!(r, d, "counter", IntCounter::with_opts(
                 opts("db_errors_total", "Sweeps that failed on a database error."))),
-            dry_run: register!(r, IntGauge::with_opts(
+            dry_run: register!(r, d, "gauge", IntGauge::with_opts(
                 opts("dry_run", "1 when the reconciler only reports and never writes."))),
-            sweep_interval_seconds: register!(r, Gauge::with_opts(
+            sweep_interval_seconds: register!(r, d, "gauge", Gauge::with_opts(
                 opts("sweep_interval_seconds", "Nominal period of the sweep schedule."))),
             registry: r,
+            described: Vec::new(),
         };
+        m.described = d;
         #[cfg(target_os = "linux")]
-        if let Err(e) = m.registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        )) {
-            tracing::warn!("the process collector could not be registered: {e}");
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            m.described.extend(describe_collector("", &process));
+            if let Err(e) = m.registry.register(Box::new(process)) {
+                tracing::warn!("the process collector could not be registered: {e}");
+            }
         }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::REVISION])
@@ -269,6 +311,11 @@ impl Metrics {
         self.deferred_downgrades.set(report.deferred as i64);
     }
 
+    /// Every metric this binary exports, in registration order.
+    pub fn describe(&self) -> &[MetricDescription] {
+        &self.described
+    }
+
     /// Counts one Kubernetes API request.
     pub fn kube_request(&self, verb: &'static str, code: u16) {
         self.kube_requests_total
@@ -294,3 +341,56 @@ pub const PHASES: [&str; 4] = ["list_cluster", "read_db", "confirm", "apply"];
 const DURATION_BUCKETS: [f64; 15] = [
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's metrics table lists exactly the metrics the binary exports, each with its
+    /// type: it is checked against the registry, not kept by hand.
+    #[test]
+    fn the_readme_lists_every_exported_metric_with_its_type() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("### Metrics")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("README.md has a Metrics section");
+        let mut documented = std::collections::BTreeMap::new();
+        for line in section.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = line.split(" | ").collect();
+            for name in cells[0].trim_start_matches("| ").split(", ") {
+                documented.insert(
+                    format!("{NAMESPACE}_{}", name.trim_matches('`')),
+                    cells[1].trim().to_string(),
+                );
+            }
+        }
+        let metrics = Metrics::new(&Settings::default());
+        let exported: std::collections::BTreeMap<String, String> = metrics
+            .describe()
+            .iter()
+            .filter(|m| m.name.starts_with(NAMESPACE))
+            .map(|m| (m.name.clone(), m.kind.to_string()))
+            .collect();
+        assert_eq!(
+            documented, exported,
+            "README.md's metrics table (left) and the exported metrics (right) differ"
+        );
+    }
+
+    #[test]
+    fn every_label_value_list_is_initialised() {
+        let metrics = Metrics::new(&Settings::default());
+        let text = metrics.render();
+        for reason in RefusalReason::ALL {
+            assert!(text.contains(&format!("reason=\"{}\"", reason.as_str())));
+        }
+        for reason in SkipReason::ALL {
+            assert!(text.contains(&format!("reason=\"{}\"", reason.as_str())));
+        }
+        for phase in PHASES {
+            assert!(text.contains(&format!("phase=\"{phase}\"")), "{phase}");
+        }
+    }
+}
