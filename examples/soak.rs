@@ -6,13 +6,24 @@
 //! ```sh
 //! cargo run --release --example soak -- --duration 60s
 //! cargo run --release --example soak -- --duration 10m --seed 7 --json soak.json
+//! cargo run --release --example soak -- --duration 60s --backends-without-prefixes
+//! cargo run --release --example soak -- --duration 60s --shared-table
 //! ```
+//!
+//! Variants (they combine): `--backends-without-prefixes` enables both backends with no
+//! `object_name_prefix` and names pods and Sandboxes alike, so every orphan is `unknown` and
+//! the guards may refuse instead of downgrading (the run then passes on refusals; the report
+//! says which happened); `--shared-table` gives the session table a scope column with the
+//! primary key `(cluster, thread_key)`, points the daemons at scope `cluster-a` and churns rows
+//! of scope `cluster-b` with the same keys and object names, which must never change.
 //!
 //! The daemon binary is the `sandbox-reconciler` next to this example's target directory
 //! (`target/<profile>/`); it is (re)built first with the same profile unless `--binary` names
 //! one or `--no-build` is given. The exit code is 0 when the soak passed, 1 when it found a
-//! wrong downgrade, a lost or inconsistent row, no downgrade at all, or a daemon that crashed,
-//! and 2 when the harness could not run.
+//! wrong downgrade, a lost or inconsistent row, no downgrade at all (with
+//! `--backends-without-prefixes`: neither a downgrade nor a guard refusal), a row of the other
+//! scope changed (`--shared-table`), or a daemon that crashed, and 2 when the harness could not
+//! run.
 
 #[path = "../tests/support/fake_api.rs"]
 mod fake_api;
@@ -78,6 +89,12 @@ struct Args {
     /// No progress lines on stderr
     #[arg(long)]
     quiet: bool,
+    /// Both backends enabled without object_name_prefix, pods and Sandboxes named alike
+    #[arg(long)]
+    backends_without_prefixes: bool,
+    /// A session table shared by two scopes (clusters); the daemons own one of them
+    #[arg(long)]
+    shared_table: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -207,8 +224,11 @@ async fn main() -> ExitCode {
     cfg.keep_schema = args.keep_schema;
     cfg.work_dir = args.work_dir.clone();
     cfg.progress = !args.quiet;
+    cfg.backends_without_prefixes = args.backends_without_prefixes;
+    cfg.shared_table = args.shared_table;
     eprintln!(
-        "soak: {:?} with seed {seed}, {} replica(s), daemon {}",
+        "soak ({}): {:?} with seed {seed}, {} replica(s), daemon {}",
+        cfg.variant(),
         cfg.duration,
         cfg.replicas,
         cfg.binary.display()

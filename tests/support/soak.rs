@@ -74,9 +74,30 @@
 //! must hold the `agent_thread_id` the downgrade cleared.
 //!
 //! The run fails if there is a wrong downgrade, a lost or inconsistent row, no downgrade at
-//! all (a soak that never downgrades proves nothing), or a harness problem: a daemon panic, a
-//! daemon that exited on its own or not with 0 on SIGTERM, two sweeps writing at once, a
-//! `--once` run that ended other than success/failed/skipped/refused.
+//! all (a soak that never downgrades proves nothing), no sweep that reached a verdict, or a
+//! harness problem: a daemon panic, a daemon that exited on its own or not with 0 on SIGTERM,
+//! two sweeps writing at once, a `--once` run that ended other than
+//! success/failed/skipped/refused. Guard refusals are counted by reason from the daemons'
+//! metrics and from every process's "refusing to act" log lines.
+//!
+//! ## Variants
+//!
+//! - **Backends without prefixes** ([`SoakConfig::backends_without_prefixes`]): both backends
+//!   enabled, `object_name_prefix` empty on both, pods and Sandboxes named alike (`s-N`).
+//!   Every orphan is `unknown` and counts against both backends' guards, so the guards may
+//!   refuse where the default run downgrades; the run passes on refusals alone (it must still
+//!   reach verdicts, and the report says whether it downgraded, refused or both). Extra check
+//!   ([`check_attribution_without_prefixes`]): every downgrade's audit `backend` is `unknown`.
+//! - **Shared table** ([`SoakConfig::shared_table`]): the table gets a `cluster` column and the
+//!   primary key `(cluster, thread_key)`; the daemons own scope `cluster-a`. A second
+//!   application (another [`Sim`] confined to `cluster-b`) inserts and rewrites, under the keys
+//!   of scope A's sessions, rows naming scope A's current or earlier (mostly deleted) objects,
+//!   mostly `suspended`: exactly the rows a key-only UPDATE, or a sweep that read both scopes,
+//!   would change. Extra checks: every audit record, of any action, has `session_scope` =
+//!   `cluster-a` ([`check_audit_scope`]); every version the other application found under its
+//!   row lock is the one it wrote last, and each of its rows ends as it left it
+//!   ([`check_other_scope_untouched`]); [`other_scope_exposure`] counts the downgrades that had
+//!   a suspended twin with the same key and object in scope B (the test requires some).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -107,6 +128,10 @@ const NAMESPACE: &str = "agents";
 const MANAGED: (&str, &str) = ("centaur.ai/managed", "true");
 /// At most this many problems of one kind are kept verbatim in the report.
 const KEEP: usize = 25;
+/// Shared-table variant: the scope column, the daemons' scope and the other cluster's.
+const SCOPE_COLUMN: &str = "cluster";
+const OWN_SCOPE: &str = "cluster-a";
+const OTHER_SCOPE: &str = "cluster-b";
 
 // ---------------------------------------------------------------------------------------------
 // Configuration and report
@@ -150,6 +175,18 @@ pub struct SoakConfig {
     pub work_dir: Option<PathBuf>,
     /// Print a progress line to stderr every few seconds.
     pub progress: bool,
+    /// Variant: both backends enabled with `object_name_prefix` explicitly empty, and pods and
+    /// Sandboxes named alike (`s-N`), so nothing tells a missing pod from a missing Sandbox:
+    /// every orphan is attributed to `unknown` and counts against both backends' guards,
+    /// which may legitimately refuse. (The default run configures no prefix either, but its
+    /// names differ: `p-N` and `sb-N`.)
+    pub backends_without_prefixes: bool,
+    /// Variant: the session table is shared by two clusters. It gets a scope column
+    /// (`cluster`) and the primary key `(cluster, thread_key)`; the daemons are configured for
+    /// scope A (`sessions.scope_column`/`scope_value`), and a second application churns the
+    /// rows of scope B, which use the same keys and object names as scope A's rows and refer to
+    /// objects this fake cluster mostly does not have.
+    pub shared_table: bool,
 }
 
 impl SoakConfig {
@@ -172,6 +209,18 @@ impl SoakConfig {
             keep_schema: false,
             work_dir: None,
             progress: false,
+            backends_without_prefixes: false,
+            shared_table: false,
+        }
+    }
+
+    /// The variant's name, for the report.
+    pub fn variant(&self) -> String {
+        match (self.backends_without_prefixes, self.shared_table) {
+            (false, false) => "default".to_string(),
+            (true, false) => "backends-without-prefixes".to_string(),
+            (false, true) => "shared-table".to_string(),
+            (true, true) => "backends-without-prefixes+shared-table".to_string(),
         }
     }
 }
@@ -194,9 +243,73 @@ pub struct WrongDowngrade {
     pub row_history: Vec<String>,
 }
 
+/// What the oracle saw of the other scope's rows (shared-table variant).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OtherScopeReport {
+    /// The scope the daemons act on (`sessions.scope_value`).
+    pub own_scope: String,
+    /// The other cluster's scope, whose rows they must never change.
+    pub other_scope: String,
+    pub rows_created: u64,
+    pub rows_in_table: u64,
+    /// Row versions the other scope's application wrote.
+    pub writes: u64,
+    pub operations: BTreeMap<String, u64>,
+    pub app_errors: u64,
+    /// Rows of the other scope whose history has a version its application did not write
+    /// (something else changed the row), or that do not end as its application left them.
+    pub rows_changed: u64,
+    pub rows_lost: u64,
+    /// Audit records, of any action, whose `session_scope` is not the daemons' scope.
+    pub audit_records_outside_scope: u64,
+    /// Audit records by `session_scope` ("NULL" when unset).
+    pub audit_records_by_scope: BTreeMap<String, u64>,
+    /// Downgrades in the daemons' scope at whose moment the other scope had a row with the
+    /// same key, and of those, how many had a `suspended` row naming the same object: the rows
+    /// a scope-blind (key-only) UPDATE would have changed too.
+    pub downgrades_with_a_twin: u64,
+    pub downgrades_with_a_suspended_twin: u64,
+    /// Rows of the other scope at the end that are suspended, older than the grace period,
+    /// and whose object this fake cluster does not have: what a reconciler that ignored the
+    /// scope would take for orphans.
+    pub orphan_lookalikes_at_end: u64,
+    pub final_states: BTreeMap<String, u64>,
+    pub problems: Vec<String>,
+}
+
+impl OtherScopeReport {
+    fn failures(&self) -> Vec<String> {
+        let mut f = Vec::new();
+        if self.rows_changed > 0 {
+            f.push(format!(
+                "{} row(s) of scope {} changed by something other than their application",
+                self.rows_changed, self.other_scope
+            ));
+        }
+        if self.rows_lost > 0 {
+            f.push(format!(
+                "{} row(s) of scope {} lost",
+                self.rows_lost, self.other_scope
+            ));
+        }
+        if self.audit_records_outside_scope > 0 {
+            f.push(format!(
+                "{} audit record(s) outside scope {}",
+                self.audit_records_outside_scope, self.own_scope
+            ));
+        }
+        f
+    }
+}
+
 /// Everything a run saw; printed as text and written as JSON.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SoakReport {
+    /// See [`SoakConfig::variant`].
+    pub variant: String,
+    /// A run without any downgrade still passes if the guards refused (both backends without
+    /// prefixes: the agent-sandbox guards may legitimately refuse every sweep that would act).
+    pub refusals_may_replace_downgrades: bool,
     pub seed: u64,
     pub duration_seconds: f64,
     pub schema: String,
@@ -240,6 +353,18 @@ pub struct SoakReport {
     /// `skipped_rows_total` summed over daemon incarnations, by reason.
     pub skipped_rows: BTreeMap<String, u64>,
     pub guard_refusals: BTreeMap<String, u64>,
+    /// Guard refusals by reason from the "refusing to act" log lines of every daemon
+    /// incarnation and `--once` run (the metrics miss a killed incarnation's last sweeps and
+    /// every `--once` run).
+    pub guard_refusals_logged: BTreeMap<String, u64>,
+    /// One logged refusal message per reason.
+    pub refusal_samples: BTreeMap<String, String>,
+    /// Downgrades whose audit `backend` is not the one the configured prefixes allow
+    /// (backends-without-prefixes variant: anything but `unknown`).
+    pub downgrades_misattributed: u64,
+    pub attribution_problems: Vec<String>,
+    /// Shared-table variant only.
+    pub other_scope: Option<OtherScopeReport>,
     /// Answers of the fake API server by status ("none": dropped or abandoned).
     pub api_answers: BTreeMap<String, u64>,
     pub daemon_starts: u64,
@@ -267,7 +392,26 @@ impl SoakReport {
             ));
         }
         if self.downgrades == 0 {
-            f.push("no downgrade happened: the soak proves nothing".to_string());
+            if !self.refusals_may_replace_downgrades {
+                f.push("no downgrade happened: the soak proves nothing".to_string());
+            } else if self.refusals_total() == 0 {
+                f.push(
+                    "neither a downgrade nor a guard refusal happened: the soak proves nothing"
+                        .to_string(),
+                );
+            }
+        }
+        if self.sweeps_run() == 0 {
+            f.push("no sweep ran to a verdict (success or refused)".to_string());
+        }
+        if self.downgrades_misattributed > 0 {
+            f.push(format!(
+                "{} downgrade(s) attributed to a backend no prefix allows",
+                self.downgrades_misattributed
+            ));
+        }
+        if let Some(other) = &self.other_scope {
+            f.extend(other.failures());
         }
         if !self.problems.is_empty() {
             f.push(format!("{} harness problem(s)", self.problems.len()));
@@ -277,6 +421,18 @@ impl SoakReport {
 
     pub fn passed(&self) -> bool {
         self.failures().is_empty()
+    }
+
+    /// Guard refusals of every process, as logged.
+    pub fn refusals_total(&self) -> u64 {
+        self.guard_refusals_logged.values().sum()
+    }
+
+    /// Sweeps that reached a verdict: succeeded or refused by a guard (daemons and `--once`).
+    pub fn sweeps_run(&self) -> u64 {
+        let daemons = |r: &str| self.sweeps.get(r).copied().unwrap_or(0);
+        let once = |r: &str| self.once_runs.get(r).copied().unwrap_or(0);
+        daemons("success") + daemons("refused") + once("success") + once("refused")
     }
 
     pub fn json(&self) -> String {
@@ -297,8 +453,13 @@ impl SoakReport {
         let w = &mut out;
         let _ = writeln!(
             w,
-            "soak: {:.1}s, seed {}, {} replica(s), schema {}, work dir {}",
-            self.duration_seconds, self.seed, self.replicas, self.schema, self.work_dir
+            "soak ({}): {:.1}s, seed {}, {} replica(s), schema {}, work dir {}",
+            self.variant,
+            self.duration_seconds,
+            self.seed,
+            self.replicas,
+            self.schema,
+            self.work_dir
         );
         let _ = writeln!(w, "  sweeps (daemons):   {}", map(&self.sweeps));
         let _ = writeln!(w, "  --once runs:        {}", map(&self.once_runs));
@@ -342,7 +503,75 @@ impl SoakReport {
         );
         let _ = writeln!(w, "  races seen:         {}", map(&self.races));
         let _ = writeln!(w, "  skipped rows:       {}", map(&self.skipped_rows));
-        let _ = writeln!(w, "  guard refusals:     {}", map(&self.guard_refusals));
+        let _ = writeln!(
+            w,
+            "  guard refusals:     {} (daemon metrics)",
+            map(&self.guard_refusals)
+        );
+        let _ = writeln!(
+            w,
+            "  refusals logged:    {} (daemons and --once)",
+            map(&self.guard_refusals_logged)
+        );
+        for (reason, detail) in &self.refusal_samples {
+            let _ = writeln!(w, "      {reason}: {detail}");
+        }
+        let _ = writeln!(
+            w,
+            "  acted:              {} sweep(s) ran to a verdict; {} downgrade(s), {} guard refusal(s){}",
+            self.sweeps_run(),
+            self.downgrades,
+            self.refusals_total(),
+            match (self.downgrades > 0, self.refusals_total() > 0) {
+                (true, true) => ": both downgraded and refused",
+                (true, false) => ": downgraded, never refused",
+                (false, true) => ": refused, never downgraded",
+                (false, false) => ": NEITHER downgraded NOR refused",
+            }
+        );
+        if self.variant.contains("backends-without-prefixes") {
+            let _ = writeln!(
+                w,
+                "  misattributed:      {} (downgrades whose audit backend is not `unknown`)",
+                self.downgrades_misattributed
+            );
+        }
+        for p in self.attribution_problems.iter().take(KEEP) {
+            let _ = writeln!(w, "  ATTRIBUTION: {p}");
+        }
+        if let Some(o) = &self.other_scope {
+            let _ = writeln!(
+                w,
+                "  other scope {}:  {} rows created, {} in table, {} writes ({}), app errors {}",
+                o.other_scope,
+                o.rows_created,
+                o.rows_in_table,
+                o.writes,
+                map(&o.operations),
+                o.app_errors
+            );
+            let _ = writeln!(
+                w,
+                "      changed by others {}, lost {}, audit records outside scope {} {} (by scope: {})",
+                o.rows_changed,
+                o.rows_lost,
+                o.audit_records_outside_scope,
+                o.own_scope,
+                map(&o.audit_records_by_scope)
+            );
+            let _ = writeln!(
+                w,
+                "      downgrades with a twin row in {}: {} (suspended, same object: {}); orphan look-alikes at the end: {}; final states {}",
+                o.other_scope,
+                o.downgrades_with_a_twin,
+                o.downgrades_with_a_suspended_twin,
+                o.orphan_lookalikes_at_end,
+                map(&o.final_states)
+            );
+            for p in o.problems.iter().take(KEEP) {
+                let _ = writeln!(w, "  OTHER SCOPE: {p}");
+            }
+        }
         let _ = writeln!(w, "  API answers:        {}", map(&self.api_answers));
         let _ = writeln!(
             w,
@@ -408,13 +637,15 @@ pub async fn run(cfg: SoakConfig) -> Result<SoakReport> {
     };
     std::fs::create_dir_all(&work_dir)?;
 
-    let db = SoakDb::create(&cfg.database_url, cfg.workers + 6).await?;
+    let db = SoakDb::create(&cfg.database_url, cfg.workers + 8, cfg.shared_table).await?;
     let api = Arc::new(FakeApiServer::start().await);
     api.register_sandbox_version("v1alpha1");
     let kubeconfig = work_dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
 
     let mut report = SoakReport {
+        variant: cfg.variant(),
+        refusals_may_replace_downgrades: cfg.backends_without_prefixes,
         seed: cfg.seed,
         schema: db.schema.clone(),
         work_dir: work_dir.display().to_string(),
@@ -447,14 +678,32 @@ async fn soak(
     kubeconfig: &Path,
     report: &mut SoakReport,
 ) -> Result<()> {
+    let grace = chrono::Duration::seconds(cfg.grace_period_seconds as i64);
     let sim = Arc::new(Sim {
         api: api.clone(),
         pool: db.pool.clone(),
         table: db.table(),
+        scope: cfg.shared_table.then_some(OWN_SCOPE),
+        names_alike: cfg.backends_without_prefixes,
         target_sessions: cfg.sessions.max(4),
-        grace: chrono::Duration::seconds(cfg.grace_period_seconds as i64),
+        grace,
         seq: AtomicU64::new(1),
         state: Mutex::new(SimState::default()),
+    });
+    // The other cluster's application (shared-table variant): it writes only rows of its own
+    // scope, under the keys and object names of `sim`'s sessions, and never touches objects.
+    let other = cfg.shared_table.then(|| {
+        Arc::new(Sim {
+            api: api.clone(),
+            pool: db.pool.clone(),
+            table: db.table(),
+            scope: Some(OTHER_SCOPE),
+            names_alike: cfg.backends_without_prefixes,
+            target_sessions: 0,
+            grace,
+            seq: AtomicU64::new(1_000_000_000),
+            state: Mutex::new(SimState::default()),
+        })
     });
     let clock = ClockOffset::measure(&db.pool).await?;
     report.db_clock_offset_us = (
@@ -470,6 +719,12 @@ async fn soak(
     for i in 0..cfg.sessions / 3 {
         if rng.random_bool(0.4) {
             sim.pause(i).await?;
+        }
+    }
+    if let Some(other) = &other {
+        // The other cluster has a suspended row under every key, naming the same object.
+        for _ in 0..cfg.sessions / 3 {
+            other.mirror_step(&sim, &mut rng, true).await?;
         }
     }
 
@@ -504,6 +759,14 @@ async fn soak(
         let stop = stop_rx.clone();
         let rng = StdRng::seed_from_u64(cfg.seed.wrapping_add(1 + i as u64));
         workers.spawn(app_worker(sim, stop, rng));
+    }
+    if let Some(other) = &other {
+        workers.spawn(other_scope_worker(
+            sim.clone(),
+            other.clone(),
+            stop_rx.clone(),
+            StdRng::seed_from_u64(cfg.seed.wrapping_add(3000)),
+        ));
     }
     let mut helpers = tokio::task::JoinSet::new();
     if cfg.faults {
@@ -610,6 +873,8 @@ async fn soak(
         .sum();
         logs = scan_logs(&f.dir);
         report.daemon_log_lines = logs.counts.clone();
+        report.guard_refusals_logged = logs.refusals.clone();
+        report.refusal_samples = logs.refusal_samples.clone();
     }
     if let Some(n) = report.daemon_log_lines.get("panicked") {
         report
@@ -628,13 +893,33 @@ async fn soak(
 
     // Judge.
     let audits = db.downgrades().await?;
-    let rows = db.final_rows().await?;
+    let rows = db.final_rows(sim.scope).await?;
+    let other_rows = match &other {
+        Some(o) => Some(db.final_rows(o.scope).await?),
+        None => None,
+    };
+    let audit_scopes = db.audit_scopes().await?;
     let st = sim.lock();
     report.app_operations = st.ops.iter().map(|(k, v)| (k.to_string(), *v)).collect();
     report.app_errors = st.errors.len() as u64;
     report.app_error_samples = st.errors.iter().take(KEEP).cloned().collect();
     judge(&st, &audits, &rows, &clock, report);
     account_for_downgrades(&audits, &logs, report);
+    if cfg.backends_without_prefixes {
+        check_attribution_without_prefixes(&audits, report);
+    }
+    if let (Some(other), Some(other_rows)) = (&other, &other_rows) {
+        let ost = other.lock();
+        let mut o = OtherScopeReport {
+            own_scope: OWN_SCOPE.to_string(),
+            other_scope: OTHER_SCOPE.to_string(),
+            ..OtherScopeReport::default()
+        };
+        check_audit_scope(&audit_scopes, OWN_SCOPE, &mut o);
+        check_other_scope_untouched(&ost, other_rows, &mut o);
+        other_scope_exposure(&st, &ost, other_rows, &audits, &clock, sim.grace, &mut o);
+        report.other_scope = Some(o);
+    }
     Ok(())
 }
 
@@ -799,6 +1084,11 @@ struct Sim {
     api: Arc<FakeApiServer>,
     pool: PgPool,
     table: String,
+    /// The value of the scope column (`SCOPE_COLUMN`) of the rows this application owns, in a
+    /// shared table; `None` for the centaur table, which has no such column.
+    scope: Option<&'static str>,
+    /// Name pods and Sandboxes alike (`s-N`), so that no prefix tells them apart.
+    names_alike: bool,
     target_sessions: usize,
     /// The daemons' grace period: suspended rows older than this are the ones being downgraded.
     grace: chrono::Duration,
@@ -822,8 +1112,18 @@ impl Sim {
 
     fn new_object_name(&self, backend: Backend) -> String {
         match backend {
+            _ if self.names_alike => format!("s-{}", self.next()),
             Backend::Pod => format!("p-{}", self.next()),
             Backend::Sandbox => format!("sb-{}", self.next()),
+        }
+    }
+
+    /// The condition that confines a statement to this application's rows, after the key's:
+    /// `" AND cluster = 'cluster-a'"` in a shared table, else nothing.
+    fn scope_filter(&self) -> String {
+        match self.scope {
+            Some(scope) => format!(" AND {SCOPE_COLUMN} = '{scope}'"),
+            None => String::new(),
         }
     }
 
@@ -912,41 +1212,62 @@ impl Sim {
         };
         let object = self.new_object_name(backend);
         self.create_object(backend, &object, &key);
+        self.insert_row(&key, "create", "running", &object).await?;
+        self.lock().sessions.push(SimSession {
+            key,
+            backend,
+            busy: false,
+        });
+        Ok(())
+    }
+
+    /// The platform's INSERT of a new session's row (in its own scope), recorded as the row's
+    /// first version.
+    async fn insert_row(
+        &self,
+        key: &str,
+        op: &'static str,
+        state: &str,
+        object: &str,
+    ) -> Result<()> {
         let agent_thread_id = format!("at-{}", self.next());
         let started = Utc::now();
+        let (scope_column, scope_value) = match self.scope {
+            Some(scope) => (format!(", {SCOPE_COLUMN}"), format!(", '{scope}'")),
+            None => (String::new(), String::new()),
+        };
         let sql = format!(
-            "INSERT INTO {} (thread_key, sandbox_id, state, agent_thread_id, updated_at) \
-             VALUES ($1, $2, 'running', $3, now()) RETURNING updated_at",
+            "INSERT INTO {} (thread_key, sandbox_id, state, agent_thread_id, updated_at{scope_column}) \
+             VALUES ($1, $2, $3, $4, now(){scope_value}) RETURNING updated_at",
             self.table
         );
         let updated_at: DateTime<Utc> = sqlx::query_scalar(AssertSqlSafe(sql))
-            .bind(&key)
-            .bind(&object)
+            .bind(key)
+            .bind(object)
+            .bind(state)
             .bind(&agent_thread_id)
             .fetch_one(&self.pool)
             .await
             .with_context(|| format!("inserting session {key}"))?;
         let committed = Utc::now();
         let mut st = self.lock();
-        st.writes.entry(key.clone()).or_default().push(AppWrite {
-            op: "create",
-            seen_state: None,
-            new: Version {
-                state: "running".into(),
-                object,
-                updated_at,
-                agent_thread_id: Some(agent_thread_id),
-            },
-            prev: None,
-            started,
-            committed,
-        });
-        st.sessions.push(SimSession {
-            key,
-            backend,
-            busy: false,
-        });
-        *st.ops.entry("create").or_default() += 1;
+        st.writes
+            .entry(key.to_string())
+            .or_default()
+            .push(AppWrite {
+                op,
+                seen_state: None,
+                new: Version {
+                    state: state.to_string(),
+                    object: object.to_string(),
+                    updated_at,
+                    agent_thread_id: Some(agent_thread_id),
+                },
+                prev: None,
+                started,
+                committed,
+            });
+        *st.ops.entry(op).or_default() += 1;
         Ok(())
     }
 
@@ -968,8 +1289,9 @@ impl Sim {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "SELECT state, sandbox_id, updated_at, agent_thread_id FROM {} \
-             WHERE thread_key = $1 FOR UPDATE",
-            self.table
+             WHERE thread_key = $1{} FOR UPDATE",
+            self.table,
+            self.scope_filter()
         );
         let Some(row) = sqlx::query(AssertSqlSafe(sql))
             .bind(key)
@@ -989,8 +1311,9 @@ impl Sim {
         }
         let sql = format!(
             "UPDATE {} SET state = $2, sandbox_id = $3, agent_thread_id = $4, updated_at = now() \
-             WHERE thread_key = $1 RETURNING updated_at",
-            self.table
+             WHERE thread_key = $1{} RETURNING updated_at",
+            self.table,
+            self.scope_filter()
         );
         let updated_at: DateTime<Utc> = sqlx::query_scalar(AssertSqlSafe(sql))
             .bind(key)
@@ -1029,8 +1352,9 @@ impl Sim {
     async fn hold_row(&self, key: &str, d: Duration) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
-            "SELECT 1 FROM {} WHERE thread_key = $1 FOR UPDATE",
-            self.table
+            "SELECT 1 FROM {} WHERE thread_key = $1{} FOR UPDATE",
+            self.table,
+            self.scope_filter()
         );
         sqlx::query(AssertSqlSafe(sql))
             .bind(key)
@@ -1156,8 +1480,9 @@ impl Sim {
 
     async fn act(self: &Arc<Self>, key: &str, backend: Backend, rng: &mut StdRng) -> Result<()> {
         let sql = format!(
-            "SELECT state, sandbox_id FROM {} WHERE thread_key = $1",
-            self.table
+            "SELECT state, sandbox_id FROM {} WHERE thread_key = $1{}",
+            self.table,
+            self.scope_filter()
         );
         let Some(row) = sqlx::query(AssertSqlSafe(sql))
             .bind(key)
@@ -1286,6 +1611,119 @@ async fn app_worker(sim: Arc<Sim>, stop: watch::Receiver<bool>, mut rng: StdRng)
             sim.error(format!("{e:#}"));
         }
         let think = Duration::from_millis(rng.random_range(30..250));
+        if nap(&stop, think).await {
+            break;
+        }
+    }
+}
+
+/// The other cluster's operations (shared-table variant): (operation, new state; "" keeps
+/// the state), weighted. Mostly suspended, so its rows look like orphans to a reconciler
+/// that ignores the scope.
+const OTHER_SCOPE_OPS: &[((&str, &str), u32)] = &[
+    (("other_scope_suspend", "suspended"), 50),
+    (("other_scope_resume", "running"), 15),
+    (("other_scope_idle", "idle"), 10),
+    (("other_scope_gone", "gone"), 5),
+    (("other_scope_stop", "stopped"), 5),
+    (("other_scope_error", "error"), 5),
+    (("other_scope_touch", ""), 10),
+];
+
+impl Sim {
+    /// One step of the other cluster's application (shared-table variant; `self` is that
+    /// application, `own` the daemons' scope's): under the key of one of `own`'s sessions it
+    /// inserts or rewrites its own row, naming the object `own`'s row names now or, half of
+    /// the time when there is one, an earlier object of that key that this fake cluster no
+    /// longer has. With `create_only`, it only inserts a suspended row under a key it has no
+    /// row for yet.
+    async fn mirror_step(&self, own: &Sim, rng: &mut StdRng, create_only: bool) -> Result<()> {
+        let (key, objects, absent) = {
+            let own_st = own.lock();
+            let st = self.lock();
+            let n = own_st.sessions.len();
+            if n == 0 {
+                return Ok(());
+            }
+            let fresh: Vec<&SimSession> = own_st
+                .sessions
+                .iter()
+                .filter(|s| !st.writes.contains_key(&s.key))
+                .collect();
+            let session = if create_only || (!fresh.is_empty() && rng.random_bool(0.5)) {
+                match fresh.len() {
+                    0 => return Ok(()),
+                    m => fresh[rng.random_range(0..m)],
+                }
+            } else {
+                &own_st.sessions[rng.random_range(0..n)]
+            };
+            let objects: Vec<String> = own_st
+                .writes
+                .get(&session.key)
+                .map(|w| w.iter().map(|w| w.new.object.clone()).collect())
+                .unwrap_or_default();
+            let absent: Vec<String> = objects
+                .iter()
+                .filter(|o| {
+                    own_st
+                        .objects
+                        .get(o.as_str())
+                        .is_some_and(|l| l.removed_before.is_some())
+                })
+                .cloned()
+                .collect();
+            (session.key.clone(), objects, absent)
+        };
+        let Some(current) = objects.last().cloned() else {
+            return Ok(());
+        };
+        let object = if !absent.is_empty() && rng.random_bool(0.5) {
+            absent[rng.random_range(0..absent.len())].clone()
+        } else {
+            current
+        };
+        let seen = self
+            .lock()
+            .writes
+            .get(&key)
+            .and_then(|w| w.last())
+            .map(|w| w.new.state.clone());
+        match seen {
+            None => {
+                self.insert_row(&key, "other_scope_create", "suspended", &object)
+                    .await
+            }
+            Some(_) if create_only => Ok(()),
+            Some(seen) => {
+                let (op, state) =
+                    pick(rng, OTHER_SCOPE_OPS).unwrap_or(("other_scope_suspend", "suspended"));
+                let state = if state.is_empty() {
+                    seen.as_str()
+                } else {
+                    state
+                };
+                let slow = rng
+                    .random_bool(0.1)
+                    .then(|| Duration::from_millis(rng.random_range(50..500)));
+                self.write(&key, op, &seen, state, &object, slow).await
+            }
+        }
+    }
+}
+
+/// The other cluster's application (shared-table variant).
+async fn other_scope_worker(
+    own: Arc<Sim>,
+    other: Arc<Sim>,
+    stop: watch::Receiver<bool>,
+    mut rng: StdRng,
+) {
+    while !*stop.borrow() {
+        if let Err(e) = other.mirror_step(&own, &mut rng, false).await {
+            other.error(format!("{e:#}"));
+        }
+        let think = Duration::from_millis(rng.random_range(20..150));
         if nap(&stop, think).await {
             break;
         }
@@ -1573,14 +2011,28 @@ struct Fleet {
 }
 
 fn daemon_settings(cfg: &SoakConfig, db: &SoakDb) -> String {
+    // Shared table: the daemons own scope A only.
+    let scope = if cfg.shared_table {
+        format!("scope_column = \"{SCOPE_COLUMN}\"\nscope_value = \"{OWN_SCOPE}\"\n")
+    } else {
+        String::new()
+    };
+    // Both backends are enabled in every variant; this one says explicitly that neither
+    // has a prefix (the default run leaves them unset, which is the same: empty).
+    let backends = if cfg.backends_without_prefixes {
+        "[backends.pod]\nenabled = true\nobject_name_prefix = \"\"\n\
+         [backends.agent_sandbox]\nenabled = true\nobject_name_prefix = \"\"\n"
+    } else {
+        "[backends.agent_sandbox]\nenabled = true\n"
+    };
     format!(
         "[database]\nurl = \"{url}\"\nconnect_timeout_seconds = 5\nstatement_timeout_seconds = 10\n\
          lock_timeout_seconds = 1\n\
-         [sessions]\ntable = \"{table}\"\n\
+         [sessions]\ntable = \"{table}\"\n{scope}\
          [audit]\ntable = \"{audit}\"\n\
          [cluster]\nnamespaces = [\"{NAMESPACE}\"]\npage_size = {page}\nrequest_timeout_seconds = {timeout}\n\
          confirm_concurrency = 4\n\
-         [backends.agent_sandbox]\nenabled = true\n\
+         {backends}\
          [sweep]\nschedule = \"*/1 * * * * *\"\ngrace_period_seconds = {grace}\n\
          max_downgrades_per_sweep = {cap}\nbatch_size = {batch}\n\
          [shutdown]\ntimeout_seconds = 5\n",
@@ -1837,6 +2289,10 @@ struct LogFacts {
     failed: HashMap<String, String>,
     /// Sweeps that logged "sweep finished".
     finished: HashSet<String>,
+    /// "refusing to act" lines by reason.
+    refusals: BTreeMap<String, u64>,
+    /// The first refusal message of each reason.
+    refusal_samples: BTreeMap<String, String>,
 }
 
 /// Reads every daemon and `--once` log.
@@ -1877,6 +2333,14 @@ fn scan_logs(dir: &Path) -> LogFacts {
                     let error = event["error"].as_str().unwrap_or_default().to_string();
                     facts.failed.insert(sweep, error);
                 }
+                message if message.starts_with("refusing to act") => {
+                    let reason = event["reason"].as_str().unwrap_or("none").to_string();
+                    facts
+                        .refusal_samples
+                        .entry(reason.clone())
+                        .or_insert_with(|| message.to_string());
+                    *facts.refusals.entry(reason).or_default() += 1;
+                }
                 _ => {}
             }
         }
@@ -1909,8 +2373,19 @@ struct AuditDowngrade {
     evidence: Value,
 }
 
+/// The scope of one audit record, of any action.
+#[derive(Debug, Clone)]
+struct AuditScope {
+    id: i64,
+    action: String,
+    session_key: String,
+    scope: Option<String>,
+}
+
 impl SoakDb {
-    async fn create(url: &str, connections: usize) -> Result<SoakDb> {
+    /// A private schema with the centaur table; `shared`: with a scope column and the primary
+    /// key `(cluster, thread_key)`, as when several clusters share one table.
+    async fn create(url: &str, connections: usize, shared: bool) -> Result<SoakDb> {
         let pool = PgPoolOptions::new()
             .max_connections(connections as u32)
             .acquire_timeout(Duration::from_secs(30))
@@ -1919,8 +2394,17 @@ impl SoakDb {
             .with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))?;
         let schema = format!("soak_{}", uuid::Uuid::new_v4().simple());
         let fixture = include_str!("../fixtures/centaur_sandbox_sessions.sql");
+        let shared_sql = if shared {
+            format!(
+                "ALTER TABLE sandbox_sessions ADD COLUMN {SCOPE_COLUMN} TEXT NOT NULL; \
+                 ALTER TABLE sandbox_sessions DROP CONSTRAINT sandbox_sessions_pkey; \
+                 ALTER TABLE sandbox_sessions ADD PRIMARY KEY ({SCOPE_COLUMN}, thread_key);"
+            )
+        } else {
+            String::new()
+        };
         let sql = format!(
-            "CREATE SCHEMA {schema}; SET search_path = {schema}; {fixture}; SET search_path = public"
+            "CREATE SCHEMA {schema}; SET search_path = {schema}; {fixture}; {shared_sql} SET search_path = public"
         );
         let mut conn = pool.acquire().await?;
         sqlx::raw_sql(AssertSqlSafe(sql))
@@ -1995,9 +2479,39 @@ impl SoakDb {
             .collect()
     }
 
-    async fn final_rows(&self) -> Result<HashMap<String, Version>> {
+    /// Every audit record's scope.
+    async fn audit_scopes(&self) -> Result<Vec<AuditScope>> {
+        if !self.audit_exists().await {
+            return Ok(Vec::new());
+        }
         let sql = format!(
-            "SELECT thread_key, state, sandbox_id, updated_at, agent_thread_id FROM {}",
+            "SELECT id, action, session_key, session_scope FROM {} ORDER BY id",
+            self.audit_table()
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .context("reading the audit table's scopes")?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditScope {
+                    id: r.try_get(0)?,
+                    action: r.try_get(1)?,
+                    session_key: r.try_get(2)?,
+                    scope: r.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The rows as they are now, by key; only those of `scope` in a shared table.
+    async fn final_rows(&self, scope: Option<&str>) -> Result<HashMap<String, Version>> {
+        let filter = match scope {
+            Some(scope) => format!(" WHERE {SCOPE_COLUMN} = '{scope}'"),
+            None => String::new(),
+        };
+        let sql = format!(
+            "SELECT thread_key, state, sandbox_id, updated_at, agent_thread_id FROM {}{filter}",
             self.table()
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
@@ -2356,6 +2870,159 @@ fn account_for_downgrades(audits: &[AuditDowngrade], logs: &LogFacts, report: &m
         };
         report.unreported_downgrades.push(outcome);
     }
+}
+
+/// Backends-without-prefixes variant: no configured prefix tells a pod's name from a
+/// Sandbox's, so the reconciler must attribute every downgrade to `unknown`, never silently to
+/// one of the backends.
+fn check_attribution_without_prefixes(audits: &[AuditDowngrade], report: &mut SoakReport) {
+    for d in audits {
+        if d.backend != "unknown" {
+            report.downgrades_misattributed += 1;
+            report.attribution_problems.push(format!(
+                "audit #{} of {} (object {}) says backend {:?}; with no distinguishing prefix it must be \"unknown\"",
+                d.id, d.session_key, d.object, d.backend
+            ));
+        }
+    }
+}
+
+/// Shared-table variant: every audit record, of any action, belongs to the daemons' scope.
+fn check_audit_scope(audit: &[AuditScope], own_scope: &str, o: &mut OtherScopeReport) {
+    for a in audit {
+        let label = a.scope.clone().unwrap_or_else(|| "NULL".to_string());
+        *o.audit_records_by_scope.entry(label).or_default() += 1;
+        if a.scope.as_deref() != Some(own_scope) {
+            o.audit_records_outside_scope += 1;
+            o.problems.push(format!(
+                "audit #{} ({} of {}) has session_scope {:?}, not {own_scope:?}",
+                a.id, a.action, a.session_key, a.scope
+            ));
+        }
+    }
+}
+
+/// Shared-table variant: the other scope's rows change only by its own application. Its
+/// application writes each row under a row lock and records the version it overwrote, so
+/// every version it found must be the one it wrote last, and each row must end as it left
+/// it; a row it never wrote, or a missing one, fails too.
+fn check_other_scope_untouched(
+    ost: &SimState,
+    rows: &HashMap<String, Version>,
+    o: &mut OtherScopeReport,
+) {
+    o.rows_created = ost.writes.len() as u64;
+    o.rows_in_table = rows.len() as u64;
+    o.writes = ost.writes.values().map(|w| w.len() as u64).sum();
+    o.operations = ost.ops.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    o.app_errors = ost.errors.len() as u64;
+    for e in ost.errors.iter().take(5) {
+        o.problems
+            .push(format!("application error (not a failure): {e}"));
+    }
+    for v in rows.values() {
+        *o.final_states.entry(v.state.clone()).or_default() += 1;
+    }
+    let mut keys: Vec<&String> = ost.writes.keys().collect();
+    keys.sort();
+    for key in keys {
+        let writes = &ost.writes[key];
+        let Some(row) = rows.get(key.as_str()) else {
+            o.rows_lost += 1;
+            o.problems.push(format!(
+                "{key}: written by the other scope's application, missing from the table"
+            ));
+            continue;
+        };
+        if ost.uncertain.contains(key.as_str()) {
+            o.problems.push(format!(
+                "{key}: an application COMMIT failed; history not checked"
+            ));
+            continue;
+        }
+        let mut changed = Vec::new();
+        for i in 1..writes.len() {
+            let before = &writes[i - 1].new;
+            if writes[i].prev.as_ref() != Some(before) {
+                changed.push(format!(
+                    "write #{i} ({}) found {}, but its application had left {}",
+                    writes[i].op,
+                    writes[i]
+                        .prev
+                        .as_ref()
+                        .map_or("nothing".into(), Version::show),
+                    before.show()
+                ));
+            }
+        }
+        if let Some(last) = writes.last() {
+            if *row != last.new {
+                changed.push(format!(
+                    "the row is {}, but its application left {} ({})",
+                    row.show(),
+                    last.new.show(),
+                    last.op
+                ));
+            }
+        }
+        if !changed.is_empty() {
+            o.rows_changed += 1;
+            for c in changed {
+                o.problems.push(format!("{key}: {c}"));
+            }
+        }
+    }
+    for key in rows.keys() {
+        if !ost.writes.contains_key(key) {
+            o.rows_changed += 1;
+            o.problems.push(format!(
+                "{key}: in the other scope, never written by its application"
+            ));
+        }
+    }
+}
+
+/// Shared-table variant: evidence that the other scope's rows were a real temptation, not a
+/// check that passes because nothing could go wrong. Counts the daemons' downgrades at whose
+/// moment the other scope had a row under the same key (and a suspended one naming the same
+/// object: exactly what a key-only UPDATE would have changed too), and the other scope's rows
+/// that look like orphans at the end.
+fn other_scope_exposure(
+    st: &SimState,
+    ost: &SimState,
+    other_rows: &HashMap<String, Version>,
+    audits: &[AuditDowngrade],
+    clock: &ClockOffset,
+    grace: chrono::Duration,
+    o: &mut OtherScopeReport,
+) {
+    for d in audits {
+        let Some(writes) = ost.writes.get(&d.session_key) else {
+            continue;
+        };
+        // The other row's version at d.at: the last one certainly committed before it.
+        let Some(twin) = writes
+            .iter()
+            .rev()
+            .find(|w| clock.latest_db(w.committed) <= d.at)
+        else {
+            continue;
+        };
+        o.downgrades_with_a_twin += 1;
+        if twin.new.state == "suspended" && twin.new.object == d.object {
+            o.downgrades_with_a_suspended_twin += 1;
+        }
+    }
+    let aged = clock.earliest_db(Utc::now()) - grace;
+    o.orphan_lookalikes_at_end = other_rows
+        .values()
+        .filter(|v| v.state == "suspended" && v.updated_at < aged)
+        .filter(|v| {
+            st.objects
+                .get(&v.object)
+                .is_none_or(|l| l.removed_before.is_some())
+        })
+        .count() as u64;
 }
 
 // ---------------------------------------------------------------------------------------------
