@@ -110,6 +110,16 @@ pub struct ClusterSettings {
     /// The cluster's identity (the kube-system Namespace's UID) this reconciler may act on;
     /// empty = any cluster (its identity is still recorded).
     pub expected_uid: String,
+    /// Daemon: at most this many orphans are confirmed by direct GETs (as the pod garbage
+    /// collector does); more are confirmed by the watch cache proven fresh, else a listing.
+    pub confirm_get_max: usize,
+    /// Daemon: how long a sweep waits for the watch cache to sync before listing afresh.
+    pub cache_sync_wait_seconds: u64,
+    /// Daemon: how long a sweep waits for the watch cache to reach a revision taken after the
+    /// rows were read (a bookmark or event at or past it) before listing afresh.
+    pub cache_fresh_wait_seconds: u64,
+    /// 429, 503 and 504 answers are retried this many times, within the request deadline.
+    pub retries: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +166,10 @@ pub struct SweepSettings {
     /// Rows per apply transaction.
     pub batch_size: usize,
     pub dry_run: bool,
+    /// How an orphan's absence is established: "auto" (one-off: the complete listing that
+    /// started after the rows were read; daemon: GETs for a few, the watch cache or a fresh
+    /// listing for many) or "get" (a direct GET per orphan, always).
+    pub confirmation: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -430,6 +444,12 @@ impl Settings {
         if c.confirm_concurrency == 0 {
             return Err(invalid("cluster.confirm_concurrency", "must be at least 1"));
         }
+        if c.cache_fresh_wait_seconds == 0 {
+            return Err(invalid(
+                "cluster.cache_fresh_wait_seconds",
+                "must be at least 1 (API servers send a bookmark about once a minute: 90 is typical)",
+            ));
+        }
         if !c.expected_uid.is_empty() && uuid::Uuid::parse_str(c.expected_uid.trim()).is_err() {
             return Err(invalid(
                 "cluster.expected_uid",
@@ -474,6 +494,12 @@ impl Settings {
     fn validate_sweep(&self) -> Result<(), ConfigError> {
         let w = &self.sweep;
         parse_schedule(&w.schedule).map_err(|e| invalid("sweep.schedule", e))?;
+        if !matches!(w.confirmation.as_str(), "auto" | "get") {
+            return Err(invalid(
+                "sweep.confirmation",
+                format!("{:?} is not one of \"auto\", \"get\"", w.confirmation),
+            ));
+        }
         if w.grace_period_seconds > MAX_GRACE_PERIOD_SECONDS {
             return Err(invalid(
                 "sweep.grace_period_seconds",

@@ -29,6 +29,7 @@ use sqlx::PgConnection;
 use tokio::sync::{mpsc, watch};
 use tokio_cron_scheduler::{Job, JobScheduler};
 
+use crate::cluster::cache::ClusterCache;
 use crate::config::{parse_schedule, schedule_period};
 use crate::http::{self, HealthState, LastSweep};
 use crate::metrics::Metrics;
@@ -124,6 +125,17 @@ pub async fn run(
         "sandbox-reconciler daemon started"
     );
 
+    // List once, then watch: sweeps read the cluster from the cache (sweep.rs).
+    let reconciler = match &reconciler.source {
+        crate::sweep::ClusterSource::Api(cluster) => {
+            let cache = ClusterCache::start(cluster, metrics.clone());
+            metrics.observe_cache(cache.clone());
+            reconciler.with_cache(cache)
+        }
+        crate::sweep::ClusterSource::Dump(_) => reconciler,
+    };
+
+    let cache = reconciler.cache().cloned();
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(
         listener,
@@ -154,6 +166,9 @@ pub async fn run(
         settings.shutdown.timeout_seconds
     );
     let _ = stop_tx.send(true);
+    if let Some(cache) = &cache {
+        cache.stop();
+    }
     let mut scheduler = scheduler;
     let _ = scheduler.shutdown().await;
     let grace = Duration::from_secs(settings.shutdown.timeout_seconds);

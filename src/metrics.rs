@@ -46,6 +46,13 @@ pub struct Metrics {
     pub db_errors_total: IntCounter,
     pub dry_run: IntGauge,
     pub sweep_interval_seconds: Gauge,
+    pub cache_objects: IntGaugeVec,
+    pub cache_synced: IntGauge,
+    pub cache_relists_total: IntCounterVec,
+    pub cache_watch_restarts_total: IntCounterVec,
+    pub cache_watermark_age_seconds: IntGauge,
+    /// The daemon's watch cache, read at each scrape.
+    cache: std::sync::Mutex<Option<Arc<crate::cluster::cache::ClusterCache>>>,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -167,6 +174,20 @@ impl Metrics {
                 opts("dry_run", "1 when the reconciler only reports and never writes."))),
             sweep_interval_seconds: register!(r, d, "gauge", Gauge::with_opts(
                 opts("sweep_interval_seconds", "Nominal period of the sweep schedule."))),
+            cache_objects: register!(r, d, "gauge", IntGaugeVec::new(
+                opts("cache_objects", "Objects in the daemon's watch cache."),
+                backend)),
+            cache_synced: register!(r, d, "gauge", IntGauge::with_opts(
+                opts("cache_synced", "1 while every informer of the watch cache has listed and watches."))),
+            cache_relists_total: register!(r, d, "counter", IntCounterVec::new(
+                opts("cache_relists_total", "Complete listings of the watch cache, by reason: initial, expired (410 on the watch), watch_error, list_error."),
+                &["backend", "reason"])),
+            cache_watch_restarts_total: register!(r, d, "counter", IntCounterVec::new(
+                opts("cache_watch_restarts_total", "Watches resumed from the last applied revision (server timeouts, dropped streams)."),
+                backend)),
+            cache_watermark_age_seconds: register!(r, d, "gauge", IntGauge::with_opts(
+                opts("cache_watermark_age_seconds", "Seconds since the stalest informer last applied an event or bookmark."))),
+            cache: std::sync::Mutex::new(None),
             registry: r,
             described: Vec::new(),
         };
@@ -323,8 +344,32 @@ impl Metrics {
             .inc();
     }
 
+    /// Reads the watch cache's figures at every scrape.
+    pub fn observe_cache(&self, cache: Arc<crate::cluster::cache::ClusterCache>) {
+        if let Ok(mut slot) = self.cache.lock() {
+            *slot = Some(cache);
+        }
+    }
+
+    fn refresh_cache_gauges(&self) {
+        let cache = self.cache.lock().ok().and_then(|c| c.clone());
+        let Some(cache) = cache else {
+            return;
+        };
+        let status = cache.status();
+        self.cache_synced.set(i64::from(status.synced));
+        for (backend, n) in status.objects {
+            self.cache_objects
+                .with_label_values(&[backend.as_str()])
+                .set(n as i64);
+        }
+        self.cache_watermark_age_seconds
+            .set(status.watermark_age_seconds as i64);
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
+        self.refresh_cache_gauges();
         let mut out = Vec::new();
         let encoder = TextEncoder::new();
         if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
@@ -341,6 +386,20 @@ pub const PHASES: [&str; 4] = ["list_cluster", "read_db", "confirm", "apply"];
 const DURATION_BUCKETS: [f64; 15] = [
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
 ];
+
+impl crate::cluster::cache::CacheObserver for Metrics {
+    fn relisted(&self, backend: BackendKind, reason: crate::cluster::cache::RelistReason) {
+        self.cache_relists_total
+            .with_label_values(&[backend.as_str(), reason.as_str()])
+            .inc();
+    }
+
+    fn watch_restarted(&self, backend: BackendKind) {
+        self.cache_watch_restarts_total
+            .with_label_values(&[backend.as_str()])
+            .inc();
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -238,7 +238,7 @@ impl<'a> Planner<'a> {
             backends.insert(
                 view.kind,
                 BackendCounts {
-                    cluster_objects: view.len() as u64,
+                    cluster_objects: view.count(|f| f.managed) as u64,
                     ..BackendCounts::default()
                 },
             );
@@ -467,8 +467,15 @@ impl<'a> Planner<'a> {
     /// Applies the guard and the cap and returns the plan.
     pub fn finish(mut self) -> Plan {
         for (i, view) in self.snapshot.backends.iter().enumerate() {
-            let counts = self.backends.entry(view.kind).or_default();
-            counts.untracked_objects = (view.len() - self.referenced[i].len()) as u64;
+            let referenced = &self.referenced[i];
+            let untracked = view
+                .iter()
+                .filter(|(name, facts)| facts.managed && !referenced.contains(name))
+                .count();
+            self.backends
+                .entry(view.kind)
+                .or_default()
+                .untracked_objects = untracked as u64;
         }
         let guard = self.guard();
         let orphans_found = self.orphans_found;
@@ -553,6 +560,62 @@ impl PartialOrd for OldestFirst {
 impl Ord for OldestFirst {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.order().cmp(&other.order())
+    }
+}
+
+/// Where rows read from the database go: straight into a [`Planner`] (the daemon, whose
+/// cluster view exists before the rows are read), or into [`ReadRows`] to be planned once a
+/// listing that started after the read is complete (a one-off sweep).
+pub trait RowSink {
+    /// Rows counted by state only (the gone rows, read by an aggregate).
+    fn count_state(&mut self, state: Option<&str>, n: u64);
+    fn observe(&mut self, row: &SessionRow);
+}
+
+impl RowSink for Planner<'_> {
+    fn count_state(&mut self, state: Option<&str>, n: u64) {
+        Planner::count_state(self, state, n);
+    }
+
+    fn observe(&mut self, row: &SessionRow) {
+        Planner::observe(self, row);
+    }
+}
+
+/// Rows held until the cluster has been listed.
+#[derive(Debug, Default)]
+pub struct ReadRows {
+    counted: Vec<(Option<String>, u64)>,
+    rows: Vec<SessionRow>,
+}
+
+impl RowSink for ReadRows {
+    fn count_state(&mut self, state: Option<&str>, n: u64) {
+        self.counted.push((state.map(str::to_string), n));
+    }
+
+    fn observe(&mut self, row: &SessionRow) {
+        self.rows.push(row.clone());
+    }
+}
+
+impl ReadRows {
+    /// Feeds every held row to `planner`.
+    pub fn replay(&self, planner: &mut Planner<'_>) {
+        for (state, n) in &self.counted {
+            planner.count_state(state.as_deref(), *n);
+        }
+        for row in &self.rows {
+            planner.observe(row);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
     }
 }
 

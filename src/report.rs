@@ -92,6 +92,14 @@ fn decisions(out: &mut String, r: &SweepReport) {
         Confirmation::Get | Confirmation::None => {
             format!("{} confirmed absent by GET", r.confirmed)
         }
+        Confirmation::Listing => format!(
+            "{} confirmed absent by a complete listing that started after the rows were read",
+            r.confirmed
+        ),
+        Confirmation::WatchCache => format!(
+            "{} confirmed absent by the watch cache proven fresh",
+            r.confirmed
+        ),
         Confirmation::ListingOnly => "not confirmed (sweep.confirm_absence = false)".to_string(),
         Confirmation::SnapshotFile => "not confirmed (snapshot file)".to_string(),
     };

@@ -52,12 +52,29 @@ impl fmt::Display for BackendKind {
 }
 
 /// What the reconciler keeps about one object name (merged over namespaces).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+///
+/// Presence is by name, whatever the labels: an object that lost (or never had) the
+/// backend's label still protects its row, exactly as a direct GET would find it. The label
+/// selector only says which objects are the platform's (`managed`), for the untracked count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ObjectFacts {
     /// `metadata.deletionTimestamp` is set: not absent yet.
     pub terminating: bool,
     /// A Sandbox paused on purpose (`spec.replicas: 0` or `spec.operatingMode: Suspended`).
     pub suspended: bool,
+    /// Selected by the backend's label selector.
+    pub managed: bool,
+}
+
+impl Default for ObjectFacts {
+    /// A live, unpaused object of the platform's.
+    fn default() -> Self {
+        ObjectFacts {
+            terminating: false,
+            suspended: false,
+            managed: true,
+        }
+    }
 }
 
 /// All objects of one backend, by name.
@@ -83,9 +100,16 @@ impl BackendView {
 
     /// Adds an object; a name seen in several namespaces is kept once.
     pub fn insert(&mut self, name: &str, facts: ObjectFacts) {
-        let entry = self.objects.entry(name.into()).or_default();
-        entry.terminating |= facts.terminating;
-        entry.suspended |= facts.suspended;
+        match self.objects.get_mut(name) {
+            Some(entry) => {
+                entry.terminating |= facts.terminating;
+                entry.suspended |= facts.suspended;
+                entry.managed |= facts.managed;
+            }
+            None => {
+                self.objects.insert(name.into(), facts);
+            }
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -109,9 +133,19 @@ impl BackendView {
         self.objects.is_empty()
     }
 
-    /// Objects that are terminating / deliberately suspended.
+    /// Objects that are terminating / deliberately suspended / managed.
     pub fn count(&self, pred: impl Fn(&ObjectFacts) -> bool) -> usize {
         self.objects.values().filter(|f| pred(f)).count()
+    }
+
+    /// Every object, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &ObjectFacts)> {
+        self.objects.iter().map(|(k, v)| (&**k, v))
+    }
+
+    /// Removes an object (a watch's delete event).
+    pub fn remove(&mut self, name: &str) {
+        self.objects.remove(name);
     }
 }
 

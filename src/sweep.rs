@@ -20,11 +20,15 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::cluster::cache::ClusterCache;
 use crate::cluster::{
-    dump, Absence, BackendKind, ClusterError, ClusterSnapshot, KubeCluster, ScopeVerdict,
+    dump, Absence, BackendKind, ClusterError, ClusterSnapshot, KubeCluster, ObjectFacts,
+    ScopeVerdict,
 };
 use crate::config::Settings;
-use crate::plan::{GuardVerdict, OrphanedRow, Plan, Planner, Policy, RefusalReason, SkipReason};
+use crate::plan::{
+    GuardVerdict, OrphanedRow, Plan, Planner, Policy, ReadRows, RefusalReason, SkipReason,
+};
 use crate::store::{self, Database, Downgrade, StoreError, TableMapping};
 
 /// Where the cluster view comes from.
@@ -75,14 +79,19 @@ pub enum SweepError {
     Interrupted,
 }
 
-/// How the absence of an orphan's object was established.
+/// How the absence of an orphan's object was established (rule 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Confirmation {
     /// Not established (no orphans selected, or the sweep stopped before).
     None,
-    /// A direct GET per object answered 404.
+    /// (a) A direct GET per object answered 404 `NotFound`.
     Get,
+    /// (b) Missing from a complete, consistent listing that started after the rows were read.
+    Listing,
+    /// (c) Missing from the watch cache, proven at least as fresh as a revision taken after
+    /// the rows were read.
+    WatchCache,
     /// Only the complete listing (sweep.confirm_absence = false).
     ListingOnly,
     /// Only the snapshot file.
@@ -144,8 +153,13 @@ pub struct SweepReport {
     pub selected: u64,
     /// How absences were confirmed.
     pub confirmation: Confirmation,
-    /// Orphans a direct GET confirmed absent.
+    /// Orphans confirmed absent.
     pub confirmed: u64,
+    /// API requests the confirmation took (GETs, revision reads, a fresh listing's pages).
+    pub confirmation_requests: u64,
+    /// Where the sweep's view of the cluster came from: "listing" (a complete listing),
+    /// "watch cache", or "snapshot file".
+    pub cluster_view: String,
     pub downgraded: u64,
     pub deferred: u64,
     pub skipped: BTreeMap<SkipReason, u64>,
@@ -182,6 +196,8 @@ impl SweepReport {
             selected: 0,
             confirmation: Confirmation::None,
             confirmed: 0,
+            confirmation_requests: 0,
+            cluster_view: String::new(),
             downgraded: 0,
             deferred: 0,
             skipped: BTreeMap::new(),
@@ -273,6 +289,8 @@ pub struct Reconciler {
     /// The mapping as configured; [`Reconciler::prepare`] resolves it through the catalog.
     pub mapping: TableMapping,
     pub source: ClusterSource,
+    /// The daemon's watch-fed cluster cache; `None` for one-off sweeps.
+    cache: Option<Arc<ClusterCache>>,
     resolved: Arc<tokio::sync::OnceCell<TableMapping>>,
     migrated: Arc<tokio::sync::OnceCell<()>>,
 }
@@ -289,9 +307,21 @@ impl Reconciler {
             database,
             mapping,
             source,
+            cache: None,
             resolved: Arc::default(),
             migrated: Arc::default(),
         }
+    }
+
+    /// Sweeps read the cluster from `cache` (daemon mode) instead of listing it each time.
+    pub fn with_cache(mut self, cache: Arc<ClusterCache>) -> Reconciler {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// The watch cache, when there is one.
+    pub fn cache(&self) -> Option<&Arc<ClusterCache>> {
+        self.cache.as_ref()
     }
 
     /// Resolves the session table through the catalog (once per process) and, when `write`,
@@ -438,42 +468,61 @@ impl Reconciler {
         let mapping = self.prepare(&mut *conn, !dry_run).await?;
         report.table = Some(mapping.table_display());
 
-        let t = Instant::now();
-        let snapshot = match &self.source {
+        let policy = self.policy(options.max_downgrades);
+        let (snapshot, plan) = match &self.source {
+            ClusterSource::Dump(path) => {
+                let t = Instant::now();
+                let snapshot = dump::load(path, &self.settings)?;
+                report.timings.list_cluster = t.elapsed().as_secs_f64();
+                report.cluster_view = "snapshot file".into();
+                let plan = self
+                    .plan_streaming(conn, &mapping, &snapshot, &policy, report)
+                    .await?;
+                (snapshot, plan)
+            }
             ClusterSource::Api(cluster) => {
-                report.cluster_server = cluster.origin().map(|o| o.server.clone());
-                let expected =
-                    Some(self.settings.cluster.expected_uid.trim()).filter(|u| !u.is_empty());
-                match cluster.verify_scope(expected).await? {
-                    ScopeVerdict::Proceed { cluster_uid } => report.cluster_uid = Some(cluster_uid),
-                    ScopeVerdict::Refuse {
-                        reason,
-                        detail,
-                        cluster_uid,
-                    } => {
-                        report.cluster_uid = Some(cluster_uid);
-                        return Ok(report.refuse(reason, detail));
-                    }
+                if let Some(refused) = self.verify_scope(cluster, report).await? {
+                    return Ok(refused);
                 }
                 // The grace period compares rows' updated_at, written by the database clock,
-                // with the moment the listing started: take that moment from the same clock,
-                // read before the listing begins (never later than its real start).
+                // with the moment the cluster was looked at: take that moment from the same
+                // clock, read before rows and listing (never later than either).
                 let database_clock = store::database_now(&mut *conn, &mapping).await?;
-                let mut snapshot = cluster.snapshot().await?;
-                snapshot.listing_started_at = database_clock;
-                snapshot.cluster_uid = report.cluster_uid.clone();
-                snapshot
+                match &self.cache {
+                    Some(cache) => {
+                        let t = Instant::now();
+                        let mut snapshot = self.cached_view(cluster, cache, report).await?;
+                        report.timings.list_cluster = t.elapsed().as_secs_f64();
+                        snapshot.listing_started_at = database_clock;
+                        snapshot.cluster_uid = report.cluster_uid.clone();
+                        let plan = self
+                            .plan_streaming(conn, &mapping, &snapshot, &policy, report)
+                            .await?;
+                        (snapshot, plan)
+                    }
+                    None => {
+                        // One-off: the rows first, then one complete listing, which is both
+                        // the candidate set and, having started after the read, the proof
+                        // of absence (rule 2(b)).
+                        let t = Instant::now();
+                        let mut rows = ReadRows::default();
+                        store::read_rows(&mut *conn, &mapping, &mut rows).await?;
+                        report.timings.read_db = t.elapsed().as_secs_f64();
+                        let t = Instant::now();
+                        let mut snapshot = cluster.snapshot().await?;
+                        report.timings.list_cluster = t.elapsed().as_secs_f64();
+                        report.cluster_view = "listing".into();
+                        snapshot.listing_started_at = database_clock;
+                        snapshot.cluster_uid = report.cluster_uid.clone();
+                        let mut planner = Planner::new(&snapshot, &policy);
+                        rows.replay(&mut planner);
+                        drop(rows);
+                        let plan = planner.finish();
+                        (snapshot, plan)
+                    }
+                }
             }
-            ClusterSource::Dump(path) => dump::load(path, &self.settings)?,
         };
-        report.timings.list_cluster = t.elapsed().as_secs_f64();
-
-        let t = Instant::now();
-        let policy = self.policy(options.max_downgrades);
-        let mut planner = Planner::new(&snapshot, &policy);
-        store::read_rows(&mut *conn, &mapping, &mut planner).await?;
-        let plan = planner.finish();
-        report.timings.read_db = t.elapsed().as_secs_f64();
         report.absorb_plan(&plan, &snapshot);
 
         if let GuardVerdict::Refuse { reason, detail } = &plan.guard {
@@ -499,6 +548,71 @@ impl Reconciler {
         report.count_downgrades(&mapping.suspended_state, &mapping.gone_state);
         result?;
         Ok(SweepResult::Success)
+    }
+
+    /// Rule 10: the intended cluster, every configured namespace present. `Some(result)`
+    /// when the sweep must stop here (refused).
+    async fn verify_scope(
+        &self,
+        cluster: &KubeCluster,
+        report: &mut SweepReport,
+    ) -> Result<Option<SweepResult>, SweepError> {
+        report.cluster_server = cluster.origin().map(|o| o.server.clone());
+        let expected = Some(self.settings.cluster.expected_uid.trim()).filter(|u| !u.is_empty());
+        match cluster.verify_scope(expected).await? {
+            ScopeVerdict::Proceed { cluster_uid } => {
+                report.cluster_uid = Some(cluster_uid);
+                Ok(None)
+            }
+            ScopeVerdict::Refuse {
+                reason,
+                detail,
+                cluster_uid,
+            } => {
+                report.cluster_uid = Some(cluster_uid);
+                Ok(Some(report.refuse(reason, detail)))
+            }
+        }
+    }
+
+    /// The daemon's view: the watch cache once synced (waiting a bounded time), else a fresh
+    /// complete listing. An unsynced cache is never taken for the cluster.
+    async fn cached_view(
+        &self,
+        cluster: &KubeCluster,
+        cache: &ClusterCache,
+        report: &mut SweepReport,
+    ) -> Result<ClusterSnapshot, SweepError> {
+        let wait = Duration::from_secs(self.settings.cluster.cache_sync_wait_seconds);
+        if cache.wait_synced(wait).await {
+            if let Some(snapshot) = cache.snapshot() {
+                report.cluster_view = "watch cache".into();
+                return Ok(snapshot);
+            }
+        }
+        tracing::warn!(
+            "the watch cache is not synced after {}s; listing the cluster instead",
+            wait.as_secs()
+        );
+        report.cluster_view = "listing (watch cache not synced)".into();
+        Ok(cluster.snapshot().await?)
+    }
+
+    /// Streams the rows into a planner over `snapshot` (a view taken before the read).
+    async fn plan_streaming(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        mapping: &TableMapping,
+        snapshot: &ClusterSnapshot,
+        policy: &Policy,
+        report: &mut SweepReport,
+    ) -> Result<Plan, SweepError> {
+        let t = Instant::now();
+        let mut planner = Planner::new(snapshot, policy);
+        store::read_rows(&mut *conn, mapping, &mut planner).await?;
+        let plan = planner.finish();
+        report.timings.read_db = t.elapsed().as_secs_f64();
+        Ok(plan)
     }
 
     async fn take_writer_lock(
@@ -555,31 +669,43 @@ impl Reconciler {
                 "grace_period_seconds": self.settings.sweep.grace_period_seconds,
             })
         };
+        let all = |absence: &str| -> Vec<Downgrade<'p>> {
+            orphans
+                .iter()
+                .map(|row| Downgrade {
+                    row,
+                    evidence: base(absence),
+                })
+                .collect()
+        };
         let cluster = match &self.source {
             ClusterSource::Api(cluster) if self.settings.sweep.confirm_absence => cluster,
             ClusterSource::Api(_) => {
                 report.confirmation = Confirmation::ListingOnly;
-                return orphans
-                    .iter()
-                    .map(|row| Downgrade {
-                        row,
-                        evidence: base(
-                            "absent from the complete listing (sweep.confirm_absence = false)",
-                        ),
-                    })
-                    .collect();
+                return all("absent from the sweep's view (sweep.confirm_absence = false)");
             }
             ClusterSource::Dump(_) => {
                 report.confirmation = Confirmation::SnapshotFile;
-                return orphans
-                    .iter()
-                    .map(|row| Downgrade {
-                        row,
-                        evidence: base("absent from the snapshot file (not confirmed)"),
-                    })
-                    .collect();
+                return all("absent from the snapshot file (not confirmed)");
             }
         };
+        if orphans.is_empty() {
+            return Vec::new();
+        }
+        let by_get = self.settings.sweep.confirmation == "get";
+        match &self.cache {
+            None if !by_get => {
+                report.confirmation = Confirmation::Listing;
+                report.confirmed = orphans.len() as u64;
+                return all("absent from every page of a complete listing of every backend and namespace, started after the rows were read");
+            }
+            Some(cache) if !by_get && orphans.len() > self.settings.cluster.confirm_get_max => {
+                return self
+                    .confirm_many(cluster, cache, orphans, &base, report)
+                    .await;
+            }
+            _ => {}
+        }
         let answers =
             confirm_all(cluster, orphans, self.settings.cluster.confirm_concurrency).await;
         let mut confirmed = Vec::with_capacity(orphans.len());
@@ -601,6 +727,80 @@ impl Reconciler {
                 Err(e) => {
                     tracing::warn!(key = %row.key, object = %row.object, "left alone, absence not confirmed: {e}");
                     report.skip(SkipReason::ConfirmFailed, 1);
+                }
+            }
+        }
+        confirmed
+    }
+
+    /// Many orphans in the daemon: the watch cache proven at least as fresh as a revision
+    /// taken now, after the rows were read (rule 2(c)); if that proof does not come in time,
+    /// a fresh complete listing (rule 2(b)). Either way every orphan is checked again against
+    /// the proven view.
+    async fn confirm_many<'p>(
+        &self,
+        cluster: &KubeCluster,
+        cache: &ClusterCache,
+        orphans: &'p [OrphanedRow],
+        base: &(dyn Fn(&str) -> serde_json::Value + Sync),
+        report: &mut SweepReport,
+    ) -> Vec<Downgrade<'p>> {
+        let wait = Duration::from_secs(self.settings.cluster.cache_fresh_wait_seconds);
+        let view: ProvenView<'_>;
+        let absence: &str;
+        match cache.prove_fresh(cluster, wait).await {
+            Ok(Some(requests)) => {
+                report.confirmation = Confirmation::WatchCache;
+                report.confirmation_requests += requests;
+                view = ProvenView::Cache(cache);
+                absence = "absent from the watch cache, proven at least as fresh as a revision taken after the rows were read";
+            }
+            outcome => {
+                if let Err(e) = &outcome {
+                    tracing::warn!("proving the watch cache fresh failed: {e}; listing instead");
+                } else {
+                    tracing::info!(
+                        "the watch cache did not reach the current revision within {}s; listing instead",
+                        wait.as_secs()
+                    );
+                }
+                match cluster.snapshot().await {
+                    Ok(listing) => {
+                        report.confirmation = Confirmation::Listing;
+                        report.confirmation_requests +=
+                            listing.backends.iter().map(|b| b.requests).sum::<u64>();
+                        view = ProvenView::Listing(listing);
+                        absence = "absent from every page of a complete listing of every backend and namespace, started after the rows were read";
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "left {} orphans alone: their absence could not be confirmed: {e}",
+                            orphans.len()
+                        );
+                        report.skip(SkipReason::ConfirmFailed, orphans.len() as u64);
+                        return Vec::new();
+                    }
+                }
+            }
+        }
+        let mut confirmed = Vec::with_capacity(orphans.len());
+        for row in orphans {
+            match view.present(&row.object) {
+                None => {
+                    report.confirmed += 1;
+                    confirmed.push(Downgrade {
+                        row,
+                        evidence: base(absence),
+                    });
+                }
+                Some(facts) => {
+                    tracing::info!(
+                        key = %row.key,
+                        object = %row.object,
+                        terminating = facts.terminating,
+                        "left alone: the object exists"
+                    );
+                    report.skip(SkipReason::ObjectReappeared, 1);
                 }
             }
         }
@@ -645,6 +845,21 @@ impl Reconciler {
             }
         }
         Ok(())
+    }
+}
+
+/// A view of the cluster proven fresh enough to confirm absences (rule 2(b) or (c)).
+enum ProvenView<'c> {
+    Cache(&'c ClusterCache),
+    Listing(ClusterSnapshot),
+}
+
+impl ProvenView<'_> {
+    fn present(&self, name: &str) -> Option<ObjectFacts> {
+        match self {
+            ProvenView::Cache(cache) => cache.contains(name),
+            ProvenView::Listing(listing) => listing.backends.iter().find_map(|b| b.facts(name)),
+        }
     }
 }
 

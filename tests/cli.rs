@@ -79,10 +79,13 @@ async fn api_error_on_page_2_of_3_exits_1_and_writes_nothing() {
 #[tokio::test]
 async fn guard_refusal_exits_3_and_writes_nothing() {
     let (db, api, dir) = setup().await;
-    let config = db.write_config(
-        dir.path(),
-        "[backends.pod]\nlabel_selector = \"app=wrong\"\n",
-    );
+    // The live rows' pods vanish (deleted behind the platform's back, or a wrong context):
+    // most live rows have no object, so the sweep refuses.
+    for i in 0..5 {
+        api.remove(Kind::Pod, "agents", &format!("pod-live-{i}"));
+    }
+    api.add_pod("agents", "pod-unrelated", MANAGED);
+    let config = db.write_config(dir.path(), "");
     let before = db.fingerprint().await;
     let out = run_binary(
         dir.path(),
@@ -100,6 +103,47 @@ async fn guard_refusal_exits_3_and_writes_nothing() {
     );
     assert!(stdout(&out).contains("REFUSED"), "{}", stdout(&out));
     assert_eq!(db.fingerprint().await, before);
+}
+
+/// Decided (docs/DESIGN.md, rule 2): presence is by name, whatever the labels, as a GET's
+/// is. A label selector that matches nothing (or an object that lost its label) never makes
+/// an object absent: the live rows keep their pods, only the real orphan goes, and the
+/// unlabelled pods are not counted as the platform's (untracked 0).
+#[tokio::test]
+async fn a_wrong_label_selector_never_makes_objects_absent() {
+    let (db, api, dir) = setup().await;
+    let config = db.write_config(
+        dir.path(),
+        "[backends.pod]\nlabel_selector = \"app=wrong\"\n",
+    );
+    let out = run_binary(
+        dir.path(),
+        Some(&api),
+        &[
+            "--once",
+            "--output",
+            "json",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["downgraded"], 1);
+    assert_eq!(report["backends"]["pod"]["untracked_objects"], 0);
+    assert_eq!(report["backends"]["pod"]["cluster_objects"], 0);
+    for i in 0..5 {
+        assert_eq!(db.state(&format!("live-{i}")).await, "running");
+    }
+    assert_eq!(db.state("orphan").await, "gone");
 }
 
 #[tokio::test]

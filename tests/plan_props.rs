@@ -79,7 +79,7 @@ fn snapshot(pods: &[String], sandboxes: &[String]) -> ClusterSnapshot {
             n,
             ObjectFacts {
                 suspended: true,
-                terminating: false,
+                ..ObjectFacts::default()
             },
         );
     }

@@ -38,6 +38,10 @@ pub async fn connect(settings: &Settings) -> Result<(Client, ClientOrigin), Clus
         },
     };
     config.apply_debug_overrides();
+    // Retries are the reconciler's own decision (KubeCluster::call): what is retried, how
+    // often, within the request deadline, and counted. kube's built-in layer would retry
+    // 429/503/504 up to 15 times, invisibly, past any deadline.
+    config.default_retry = false;
     let timeout = Duration::from_secs(settings.cluster.request_timeout_seconds);
     config.read_timeout = Some(timeout);
     config.connect_timeout = Some(timeout.min(Duration::from_secs(10)));

@@ -94,26 +94,26 @@ pub fn parse(
             }
         }
         let terminating = meta.deletion_timestamp.is_some();
+        // Presence is by name; the selector only says which objects are the platform's.
         if kind == "Pod" && api_version == "v1" && b.pod.enabled {
-            if pod_selector.matches(&meta.labels) {
-                pods.insert(
-                    name,
-                    ObjectFacts {
-                        terminating,
-                        suspended: false,
-                    },
-                );
-            }
+            pods.insert(
+                name,
+                ObjectFacts {
+                    terminating,
+                    suspended: false,
+                    managed: pod_selector.matches(&meta.labels),
+                },
+            );
         } else if kind == b.agent_sandbox.kind
             && api_version.starts_with(&sb_api_group)
             && b.agent_sandbox.enabled
-            && sb_selector.matches(&meta.labels)
         {
             sandboxes.insert(
                 name,
                 ObjectFacts {
                     terminating,
                     suspended: sandbox_is_suspended(item),
+                    managed: sb_selector.matches(&meta.labels),
                 },
             );
         }
@@ -147,8 +147,9 @@ mod tests {
         })
         .to_string();
         let snap = parse(&text, &settings, Utc::now()).unwrap();
-        assert!(snap.backends[0].contains("p1"));
-        assert!(!snap.backends[0].contains("p2"));
+        assert!(snap.backends[0].facts("p1").unwrap().managed);
+        // Unlabelled: present (it protects its row) but not the platform's.
+        assert!(!snap.backends[0].facts("p2").unwrap().managed);
         assert!(!snap.backends[0].contains("p3"));
         assert!(snap.backends[1].facts("s1").unwrap().suspended);
     }

@@ -7,35 +7,66 @@
 //! timeout, transport, an item without a name, a list of the wrong kind — aborts the listing:
 //! there is no partial snapshot.
 
-use std::future::Future;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{ApiResource, DynamicObject, ListParams, ObjectList};
+use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::{Api, Client};
 
 use super::client::{self, ClientOrigin};
+use super::lean::{self, LeanList};
 use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot, ObjectFacts};
 use crate::config::Settings;
 use crate::plan::RefusalReason;
+use crate::selector::LabelSelector;
 
 /// Called once per API request with the verb ("list"/"get") and HTTP status (0 when no
 /// answer arrived); the daemon counts these in `kube_requests_total`.
 pub type RequestHook = Arc<dyn Fn(&'static str, u16) + Send + Sync>;
 
 #[derive(Debug, Clone)]
-struct PodBackend {
-    selector: String,
-    prefix: String,
-}
-
-#[derive(Debug, Clone)]
 struct SandboxBackend {
     resource: ApiResource,
-    selector: String,
-    prefix: String,
+}
+
+/// One backend's resource, as listed and watched.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub kind: BackendKind,
+    /// For messages and permission hints: "pods" or "sandboxes.agents.x-k8s.io".
+    pub resource: String,
+    /// "/api/v1" or "/apis/{group}/{version}".
+    base: String,
+    pub plural: String,
+    /// The kind a list answer must have.
+    list_kind: String,
+    /// Pods are read metadata-only; Sandboxes in full, since their spec says whether they
+    /// are paused.
+    pub metadata_only: bool,
+    pub selector: LabelSelector,
+    pub prefix: String,
+}
+
+impl Target {
+    /// The collection's path in one namespace, or across all.
+    pub fn url_path(&self, ns: Option<&str>) -> String {
+        match ns {
+            Some(ns) => format!("{}/namespaces/{ns}/{}", self.base, self.plural),
+            None => format!("{}/{}", self.base, self.plural),
+        }
+    }
+}
+
+/// What one complete listing took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Listing {
+    /// Requests (pages, including a restarted listing).
+    pub requests: u64,
+    /// The revision the listing was served at.
+    pub revision: Option<u64>,
 }
 
 /// The answer of a confirming GET.
@@ -70,8 +101,10 @@ pub struct KubeCluster {
     namespaces: Option<Vec<String>>,
     page_size: u32,
     timeout: Duration,
-    pod: Option<PodBackend>,
+    retries: u32,
+    pod: bool,
     sandbox: Option<SandboxBackend>,
+    targets: Vec<Target>,
     hook: Option<RequestHook>,
 }
 
@@ -153,7 +186,7 @@ impl KubeCluster {
     async fn get_namespace(&self, name: &str) -> Result<Option<Namespace>, ClusterError> {
         let api: Api<Namespace> = Api::all(self.client.clone());
         let what = format!("reading namespace {name}");
-        match tokio::time::timeout(self.timeout, api.get_opt(name)).await {
+        match self.call("get", || api.get_opt(name)).await {
             Err(_) => {
                 self.note("get", Err(0));
                 Err(ClusterError::Timeout {
@@ -180,10 +213,8 @@ impl KubeCluster {
     /// Uses an existing client (in-process callers).
     pub fn with_client(client: Client, settings: &Settings) -> KubeCluster {
         let b = &settings.backends;
-        let pod = b.pod.enabled.then(|| PodBackend {
-            selector: b.pod.label_selector.trim().to_string(),
-            prefix: b.pod.object_name_prefix.clone(),
-        });
+        // Validated at start-up; an unparsable selector cannot reach here.
+        let selector = |text: &str| LabelSelector::parse(text.trim()).unwrap_or_default();
         let s = &b.agent_sandbox;
         let sandbox = s.enabled.then(|| SandboxBackend {
             resource: ApiResource {
@@ -193,18 +224,93 @@ impl KubeCluster {
                 kind: s.kind.clone(),
                 plural: s.plural.clone(),
             },
-            selector: s.label_selector.trim().to_string(),
-            prefix: s.object_name_prefix.clone(),
         });
+        let mut targets = Vec::new();
+        if b.pod.enabled {
+            targets.push(Target {
+                kind: BackendKind::Pod,
+                resource: "pods".into(),
+                base: "/api/v1".into(),
+                plural: "pods".into(),
+                list_kind: "PartialObjectMetadataList".into(),
+                metadata_only: true,
+                selector: selector(&b.pod.label_selector),
+                prefix: b.pod.object_name_prefix.clone(),
+            });
+        }
+        if s.enabled {
+            targets.push(Target {
+                kind: BackendKind::AgentSandbox,
+                resource: format!("{}.{}", s.plural, s.group),
+                base: format!("/apis/{}/{}", s.group, s.version),
+                plural: s.plural.clone(),
+                list_kind: format!("{}List", s.kind),
+                metadata_only: false,
+                selector: selector(&s.label_selector),
+                prefix: s.object_name_prefix.clone(),
+            });
+        }
+        let pod = b.pod.enabled;
         KubeCluster {
             client,
             origin: None,
             namespaces: settings.namespaces().map(<[String]>::to_vec),
             page_size: settings.cluster.page_size,
             timeout: Duration::from_secs(settings.cluster.request_timeout_seconds),
+            retries: settings.cluster.retries,
             pod,
             sandbox,
+            targets,
             hook: None,
+        }
+    }
+
+    /// Runs one API request with the reconciler's retry policy, the whole within the request
+    /// deadline (`cluster.request_timeout_seconds`): 429, 503 and 504 answers are retried up to
+    /// `cluster.retries` times, after the server's `Retry-After` (its Status'
+    /// `details.retryAfterSeconds`) when it gives one and it fits the deadline, else after an
+    /// exponential backoff from 100 ms. Nothing else is retried: any other failure aborts
+    /// the sweep. Each retried answer is counted in `kube_requests_total` here; the final
+    /// answer is counted by the caller. (kube's own retry layer is off, see `client`.)
+    async fn call<T, Fut>(
+        &self,
+        verb: &'static str,
+        attempt: impl Fn() -> Fut,
+    ) -> Result<kube::Result<T>, tokio::time::error::Elapsed>
+    where
+        Fut: std::future::Future<Output = kube::Result<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut backoff = Duration::from_millis(100);
+        let mut retries = 0;
+        loop {
+            let answer = tokio::time::timeout_at(deadline, attempt()).await?;
+            let status = match &answer {
+                Err(kube::Error::Api(status))
+                    if matches!(status.code, 429 | 503 | 504) && retries < self.retries =>
+                {
+                    status
+                }
+                _ => return Ok(answer),
+            };
+            let delay = status
+                .details
+                .as_ref()
+                .map(|d| Duration::from_secs(u64::from(d.retry_after_seconds)))
+                .filter(|d| !d.is_zero())
+                .unwrap_or(backoff);
+            if tokio::time::Instant::now() + delay >= deadline {
+                return Ok(answer);
+            }
+            self.note(verb, Err(status.code));
+            tracing::debug!(
+                code = status.code,
+                delay_ms = delay.as_millis() as u64,
+                "retrying an API request"
+            );
+            retries += 1;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -241,140 +347,187 @@ impl KubeCluster {
         }
     }
 
-    /// Lists every enabled backend completely. The snapshot's clock is the moment the
-    /// listing started.
+    /// Lists every enabled backend completely, pods and Sandboxes concurrently. The
+    /// snapshot's clock is the moment the listing started.
     pub async fn snapshot(&self) -> Result<ClusterSnapshot, ClusterError> {
         let mut snapshot = ClusterSnapshot::new(Utc::now());
-        if let Some(pod) = &self.pod {
-            let mut view = BackendView::new(BackendKind::Pod, &pod.prefix);
-            for ns in self.scopes() {
-                let api = self.pod_api(ns);
-                let what = describe("pods", ns);
-                let base = selector_params(&pod.selector);
-                view.requests += self
-                    .list_complete(
-                        &what,
-                        "list",
-                        "pods",
-                        &["PartialObjectMetadataList"],
-                        |lp| {
-                            let api = api.clone();
-                            async move { api.list_metadata(&lp).await }
-                        },
-                        base,
-                        |item| record(&mut view, &item.metadata, false),
-                    )
-                    .await?;
-            }
-            snapshot.backends.push(view);
-        }
-        if let Some(sb) = &self.sandbox {
-            let mut view = BackendView::new(BackendKind::AgentSandbox, &sb.prefix);
-            let list_kind = format!("{}List", sb.resource.kind);
-            for ns in self.scopes() {
-                let api = self.sandbox_api(sb, ns);
-                let what = describe(&sb.resource.plural, ns);
-                let base = selector_params(&sb.selector);
-                let resource = format!("{}.{}", sb.resource.plural, sb.resource.group);
-                view.requests += self
-                    .list_complete(
-                        &what,
-                        "list",
-                        &resource,
-                        &[list_kind.as_str()],
-                        |lp| {
-                            let api = api.clone();
-                            async move { api.list(&lp).await }
-                        },
-                        base,
-                        |item| record(&mut view, &item.metadata, sandbox_is_suspended(&item.data)),
-                    )
-                    .await?;
-            }
-            snapshot.backends.push(view);
-        }
+        let views =
+            futures::future::try_join_all(self.targets.iter().map(|t| self.list_backend(t)))
+                .await?;
+        snapshot.backends = views;
         Ok(snapshot)
     }
 
-    /// Pages through one listing until `continue` is empty; returns the request count.
-    #[allow(clippy::too_many_arguments)]
-    async fn list_complete<T, F, Fut>(
+    /// Every namespace of one backend, into one view.
+    async fn list_backend(&self, target: &Target) -> Result<BackendView, ClusterError> {
+        let mut view = BackendView::new(target.kind, &target.prefix);
+        for ns in self.scopes() {
+            let (objects, listing) = self.list_into(target, ns).await?;
+            for (name, facts) in objects {
+                view.insert(&name, facts);
+            }
+            view.requests += listing.requests;
+        }
+        Ok(view)
+    }
+
+    /// The targets (backend resources) this cluster lists.
+    pub(crate) fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// The namespaces this cluster lists (`None`: all namespaces).
+    pub(crate) fn namespace_scopes(&self) -> Vec<Option<String>> {
+        self.scopes()
+            .into_iter()
+            .map(|n| n.map(str::to_string))
+            .collect()
+    }
+
+    /// Lists one backend in one namespace (or all) completely, into a map that is returned
+    /// only whole: every page of one paginated LIST with `resourceVersion` unset, which the
+    /// API server serves at one revision (never `resourceVersion=0`, which may be stale). A 410
+    /// on a continue token restarts the whole listing, once, from an empty map. Objects are
+    /// decoded lean ([`LeanObject`](super::lean::LeanObject)) and listed without the label
+    /// selector: presence is by name, as a GET's is; the selector only marks the platform's
+    /// objects (`managed`).
+    pub(crate) async fn list_into(
         &self,
-        what: &str,
-        verb: &'static str,
-        resource: &str,
-        expected_kinds: &[&str],
-        fetch: F,
-        base: ListParams,
-        mut on_item: impl FnMut(&T) -> Result<(), &'static str>,
-    ) -> Result<u64, ClusterError>
-    where
-        T: Clone,
-        F: Fn(ListParams) -> Fut,
-        Fut: Future<Output = kube::Result<ObjectList<T>>>,
-    {
+        target: &Target,
+        ns: Option<&str>,
+    ) -> Result<(HashMap<Box<str>, ObjectFacts>, Listing), ClusterError> {
+        let what = describe(&target.plural, ns);
+        let mut objects: HashMap<Box<str>, ObjectFacts> = HashMap::new();
         let mut requests = 0u64;
         let mut restarted = false;
         let mut token: Option<String> = None;
+        let mut revision = None;
         loop {
-            let mut lp = base.clone().limit(self.page_size);
+            let mut lp = ListParams::default().limit(self.page_size);
             if let Some(t) = &token {
                 lp = lp.continue_token(t);
             }
             requests += 1;
-            let answer = tokio::time::timeout(self.timeout, fetch(lp)).await;
-            let page = match answer {
-                Err(_) => {
-                    self.note(verb, Err(0));
-                    return Err(ClusterError::Timeout {
-                        what: what.to_string(),
-                        seconds: self.timeout.as_secs(),
-                    });
-                }
-                Ok(Err(kube::Error::Api(status))) if status.code == 410 && token.is_some() => {
-                    self.note(verb, Err(410));
+            let page = match self.fetch_page(target, ns, &lp, &what).await {
+                Err(ClusterError::Api { code: 410, .. }) if token.is_some() => {
                     if restarted {
-                        return Err(ClusterError::Expired {
-                            what: what.to_string(),
-                        });
+                        return Err(ClusterError::Expired { what });
                     }
                     tracing::warn!(
-                        listing = what,
-                        "continue token expired (410); restarting the listing once"
+                        listing = %what,
+                        "continue token expired (410); restarting the listing from its first page"
                     );
                     restarted = true;
                     token = None;
+                    revision = None;
+                    objects.clear();
                     continue;
                 }
-                Ok(Err(e)) => {
-                    let err = map_error(what, verb, resource, e);
-                    self.note(verb, Err(api_code(&err)));
-                    return Err(err);
-                }
-                Ok(Ok(page)) => page,
+                other => other?,
             };
-            self.note(verb, Ok(()));
-            if !expected_kinds.iter().any(|k| *k == page.types.kind) {
+            if page.kind != target.list_kind {
                 return Err(ClusterError::Malformed {
-                    what: what.to_string(),
+                    what,
                     message: format!(
                         "expected a {} but got kind {:?}",
-                        expected_kinds.join(" or "),
-                        page.types.kind
+                        target.list_kind, page.kind
                     ),
                 });
             }
-            for item in &page.items {
-                on_item(item).map_err(|message| ClusterError::Malformed {
-                    what: what.to_string(),
-                    message: message.to_string(),
-                })?;
+            if token.is_none() {
+                // The first page's revision is the listing's: every page is served at it.
+                revision = page
+                    .metadata
+                    .resource_version
+                    .as_deref()
+                    .and_then(lean::revision);
+            }
+            for object in &page.items {
+                let name = object
+                    .metadata
+                    .name
+                    .as_deref()
+                    .filter(|n| !n.is_empty())
+                    .ok_or_else(|| ClusterError::Malformed {
+                        what: what.clone(),
+                        message: "an item has no metadata.name".into(),
+                    })?;
+                objects.insert(name.into(), object.facts(&target.selector));
             }
             match page.metadata.continue_.filter(|t| !t.is_empty()) {
                 Some(next) => token = Some(next),
-                None => return Ok(requests),
+                None => return Ok((objects, Listing { requests, revision })),
             }
         }
+    }
+
+    /// One page, with the request deadline, counted in the request hook.
+    async fn fetch_page(
+        &self,
+        target: &Target,
+        ns: Option<&str>,
+        lp: &ListParams,
+        what: &str,
+    ) -> Result<LeanList, ClusterError> {
+        let request = kube::core::Request::new(target.url_path(ns));
+        let built = if target.metadata_only {
+            request.list_metadata(lp)
+        } else {
+            request.list(lp)
+        }
+        .map_err(|e| ClusterError::Malformed {
+            what: what.to_string(),
+            message: e.to_string(),
+        })?;
+        let answer = self
+            .call("list", || {
+                self.client.request::<LeanList>(clone_request(&built))
+            })
+            .await;
+        match answer {
+            Err(_) => {
+                self.note("list", Err(0));
+                Err(ClusterError::Timeout {
+                    what: what.to_string(),
+                    seconds: self.timeout.as_secs(),
+                })
+            }
+            Ok(Err(e)) => {
+                let err = map_error(what, "list", &target.resource, e);
+                self.note("list", Err(api_code(&err)));
+                Err(err)
+            }
+            Ok(Ok(page)) => {
+                self.note("list", Ok(()));
+                Ok(page)
+            }
+        }
+    }
+
+    /// The API server's current revision for a target: a quorum `LIST ?limit=1` (no
+    /// resourceVersion), whose list revision is the store's revision at that moment.
+    pub(crate) async fn current_revision(
+        &self,
+        target: &Target,
+        ns: Option<&str>,
+    ) -> Result<u64, ClusterError> {
+        let what = format!("reading the current revision of {}", target.plural);
+        let page = self
+            .fetch_page(target, ns, &ListParams::default().limit(1), &what)
+            .await?;
+        page.metadata
+            .resource_version
+            .as_deref()
+            .and_then(lean::revision)
+            .ok_or(ClusterError::Malformed {
+                what,
+                message: "the list has no integer metadata.resourceVersion".into(),
+            })
+    }
+
+    /// The client, for the watch cache.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
     }
 
     /// Confirms that no enabled backend has an object named `name`, by direct GETs (or, when
@@ -383,7 +536,7 @@ impl KubeCluster {
     pub async fn confirm_absent(&self, name: &str) -> Result<Absence, ClusterError> {
         let mut evidence = Vec::new();
         for ns in self.scopes() {
-            if self.pod.is_some() {
+            if self.pod {
                 let api = self.pod_api(ns);
                 let seen = self.probe(&api, "pods", ns, name).await?;
                 match seen {
@@ -421,7 +574,7 @@ impl KubeCluster {
             ns.map(|n| format!("{n}/")).unwrap_or_default()
         );
         let verb = if ns.is_some() { "get" } else { "list" };
-        let request = async {
+        let request = || async {
             match ns {
                 Some(_) => api
                     .get_metadata_opt(name)
@@ -435,7 +588,7 @@ impl KubeCluster {
                 }
             }
         };
-        match tokio::time::timeout(self.timeout, request).await {
+        match self.call(verb, request).await {
             Err(_) => {
                 self.note(verb, Err(0));
                 Err(ClusterError::Timeout {
@@ -464,23 +617,6 @@ impl KubeCluster {
     }
 }
 
-/// Adds one listed object to `view`; an object without a name makes the listing malformed.
-fn record(
-    view: &mut BackendView,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    suspended: bool,
-) -> Result<(), &'static str> {
-    let name = meta.name.as_deref().ok_or("an item has no metadata.name")?;
-    view.insert(
-        name,
-        ObjectFacts {
-            terminating: meta.deletion_timestamp.is_some(),
-            suspended,
-        },
-    );
-    Ok(())
-}
-
 fn terminating_note(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
 ) -> &'static str {
@@ -495,14 +631,6 @@ fn probe_text(resource: &str, ns: Option<&str>, name: &str) -> String {
     match ns {
         Some(ns) => format!("GET {resource} {ns}/{name}: 404"),
         None => format!("LIST {resource} metadata.name={name}: 0 items"),
-    }
-}
-
-fn selector_params(selector: &str) -> ListParams {
-    if selector.is_empty() {
-        ListParams::default()
-    } else {
-        ListParams::default().labels(selector)
     }
 }
 
@@ -569,6 +697,15 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+/// A copy of a built request (an `http::Request<Vec<u8>>` is not `Clone`), for retries.
+fn clone_request(request: &http::Request<Vec<u8>>) -> http::Request<Vec<u8>> {
+    let mut copy = http::Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    copy
 }
 
 #[cfg(test)]

@@ -5,9 +5,11 @@
 //! [`ClusterSnapshot`] of object names, or an error: there is no partial snapshot. The same
 //! type is built from a `kubectl get -o json` dump by [`dump`] for offline audits.
 
+pub mod cache;
 pub mod client;
 pub mod dump;
 mod kube_api;
+pub mod lean;
 
 pub use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot, ObjectFacts};
 pub use kube_api::{Absence, KubeCluster, ScopeVerdict};

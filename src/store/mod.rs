@@ -29,7 +29,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 
 use crate::config::Settings;
-use crate::plan::{OrphanedRow, Planner, SessionRow};
+use crate::plan::{OrphanedRow, RowSink, SessionRow};
 use crate::sql::Identifier;
 pub use mapping::{ResolvedTable, TableMapping};
 
@@ -592,7 +592,7 @@ pub async fn ping(conn: &mut PgConnection, mapping: &TableMapping) -> bool {
 pub async fn read_rows(
     conn: &mut PgConnection,
     mapping: &TableMapping,
-    planner: &mut Planner<'_>,
+    planner: &mut impl RowSink,
 ) -> Result<(), StoreError> {
     let deadline = mapping.deadline;
     let mut tx = within(
