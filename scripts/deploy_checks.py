@@ -913,6 +913,11 @@ def dockerfile():
             fail("build.rs takes the git revision from SANDBOX_RECONCILER_REVISION (the build context has no "
                  ".git): the builder stage must declare ARG REVISION and run "
                  'SANDBOX_RECONCILER_REVISION="${REVISION}" cargo build')
+    for registry, crates in (cargo.get("patch") or {}).items():
+        for name, spec in crates.items():
+            path = spec.get("path") if isinstance(spec, dict) else None
+            if path and path.split("/")[0] not in copied:
+                fail(f"Cargo.toml patches {name} ({registry}) with {path}, which the builder stage does not COPY")
     build_script = (cargo.get("package") or {}).get("build")
     if isinstance(build_script, str) and build_script.split("/")[0] not in copied:
         fail(f"Cargo.toml names build script {build_script}, which the builder stage does not COPY")
