@@ -13,9 +13,11 @@ use tokio::sync::watch;
 use crate::cluster::KubeCluster;
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::progress::{SweepProgress, TerminalProgress};
 use crate::report;
 use crate::store::{Database, TableMapping};
 use crate::sweep::{ClusterSource, Reconciler, SweepOptions, SweepResult};
+use std::sync::Arc;
 
 /// The exit status of every command, in one place (README, "Exit codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,9 +62,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--version`: the crate version and the git commit the binary was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("SANDBOX_RECONCILER_REVISION"),
+    ")"
+);
+
 /// Keeps an agent platform's session database honest about its Kubernetes cluster.
+///
+/// Global options (`--config`, `--log-format`, `--output`, `--dry-run`) are accepted before
+/// and after a subcommand, as kubectl and cargo users expect.
 #[derive(Debug, Parser)]
-#[command(name = "sandbox-reconciler", version, about)]
+#[command(name = "sandbox-reconciler", version = VERSION, about)]
 pub struct Cli {
     /// Configuration file (TOML); repeat to layer files. Environment variables
     /// SANDBOX_RECONCILER__SECTION__KEY and DATABASE_URL override them.
@@ -71,7 +84,8 @@ pub struct Cli {
         short = 'c',
         value_name = "FILE",
         env = "SANDBOX_RECONCILER_CONFIG",
-        value_delimiter = ','
+        value_delimiter = ',',
+        global = true
     )]
     pub config: Vec<PathBuf>,
 
@@ -126,8 +140,20 @@ pub enum Command {
     },
 }
 
+/// Whether logs may carry colour: only on a terminal, never with `NO_COLOR` set (any
+/// non-empty value, see no-color.org), never in JSON.
+pub fn log_colour(format: LogFormat, stderr_is_terminal: bool, no_color: Option<&str>) -> bool {
+    format == LogFormat::Text && stderr_is_terminal && no_color.is_none_or(str::is_empty)
+}
+
 /// Sets up logging; RUST_LOG overrides the default level (info).
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let colour = log_colour(
+        format,
+        std::io::stderr().is_terminal(),
+        std::env::var("NO_COLOR").ok().as_deref(),
+    );
     // kube-client's HTTP layer logs every failed request at ERROR on its own; the reconciler
     // logs each failure once, with what it was doing, so that line is off unless RUST_LOG
     // names kube_client itself.
@@ -141,6 +167,7 @@ pub fn init_logging(format: LogFormat) {
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -245,12 +272,35 @@ pub async fn run(cli: Cli) -> ExitCode {
         // An open batch rolls back as the connection closes.
         std::process::exit(130);
     });
+    // Signs of life on a terminal (never in JSON output or when standard error is a file).
+    let progress = show_progress(cli.output).then(|| Arc::new(TerminalProgress::new()));
+    if let Some(progress) = &progress {
+        if let ClusterSource::Api(cluster) = &mut reconciler.source {
+            let p = progress.clone();
+            cluster.set_page_hook(Arc::new(move |backend, objects| {
+                p.page_listed(backend, objects)
+            }));
+        }
+        reconciler = reconciler.with_progress(progress.clone());
+    }
     let report = reconciler.sweep(&options, &stopped).await;
+    if let Some(progress) = &progress {
+        progress.finish();
+    }
     match cli.output {
         OutputFormat::Json => println!("{}", report::json(&report)),
         OutputFormat::Text => print!("{}", report::text(&report)),
     }
     Exit::of(report.result).into()
+}
+
+/// Whether to draw progress: a text summary and a terminal on standard error.
+fn show_progress(output: OutputFormat) -> bool {
+    use std::io::IsTerminal;
+    crate::progress::wanted(
+        output == OutputFormat::Json,
+        std::io::stderr().is_terminal(),
+    )
 }
 
 /// The metrics contract: one line per metric (`NAME KIND LABELS HELP`, labels comma-separated
@@ -292,7 +342,12 @@ async fn run_undo(
         }
     };
     let lock_wait = std::time::Duration::from_secs(settings.database.writer_lock_wait_seconds);
-    match crate::undo::run(&database, &mapping, request, lock_wait).await {
+    let spinner = show_progress(output).then(TerminalProgress::undo);
+    let outcome = crate::undo::run(&database, &mapping, request, lock_wait).await;
+    if let Some(spinner) = spinner {
+        spinner.finish_and_clear();
+    }
+    match outcome {
         Ok(report) => {
             match output {
                 OutputFormat::Json => println!(

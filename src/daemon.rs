@@ -288,6 +288,12 @@ async fn worker(
                 sweep_id: report.sweep_id.to_string(),
             });
         }
+        if let Ok(mut last) = health.last_report.lock() {
+            *last = Some(crate::report::json_capped(
+                &report,
+                crate::report::LAST_SWEEP_CHANGES,
+            ));
+        }
         health.ready.store(true, Ordering::Relaxed);
         log_summary(&report);
     }

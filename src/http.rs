@@ -1,4 +1,7 @@
-//! The daemon's HTTP endpoint (hyper 1): `/metrics`, `/healthz`, `/readyz`.
+//! The daemon's HTTP endpoint (hyper 1): `/metrics`, `/healthz`, `/readyz`, and
+//! `/last-sweep` (the last sweep's summary, the same JSON document as `--once --output json`
+//! with the change list capped), so an operator can see what the last sweep decided and why
+//! through `kubectl port-forward`, without a database login.
 //!
 //! Serving is independent of sweeping: metrics are atomics rendered on demand and the health
 //! state is a few atomics and a short-lived mutex, so a scrape never waits for a sweep and a
@@ -45,6 +48,8 @@ pub struct HealthState {
     pub worker_alive: AtomicBool,
     pub leader: AtomicBool,
     pub last_sweep: Mutex<Option<LastSweep>>,
+    /// The last sweep's summary as JSON (`GET /last-sweep`).
+    pub last_report: Mutex<Option<String>>,
 }
 
 /// The last sweep, for /healthz.
@@ -112,7 +117,7 @@ fn route(
     health: &HealthState,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    let known = matches!(path, "/metrics" | "/healthz" | "/readyz");
+    let known = matches!(path, "/metrics" | "/healthz" | "/readyz" | "/last-sweep");
     if !known {
         return response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into());
     }
@@ -149,6 +154,17 @@ fn route(
                 StatusCode::SERVICE_UNAVAILABLE
             };
             response(status, "application/json", format!("{body}\n"))
+        }
+        "/last-sweep" => {
+            let last = health.last_report.lock().map(|l| l.clone()).unwrap_or(None);
+            match last {
+                Some(document) => response(StatusCode::OK, "application/json", document),
+                None => response(
+                    StatusCode::NOT_FOUND,
+                    "application/json",
+                    "{\"error\": \"no sweep has finished yet\"}\n".into(),
+                ),
+            }
         }
         _ => {
             if health.ready.load(Ordering::Relaxed) {

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod http;
 pub mod metrics;
 pub mod plan;
+pub mod progress;
 pub mod report;
 pub mod selector;
 pub mod snapshot;

@@ -13,6 +13,24 @@ pub fn json(report: &SweepReport) -> String {
     serde_json::to_string_pretty(report).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
+/// At most this many changed rows are listed by the daemon's `GET /last-sweep`.
+pub const LAST_SWEEP_CHANGES: usize = 100;
+
+/// The same document as `--once --output json`, with the change list capped at `cap` rows and
+/// the cap stated (`changes_total`, `changes_cap`), for the daemon's `GET /last-sweep`.
+pub fn json_capped(report: &SweepReport, cap: usize) -> String {
+    let total = report.changes.len();
+    let mut value = serde_json::to_value(report).unwrap_or_default();
+    if let Some(changes) = value.get_mut("changes").and_then(|c| c.as_array_mut()) {
+        changes.truncate(cap);
+    }
+    if let Some(object) = value.as_object_mut() {
+        object.insert("changes_total".into(), total.into());
+        object.insert("changes_cap".into(), cap.into());
+    }
+    serde_json::to_string_pretty(&value).unwrap_or_default() + "\n"
+}
+
 /// Renders the report as a short text summary: what ran where, what it saw, what it
 /// decided, how long it took, and the rows it changed.
 pub fn text(r: &SweepReport) -> String {

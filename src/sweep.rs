@@ -27,8 +27,10 @@ use crate::cluster::{
 };
 use crate::config::Settings;
 use crate::plan::{
-    GuardVerdict, OrphanedRow, Plan, Planner, Policy, ReadRows, RefusalReason, SkipReason,
+    GuardVerdict, OrphanedRow, Plan, Planner, Policy, ReadRows, RefusalReason, RowSink, SessionRow,
+    SkipReason,
 };
+use crate::progress::SweepProgress;
 use crate::store::{self, Database, Downgrade, StoreError, TableMapping};
 
 /// Where the cluster view comes from.
@@ -291,6 +293,8 @@ pub struct Reconciler {
     pub source: ClusterSource,
     /// The daemon's watch-fed cluster cache; `None` for one-off sweeps.
     cache: Option<Arc<ClusterCache>>,
+    /// Signs of life for a one-off run on a terminal.
+    progress: Option<Arc<dyn SweepProgress>>,
     resolved: Arc<tokio::sync::OnceCell<TableMapping>>,
     migrated: Arc<tokio::sync::OnceCell<()>>,
 }
@@ -308,6 +312,7 @@ impl Reconciler {
             mapping,
             source,
             cache: None,
+            progress: None,
             resolved: Arc::default(),
             migrated: Arc::default(),
         }
@@ -316,6 +321,12 @@ impl Reconciler {
     /// Sweeps read the cluster from `cache` (daemon mode) instead of listing it each time.
     pub fn with_cache(mut self, cache: Arc<ClusterCache>) -> Reconciler {
         self.cache = Some(cache);
+        self
+    }
+
+    /// Reports progress to `progress` while sweeping (a one-off run on a terminal).
+    pub fn with_progress(mut self, progress: Arc<dyn SweepProgress>) -> Reconciler {
+        self.progress = Some(progress);
         self
     }
 
@@ -506,7 +517,9 @@ impl Reconciler {
                         // of absence (rule 2(b)).
                         let t = Instant::now();
                         let mut rows = ReadRows::default();
-                        store::read_rows(&mut *conn, &mapping, &mut rows).await?;
+                        let mut counting = CountingSink::new(&mut rows, self.progress.as_deref());
+                        store::read_rows(&mut *conn, &mapping, &mut counting).await?;
+                        counting.done();
                         report.timings.read_db = t.elapsed().as_secs_f64();
                         let t = Instant::now();
                         let mut snapshot = cluster.snapshot().await?;
@@ -609,7 +622,9 @@ impl Reconciler {
     ) -> Result<Plan, SweepError> {
         let t = Instant::now();
         let mut planner = Planner::new(snapshot, policy);
-        store::read_rows(&mut *conn, mapping, &mut planner).await?;
+        let mut counting = CountingSink::new(&mut planner, self.progress.as_deref());
+        store::read_rows(&mut *conn, mapping, &mut counting).await?;
+        counting.done();
         let plan = planner.finish();
         report.timings.read_db = t.elapsed().as_secs_f64();
         Ok(plan)
@@ -706,8 +721,13 @@ impl Reconciler {
             }
             _ => {}
         }
-        let answers =
-            confirm_all(cluster, orphans, self.settings.cluster.confirm_concurrency).await;
+        let answers = confirm_all(
+            cluster,
+            orphans,
+            self.settings.cluster.confirm_concurrency,
+            self.progress.as_deref(),
+        )
+        .await;
         let mut confirmed = Vec::with_capacity(orphans.len());
         report.confirmation = Confirmation::Get;
         for (i, answer) in answers {
@@ -821,6 +841,9 @@ impl Reconciler {
             }
             report.batches += 1;
             let outcome = store::apply_batch(conn, mapping, report.sweep_id, batch).await?;
+            if let Some(p) = &self.progress {
+                p.batch_applied(outcome.downgraded.len() as u64, confirmed.len() as u64);
+            }
             report.skip(SkipReason::ChangedMeanwhile, outcome.skipped_changed as u64);
             let done: std::collections::HashSet<&str> =
                 outcome.downgraded.iter().map(String::as_str).collect();
@@ -848,6 +871,43 @@ impl Reconciler {
     }
 }
 
+/// Counts the rows flowing into a sink, for progress.
+struct CountingSink<'s, S: RowSink> {
+    inner: &'s mut S,
+    rows: u64,
+    progress: Option<&'s dyn SweepProgress>,
+}
+
+impl<'s, S: RowSink> CountingSink<'s, S> {
+    fn new(inner: &'s mut S, progress: Option<&'s dyn SweepProgress>) -> Self {
+        CountingSink {
+            inner,
+            rows: 0,
+            progress,
+        }
+    }
+
+    fn done(&self) {
+        if let Some(p) = self.progress {
+            p.rows_read(self.rows);
+        }
+    }
+}
+
+impl<S: RowSink> RowSink for CountingSink<'_, S> {
+    fn count_state(&mut self, state: Option<&str>, n: u64) {
+        self.inner.count_state(state, n);
+    }
+
+    fn observe(&mut self, row: &SessionRow) {
+        self.inner.observe(row);
+        self.rows += 1;
+        if self.rows.is_multiple_of(10_000) {
+            self.done();
+        }
+    }
+}
+
 /// A view of the cluster proven fresh enough to confirm absences (rule 2(b) or (c)).
 enum ProvenView<'c> {
     Cache(&'c ClusterCache),
@@ -869,6 +929,7 @@ async fn confirm_all(
     cluster: &KubeCluster,
     orphans: &[OrphanedRow],
     concurrency: usize,
+    progress: Option<&dyn SweepProgress>,
 ) -> Vec<(usize, Result<Absence, ClusterError>)> {
     // At most `concurrency` tasks exist at a time, so memory stays bounded however many
     // orphans there are; a finished answer makes room for the next request.
@@ -885,7 +946,12 @@ async fn confirm_all(
             tasks.spawn(async move { (i, cluster.confirm_absent(&name).await) });
         }
         match tasks.join_next().await {
-            Some(Ok(answer)) => answers.push(answer),
+            Some(Ok(answer)) => {
+                answers.push(answer);
+                if let Some(p) = progress {
+                    p.confirmed(answers.len() as u64, orphans.len() as u64);
+                }
+            }
             Some(Err(e)) => tracing::error!("a confirming request task failed: {e}"),
             None => break,
         }

@@ -27,6 +27,9 @@ use crate::selector::LabelSelector;
 /// answer arrived); the daemon counts these in `kube_requests_total`.
 pub type RequestHook = Arc<dyn Fn(&'static str, u16) + Send + Sync>;
 
+/// Called once per listed page with the backend and the objects on it (progress).
+pub type PageHook = Arc<dyn Fn(BackendKind, u64) + Send + Sync>;
+
 #[derive(Debug, Clone)]
 struct SandboxBackend {
     resource: ApiResource,
@@ -106,6 +109,7 @@ pub struct KubeCluster {
     sandbox: Option<SandboxBackend>,
     targets: Vec<Target>,
     hook: Option<RequestHook>,
+    page_hook: Option<PageHook>,
 }
 
 impl KubeCluster {
@@ -262,6 +266,7 @@ impl KubeCluster {
             sandbox,
             targets,
             hook: None,
+            page_hook: None,
         }
     }
 
@@ -312,6 +317,11 @@ impl KubeCluster {
             backoff = (backoff * 2).min(Duration::from_secs(5));
             tokio::time::sleep(delay).await;
         }
+    }
+
+    /// Installs a per-page observer (progress on a terminal).
+    pub fn set_page_hook(&mut self, hook: PageHook) {
+        self.page_hook = Some(hook);
     }
 
     /// Installs a per-request observer (metrics).
@@ -433,6 +443,9 @@ impl KubeCluster {
                         target.list_kind, page.kind
                     ),
                 });
+            }
+            if let Some(hook) = &self.page_hook {
+                hook(target.kind, page.items.len() as u64);
             }
             if token.is_none() {
                 // The first page's revision is the listing's: every page is served at it.
