@@ -694,7 +694,12 @@ impl Reconciler {
                 .collect()
         };
         let cluster = match &self.source {
-            ClusterSource::Api(cluster) if self.settings.sweep.confirm_absence => cluster,
+            // The daemon's cache may lag the cluster: its orphans are always confirmed.
+            ClusterSource::Api(cluster)
+                if self.settings.sweep.confirm_absence || self.cache.is_some() =>
+            {
+                cluster
+            }
             ClusterSource::Api(_) => {
                 report.confirmation = Confirmation::ListingOnly;
                 return all("absent from the sweep's view (sweep.confirm_absence = false)");
