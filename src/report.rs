@@ -58,7 +58,12 @@ fn header(out: &mut String, r: &SweepReport) {
         .as_ref()
         .map(|u| format!(" (cluster {u})"))
         .unwrap_or_default();
-    let _ = writeln!(out, "  cluster:  {}{identity}", r.cluster_source);
+    let view = if r.cluster_view.is_empty() {
+        String::new()
+    } else {
+        format!(", view: {}", r.cluster_view)
+    };
+    let _ = writeln!(out, "  cluster:  {}{identity}{view}", r.cluster_source);
     if let Some(table) = &r.table {
         let _ = writeln!(out, "  table:    {table}");
     }
@@ -115,8 +120,8 @@ fn decisions(out: &mut String, r: &SweepReport) {
             r.confirmed
         ),
         Confirmation::WatchCache => format!(
-            "{} confirmed absent by the watch cache proven fresh",
-            r.confirmed
+            "{} confirmed absent by the watch cache proven fresh ({} requests)",
+            r.confirmed, r.confirmation_requests
         ),
         Confirmation::ListingOnly => "not confirmed (sweep.confirm_absence = false)".to_string(),
         Confirmation::SnapshotFile => "not confirmed (snapshot file)".to_string(),
