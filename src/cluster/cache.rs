@@ -3,9 +3,9 @@
 //! One informer per backend and namespace lists the objects completely (a paginated quorum
 //! LIST, decoded lean), then watches from the listing's resourceVersion with bookmarks,
 //! applying each event to the same compact map. It relists on a 410 (the watch fell behind
-//! compaction) and on any broken stream (a dropped connection or an undecodable event may have
-//! lost an event in flight); a watch the server simply ends (its timeout) resumes from the
-//! last applied resourceVersion, from which the API server replays every later event or
+//! compaction) and on an event it cannot decode; a stream that ends (the server's timeout,
+//! or a dropped connection, which kube-client surfaces as the end of the stream) resumes from
+//! the last applied resourceVersion, from which the API server replays every later event or
 //! answers 410. So the map is always the result of one listing and one unbroken history of
 //! events after it. Each informer keeps a `synced` flag and a watermark: the highest revision
 //! it has applied (an event or a bookmark).
@@ -369,8 +369,8 @@ async fn watch_from(
                 // The server ended the watch (its timeout): resume from the last revision.
                 Ok(None) => break,
                 Err(e) => {
-                    // A broken stream (dropped connection, undecodable event) may have lost
-                    // an event in flight: relist rather than trust the map.
+                    // An event that cannot be decoded (or a transport error kube-client does
+                    // report) may hide a change: relist rather than trust the map.
                     tracing::warn!(backend = %target.kind, "the watch stream failed: {e}; relisting");
                     return WatchEnd::Relist(RelistReason::WatchError);
                 }
