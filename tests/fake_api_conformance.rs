@@ -1,23 +1,33 @@
 //! Proves that the fake Kubernetes API server in `tests/support/fake_api.rs` answers the real
 //! `kube::Client` the way a real API server would: pagination, selectors, metadata-only
 //! content negotiation, Status errors, RBAC, Namespaces and the cluster's identity, fault
-//! injection and request recording.
+//! injection and request recording, watches (replay from a resourceVersion, 410 for a
+//! compacted one, bookmarks, selectors, metadata-only events, broken streams) and the cached
+//! encoding of list pages.
 
 #[path = "support/fake_api.rs"]
 mod fake_api;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use fake_api::{FakeApiServer, Fault, FaultAction, Kind, EXPIRED_CONTINUE_MESSAGE, FAKE_TOKEN};
+use fake_api::{
+    FakeApiServer, Fault, FaultAction, FaultMatch, Kind, EXPIRED_CONTINUE_MESSAGE, FAKE_TOKEN,
+    INITIAL_EVENTS_END,
+};
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
-use kube::core::{GroupVersionKind, ObjectList, Status};
-use kube::ResourceExt;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams, WatchEvent, WatchParams,
+};
+use kube::core::{GroupVersionKind, ObjectList, PartialObjectMeta, Status};
+use kube::{Resource, ResourceExt};
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn sandbox_resource(version: &str) -> ApiResource {
     ApiResource {
@@ -644,8 +654,9 @@ async fn discovery_reflects_served_sandbox_versions() {
     server.add_sandbox("v1alpha1", "default", "a", json!({}));
     server.register_sandbox_version("v1beta1");
     let gvk = GroupVersionKind::gvk("agents.x-k8s.io", "v1alpha1", "Sandbox");
-    let (resource, _caps) = kube::discovery::pinned_kind(&client, &gvk).await.unwrap();
+    let (resource, caps) = kube::discovery::pinned_kind(&client, &gvk).await.unwrap();
     assert_eq!(resource.plural, "sandboxes");
+    assert!(caps.supports_operation(kube::discovery::verbs::WATCH));
     let group = kube::discovery::group(&client, "agents.x-k8s.io")
         .await
         .unwrap();
@@ -683,7 +694,7 @@ async fn exact_resource_version_reads_history() {
         now.items.iter().map(|p| p.name_any()).collect::<Vec<_>>(),
         ["b"]
     );
-    let req = http::Request::get("/api/v1/pods?watch=true")
+    let req = http::Request::get("/api/v1/pods?watch=true&resourceVersion=abc")
         .body(vec![])
         .unwrap();
     let status = api_status(server.client().request_text(req).await.unwrap_err());
@@ -1043,4 +1054,888 @@ async fn faults_on_namespace_gets_fire_on_them_and_not_on_lists_inside() {
         .map(|r| r.status)
         .collect();
     assert_eq!(codes, [Some(403), Some(200)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watch
+
+type Events<K> = BoxStream<'static, Result<WatchEvent<K>, kube::Error>>;
+
+/// A watch with a server-side timeout of 30 s (bookmarks allowed, as kube's default).
+fn wp() -> WatchParams {
+    WatchParams::default().timeout(30)
+}
+
+async fn watch<K>(api: &Api<K>, params: &WatchParams, rv: u64) -> Events<K>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    api.watch(params, &rv.to_string()).await.unwrap().boxed()
+}
+
+/// The next item of a watch stream within 5 s; `None` when the stream ended.
+async fn next_item<K>(events: &mut Events<K>) -> Option<Result<WatchEvent<K>, kube::Error>> {
+    tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("a watch event (or the stream's end) within 5 s")
+}
+
+/// Whether nothing at all comes within `wait`.
+async fn silent_for<K>(events: &mut Events<K>, wait: Duration) -> bool {
+    tokio::time::timeout(wait, events.next()).await.is_err()
+}
+
+/// An event as (type, name or message, resourceVersion or code).
+fn describe<K: Resource>(event: &WatchEvent<K>) -> (&'static str, String, u64) {
+    let rv = |o: &K| o.resource_version().unwrap().parse::<u64>().unwrap();
+    match event {
+        WatchEvent::Added(o) => ("ADDED", o.name_any(), rv(o)),
+        WatchEvent::Modified(o) => ("MODIFIED", o.name_any(), rv(o)),
+        WatchEvent::Deleted(o) => ("DELETED", o.name_any(), rv(o)),
+        WatchEvent::Bookmark(b) => (
+            "BOOKMARK",
+            String::new(),
+            b.metadata.resource_version.parse().unwrap(),
+        ),
+        WatchEvent::Error(e) => ("ERROR", e.message.clone(), u64::from(e.code)),
+    }
+}
+
+/// The next event that is not a bookmark.
+async fn next_change<K>(events: &mut Events<K>) -> WatchEvent<K>
+where
+    K: Resource,
+{
+    loop {
+        match next_item(events).await {
+            Some(Ok(WatchEvent::Bookmark(_))) => continue,
+            Some(Ok(event)) => return event,
+            Some(Err(e)) => panic!("the watch failed: {e:?}"),
+            None => panic!("the watch ended"),
+        }
+    }
+}
+
+/// The next `n` events that are not bookmarks, described.
+async fn next_changes<K: Resource>(
+    events: &mut Events<K>,
+    n: usize,
+) -> Vec<(&'static str, String, u64)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(describe(&next_change(events).await));
+    }
+    out
+}
+
+/// Whether the stream ends (cleanly or with an error) within 5 s, skipping bookmarks.
+async fn ends<K>(events: &mut Events<K>) -> bool {
+    loop {
+        match next_item(events).await {
+            Some(Ok(WatchEvent::Bookmark(_))) => continue,
+            Some(Ok(_)) => return false,
+            Some(Err(_)) | None => return true,
+        }
+    }
+}
+
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn rv_of<K: Resource>(object: &K) -> u64 {
+    object.resource_version().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn list_then_watch_from_its_revision_sees_later_changes_in_order() {
+    let server = FakeApiServer::start().await;
+    server.add_pod("default", "a", &[("app", "x")]);
+    server.add_pod("default", "b", &[("app", "x")]);
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let list = api.list(&ListParams::default()).await.unwrap();
+    let listed: u64 = list.metadata.resource_version.unwrap().parse().unwrap();
+    assert_eq!(listed, server.resource_version());
+
+    // Changes between the listing and the watch are replayed, later ones streamed.
+    let mut expected = Vec::new();
+    server.add_pod("default", "c", &[]);
+    expected.push(("ADDED", "c".to_string(), server.resource_version()));
+    server.add_pod("elsewhere", "d", &[]);
+    let mut events = watch(&api, &wp(), listed).await;
+    server.modify(Kind::Pod, "default", "a", |pod| {
+        pod["metadata"]["labels"]["app"] = json!("y");
+    });
+    expected.push(("MODIFIED", "a".to_string(), server.resource_version()));
+    server.set_terminating(Kind::Pod, "default", "b");
+    expected.push(("MODIFIED", "b".to_string(), server.resource_version()));
+    server.remove(Kind::Pod, "default", "b");
+    expected.push(("DELETED", "b".to_string(), server.resource_version()));
+    server.remove(Kind::Pod, "elsewhere", "d");
+
+    let mut seen = Vec::new();
+    let mut last = listed;
+    for _ in 0..4 {
+        let event = next_change(&mut events).await;
+        let (_, _, rv) = describe(&event);
+        assert!(rv > last, "resourceVersions increase: {rv} after {last}");
+        last = rv;
+        match &event {
+            WatchEvent::Modified(pod) if pod.name_any() == "a" => {
+                assert_eq!(pod.labels()["app"], "y");
+            }
+            // A deletion carries the last state, at the deletion's resourceVersion.
+            WatchEvent::Deleted(pod) => {
+                assert_eq!(pod.labels()["app"], "x");
+                assert!(pod.metadata.deletion_timestamp.is_some());
+                assert_eq!(pod.spec.as_ref().unwrap().containers.len(), 1);
+            }
+            _ => {}
+        }
+        seen.push(describe(&event));
+    }
+    assert_eq!(seen, expected);
+
+    // A watch across namespaces from the same revision also sees "d" come and go.
+    let all: Api<Pod> = Api::all(server.client());
+    let mut events = watch(&all, &wp(), listed).await;
+    let names: Vec<_> = next_changes(&mut events, 6)
+        .await
+        .into_iter()
+        .map(|(t, name, _)| format!("{t} {name}"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "ADDED c",
+            "ADDED d",
+            "MODIFIED a",
+            "MODIFIED b",
+            "DELETED b",
+            "DELETED d"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn watch_without_a_revision_starts_with_the_current_objects() {
+    let server = FakeApiServer::start().await;
+    server.add_pod("default", "a", &[]);
+    server.add_pod("default", "b", &[]);
+    server.add_pod("other", "c", &[]);
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let now = server.resource_version();
+
+    // resourceVersion=0: synthetic ADDED events for what exists, then changes.
+    let mut events = api.watch(&wp(), "0").await.unwrap().boxed();
+    let first = next_changes(&mut events, 2).await;
+    assert_eq!(first[0].0, "ADDED");
+    assert_eq!((first[0].1.as_str(), first[1].1.as_str()), ("a", "b"));
+    server.add_pod("default", "e", &[]);
+    assert_eq!(
+        next_changes(&mut events, 1).await,
+        [("ADDED", "e".to_string(), now + 1)]
+    );
+
+    // sendInitialEvents: the same, ended by a bookmark annotated initial-events-end.
+    server.stop_bookmarks();
+    let mut events = api.watch(&wp().initial_events(), "").await.unwrap().boxed();
+    let mut names = Vec::new();
+    loop {
+        match next_item(&mut events).await {
+            Some(Ok(WatchEvent::Added(pod))) => names.push(pod.name_any()),
+            Some(Ok(WatchEvent::Bookmark(b))) => {
+                assert_eq!(b.metadata.annotations[INITIAL_EVENTS_END], "true");
+                assert_eq!(b.metadata.resource_version, (now + 1).to_string());
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(names, ["a", "b", "e"]);
+}
+
+#[tokio::test]
+async fn bookmarks_come_periodically_at_the_current_revision() {
+    let server = FakeApiServer::start().await;
+    server.set_bookmark_interval(Duration::from_millis(200));
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let start = server.resource_version();
+    let mut events = watch(&api, &wp(), start).await;
+    // A change to another kind moves the revision the bookmarks carry.
+    server.add_sandbox("v1alpha1", "default", "sb", json!({}));
+    let begun = Instant::now();
+    for _ in 0..2 {
+        match next_item(&mut events).await {
+            Some(Ok(WatchEvent::Bookmark(b))) => {
+                assert_eq!(
+                    (b.types.kind.as_str(), b.types.api_version.as_str()),
+                    ("Pod", "v1")
+                );
+                assert_eq!(
+                    b.metadata.resource_version,
+                    server.resource_version().to_string()
+                );
+                assert!(b.metadata.annotations.is_empty());
+            }
+            other => panic!("expected a bookmark, got {other:?}"),
+        }
+    }
+    let took = begun.elapsed();
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+
+    // No bookmarks for a watch that does not allow them.
+    let mut quiet = watch(&api, &wp().disable_bookmarks(), start).await;
+    assert!(silent_for(&mut quiet, Duration::from_millis(700)).await);
+    let request = server.requests().pop().unwrap();
+    assert_eq!(request.query_param("allowWatchBookmarks"), None);
+}
+
+#[tokio::test]
+async fn bookmarks_on_request_and_none_once_stopped() {
+    let server = FakeApiServer::start().await;
+    server.stop_bookmarks();
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let mut events = watch(&api, &wp(), server.resource_version()).await;
+    let mut other = watch(&api, &wp(), server.resource_version()).await;
+    assert!(silent_for(&mut events, Duration::from_millis(1500)).await);
+
+    server.add_pod("default", "a", &[]);
+    server.send_bookmarks();
+    let rv = server.resource_version();
+    for stream in [&mut events, &mut other] {
+        assert_eq!(
+            describe(&next_item(stream).await.unwrap().unwrap()).0,
+            "ADDED"
+        );
+        // Every event up to the bookmark's revision comes before it.
+        assert_eq!(
+            describe(&next_item(stream).await.unwrap().unwrap()),
+            ("BOOKMARK", String::new(), rv)
+        );
+    }
+    assert!(silent_for(&mut events, Duration::from_millis(300)).await);
+
+    // Periodic bookmarks resume with an interval.
+    server.set_bookmark_interval(Duration::from_millis(100));
+    assert_eq!(
+        describe(&next_item(&mut events).await.unwrap().unwrap()).0,
+        "BOOKMARK"
+    );
+}
+
+#[tokio::test]
+async fn a_bookmark_comes_just_before_the_timeout_then_the_stream_ends() {
+    let server = FakeApiServer::start().await;
+    server.set_bookmark_interval(Duration::from_secs(3600));
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    server.add_pod("default", "a", &[]);
+    let begun = Instant::now();
+    let mut events = watch(&api, &WatchParams::default().timeout(1), 0).await;
+    assert_eq!(describe(&next_change(&mut events).await).1, "a");
+    assert_eq!(
+        describe(&next_item(&mut events).await.unwrap().unwrap()),
+        ("BOOKMARK", String::new(), server.resource_version())
+    );
+    let took = begun.elapsed();
+    assert!(took >= Duration::from_millis(950), "{took:?}");
+    assert!(
+        next_item(&mut events).await.is_none(),
+        "the stream ends cleanly"
+    );
+
+    // Stopped bookmarks: none before the timeout either.
+    server.stop_bookmarks();
+    let mut events = watch(
+        &api,
+        &WatchParams::default().timeout(1),
+        server.resource_version(),
+    )
+    .await;
+    assert!(next_item(&mut events).await.is_none());
+    wait_until("no watch is open", || server.open_watches() == 0).await;
+}
+
+#[tokio::test]
+async fn too_old_resource_version_answers_a_410_error_event() {
+    let server = FakeApiServer::start().await;
+    server.add_pod("default", "a", &[]);
+    let old = server.resource_version();
+    server.add_pod("default", "b", &[]);
+    server.compact();
+    let now = server.resource_version();
+    assert_eq!(server.watch_history_start(), now);
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+
+    let mut events = watch(&api, &wp(), old).await;
+    match next_item(&mut events).await {
+        Some(Ok(WatchEvent::Error(status))) => {
+            assert_eq!(status.code, 410);
+            assert_eq!(status.reason, "Expired");
+            assert_eq!(
+                status.status,
+                Some(kube::core::response::StatusSummary::Failure)
+            );
+            assert_eq!(
+                status.message,
+                format!("too old resource version: {old} ({now})")
+            );
+        }
+        other => panic!("expected a 410 ERROR event, got {other:?}"),
+    }
+    assert!(
+        next_item(&mut events).await.is_none(),
+        "the stream ends after the error"
+    );
+    assert_eq!(server.requests().last().unwrap().status, Some(200));
+
+    // From the compaction's revision on, watches work.
+    let mut events = watch(&api, &wp(), now).await;
+    server.add_pod("default", "c", &[]);
+    assert_eq!(next_changes(&mut events, 1).await[0].1, "c");
+
+    // A bounded history drops old events: only the last two are kept.
+    server.set_watch_history(2);
+    let before = server.resource_version();
+    for name in ["d", "e", "f"] {
+        server.add_pod("default", name, &[]);
+    }
+    assert_eq!(server.watch_history_start(), before + 1);
+    let mut events = watch(&api, &wp(), before + 1).await;
+    let replayed: Vec<_> = next_changes(&mut events, 2)
+        .await
+        .into_iter()
+        .map(|(_, name, _)| name)
+        .collect();
+    assert_eq!(replayed, ["e", "f"]);
+    let mut events = watch(&api, &wp(), before).await;
+    assert_eq!(describe(&next_change(&mut events).await).2, 410);
+
+    // An open watch that falls behind the history is expired too.
+    let mut slow = watch(&api, &wp(), server.resource_version()).await;
+    server.set_watch_history(0);
+    server.add_pod("default", "g", &[]);
+    let (kind, _, code) = describe(&next_change(&mut slow).await);
+    assert_eq!((kind, code), ("ERROR", 410));
+    assert!(ends(&mut slow).await);
+}
+
+#[tokio::test]
+async fn drop_watches_ends_every_open_stream_abruptly() {
+    let server = FakeApiServer::start().await;
+    server.stop_bookmarks();
+    server.register_sandbox_version("v1alpha1");
+    let pods: Api<Pod> = Api::namespaced(server.client(), "default");
+    let sandboxes: Api<DynamicObject> =
+        Api::all_with(server.client(), &sandbox_resource("v1alpha1"));
+    let rv = server.resource_version();
+    let mut a = watch(&pods, &wp(), rv).await;
+    let mut b = watch(&sandboxes, &wp(), rv).await;
+    wait_until("both watches are open", || server.open_watches() == 2).await;
+    server.add_pod("default", "p", &[]);
+    assert_eq!(describe(&next_change(&mut a).await).1, "p");
+
+    server.drop_watches();
+    // kube-client reads a stream broken mid-way as its end (not an error), exactly like a
+    // server-side timeout: only the missing bookmark, or resuming, tells them apart.
+    assert!(next_item(&mut a).await.is_none());
+    assert!(next_item(&mut b).await.is_none());
+    wait_until("no watch is open", || server.open_watches() == 0).await;
+
+    // Watches started later are not affected; resuming replays what was missed.
+    server.add_sandbox("v1alpha1", "default", "sb", json!({}));
+    let mut b = watch(&sandboxes, &wp(), rv).await;
+    assert_eq!(describe(&next_change(&mut b).await).1, "sb");
+}
+
+/// Sends one raw HTTP/1.1 request and reads until the server closes the connection or
+/// `stop` says the bytes so far are enough.
+async fn raw_http(server: &FakeApiServer, target: &str, during: impl FnOnce()) -> String {
+    let mut socket = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let request = format!("GET {target} HTTP/1.1\r\nHost: fake\r\nConnection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the first event arrived.
+    while !String::from_utf8_lossy(&seen).contains("\"ADDED\"") {
+        let n = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    during();
+    tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut seen))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test]
+async fn watch_streams_are_chunked_and_broken_ones_lack_the_last_chunk() {
+    let server = FakeApiServer::start().await;
+    server.stop_bookmarks();
+    server.add_pod("default", "a", &[]);
+    let from = server.resource_version() - 1;
+    let path = format!("/api/v1/namespaces/default/pods?watch=1&resourceVersion={from}");
+
+    let dropped = raw_http(&server, &path, || server.drop_watches()).await;
+    let head = dropped
+        .split("\r\n\r\n")
+        .next()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    assert!(dropped.contains("{\"type\":\"ADDED\",\"object\":{\"apiVersion\":\"v1\""));
+    assert!(!dropped.ends_with("0\r\n\r\n"), "{dropped}");
+
+    // A watch the server ends (its timeout) ends with the terminating chunk.
+    let timed = raw_http(&server, &format!("{path}&timeoutSeconds=1"), || {}).await;
+    assert!(timed.ends_with("\r\n0\r\n\r\n"), "{timed}");
+
+    // CloseWatchAfter breaks a stream after its first event, without the last chunk.
+    server.inject(Fault::on_watch("/pods", FaultAction::CloseWatchAfter(1)).once());
+    let broken = raw_http(&server, &format!("{path}&timeoutSeconds=5"), || {}).await;
+    assert!(!broken.ends_with("0\r\n\r\n"), "{broken}");
+}
+
+#[tokio::test]
+async fn watch_faults_break_expire_or_refuse_watches() {
+    let server = FakeApiServer::start().await;
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let from = server.resource_version();
+    server.add_pod("default", "a", &[]);
+    server.add_pod("default", "b", &[]);
+
+    // Mid-stream: the first event arrives, then the connection goes.
+    server.inject(Fault::on_watch("/pods", FaultAction::CloseWatchAfter(1)).once());
+    let mut events = watch(&api, &wp(), from).await;
+    let first = describe(&next_change(&mut events).await);
+    assert_eq!(first.1, "a");
+    assert!(ends(&mut events).await);
+    // Resuming from the last event's revision replays the rest.
+    let mut events = watch(&api, &wp(), first.2).await;
+    assert_eq!(describe(&next_change(&mut events).await).1, "b");
+
+    // A 410 as the apiserver sends it on a watch: an ERROR event, then the end.
+    server.inject(Fault::on_watch("/pods", FaultAction::ExpireWatch).once());
+    let mut events = watch(&api, &wp(), from).await;
+    let (kind, message, code) = describe(&next_change(&mut events).await);
+    assert_eq!((kind, code), ("ERROR", 410));
+    assert!(
+        message.starts_with(&format!("too old resource version: {from} (")),
+        "{message}"
+    );
+    assert!(ends(&mut events).await);
+
+    // A 410 as a plain HTTP status on the watch request.
+    server.inject(Fault::on_watch("/pods", FaultAction::Status(410, None)).once());
+    let status = api_status(api.watch(&wp(), &from.to_string()).await.err().unwrap());
+    assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
+    assert!(
+        status.message.starts_with("too old resource version: "),
+        "{}",
+        status.message
+    );
+
+    // A connection dropped before any answer: the watch does not start.
+    server.inject(Fault::on_watch("/pods", FaultAction::CloseConnection).once());
+    assert!(api.watch(&wp(), &from.to_string()).await.is_err());
+    assert_eq!(server.requests().last().unwrap().status, None);
+
+    // A malformed event is a decoding error.
+    server.inject(Fault::on_watch("/pods", FaultAction::MalformedJson).once());
+    let mut events = watch(&api, &wp(), from).await;
+    assert!(matches!(
+        next_item(&mut events).await,
+        Some(Err(kube::Error::SerdeError(_)))
+    ));
+
+    // An event without a name (decoded loosely, as the reconciler's lean types do).
+    server.inject(Fault::on_watch("/pods", FaultAction::ItemWithoutName).once());
+    let raw: Api<DynamicObject> =
+        Api::namespaced_with(server.client(), "default", &ApiResource::erase::<Pod>(&()));
+    let mut events = watch(&raw, &wp(), from).await;
+    match next_change(&mut events).await {
+        WatchEvent::Added(o) => assert_eq!(o.metadata.name, None),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(describe(&next_change(&mut events).await).1, "b");
+
+    // RBAC: a denied watch answers 403 before any stream; lists stay allowed.
+    server.deny("watch", "", "pods");
+    let status = api_status(api.watch(&wp(), "0").await.err().unwrap());
+    assert_eq!(status.code, 403);
+    assert!(
+        status.message.contains("cannot watch resource \"pods\""),
+        "{}",
+        status.message
+    );
+    assert!(api.list(&ListParams::default()).await.is_ok());
+}
+
+#[tokio::test]
+async fn list_and_get_faults_never_fire_on_watches_nor_watch_faults_on_lists() {
+    let server = FakeApiServer::start().await;
+    server.add_pod("default", "a", &[]);
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    server.inject(Fault::on_list("/pods", FaultAction::Status(500, None)));
+    server.inject(Fault::on_get("/pods", FaultAction::Status(500, None)));
+    server.inject(Fault::on_list_page(
+        "/pods",
+        0,
+        FaultAction::Status(500, None),
+    ));
+    server.inject(Fault {
+        matcher: FaultMatch {
+            is_list: Some(true),
+            ..FaultMatch::default()
+        },
+        action: FaultAction::Status(500, None),
+        times: None,
+    });
+    let mut events = watch(&api, &wp(), 0).await;
+    assert_eq!(describe(&next_change(&mut events).await).1, "a");
+    drop(events);
+    assert_eq!(
+        api_status(api.list(&ListParams::default()).await.unwrap_err()).code,
+        500
+    );
+    assert_eq!(api_status(api.get("a").await.unwrap_err()).code, 500);
+
+    server.clear_faults();
+    server.inject(Fault::on_watch("/pods", FaultAction::Status(500, None)));
+    assert_eq!(
+        api.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+    assert_eq!(api.get("a").await.unwrap().name_any(), "a");
+    let status = api_status(api.watch(&wp(), "0").await.err().unwrap());
+    assert_eq!(status.code, 500);
+    // Watch-only actions never fire on other requests.
+    server.clear_faults();
+    server.inject(Fault::always(FaultAction::ExpireWatch));
+    server.inject(Fault::always(FaultAction::CloseWatchAfter(0)));
+    assert_eq!(
+        api.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+    assert_eq!(api.get("a").await.unwrap().name_any(), "a");
+
+    // Each watch is recorded once, when it starts, with 200.
+    server.clear_faults();
+    server.clear_requests();
+    let mut events = watch(&api, &wp(), 0).await;
+    server.add_pod("default", "b", &[]);
+    next_changes(&mut events, 2).await;
+    server.send_bookmarks();
+    next_item(&mut events).await;
+    let requests = server.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].status, Some(200));
+    assert_eq!(requests[0].query_param("watch").as_deref(), Some("true"));
+    wait_until("only this watch is open", || server.open_watches() == 1).await;
+    drop(events);
+    wait_until("the dropped watch is closed", || server.open_watches() == 0).await;
+}
+
+#[tokio::test]
+async fn metadata_only_watch_events_decode_as_partial_object_meta() {
+    let server = FakeApiServer::start().await;
+    server.stop_bookmarks();
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let from = server.resource_version();
+    let mut events: Events<PartialObjectMeta<Pod>> = api
+        .watch_metadata(&wp(), &from.to_string())
+        .await
+        .unwrap()
+        .boxed();
+    server.add_pod("default", "a", &[("app", "x")]);
+    server.set_terminating(Kind::Pod, "default", "a");
+    server.send_bookmarks();
+    match next_item(&mut events).await {
+        Some(Ok(WatchEvent::Added(meta))) => {
+            let types = meta.types.as_ref().unwrap();
+            assert_eq!(
+                (types.kind.as_str(), types.api_version.as_str()),
+                ("PartialObjectMetadata", "meta.k8s.io/v1")
+            );
+            assert_eq!(meta.labels()["app"], "x");
+            assert!(meta.metadata.uid.is_some());
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    match next_item(&mut events).await {
+        Some(Ok(WatchEvent::Modified(meta))) => {
+            assert!(meta.metadata.deletion_timestamp.is_some());
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    match next_item(&mut events).await {
+        Some(Ok(WatchEvent::Bookmark(b))) => {
+            assert_eq!(b.types.kind, "PartialObjectMetadata");
+            assert_eq!(b.types.api_version, "meta.k8s.io/v1");
+            assert_eq!(
+                b.metadata.resource_version,
+                server.resource_version().to_string()
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let request = server.requests().pop().unwrap();
+    assert!(request.is_metadata_only());
+    assert_eq!(
+        request.accept.as_deref(),
+        Some("application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1")
+    );
+
+    // The raw events carry nothing but metadata, for sandboxes too.
+    server.add_sandbox("v1alpha1", "default", "sb", json!({"replicas": 0}));
+    let request =
+        kube::core::Request::new("/apis/agents.x-k8s.io/v1alpha1/namespaces/default/sandboxes")
+            .watch_metadata(&wp(), "0")
+            .unwrap();
+    let mut raw = server
+        .client()
+        .request_events::<serde_json::Value>(request)
+        .await
+        .unwrap()
+        .boxed();
+    let event = tokio::time::timeout(Duration::from_secs(5), raw.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let WatchEvent::Added(object) = event else {
+        panic!("expected ADDED");
+    };
+    assert_eq!(object["kind"], "PartialObjectMetadata");
+    assert_eq!(object["metadata"]["name"], "sb");
+    assert!(object.get("spec").is_none(), "{object}");
+
+    // A watch asking for the list form is not acceptable (as on the apiserver).
+    let req = http::Request::get("/api/v1/namespaces/default/pods?watch=true")
+        .header(
+            "Accept",
+            "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+        )
+        .body(vec![])
+        .unwrap();
+    let status = api_status(server.client().request_text(req).await.unwrap_err());
+    assert_eq!(status.code, 406);
+}
+
+#[tokio::test]
+async fn deleted_and_recreated_object_is_deleted_then_added_with_a_new_uid() {
+    let server = FakeApiServer::start().await;
+    server.add_pod("default", "a", &[]);
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let list = api.list(&ListParams::default()).await.unwrap();
+    let old_uid = list.items[0].uid().unwrap();
+    let listed: u64 = list.metadata.resource_version.unwrap().parse().unwrap();
+
+    // Between the listing and the watch.
+    server.remove(Kind::Pod, "default", "a");
+    server.add_pod("default", "a", &[]);
+    let mut events = watch(&api, &wp(), listed).await;
+    let (deleted, added) = match (
+        next_change(&mut events).await,
+        next_change(&mut events).await,
+    ) {
+        (WatchEvent::Deleted(d), WatchEvent::Added(a)) => (d, a),
+        other => panic!("expected DELETED then ADDED, got {other:?}"),
+    };
+    assert_eq!(deleted.uid().unwrap(), old_uid);
+    assert_ne!(added.uid().unwrap(), old_uid);
+    assert_eq!(rv_of(&deleted), listed + 1);
+    assert_eq!(rv_of(&added), listed + 2);
+
+    // While watching.
+    server.remove(Kind::Pod, "default", "a");
+    server.add_pod("default", "a", &[]);
+    let (deleted, again) = match (
+        next_change(&mut events).await,
+        next_change(&mut events).await,
+    ) {
+        (WatchEvent::Deleted(d), WatchEvent::Added(a)) => (d, a),
+        other => panic!("expected DELETED then ADDED, got {other:?}"),
+    };
+    assert_eq!(deleted.uid(), added.uid());
+    assert_ne!(again.uid(), added.uid());
+}
+
+#[tokio::test]
+async fn selected_watches_see_only_matching_objects() {
+    let server = FakeApiServer::start().await;
+    let api: Api<Pod> = Api::all(server.client());
+    let from = server.resource_version();
+    let mut labelled = watch(&api, &wp().labels("app=x"), from).await;
+    let mut named = watch(&api, &wp().fields("metadata.name=c"), from).await;
+
+    server.add_pod("default", "a", &[("app", "x")]);
+    server.add_pod("default", "b", &[("app", "y")]);
+    server.add_pod("other", "c", &[]);
+    // b starts matching: ADDED; a stops matching: DELETED (with its new labels).
+    server.modify(Kind::Pod, "default", "b", |p| {
+        p["metadata"]["labels"]["app"] = json!("x")
+    });
+    server.modify(Kind::Pod, "default", "a", |p| {
+        p["metadata"]["labels"]["app"] = json!("z")
+    });
+    server.modify(Kind::Pod, "default", "b", |p| {
+        p["status"]["phase"] = json!("Succeeded")
+    });
+    server.remove(Kind::Pod, "default", "b");
+    server.remove(Kind::Pod, "default", "a");
+    server.remove(Kind::Pod, "other", "c");
+
+    let seen: Vec<_> = next_changes(&mut labelled, 5)
+        .await
+        .into_iter()
+        .map(|(t, name, _)| format!("{t} {name}"))
+        .collect();
+    assert_eq!(
+        seen,
+        ["ADDED a", "ADDED b", "DELETED a", "MODIFIED b", "DELETED b"]
+    );
+    let seen: Vec<_> = next_changes(&mut named, 2)
+        .await
+        .into_iter()
+        .map(|(t, name, _)| format!("{t} {name}"))
+        .collect();
+    assert_eq!(seen, ["ADDED c", "DELETED c"]);
+    server.send_bookmarks();
+    assert_eq!(
+        describe(&next_item(&mut labelled).await.unwrap().unwrap()).0,
+        "BOOKMARK"
+    );
+
+    // A bad selector is refused before the stream starts.
+    let status = api_status(
+        api.watch(&wp().labels("app in x"), "0")
+            .await
+            .err()
+            .unwrap(),
+    );
+    assert_eq!(status.code, 400);
+}
+
+#[tokio::test]
+async fn sandbox_and_namespace_watches() {
+    let server = FakeApiServer::start().await;
+    server.stop_bookmarks();
+    server.register_sandbox_version("v1beta1");
+    server.register_sandbox_version("v1alpha1");
+    let from = server.resource_version();
+    let beta: Api<DynamicObject> = Api::all_with(server.client(), &sandbox_resource("v1beta1"));
+    let mut sandboxes = watch(&beta, &wp(), from).await;
+    let namespaces: Api<Namespace> = Api::all(server.client());
+    let mut ns_events = watch(&namespaces, &wp(), from).await;
+
+    server.add_sandbox("v1alpha1", "one", "old", json!({"replicas": 1}));
+    server.add_sandbox("v1beta1", "one", "sb", json!({"operatingMode": "Running"}));
+    server.add_sandbox("v1beta1", "two", "sb", json!({"operatingMode": "Running"}));
+    server.modify(Kind::Sandbox, "one", "sb", |s| {
+        s["spec"]["operatingMode"] = json!("Suspended")
+    });
+    server.set_namespace_terminating("two");
+    server.remove_namespace("two");
+    server.send_bookmarks();
+
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        match next_change(&mut sandboxes).await {
+            WatchEvent::Added(o) | WatchEvent::Modified(o) => {
+                let types = o.types.as_ref().unwrap();
+                assert_eq!(types.api_version, "agents.x-k8s.io/v1beta1");
+                seen.push(format!(
+                    "{}/{} {} gen {}",
+                    o.namespace().unwrap(),
+                    o.name_any(),
+                    o.data["spec"]["operatingMode"].as_str().unwrap(),
+                    o.metadata.generation.unwrap()
+                ));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "one/sb Running gen 1",
+            "two/sb Running gen 1",
+            "one/sb Suspended gen 2"
+        ]
+    );
+    match next_item(&mut sandboxes).await {
+        Some(Ok(WatchEvent::Bookmark(b))) => {
+            assert_eq!(b.types.api_version, "agents.x-k8s.io/v1beta1");
+            assert_eq!(b.types.kind, "Sandbox");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    let seen: Vec<_> = next_changes(&mut ns_events, 4)
+        .await
+        .into_iter()
+        .map(|(t, name, _)| format!("{t} {name}"))
+        .collect();
+    assert_eq!(
+        seen,
+        ["ADDED one", "ADDED two", "MODIFIED two", "DELETED two"]
+    );
+    match next_item(&mut ns_events).await {
+        Some(Ok(WatchEvent::Bookmark(b))) => assert_eq!(b.types.kind, "Namespace"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn list_pages_copy_each_object_encoded_once() {
+    let server = FakeApiServer::start().await;
+    for i in 0..10 {
+        server.add_pod("default", &format!("pod-{i}"), &[]);
+    }
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    assert_eq!(server.object_encodings(), 0);
+    let pages = all_pages(&api, ListParams::default().limit(4))
+        .await
+        .unwrap();
+    assert_eq!(pages.len(), 3);
+    assert_eq!(server.object_encodings(), 10);
+    // Listing again encodes nothing; a changed object is encoded again, once.
+    all_pages(&api, ListParams::default().limit(4))
+        .await
+        .unwrap();
+    assert_eq!(server.object_encodings(), 10);
+    server.add_pod("default", "pod-3", &[("changed", "yes")]);
+    let list = api.list(&ListParams::default()).await.unwrap();
+    assert_eq!(server.object_encodings(), 11);
+    let changed = list.items.iter().find(|p| p.name_any() == "pod-3").unwrap();
+    assert_eq!(changed.labels()["changed"], "yes");
+    // Built-in list items carry no apiVersion/kind; a GET and watch events share the full form.
+    let raw = raw_get(&server, "/api/v1/namespaces/default/pods?limit=1").await;
+    assert!(raw["items"][0].get("kind").is_none());
+    assert_eq!(raw["kind"], "PodList");
+    assert!(raw["metadata"]["continue"].as_str().is_some());
+    api.get("pod-0").await.unwrap();
+    let encodings = server.object_encodings();
+    let mut events = api.watch(&wp(), "0").await.unwrap().boxed();
+    next_item(&mut events).await.unwrap().unwrap();
+    assert_eq!(
+        server.object_encodings(),
+        encodings + 9,
+        "pod-0's full form was reused"
+    );
 }

@@ -21,7 +21,12 @@
 //!   started and shows the objects as they were then), `remainingItemCount`, 410 `Expired`
 //!   for compacted continue tokens; one resourceVersion counter for every kind, like etcd's
 //!   revision;
-//! - content negotiation for `as=PartialObjectMetadataList` / `as=PartialObjectMetadata`;
+//! - watch (`?watch=true` or `watch=1`) on every collection above, namespaced or across
+//!   namespaces, with the same `labelSelector`/`fieldSelector` and content negotiation: `200`
+//!   with a chunked stream of newline-delimited events `{"type":"ADDED"|"MODIFIED"|"DELETED"|
+//!   "BOOKMARK"|"ERROR","object":{..}}` (see [Watch](#watch) below);
+//! - content negotiation for `as=PartialObjectMetadataList` / `as=PartialObjectMetadata`
+//!   (lists, GETs and watch events alike);
 //! - `Status` error bodies with the real reasons and messages (404, 403, 400, 405, 406, 410);
 //! - RBAC as seen by a client: `deny(verb, group, resource)` makes requests answer 403 and
 //!   `SelfSubjectAccessReview`s answer `allowed: false` (whatever the resource name). Like
@@ -31,8 +36,52 @@
 //!
 //! Tests change the cluster while a client runs (`add_pod`, `remove`, `set_terminating`, ...)
 //! and inject faults (`inject`) that fire on matching requests: error statuses, expired
-//! continue tokens, hangs, malformed or wrong-kind bodies, dropped connections. Every request
-//! is recorded (`requests`) so a test can assert what the client actually sent.
+//! continue tokens, hangs, malformed or wrong-kind bodies, dropped connections, broken or
+//! expired watches. Every request is recorded (`requests`) so a test can assert what the
+//! client actually sent; a watch is recorded once, when it starts, with status 200.
+//!
+//! Each stored revision keeps its JSON encodings (full, list item, metadata-only), made once
+//! on first use: a revision never changes (a change is a new revision), so list pages, GETs
+//! and watch events copy bytes instead of re-encoding objects ([`object_encodings`] counts
+//! the encodings made).
+//!
+//! # Watch
+//!
+//! Every change made through the control methods (`add_*`, `modify`, `remove`,
+//! `set_terminating`, the namespace methods, `set_cluster_uid`) is one event at its own new
+//! resourceVersion, kept in a bounded history ([`set_watch_history`], default
+//! [`DEFAULT_WATCH_HISTORY`] events; [`compact`] drops it all). A `DELETED` event carries the
+//! object's last state with the deletion's resourceVersion. As on the apiserver:
+//!
+//! - `resourceVersion=X` (X > 0) replays every event after X, then streams new ones; a LIST
+//!   reports the revision it was served at, so a watch from a list's resourceVersion sees
+//!   exactly the later changes. X older than the retained history (after [`compact`], or
+//!   trimmed) answers `200` with one `ERROR` event carrying a 410 `Expired` Status
+//!   (`too old resource version: X (Y)`, Y = the oldest revision a watch can start from), and
+//!   the stream ends;
+//! - `resourceVersion` unset or `0` starts with synthetic `ADDED` events of the current
+//!   objects; `sendInitialEvents=true` (with `resourceVersionMatch=NotOlderThan`) does the
+//!   same and then sends a `BOOKMARK` annotated `k8s.io/initial-events-end: "true"`;
+//! - selectors filter like the watch cache: an object that starts matching is `ADDED`, one
+//!   that stops matching is `DELETED` (with its new state), one that never matches is silent;
+//! - with `allowWatchBookmarks=true`, a `BOOKMARK` (an object of the watched kind, or a
+//!   `PartialObjectMetadata`, with only `metadata.resourceVersion`: the server's revision,
+//!   after every event up to it was sent) comes every [`set_bookmark_interval`] (default
+//!   [`DEFAULT_BOOKMARK_INTERVAL`]; real servers send one about every minute), on
+//!   [`send_bookmarks`], and just before `timeoutSeconds` runs out, when the server ends the
+//!   stream cleanly. [`stop_bookmarks`] stops the periodic and the timeout bookmarks (an
+//!   apiserver that stops sending them); `send_bookmarks` still works;
+//! - [`drop_watches`] drops every open watch's connection abruptly (no terminating chunk);
+//!   faults act on watch requests too: [`FaultAction::CloseWatchAfter`] breaks a stream
+//!   after some events, [`FaultAction::ExpireWatch`] answers the 410 `ERROR` event,
+//!   `Status(410, _)` answers a plain HTTP 410, `CloseConnection` drops the request unanswered.
+//!   A watch is not a list: `on_list` rules never fire on watches and `on_get` rules neither;
+//!   [`Fault::on_watch`] and [`FaultMatch::is_watch`] target them.
+//!
+//! kube-client reads a watch stream that breaks mid-way (`unexpected EOF during chunk`) as
+//! its end, exactly like one the server ended: a client can only tell them apart by the
+//! missing bookmark (or by resuming from its last resourceVersion, which replays what it
+//! missed).
 //!
 //! Faults match the request path by substring, so mind that every namespaced path contains
 //! `/namespaces/{ns}/`: `Fault::on_get("/namespaces/agents", ..)` fires on the GET of the
@@ -46,27 +95,38 @@
 //! http-body-util, serde_json, kube, chrono, rand), so a non-test binary can reuse it.
 //!
 //! [`cluster_uid`]: FakeApiServer::cluster_uid
+//! [`object_encodings`]: FakeApiServer::object_encodings
+//! [`set_watch_history`]: FakeApiServer::set_watch_history
+//! [`compact`]: FakeApiServer::compact
+//! [`set_bookmark_interval`]: FakeApiServer::set_bookmark_interval
+//! [`send_bookmarks`]: FakeApiServer::send_bookmarks
+//! [`stop_bookmarks`]: FakeApiServer::stop_bookmarks
+//! [`drop_watches`]: FakeApiServer::drop_watches
 //! [`set_cluster_uid`]: FakeApiServer::set_cluster_uid
 //! [`add_namespace`]: FakeApiServer::add_namespace
 //! [`remove_namespace`]: FakeApiServer::remove_namespace
 //! [`set_namespace_terminating`]: FakeApiServer::set_namespace_terminating
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 
 /// API group of the agent-sandbox `Sandbox` custom resource.
 pub const SANDBOX_GROUP: &str = "agents.x-k8s.io";
@@ -77,6 +137,13 @@ pub const FAKE_TOKEN: &str = "fake-api-server-token";
 
 /// Message of a 410 `Expired` answer to a continued list request (verbatim from the apiserver).
 pub const EXPIRED_CONTINUE_MESSAGE: &str = "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.";
+
+/// Events a new server keeps for watches to replay ([`FakeApiServer::set_watch_history`]).
+pub const DEFAULT_WATCH_HISTORY: usize = 100_000;
+/// Interval of periodic bookmarks on a new server ([`FakeApiServer::set_bookmark_interval`]).
+pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
+/// Annotation of the bookmark that ends a watch's initial events (`sendInitialEvents=true`).
+pub const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
 
 /// Kind of object the fake server stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -165,8 +232,12 @@ pub struct FaultMatch {
     /// 0-based page of a paginated listing: 0 = request without `continue`, k = the k-th
     /// continued request of that listing (the page number travels in the continue token).
     pub page: Option<usize>,
-    /// `true`: only collection GETs (lists); `false`: only everything else.
+    /// `true`: only lists (collection GETs without `watch`); `false`: every other request,
+    /// watches included (pair with `is_watch: Some(false)` to exclude them).
     pub is_list: Option<bool>,
+    /// `true`: only watches (collection GETs with `watch=true` or `watch=1`); `false`: every
+    /// other request.
+    pub is_watch: Option<bool>,
     /// Fire only on the nth request (0-based) that matches the other criteria.
     pub nth: Option<usize>,
 }
@@ -195,8 +266,18 @@ pub enum FaultAction {
     WrongKind,
     /// Normal answer, but the first list item (or the single object) lacks `metadata.name`.
     ItemWithoutName,
-    /// Read the request, then drop the connection without any response.
+    /// Read the request, then drop the connection without any response (on a watch: the
+    /// watch never starts).
     CloseConnection,
+    /// Watch requests only (other requests are not matched): start the watch normally, then
+    /// drop the connection abruptly, with no terminating chunk, right after the nth object
+    /// event (`ADDED`/`MODIFIED`/`DELETED`; bookmarks do not count) was sent; 0 = right
+    /// after the response head.
+    CloseWatchAfter(usize),
+    /// Watch requests only (other requests are not matched): answer 200 with a single
+    /// `ERROR` event carrying a 410 `Expired` Status (`too old resource version: ...`), then
+    /// end the stream, as the apiserver does for a compacted resourceVersion.
+    ExpireWatch,
 }
 
 impl Fault {
@@ -221,7 +302,8 @@ impl Fault {
         }
     }
 
-    /// Fires on list requests (collection GETs) whose path contains `path_contains`, forever.
+    /// Fires on list requests (collection GETs, not watches) whose path contains
+    /// `path_contains`, forever.
     pub fn on_list(path_contains: &str, action: FaultAction) -> Fault {
         Fault {
             matcher: FaultMatch {
@@ -244,13 +326,28 @@ impl Fault {
 
     /// Fires on single-object GETs whose path contains `path_contains`, forever. A Namespace
     /// GET is a single-object GET: `on_get("/namespaces/kube-system", ..)` fires on it (and on
-    /// GETs of single objects in `kube-system`), never on lists.
+    /// GETs of single objects in `kube-system`), never on lists or watches.
     pub fn on_get(path_contains: &str, action: FaultAction) -> Fault {
         Fault {
             matcher: FaultMatch {
                 method: Some("GET".to_string()),
                 path_contains: Some(path_contains.to_string()),
                 is_list: Some(false),
+                is_watch: Some(false),
+                ..FaultMatch::default()
+            },
+            action,
+            times: None,
+        }
+    }
+
+    /// Fires on watch requests whose path contains `path_contains`, forever (never on lists).
+    pub fn on_watch(path_contains: &str, action: FaultAction) -> Fault {
+        Fault {
+            matcher: FaultMatch {
+                method: Some("GET".to_string()),
+                path_contains: Some(path_contains.to_string()),
+                is_watch: Some(true),
                 ..FaultMatch::default()
             },
             action,
@@ -268,6 +365,7 @@ impl Fault {
                 resource: Some("namespaces".to_string()),
                 name: Some(name.to_string()),
                 is_list: Some(false),
+                is_watch: Some(false),
                 ..FaultMatch::default()
             },
             action,
@@ -648,10 +746,85 @@ impl FakeApiServer {
         self.state().faults.clear();
     }
 
-    /// Compacts history: every continue token issued so far answers 410 `Expired`.
+    /// Compacts history at the current resourceVersion, as etcd does: every continue token
+    /// issued so far answers 410 `Expired`, and so do an `Exact` list and a watch from any
+    /// older resourceVersion (a watch from the current one still works). Old revisions and
+    /// the watch event history are dropped.
     pub fn compact(&self) {
         let mut state = self.state();
-        state.compacted_rv = state.rv;
+        let rv = state.rv;
+        state.compacted_rv = rv;
+        state.history.clear();
+        state.history_floor = rv;
+        // Each object keeps its last revision (all are at or before `rv`); deleted ones go.
+        state.objects.retain(|_, revisions| {
+            let keep_from = revisions.len().saturating_sub(1);
+            revisions.drain(..keep_from);
+            revisions.last().is_some_and(|r| r.object.is_some())
+        });
+        state.changed();
+    }
+
+    /// Keeps at most `max_events` watch events (default [`DEFAULT_WATCH_HISTORY`]); older
+    /// ones are dropped now and as new ones come, and a watch from before the oldest kept
+    /// event answers 410 `Expired` (open watches that fell that far behind too).
+    pub fn set_watch_history(&self, max_events: usize) {
+        let mut state = self.state();
+        state.history_limit = max_events;
+        state.trim_history();
+        state.changed();
+    }
+
+    /// The oldest resourceVersion a watch can start from: every event after it is kept.
+    pub fn watch_history_start(&self) -> u64 {
+        self.state().history_floor
+    }
+
+    /// Sends a periodic `BOOKMARK` to every watch that allows them every `interval` (default
+    /// [`DEFAULT_BOOKMARK_INTERVAL`]), and one just before a watch's `timeoutSeconds` ends.
+    /// Applies to open watches too (their next periodic bookmark is `interval` after their
+    /// last one).
+    pub fn set_bookmark_interval(&self, interval: Duration) {
+        let mut state = self.state();
+        state.bookmark_interval = Some(interval);
+        state.changed();
+    }
+
+    /// The apiserver stops sending bookmarks: no periodic ones, none before a watch's
+    /// timeout (a fault). [`send_bookmarks`](Self::send_bookmarks) still sends;
+    /// [`set_bookmark_interval`](Self::set_bookmark_interval) resumes them.
+    pub fn stop_bookmarks(&self) {
+        let mut state = self.state();
+        state.bookmark_interval = None;
+        state.changed();
+    }
+
+    /// Sends one `BOOKMARK` now to every open watch that allows them, at the current
+    /// resourceVersion (after every event up to it).
+    pub fn send_bookmarks(&self) {
+        let mut state = self.state();
+        state.bookmark_requests += 1;
+        state.changed();
+    }
+
+    /// Ends every open watch stream abruptly: its connection is dropped without the
+    /// terminating chunk (events not yet written are lost), as when an apiserver or a load
+    /// balancer goes away. Watches started later are not affected.
+    pub fn drop_watches(&self) {
+        let mut state = self.state();
+        state.drop_generation += 1;
+        state.changed();
+    }
+
+    /// Number of watch streams open now.
+    pub fn open_watches(&self) -> usize {
+        self.state().open_watches
+    }
+
+    /// How many times an object revision has been encoded to JSON (each revision is encoded
+    /// at most once per representation: full, list item, metadata-only).
+    pub fn object_encodings(&self) -> u64 {
+        self.state().encodings.load(Ordering::Relaxed)
     }
 
     /// The server's current resourceVersion (bumped by every mutation).
@@ -696,7 +869,55 @@ impl Drop for FakeApiServer {
 struct Revision {
     rv: u64,
     /// `None` = deleted at `rv`.
-    object: Option<Value>,
+    object: Option<Arc<StoredObject>>,
+}
+
+/// One revision of an object, with its JSON encodings made on first use (a revision never
+/// changes, so they never go stale).
+struct StoredObject {
+    value: Value,
+    /// As a GET, a custom resource's list item or a watch event's object.
+    full: OnceLock<Bytes>,
+    /// As a built-in kind's list item (no `apiVersion`/`kind`).
+    item: OnceLock<Bytes>,
+    /// As a `PartialObjectMetadata`.
+    partial: OnceLock<Bytes>,
+}
+
+impl StoredObject {
+    fn new(value: Value) -> Arc<StoredObject> {
+        Arc::new(StoredObject {
+            value,
+            full: OnceLock::new(),
+            item: OnceLock::new(),
+            partial: OnceLock::new(),
+        })
+    }
+
+    /// The object's JSON in `representation`, encoded once.
+    fn encoded(
+        &self,
+        representation: Representation,
+        kind: Kind,
+        in_list: bool,
+        encodings: &AtomicU64,
+    ) -> Bytes {
+        let bare = in_list && kind.is_built_in();
+        let cell = match (representation, bare) {
+            (Representation::PartialMetadata, _) => &self.partial,
+            (Representation::Full, true) => &self.item,
+            (Representation::Full, false) => &self.full,
+        };
+        cell.get_or_init(|| {
+            encodings.fetch_add(1, Ordering::Relaxed);
+            let text = match (representation, bare) {
+                (Representation::Full, false) => serde_json::to_vec(&self.value),
+                _ => serde_json::to_vec(&render_object(&self.value, representation, kind, in_list)),
+            };
+            Bytes::from(text.unwrap_or_default())
+        })
+        .clone()
+    }
 }
 
 struct FaultRule {
@@ -720,6 +941,22 @@ struct State {
     denied: Vec<(String, String, String)>,
     faults: Vec<FaultRule>,
     requests: Vec<RecordedRequest>,
+    /// Watch events, one per revision since `history_floor`, oldest first.
+    history: VecDeque<HistoryEvent>,
+    /// Every event after this revision is in `history`: the oldest a watch can start from.
+    history_floor: u64,
+    history_limit: usize,
+    /// `None`: no periodic bookmarks and none before a watch's timeout.
+    bookmark_interval: Option<Duration>,
+    /// Bumped by `send_bookmarks`.
+    bookmark_requests: u64,
+    /// Bumped by `drop_watches`.
+    drop_generation: u64,
+    open_watches: usize,
+    /// Wakes every open watch after anything it may care about changed.
+    changes: tokio::sync::watch::Sender<()>,
+    /// Object encodings made (see [`StoredObject::encoded`]).
+    encodings: AtomicU64,
 }
 
 impl State {
@@ -735,6 +972,15 @@ impl State {
             denied: Vec::new(),
             faults: Vec::new(),
             requests: Vec::new(),
+            history: VecDeque::new(),
+            history_floor: 0,
+            history_limit: DEFAULT_WATCH_HISTORY,
+            bookmark_interval: Some(DEFAULT_BOOKMARK_INTERVAL),
+            bookmark_requests: 0,
+            drop_generation: 0,
+            open_watches: 0,
+            changes: tokio::sync::watch::channel(()).0,
+            encodings: AtomicU64::new(0),
         };
         state.ensure_namespace("default");
         state.ensure_namespace("kube-system");
@@ -793,23 +1039,76 @@ impl State {
     }
 
     fn current(&self, kind: Kind, key: &str) -> Option<&Value> {
+        self.current_stored(kind, key).map(|o| &o.value)
+    }
+
+    fn current_stored(&self, kind: Kind, key: &str) -> Option<&Arc<StoredObject>> {
         self.objects
             .get(&(kind, key.to_string()))
             .and_then(|revs| revs.last())
             .and_then(|rev| rev.object.as_ref())
     }
 
+    /// Stores a new revision of one object (`None` = deleted) and records its watch event.
     fn write(&mut self, kind: Kind, key: &str, object: Option<Value>) {
         self.rv += 1;
         let rv = self.rv;
+        let previous = self.current_stored(kind, key).cloned();
         let object = object.map(|mut o| {
             o["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-            o
+            StoredObject::new(o)
         });
+        let event = match (&object, previous) {
+            (Some(new), previous) => Some(HistoryEvent {
+                rv,
+                kind,
+                change: if previous.is_some() {
+                    Change::Modified
+                } else {
+                    Change::Added
+                },
+                object: new.clone(),
+                previous,
+            }),
+            // A deletion carries the last state, at the deletion's resourceVersion.
+            (None, Some(old)) => {
+                let mut last = old.value.clone();
+                last["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+                Some(HistoryEvent {
+                    rv,
+                    kind,
+                    change: Change::Deleted,
+                    object: StoredObject::new(last),
+                    previous: None,
+                })
+            }
+            (None, None) => None,
+        };
         self.objects
             .entry((kind, key.to_string()))
             .or_default()
             .push(Revision { rv, object });
+        if let Some(event) = event {
+            self.history.push_back(event);
+            self.trim_history();
+        }
+        self.changed();
+    }
+
+    fn trim_history(&mut self) {
+        while self.history.len() > self.history_limit {
+            if let Some(dropped) = self.history.pop_front() {
+                self.history_floor = dropped.rv;
+            }
+        }
+        if self.history_limit == 0 {
+            self.history_floor = self.rv;
+        }
+    }
+
+    /// Wakes every open watch.
+    fn changed(&self) {
+        self.changes.send_replace(());
     }
 
     /// Objects of `kind` as they were at `rv`, in key order from `start` (inclusive),
@@ -822,7 +1121,7 @@ impl State {
         namespace: Option<&'a str>,
         api_version: &'a str,
         start: &str,
-    ) -> impl Iterator<Item = (&'a str, &'a Value)> + 'a {
+    ) -> impl Iterator<Item = (&'a str, &'a Arc<StoredObject>)> + 'a {
         // Keys are "namespace/name": a namespaced scan starts at its namespace's first key.
         let floor = match namespace {
             Some(ns) => std::cmp::max(format!("{ns}/"), start.to_string()),
@@ -835,7 +1134,7 @@ impl State {
             })
             .filter_map(move |((_, key), revs)| {
                 let object = revs.iter().rev().find(|r| r.rv <= rv)?.object.as_ref()?;
-                (api_version_of(object) == api_version).then_some((key.as_str(), object))
+                (api_version_of(&object.value) == api_version).then_some((key.as_str(), object))
             })
     }
 
@@ -869,8 +1168,13 @@ impl State {
                     .as_ref()
                     .is_none_or(|x| req.name.as_deref() == Some(x.as_str()))
                 && m.is_list.is_none_or(|x| x == req.is_list)
+                && m.is_watch.is_none_or(|x| x == req.is_watch)
                 && m.page.is_none_or(|x| req.page == Some(x))
-                && (rule.fault.action != FaultAction::ExpireContinue || req.has_continue);
+                && (rule.fault.action != FaultAction::ExpireContinue || req.has_continue)
+                && (!matches!(
+                    rule.fault.action,
+                    FaultAction::CloseWatchAfter(_) | FaultAction::ExpireWatch
+                ) || req.is_watch);
             if !matches {
                 continue;
             }
@@ -940,6 +1244,7 @@ struct RequestFacts {
     resource: Option<String>,
     name: Option<String>,
     is_list: bool,
+    is_watch: bool,
     has_continue: bool,
     page: Option<usize>,
 }
@@ -948,7 +1253,7 @@ async fn handle(
     shared: Arc<Mutex<State>>,
     kill: Arc<Notify>,
     req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<ServerBody> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -973,16 +1278,19 @@ async fn handle(
     let params = parse_query(&recorded.query);
     let continue_token = param(&params, "continue");
     let path = ResourcePath::parse(&recorded.path);
-    let is_list = recorded.method == "GET"
+    let is_collection_get = recorded.method == "GET"
         && path
             .as_ref()
             .is_some_and(|p| p.name.is_none() && p.subresource.is_none());
+    let is_watch = is_collection_get && is_watch_param(&params);
+    let is_list = is_collection_get && !is_watch;
     let facts = RequestFacts {
         method: recorded.method.clone(),
         path: recorded.path.clone(),
         resource: path.as_ref().map(|p| p.resource.clone()),
         name: path.as_ref().and_then(|p| p.name.clone()),
         is_list,
+        is_watch,
         has_continue: continue_token.is_some(),
         page: match (is_list, continue_token) {
             (false, _) => None,
@@ -1009,7 +1317,36 @@ async fn handle(
             return std::future::pending().await;
         }
         Some(FaultAction::Status(code, retry_after)) => {
-            injected_status(code, retry_after, &recorded, path.as_ref())
+            let mut reply = injected_status(code, retry_after, &recorded, path.as_ref());
+            if code == 410 && is_watch {
+                // The apiserver's answer to a watch from a compacted resourceVersion.
+                let rv = lock(&shared).rv;
+                let from = param(&params, "resourceVersion").unwrap_or_default();
+                reply = status_reply(
+                    410,
+                    "Expired",
+                    &format!("too old resource version: {from} ({rv})"),
+                    json!({}),
+                );
+                reply.retry_after = retry_after;
+            }
+            reply
+        }
+        Some(FaultAction::CloseWatchAfter(n)) => {
+            respond(&shared, &recorded, &params, path.as_ref()).with_watch_fault(WatchFault::CloseAfter(n))
+        }
+        Some(FaultAction::ExpireWatch) => {
+            respond(&shared, &recorded, &params, path.as_ref()).with_watch_fault(WatchFault::Expire)
+        }
+        Some(FaultAction::MalformedJson | FaultAction::WrongKind | FaultAction::ItemWithoutName)
+            if is_watch =>
+        {
+            let fault = match fault {
+                Some(FaultAction::MalformedJson) => WatchFault::Malformed,
+                Some(FaultAction::WrongKind) => WatchFault::WrongKind,
+                _ => WatchFault::ItemWithoutName,
+            };
+            respond(&shared, &recorded, &params, path.as_ref()).with_watch_fault(fault)
         }
         Some(FaultAction::ExpireContinue) => {
             let start = continue_token
@@ -1042,6 +1379,11 @@ async fn handle(
         }
         Some(FaultAction::ItemWithoutName) => {
             let mut reply = respond(&shared, &recorded, &params, path.as_ref());
+            if let ReplyBody::Bytes(bytes) = &reply.body {
+                if let Ok(value) = serde_json::from_slice(bytes) {
+                    reply.body = ReplyBody::Json(value);
+                }
+            }
             if let (200, ReplyBody::Json(body)) = (reply.code, &mut reply.body) {
                 let target = match body.get_mut("items").and_then(Value::as_array_mut) {
                     Some(items) => items.first_mut(),
@@ -1061,7 +1403,7 @@ async fn handle(
     if let Some(r) = lock(&shared).requests.get_mut(index) {
         r.status = Some(reply.code);
     }
-    reply.into_response()
+    reply.into_response(&shared, &kill)
 }
 
 struct Reply {
@@ -1073,6 +1415,9 @@ struct Reply {
 enum ReplyBody {
     Json(Value),
     Raw(String),
+    Bytes(Bytes),
+    /// A watch stream, produced by [`WatchTask::run`] once the response head is sent.
+    Watch(Box<WatchSpec>),
 }
 
 impl Reply {
@@ -1084,10 +1429,28 @@ impl Reply {
         }
     }
 
-    fn into_response(self) -> Response<Full<Bytes>> {
-        let text = match self.body {
-            ReplyBody::Json(v) => v.to_string(),
-            ReplyBody::Raw(s) => s,
+    fn bytes(code: u16, body: Bytes) -> Reply {
+        Reply {
+            code,
+            body: ReplyBody::Bytes(body),
+            retry_after: None,
+        }
+    }
+
+    /// Sets a fault on a watch answer (any other answer is left as it is).
+    fn with_watch_fault(mut self, fault: WatchFault) -> Reply {
+        if let ReplyBody::Watch(spec) = &mut self.body {
+            spec.fault = fault;
+        }
+        self
+    }
+
+    fn into_response(self, shared: &Arc<Mutex<State>>, kill: &Arc<Notify>) -> Response<ServerBody> {
+        let body = match self.body {
+            ReplyBody::Json(v) => ServerBody::Full(Full::new(Bytes::from(v.to_string()))),
+            ReplyBody::Raw(s) => ServerBody::Full(Full::new(Bytes::from(s))),
+            ReplyBody::Bytes(b) => ServerBody::Full(Full::new(b)),
+            ReplyBody::Watch(spec) => ServerBody::Watch(start_watch(shared, kill, *spec)),
         };
         let mut builder = Response::builder()
             .status(self.code)
@@ -1096,8 +1459,44 @@ impl Reply {
             builder = builder.header(http::header::RETRY_AFTER, seconds.to_string());
         }
         builder
-            .body(Full::new(Bytes::from(text)))
-            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+            .body(body)
+            .unwrap_or_else(|_| Response::new(ServerBody::Full(Full::new(Bytes::new()))))
+    }
+}
+
+/// A response body: a whole one, or a watch stream.
+enum ServerBody {
+    Full(Full<Bytes>),
+    Watch(WatchBody),
+}
+
+impl Body for ServerBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            ServerBody::Full(body) => Pin::new(body).poll_frame(cx),
+            ServerBody::Watch(body) => body.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ServerBody::Full(body) => body.is_end_stream(),
+            ServerBody::Watch(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ServerBody::Full(body) => body.size_hint(),
+            // Unknown length: hyper sends it chunked.
+            ServerBody::Watch(_) => SizeHint::default(),
+        }
     }
 }
 
@@ -1197,7 +1596,10 @@ fn injected_status(
     path: Option<&ResourcePath>,
 ) -> Reply {
     let mut reply = match (code, path) {
-        (403, Some(p)) => forbidden(p, &p.verb(&req.method, false)),
+        (403, Some(p)) => forbidden(
+            p,
+            &p.verb(&req.method, is_watch_param(&parse_query(&req.query))),
+        ),
         (404, Some(p)) if p.name.is_some() => object_not_found(p),
         (404, _) => not_found_path(),
         _ => {
@@ -1249,7 +1651,7 @@ fn respond(
     let Some(path) = path else {
         return discovery(&state, req);
     };
-    let watch = param(params, "watch").is_some_and(|w| w == "true" || w == "1");
+    let watch = is_watch_param(params);
     let verb = path.verb(&req.method, watch);
     // Authorization comes before routing, as in the apiserver's handler chain.
     if state.is_denied(&verb, &path.group, &path.rbac_resource()) {
@@ -1282,7 +1684,13 @@ fn respond(
     if req.method != "GET" {
         return method_not_allowed();
     }
-    let representation = match negotiate(req.accept.as_deref(), path.name.is_none()) {
+    // A watch streams single objects: its metadata-only form is `PartialObjectMetadata`.
+    let wanted_partial = if path.name.is_none() && !watch {
+        "PartialObjectMetadataList"
+    } else {
+        "PartialObjectMetadata"
+    };
+    let representation = match negotiate(req.accept.as_deref(), wanted_partial) {
         Some(r) => r,
         None => return not_acceptable(),
     };
@@ -1298,16 +1706,23 @@ fn respond(
                 // e.g. /api/v1/pods/x: pods are namespaced.
                 (_, None) => return not_found_path(),
             };
-            match state.current(kind, &key) {
-                Some(object) if api_version_of(object) == api_version => {
-                    Reply::json(200, render_object(object, representation, kind, false))
-                }
+            match state.current_stored(kind, &key) {
+                Some(object) if api_version_of(&object.value) == api_version => Reply::bytes(
+                    200,
+                    object.encoded(representation, kind, false, &state.encodings),
+                ),
                 _ => object_not_found(path),
             }
         }
         None => {
             if watch {
-                return bad_request("watch is not supported by the fake API server");
+                return watch_request(
+                    kind,
+                    &api_version,
+                    path.namespace.as_deref(),
+                    params,
+                    representation,
+                );
             }
             list(
                 &state,
@@ -1448,7 +1863,7 @@ fn list(
             break;
         }
         last_key = Some(key);
-        if labels.matches(object) && fields.matches(object) {
+        if labels.matches(&object.value) && fields.matches(&object.value) {
             items.push(object);
         }
     }
@@ -1477,19 +1892,29 @@ fn list(
         (Representation::Full, Kind::Namespace) => ("NamespaceList", "v1"),
         (Representation::Full, Kind::Sandbox) => ("SandboxList", api_version),
     };
-    let items: Vec<Value> = items
+    // The list's own fields, then the items' cached encodings copied in.
+    let head = json!({
+        "kind": list_kind,
+        "apiVersion": list_api_version,
+        "metadata": metadata
+    })
+    .to_string();
+    let encoded: Vec<Bytes> = items
         .into_iter()
-        .map(|o| render_object(o, representation, kind, true))
+        .map(|o| o.encoded(representation, kind, true, &state.encodings))
         .collect();
-    Reply::json(
-        200,
-        json!({
-            "kind": list_kind,
-            "apiVersion": list_api_version,
-            "metadata": metadata,
-            "items": items
-        }),
-    )
+    let size = head.len() + 12 + encoded.iter().map(|b| b.len() + 1).sum::<usize>();
+    let mut body = Vec::with_capacity(size);
+    body.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
+    body.extend_from_slice(b",\"items\":[");
+    for (i, item) in encoded.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item);
+    }
+    body.extend_from_slice(b"]}");
+    Reply::bytes(200, Bytes::from(body))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1498,8 +1923,10 @@ enum Representation {
     PartialMetadata,
 }
 
-/// Picks the representation from the `Accept` header; `None` = nothing acceptable (406).
-fn negotiate(accept: Option<&str>, is_list: bool) -> Option<Representation> {
+/// Picks the representation from the `Accept` header; `wanted` is the metadata-only kind the
+/// request can be answered with (`PartialObjectMetadata[List]`). `None` = nothing acceptable
+/// (406).
+fn negotiate(accept: Option<&str>, wanted: &str) -> Option<Representation> {
     let accept = accept.map(str::trim).unwrap_or_default();
     if accept.is_empty() {
         return Some(Representation::Full);
@@ -1516,11 +1943,6 @@ fn negotiate(accept: Option<&str>, is_list: bool) -> Option<Representation> {
             .collect();
         let Some(as_kind) = params.get("as") else {
             return Some(Representation::Full);
-        };
-        let wanted = if is_list {
-            "PartialObjectMetadataList"
-        } else {
-            "PartialObjectMetadata"
         };
         if as_kind == wanted
             && params.get("g").is_some_and(|g| g == "meta.k8s.io")
@@ -1633,8 +2055,8 @@ fn discovery(state: &State, req: &RecordedRequest) -> Reply {
             "kind": "APIResourceList",
             "groupVersion": "v1",
             "resources": [
-                { "name": "namespaces", "singularName": "namespace", "namespaced": false, "kind": "Namespace", "verbs": ["get", "list"], "shortNames": ["ns"] },
-                { "name": "pods", "singularName": "pod", "namespaced": true, "kind": "Pod", "verbs": ["get", "list"], "shortNames": ["po"] }
+                { "name": "namespaces", "singularName": "namespace", "namespaced": false, "kind": "Namespace", "verbs": ["get", "list", "watch"], "shortNames": ["ns"] },
+                { "name": "pods", "singularName": "pod", "namespaced": true, "kind": "Pod", "verbs": ["get", "list", "watch"], "shortNames": ["po"] }
             ]
         }),
         "/apis" => {
@@ -1663,7 +2085,7 @@ fn discovery(state: &State, req: &RecordedRequest) -> Reply {
         p => match p.strip_prefix(&format!("/apis/{SANDBOX_GROUP}/")) {
             Some(v) if sandbox_versions.iter().any(|s| s == v) => json!({
                 "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": format!("{SANDBOX_GROUP}/{v}"),
-                "resources": [{ "name": "sandboxes", "singularName": "sandbox", "namespaced": true, "kind": "Sandbox", "verbs": ["get", "list"] }]
+                "resources": [{ "name": "sandboxes", "singularName": "sandbox", "namespaced": true, "kind": "Sandbox", "verbs": ["get", "list", "watch"] }]
             }),
             _ => return not_found_path(),
         },
@@ -1697,6 +2119,511 @@ fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
         (stage, major, minor)
     }
     rank(a).cmp(&rank(b)).then_with(|| b.cmp(a))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watch
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Added,
+    Modified,
+    Deleted,
+}
+
+/// One change in the watch history.
+struct HistoryEvent {
+    rv: u64,
+    kind: Kind,
+    change: Change,
+    /// The new state; for a deletion, the last state at the deletion's resourceVersion.
+    object: Arc<StoredObject>,
+    /// The state before a modification (selectors decide ADDED/MODIFIED/DELETED from both).
+    previous: Option<Arc<StoredObject>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchStart {
+    /// Synthetic `ADDED` events for the current objects first (`resourceVersion` unset or
+    /// `0`, or `sendInitialEvents=true`, which ends them with a bookmark when `end_bookmark`).
+    Current { end_bookmark: bool },
+    /// Every event after this resourceVersion.
+    After(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchFault {
+    None,
+    CloseAfter(usize),
+    Expire,
+    Malformed,
+    WrongKind,
+    ItemWithoutName,
+}
+
+/// What one watch request asked for.
+struct WatchSpec {
+    kind: Kind,
+    api_version: String,
+    namespace: Option<String>,
+    labels: LabelSelector,
+    fields: FieldSelector,
+    representation: Representation,
+    start: WatchStart,
+    bookmarks: bool,
+    timeout: Option<Duration>,
+    fault: WatchFault,
+}
+
+impl WatchSpec {
+    fn selects(&self, object: &Value) -> bool {
+        api_version_of(object) == self.api_version
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| object["metadata"]["namespace"].as_str() == Some(ns))
+            && self.labels.matches(object)
+            && self.fields.matches(object)
+    }
+
+    /// The event type this watch sees for `event`, if any: like the watch cache, an object
+    /// that starts matching the selectors is ADDED and one that stops matching is DELETED.
+    fn event_type(&self, event: &HistoryEvent) -> Option<&'static str> {
+        if event.kind != self.kind {
+            return None;
+        }
+        let now = self.selects(&event.object.value);
+        match event.change {
+            Change::Added => now.then_some("ADDED"),
+            Change::Deleted => now.then_some("DELETED"),
+            Change::Modified => {
+                let before = event
+                    .previous
+                    .as_ref()
+                    .is_some_and(|p| self.selects(&p.value));
+                match (before, now) {
+                    (true, true) => Some("MODIFIED"),
+                    (false, true) => Some("ADDED"),
+                    (true, false) => Some("DELETED"),
+                    (false, false) => None,
+                }
+            }
+        }
+    }
+
+    fn event_line(&self, event_type: &str, object: &StoredObject, encodings: &AtomicU64) -> Bytes {
+        let encoded = object.encoded(self.representation, self.kind, false, encodings);
+        let mut line = Vec::with_capacity(encoded.len() + 32);
+        line.extend_from_slice(b"{\"type\":\"");
+        line.extend_from_slice(event_type.as_bytes());
+        line.extend_from_slice(b"\",\"object\":");
+        line.extend_from_slice(&encoded);
+        line.extend_from_slice(b"}\n");
+        Bytes::from(line)
+    }
+
+    fn bookmark_line(&self, rv: u64, initial_events_end: bool) -> Bytes {
+        let (kind, api_version) = match self.representation {
+            Representation::PartialMetadata => ("PartialObjectMetadata", "meta.k8s.io/v1"),
+            Representation::Full => (self.kind.kind_name(), self.api_version.as_str()),
+        };
+        let mut metadata = json!({ "resourceVersion": rv.to_string(), "creationTimestamp": null });
+        if initial_events_end {
+            metadata["annotations"] = json!({ INITIAL_EVENTS_END: "true" });
+        }
+        json_line(&json!({
+            "type": "BOOKMARK",
+            "object": { "kind": kind, "apiVersion": api_version, "metadata": metadata }
+        }))
+    }
+}
+
+fn json_line(value: &Value) -> Bytes {
+    let mut line = value.to_string().into_bytes();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// The `ERROR` event of a watch from a resourceVersion older than the history.
+fn expired_line(from: u64, oldest: u64) -> Bytes {
+    json_line(&json!({
+        "type": "ERROR",
+        "object": {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": format!("too old resource version: {from} ({oldest})"),
+            "reason": "Expired",
+            "code": 410
+        }
+    }))
+}
+
+/// Validates a watch request; the stream itself starts in [`start_watch`].
+fn watch_request(
+    kind: Kind,
+    api_version: &str,
+    namespace: Option<&str>,
+    params: &[(String, String)],
+    representation: Representation,
+) -> Reply {
+    let labels = match param(params, "labelSelector").map(LabelSelector::parse) {
+        None => LabelSelector::default(),
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            return bad_request(&format!("unable to parse requested label selector: {e}"))
+        }
+    };
+    let fields = match param(params, "fieldSelector").map(|s| FieldSelector::parse(s, kind)) {
+        None => FieldSelector::default(),
+        Some(Ok(s)) => s,
+        Some(Err(e)) => return bad_request(&e),
+    };
+    let timeout = match param(params, "timeoutSeconds").map(str::parse::<u64>) {
+        None | Some(Ok(0)) => None,
+        Some(Ok(n)) => Some(Duration::from_secs(n)),
+        Some(Err(_)) => return bad_request("invalid value for timeoutSeconds: must be an integer"),
+    };
+    let bookmarks = param(params, "allowWatchBookmarks") == Some("true");
+    let initial_events = param(params, "sendInitialEvents") == Some("true");
+    let version_match = param(params, "resourceVersionMatch").filter(|m| !m.is_empty());
+    if initial_events && version_match != Some("NotOlderThan") {
+        return bad_request("sendInitialEvents is forbidden for watch unless resourceVersionMatch is set to NotOlderThan");
+    }
+    if initial_events && !bookmarks {
+        return bad_request(
+            "allowWatchBookmarks must be set to true when sendInitialEvents is set",
+        );
+    }
+    if version_match.is_some() && !initial_events {
+        return bad_request(
+            "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+        );
+    }
+    let start = match param(params, "resourceVersion").filter(|rv| !rv.is_empty()) {
+        _ if initial_events => WatchStart::Current { end_bookmark: true },
+        None | Some("0") => WatchStart::Current {
+            end_bookmark: false,
+        },
+        Some(rv) => match rv.parse::<u64>() {
+            Ok(n) => WatchStart::After(n),
+            Err(_) => return bad_request(&format!("invalid resource version: {rv}")),
+        },
+    };
+    Reply {
+        code: 200,
+        body: ReplyBody::Watch(Box::new(WatchSpec {
+            kind,
+            api_version: api_version.to_string(),
+            namespace: namespace.map(str::to_string),
+            labels,
+            fields,
+            representation,
+            start,
+            bookmarks,
+            timeout,
+            fault: WatchFault::None,
+        })),
+        retry_after: None,
+    }
+}
+
+/// One piece of a watch stream.
+enum WatchChunk {
+    Data(Bytes),
+    /// Drop the connection once every chunk before this one is written.
+    Abort,
+}
+
+/// The body of a watch response, fed by a [`WatchTask`] (aborted when the body goes).
+struct WatchBody {
+    chunks: mpsc::Receiver<WatchChunk>,
+    producer: JoinHandle<()>,
+    kill: Arc<Notify>,
+    aborted: bool,
+}
+
+impl WatchBody {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.aborted {
+            return Poll::Pending;
+        }
+        match self.chunks.poll_recv(cx) {
+            Poll::Ready(Some(WatchChunk::Data(bytes))) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+            Poll::Ready(Some(WatchChunk::Abort)) => {
+                // hyper flushes what it has written while this is pending; then the
+                // connection task drops the socket, without the terminating chunk.
+                self.aborted = true;
+                self.kill.notify_one();
+                Poll::Pending
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for WatchBody {
+    fn drop(&mut self) {
+        self.producer.abort();
+    }
+}
+
+/// Counts an open watch while its producer lives.
+struct OpenWatch(Arc<Mutex<State>>);
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        let mut state = lock(&self.0);
+        state.open_watches = state.open_watches.saturating_sub(1);
+    }
+}
+
+fn start_watch(shared: &Arc<Mutex<State>>, kill: &Arc<Notify>, spec: WatchSpec) -> WatchBody {
+    let (sender, chunks) = mpsc::channel(64);
+    // Taken now, before the client sees the response head: a `send_bookmarks` or
+    // `drop_watches` after that reaches this watch.
+    let (open, changes, cursor) = {
+        let mut state = lock(shared);
+        state.open_watches += 1;
+        let cursor = WatchCursor {
+            sent_rv: match spec.start {
+                WatchStart::After(rv) => Some(rv),
+                WatchStart::Current { .. } => None,
+            },
+            object_events: 0,
+            bookmark_requests: state.bookmark_requests,
+            drop_generation: state.drop_generation,
+            last_bookmark: Instant::now(),
+            current_rv: state.rv,
+        };
+        (OpenWatch(shared.clone()), state.changes.subscribe(), cursor)
+    };
+    let watch = WatchTask {
+        shared: shared.clone(),
+        kill: kill.clone(),
+        spec,
+        sender,
+        changes,
+        cursor,
+        _open: open,
+    };
+    let producer = tokio::spawn(watch.run());
+    WatchBody {
+        chunks,
+        producer,
+        kill: kill.clone(),
+        aborted: false,
+    }
+}
+
+/// Where one watch stands.
+struct WatchCursor {
+    /// Every event up to here was considered; `None` before the initial events.
+    sent_rv: Option<u64>,
+    object_events: usize,
+    bookmark_requests: u64,
+    drop_generation: u64,
+    last_bookmark: Instant,
+    /// The server's resourceVersion when the watch started.
+    current_rv: u64,
+}
+
+/// One watch stream's producer.
+struct WatchTask {
+    shared: Arc<Mutex<State>>,
+    kill: Arc<Notify>,
+    spec: WatchSpec,
+    sender: mpsc::Sender<WatchChunk>,
+    changes: tokio::sync::watch::Receiver<()>,
+    cursor: WatchCursor,
+    _open: OpenWatch,
+}
+
+enum WatchEnd {
+    /// Keep streaming; wake up at this time at the latest.
+    Continue(Option<Instant>),
+    /// End the stream cleanly (terminating chunk).
+    Finish,
+    /// Drop the connection now (`drop_watches`).
+    Drop,
+}
+
+impl State {
+    /// Under the lock: the lines a watch sends next (with whether each is an object event),
+    /// and what happens then.
+    fn watch_batch(
+        &self,
+        spec: &WatchSpec,
+        cursor: &mut WatchCursor,
+        now: Instant,
+        deadline: Option<Instant>,
+    ) -> (Vec<(Bytes, bool)>, WatchEnd) {
+        if self.drop_generation != cursor.drop_generation {
+            return (Vec::new(), WatchEnd::Drop);
+        }
+        let mut lines = Vec::new();
+        match cursor.sent_rv {
+            None => {
+                let ns = spec.namespace.as_deref();
+                for (_, object) in self.snapshot(spec.kind, self.rv, ns, &spec.api_version, "") {
+                    if spec.labels.matches(&object.value) && spec.fields.matches(&object.value) {
+                        lines.push((spec.event_line("ADDED", object, &self.encodings), true));
+                    }
+                }
+                cursor.sent_rv = Some(self.rv);
+                if spec.start == (WatchStart::Current { end_bookmark: true }) && spec.bookmarks {
+                    lines.push((spec.bookmark_line(self.rv, true), false));
+                    cursor.last_bookmark = now;
+                }
+            }
+            Some(rv) if rv < self.history_floor => {
+                lines.push((expired_line(rv, self.history_floor), false));
+                return (lines, WatchEnd::Finish);
+            }
+            Some(rv) => {
+                let first = self.history.partition_point(|e| e.rv <= rv);
+                for event in self.history.range(first..) {
+                    if let Some(event_type) = spec.event_type(event) {
+                        let line = spec.event_line(event_type, &event.object, &self.encodings);
+                        lines.push((line, true));
+                    }
+                }
+                cursor.sent_rv = Some(rv.max(self.rv));
+            }
+        }
+        let sent_rv = cursor.sent_rv.unwrap_or(self.rv);
+        let periodic = self.bookmark_interval.filter(|_| spec.bookmarks);
+        let timed_out = deadline.is_some_and(|d| now >= d);
+        let requested = self.bookmark_requests != cursor.bookmark_requests;
+        cursor.bookmark_requests = self.bookmark_requests;
+        let due = periodic.is_some_and(|interval| now >= cursor.last_bookmark + interval);
+        if spec.bookmarks && (requested || due || (timed_out && periodic.is_some())) {
+            lines.push((spec.bookmark_line(sent_rv, false), false));
+            cursor.last_bookmark = now;
+        }
+        if timed_out {
+            return (lines, WatchEnd::Finish);
+        }
+        let next_bookmark = periodic.map(|interval| cursor.last_bookmark + interval);
+        let wake = match (next_bookmark, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        (lines, WatchEnd::Continue(wake))
+    }
+}
+
+impl WatchTask {
+    /// Produces the stream: replays and follows the history, sends bookmarks, ends at the
+    /// timeout, breaks on `drop_watches` and on faults.
+    async fn run(mut self) {
+        let started = self.cursor.last_bookmark;
+        let deadline = self.spec.timeout.map(|t| started + t);
+        match self.spec.fault {
+            WatchFault::Expire => {
+                let rv = self.cursor.current_rv;
+                let from = self.cursor.sent_rv.unwrap_or(rv);
+                let _ = self.send(expired_line(from, rv.max(from + 1))).await;
+                return;
+            }
+            WatchFault::Malformed => {
+                let line = b"{\"type\":\"ADDED\",\"object\":{\"metadata\":{\"name\":}}}\n";
+                let _ = self.send(Bytes::from_static(line)).await;
+                return;
+            }
+            WatchFault::CloseAfter(0) => return self.abort().await,
+            WatchFault::WrongKind => {
+                let line = json_line(&json!({
+                    "type": "ADDED",
+                    "object": { "kind": "ConfigMap", "apiVersion": "v1", "data": { "unexpected": "true" } }
+                }));
+                if self.send(line).await.is_err() {
+                    return;
+                }
+            }
+            WatchFault::None | WatchFault::CloseAfter(_) | WatchFault::ItemWithoutName => {}
+        }
+        let mut strip_name = self.spec.fault == WatchFault::ItemWithoutName;
+        loop {
+            self.changes.borrow_and_update();
+            let (lines, end) = lock(&self.shared).watch_batch(
+                &self.spec,
+                &mut self.cursor,
+                Instant::now(),
+                deadline,
+            );
+            for (mut line, object_event) in lines {
+                if object_event && strip_name {
+                    strip_name = false;
+                    line = without_name(&line);
+                }
+                if self.send(line).await.is_err() {
+                    return;
+                }
+                if object_event {
+                    self.cursor.object_events += 1;
+                    if self.spec.fault == WatchFault::CloseAfter(self.cursor.object_events) {
+                        return self.abort().await;
+                    }
+                }
+            }
+            let wake = match end {
+                WatchEnd::Continue(wake) => wake,
+                // Dropping the sender ends the body: hyper writes the terminating chunk.
+                WatchEnd::Finish => return,
+                WatchEnd::Drop => {
+                    // Keep the sender, or the body could end cleanly before the socket goes.
+                    self.kill.notify_one();
+                    return std::future::pending().await;
+                }
+            };
+            tokio::select! {
+                changed = self.changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = sleep_until(wake) => {}
+                _ = self.sender.closed() => return,
+            }
+        }
+    }
+
+    async fn send(&self, line: Bytes) -> Result<(), mpsc::error::SendError<WatchChunk>> {
+        self.sender.send(WatchChunk::Data(line)).await
+    }
+
+    /// Breaks the stream once what was sent is written; keeps the sender until then.
+    async fn abort(self) {
+        if self.sender.send(WatchChunk::Abort).await.is_ok() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A watch event line without `object.metadata.name`.
+fn without_name(line: &Bytes) -> Bytes {
+    match serde_json::from_slice::<Value>(line) {
+        Ok(mut event) => {
+            if let Some(meta) = event["object"]["metadata"].as_object_mut() {
+                meta.remove("name");
+            }
+            json_line(&event)
+        }
+        Err(_) => line.clone(),
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2119,6 +3046,11 @@ impl FieldSelector {
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
+
+/// Whether a request asks to watch (`watch=true` or `watch=1`).
+fn is_watch_param(params: &[(String, String)]) -> bool {
+    param(params, "watch").is_some_and(|w| w == "true" || w == "1")
+}
 
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
     params
