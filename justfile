@@ -13,9 +13,10 @@ demo *ARGS:
 test:
     bash scripts/test.sh
 
-# Only the Rust tests (PostgreSQL must be running: bash scripts/ensure-postgres.sh test).
+# Only the Rust tests of the whole workspace (PostgreSQL must be running:
+# bash scripts/ensure-postgres.sh test).
 test-rust *ARGS:
-    cargo test --locked --all-targets {{ARGS}}
+    cargo test --locked --workspace --all-targets {{ARGS}}
 
 # Check the deploy files, alert rules and dashboard (installs promtool and the validators).
 check-deploy:
@@ -33,9 +34,11 @@ bench *ARGS:
 bench-smoke:
     bash scripts/bench-smoke.sh
 
-# The long soak against two daemons and the oracle (docs/RELIABILITY.md).
+# The long soak against two daemons and the oracle (docs/RELIABILITY.md): builds the binary,
+# then soaks it (the soak runner takes the binary as its argument and never builds it).
 soak *ARGS:
-    cargo run --locked --release --example soak -- {{ARGS}}
+    cargo build --locked --release --bin sandbox-reconciler
+    cargo run --locked --release --example soak -- target/release/sandbox-reconciler {{ARGS}}
 
 # The mutation audit of the deciding and writing modules (not part of the test command).
 mutants *ARGS:
@@ -44,4 +47,4 @@ mutants *ARGS:
 # Formatting and lints as CI enforces them.
 lint:
     cargo fmt --all -- --check
-    cargo clippy --locked --all-targets -- -D warnings
+    cargo clippy --locked --workspace --all-targets -- -D warnings

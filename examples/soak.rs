@@ -1,41 +1,37 @@
 //! Soak with an oracle: the real daemon, real PostgreSQL and the fake Kubernetes API server,
 //! under a simulated agent platform and switching faults. What runs and what the oracle
-//! claims is described in `tests/support/soak.rs`; `tests/soak.rs` runs a short version in
-//! the default test suite.
+//! claims is described in the `testkit::soak` module (`crates/testkit/src/soak/`); the
+//! integration tests (`tests/it/soak.rs`) run a short version in the default test suite.
+//!
+//! The binary to soak is the first argument; this runner never builds it:
 //!
 //! ```sh
-//! cargo run --release --example soak -- --duration 60s
-//! cargo run --release --example soak -- --duration 10m --seed 7 --json soak.json
-//! cargo run --release --example soak -- --duration 60s --backends-without-prefixes
-//! cargo run --release --example soak -- --duration 60s --shared-table
+//! cargo build --release --bin sandbox-reconciler
+//! cargo run --release --example soak -- target/release/sandbox-reconciler --duration 60s
+//! cargo run --release --example soak -- target/release/sandbox-reconciler --duration 10m --seed 7 --json soak.json
+//! cargo run --release --example soak -- target/release/sandbox-reconciler --duration 60s --backends-without-prefixes
+//! cargo run --release --example soak -- target/release/sandbox-reconciler --duration 60s --shared-table
 //! ```
 //!
-//! Variants (they combine): `--backends-without-prefixes` enables both backends with no
-//! `object_name_prefix` and names pods and Sandboxes alike, so every orphan is `unknown` and
-//! the guards may refuse instead of downgrading (the run then passes on refusals; the report
-//! says which happened); `--shared-table` gives the session table a scope column with the
-//! primary key `(cluster, thread_key)`, points the daemons at scope `cluster-a` and churns rows
-//! of scope `cluster-b` with the same keys and object names, which must never change.
+//! (`just soak` does both steps.) Variants (they combine): `--backends-without-prefixes`
+//! enables both backends with no `object_name_prefix` and names pods and Sandboxes alike, so
+//! every orphan is `unknown` and the guards may refuse instead of downgrading (the run then
+//! passes on refusals; the report says which happened); `--shared-table` gives the session
+//! table a scope column with the primary key `(cluster, thread_key)`, points the daemons at
+//! scope `cluster-a` and churns rows of scope `cluster-b` with the same keys and object names,
+//! which must never change.
 //!
-//! The daemon binary is the `sandbox-reconciler` next to this example's target directory
-//! (`target/<profile>/`); it is (re)built first with the same profile unless `--binary` names
-//! one or `--no-build` is given. The exit code is 0 when the soak passed, 1 when it found a
-//! wrong downgrade, a lost or inconsistent row, no downgrade at all (with
-//! `--backends-without-prefixes`: neither a downgrade nor a guard refusal), a row of the other
-//! scope changed (`--shared-table`), or a daemon that crashed, and 2 when the harness could not
-//! run.
-
-#[path = "../tests/support/fake_api.rs"]
-mod fake_api;
-#[path = "../tests/support/soak.rs"]
-mod soak;
+//! The exit code is 0 when the soak passed, 1 when it found a wrong downgrade, a lost or
+//! inconsistent row, no downgrade at all (with `--backends-without-prefixes`: neither a
+//! downgrade nor a guard refusal), a row of the other scope changed (`--shared-table`), or a
+//! daemon that crashed, and 2 when the harness could not run (no such binary, no PostgreSQL).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use clap::Parser;
+use testkit::soak;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,6 +39,8 @@ use clap::Parser;
     long_about = None
 )]
 struct Args {
+    /// The sandbox-reconciler binary to soak (e.g. target/release/sandbox-reconciler)
+    binary: PathBuf,
     /// How long to run, e.g. 60s, 10m, 1h (a bare number is seconds)
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     duration: Duration,
@@ -74,12 +72,6 @@ struct Args {
     /// Do not inject faults
     #[arg(long)]
     no_faults: bool,
-    /// The sandbox-reconciler binary to soak (default: built next to this example)
-    #[arg(long)]
-    binary: Option<PathBuf>,
-    /// Use the binary next to this example as it is, without running cargo build first
-    #[arg(long)]
-    no_build: bool,
     /// Directory for configs and daemon logs (default: a temporary one, kept if the run fails)
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -123,97 +115,16 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-/// The daemon binary: `--binary`, else `sandbox-reconciler` in this example's profile
-/// directory (`target/<profile>/examples/soak` -> `target/<profile>/sandbox-reconciler`),
-/// rebuilt first with the same profile unless `--no-build`.
-fn daemon_binary(args: &Args) -> Result<PathBuf> {
-    if let Some(path) = &args.binary {
-        return Ok(path.clone());
-    }
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let Some(profile_dir) = exe.parent().and_then(|examples| examples.parent()) else {
-        bail!(
-            "{}: cannot find the target directory; pass --binary",
-            exe.display()
-        );
-    };
-    let binary = profile_dir.join(format!(
-        "sandbox-reconciler{}",
-        std::env::consts::EXE_SUFFIX
-    ));
-    if !args.no_build {
-        let profile = profile_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("debug");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
-        let mut cmd = std::process::Command::new(cargo);
-        cmd.args([
-            "build",
-            "--bin",
-            "sandbox-reconciler",
-            "--manifest-path",
-            manifest,
-        ]);
-        match profile {
-            "debug" => {}
-            "release" => {
-                cmd.arg("--release");
-            }
-            other => {
-                cmd.args(["--profile", other]);
-            }
-        }
-        // Build into the same target directory this example runs from.
-        if let Some(target_dir) = profile_dir.parent() {
-            cmd.env("CARGO_TARGET_DIR", target_dir);
-        }
-        // `cargo run` gives this process the package's variables (CARGO_MANIFEST_DIR,
-        // CARGO_PKG_NAME, ...); build scripts such as ring's rerun when those change, so
-        // passing them on would rebuild half the dependency tree on every run, twice.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            let set_by_cargo_run = key.starts_with("CARGO_PKG_")
-                || key.starts_with("CARGO_MANIFEST_")
-                || matches!(
-                    &*key,
-                    "CARGO_CRATE_NAME"
-                        | "CARGO_BIN_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                        | "CARGO_RUSTC_CURRENT_DIR"
-                        | "OUT_DIR"
-                );
-            if set_by_cargo_run {
-                cmd.env_remove(&*key);
-            }
-        }
-        eprintln!("soak: building the daemon binary ({profile})");
-        let status = cmd.status().context("running cargo build")?;
-        if !status.success() {
-            bail!("cargo build --bin sandbox-reconciler failed ({status})");
-        }
-    }
-    Ok(binary)
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let binary = match daemon_binary(&args) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("soak: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
     });
-    let mut cfg = soak::SoakConfig::new(binary, args.database_url.clone());
+    let mut cfg = soak::SoakConfig::new(args.binary.clone(), args.database_url.clone());
     cfg.duration = args.duration;
     cfg.seed = seed;
     cfg.replicas = args.replicas.max(1);

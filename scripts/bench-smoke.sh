@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A short run of the benchmark harness (examples/bench.rs) with small sizes, so the harness
+# A short run of the benchmark harness (examples/bench/) with small sizes, so the harness
 # keeps compiling and keeps measuring the right thing. Takes seconds (plus the build); a debug
 # build is fine. Exits non-zero if any scenario fails or changes the wrong number of rows: the
 # harness itself checks that each sweep found, confirmed, downgraded and audited exactly its
@@ -28,7 +28,7 @@ cat "$out/bench.md"
 # Belt and braces: the JSON must list every scenario as ok (the harness already exits 1 if not).
 scenarios="$(grep -c '"scenario"' "$out/bench.json")"
 failed="$(grep -c '"ok": false' "$out/bench.json" || true)"
-if [ "$scenarios" -ne 6 ] || [ "$failed" -ne 0 ]; then
+if [ "$scenarios" -ne 10 ] || [ "$failed" -ne 0 ]; then
   echo "bench-smoke: expected 6 scenarios, all ok; got $scenarios scenarios, $failed failed" >&2
   exit 1
 fi

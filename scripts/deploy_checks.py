@@ -913,6 +913,10 @@ def dockerfile():
             fail("build.rs takes the git revision from SANDBOX_RECONCILER_REVISION (the build context has no "
                  ".git): the builder stage must declare ARG REVISION and run "
                  'SANDBOX_RECONCILER_REVISION="${REVISION}" cargo build')
+    for member in (cargo.get("workspace") or {}).get("members") or []:
+        if member != "." and member.split("/")[0] not in copied:
+            fail(f"Cargo.toml has workspace member {member}, which the builder stage does not COPY "
+                 "(cargo reads every member's manifest)")
     for registry, crates in (cargo.get("patch") or {}).items():
         for name, spec in crates.items():
             path = spec.get("path") if isinstance(spec, dict) else None

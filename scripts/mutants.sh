@@ -6,7 +6,7 @@
 #
 #   bash scripts/mutants.sh                         # every deciding/writing module
 #   bash scripts/mutants.sh src/plan.rs             # one module (paths or globs)
-#   MUTANTS_TESTS="--lib --test plan_props" bash scripts/mutants.sh src/plan.rs
+#   MUTANTS_TESTS="--lib --test it -- tests:: plan_props::" bash scripts/mutants.sh src/plan.rs
 #   MUTANTS_ARGS="--shard 1/4" bash scripts/mutants.sh  # extra cargo-mutants options
 #
 # Environment (all optional):
@@ -50,9 +50,12 @@ for f in "${files[@]}"; do
     file_args+=(--file "$f")
 done
 
-# Tests that judge safety. The daemon, soak and Prometheus tests are left out by default:
-# they take minutes each and repeat what these check through the same code.
-SAFETY_TESTS="--lib --test rules --test sweep --test faults --test plan_props --test cli --test undo --test bad_input --test fake_api_conformance"
+# Tests that judge safety: the library's unit tests (every one is in a `tests` module) and
+# these modules of the integration-test binary (tests/it/), chosen by name filters. The daemon,
+# soak and Prometheus tests are left out by default: they take minutes each and repeat what
+# these check through the same code. (The fake API server's conformance tests are in the
+# testkit crate, which no mutant of the reconciler changes.)
+SAFETY_TESTS="--lib --test it -- tests:: rules:: sweep:: faults:: plan_props:: cli:: undo:: bad_input::"
 read -r -a test_args <<<"${MUTANTS_TESTS:-$SAFETY_TESTS}"
 read -r -a extra_args <<<"${MUTANTS_ARGS:-}"
 

@@ -12,8 +12,8 @@ mkdir -p target
 bash scripts/check-deploy.sh --metric-names-out target/metric-names.txt
 export SANDBOX_RECONCILER_METRIC_NAMES="$PWD/target/metric-names.txt"
 cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked --all-targets 2>&1 | tee target/test-output.txt
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo test --locked --workspace --all-targets 2>&1 | tee target/test-output.txt
 # A seconds-long run of the benchmark harness keeps it from rotting (the full run is in
 # docs/PERFORMANCE.md and is not part of the suite).
 bash scripts/bench-smoke.sh

@@ -43,7 +43,12 @@ pub async fn connect(settings: &Settings) -> Result<(Client, ClientOrigin), Clus
     // 429/503/504 up to 15 times, invisibly, past any deadline.
     config.default_retry = false;
     let timeout = Duration::from_secs(settings.cluster.request_timeout_seconds);
-    config.read_timeout = Some(timeout);
+    // Every request carries its own deadline (KubeCluster::call); the transport's read
+    // timeout only has to end a dead connection. It must outlast a watch's quiet spells: an
+    // API server sends a bookmark about once a minute, and a watch lasts up to its
+    // server-side timeout. A read timeout of request_timeout_seconds (30 s) would cut every
+    // quiet watch and make the cache relist all the time.
+    config.read_timeout = Some(super::cache::WATCH_READ_TIMEOUT.max(timeout));
     config.connect_timeout = Some(timeout.min(Duration::from_secs(10)));
     let origin = ClientOrigin {
         server: config.cluster_url.to_string(),

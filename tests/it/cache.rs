@@ -1,0 +1,244 @@
+//! The daemon's watch-fed cache against the fake API server: steady-state sweeps that cost the
+//! database read and the scope checks, confirmation by the cache proven fresh, and the faults
+//! of issue 12 (watch dropped, 410 on watch, no bookmarks, a cache that never syncs, an
+//! object deleted and recreated), each with nothing wrong written.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sandbox_reconciler::cluster::cache::ClusterCache;
+use sandbox_reconciler::metrics::Metrics;
+use sandbox_reconciler::sweep::{
+    ClusterSource, Confirmation, Reconciler, SweepOptions, SweepReport, SweepResult,
+};
+
+use crate::support::daemon::metric;
+use crate::support::*;
+
+/// A reconciler whose sweeps read a started, synced cache.
+async fn cached(
+    settings: sandbox_reconciler::config::Settings,
+    api: &FakeApiServer,
+) -> (Reconciler, Arc<Metrics>) {
+    let metrics = Metrics::new(&settings);
+    let r = reconciler(settings, api);
+    let ClusterSource::Api(cluster) = &r.source else {
+        unreachable!("an API reconciler")
+    };
+    let cache = ClusterCache::start(cluster, metrics.clone());
+    assert!(
+        cache.wait_synced(Duration::from_secs(10)).await,
+        "the cache syncs"
+    );
+    metrics.observe_cache(cache.clone());
+    (r.with_cache(cache), metrics)
+}
+
+async fn sweep_with(r: &Reconciler) -> SweepReport {
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    r.sweep(&SweepOptions::default(), &rx).await
+}
+
+/// Waits until `pred` holds of the cache (events arrive asynchronously).
+async fn eventually(what: &str, pred: impl Fn() -> bool) {
+    for _ in 0..200 {
+        if pred() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what} did not happen within 5 s");
+}
+
+fn lists_of(api: &FakeApiServer, resource: &str) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| r.path.ends_with(resource) && r.query_param("watch").is_none())
+        .count()
+}
+
+/// Steady state: no listing at all, only the scope checks (kube-system and the namespace).
+#[tokio::test]
+async fn a_steady_state_sweep_reads_the_cache_and_makes_only_the_scope_checks() {
+    let (db, api) = seeded(20, 0).await;
+    let (r, _) = cached(db.settings(), &api).await;
+    api.clear_requests();
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.cluster_view, "watch cache");
+    let requests = api.requests();
+    let not_watches: Vec<_> = requests
+        .iter()
+        .filter(|r| r.query_param("watch").is_none())
+        .collect();
+    assert!(not_watches.len() <= 2, "{not_watches:#?}");
+    assert_eq!(lists_of(&api, "/pods"), 0);
+}
+
+/// Changes after the listing reach the cache through the watch: a pod deleted later makes its
+/// suspended row an orphan (confirmed by GET, few orphans), a pod created later protects its row.
+#[tokio::test]
+async fn the_watch_brings_later_changes_into_the_cache() {
+    let (db, api) = seeded(4, 0).await;
+    db.insert("paused", "suspended", "pod-paused", minutes(120))
+        .await;
+    api.add_pod("agents", "pod-paused", MANAGED);
+    db.insert("late", "suspended", "pod-late", minutes(120))
+        .await;
+    let (r, _) = cached(db.settings(), &api).await;
+    api.remove(Kind::Pod, "agents", "pod-paused");
+    api.add_pod("agents", "pod-late", MANAGED);
+    let cache = r.cache().unwrap().clone();
+    eventually("the watch applies both events", || {
+        cache.contains("pod-paused").is_none() && cache.contains("pod-late").is_some()
+    })
+    .await;
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.confirmation, Confirmation::Get);
+    assert_eq!(db.state("paused").await, "gone");
+    assert_eq!(db.state("late").await, "suspended");
+}
+
+/// Many orphans: the cache proven at least as fresh as a revision taken after the rows were
+/// read (rule 2(c)) confirms them, with a revision read per informer and no GET per orphan.
+#[tokio::test]
+async fn many_orphans_are_confirmed_by_the_cache_proven_fresh() {
+    let (db, api) = seeded(6, 5).await;
+    api.set_bookmark_interval(Duration::from_millis(100));
+    let mut settings = db.settings();
+    settings.cluster.confirm_get_max = 2;
+    let (r, _) = cached(settings, &api).await;
+    api.clear_requests();
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.confirmation, Confirmation::WatchCache, "{report:?}");
+    assert_eq!(report.downgraded, 5);
+    let gets = api
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/pods/pod-gone"))
+        .count();
+    assert_eq!(gets, 0, "no GET per orphan");
+    assert!(report.confirmation_requests <= 2, "{report:?}");
+}
+
+/// An API server that stops sending bookmarks: the proof cannot come, so after the bounded
+/// wait the sweep lists afresh (rule 2(b)) and still confirms correctly.
+#[tokio::test]
+async fn without_bookmarks_the_sweep_falls_back_to_a_fresh_listing() {
+    let (db, api) = seeded(6, 4).await;
+    let mut settings = db.settings();
+    settings.cluster.confirm_get_max = 1;
+    settings.cluster.cache_fresh_wait_seconds = 1;
+    let (r, _) = cached(settings, &api).await;
+    api.stop_bookmarks();
+    // The store's revision moves on (a change elsewhere), so the watch of "agents" never
+    // reaches it without a bookmark.
+    api.add_pod("elsewhere", "pod-unrelated", MANAGED);
+    // And one orphan's pod comes back meanwhile: the fresh listing must see it.
+    api.add_pod("agents", "pod-gone-0", MANAGED);
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.confirmation, Confirmation::Listing, "{report:?}");
+    assert_eq!(db.state("orphan-0").await, "suspended");
+    assert_eq!(report.downgraded, 3);
+}
+
+/// A watch dropped mid-stream resumes from the last applied revision and sees the changes
+/// made while it was down; a 410 on the watch relists. Nothing wrong is written.
+#[tokio::test]
+async fn dropped_and_expired_watches_recover_without_a_wrong_write() {
+    let (db, api) = seeded(4, 0).await;
+    db.insert("paused", "suspended", "pod-paused", minutes(120))
+        .await;
+    api.add_pod("agents", "pod-paused", MANAGED);
+    let (r, metrics) = cached(db.settings(), &api).await;
+    let cache = r.cache().unwrap().clone();
+    api.drop_watches();
+    api.add_pod("agents", "pod-new", MANAGED);
+    eventually(
+        "the resumed watch sees the pod created while it was down",
+        || cache.contains("pod-new").is_some(),
+    )
+    .await;
+    // Expire the history: the next watch gets 410 and the informer lists again.
+    api.compact();
+    api.drop_watches();
+    api.add_pod("agents", "pod-after-compaction", MANAGED);
+    eventually("a relist after 410", || {
+        cache.contains("pod-after-compaction").is_some()
+    })
+    .await;
+    let m = metrics.render();
+    assert!(
+        metric(
+            &m,
+            "sandbox_reconciler_cache_relists_total{backend=\"pod\",reason=\"expired\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+            || metric(
+                &m,
+                "sandbox_reconciler_cache_relists_total{backend=\"pod\",reason=\"watch_error\"}"
+            )
+            .unwrap_or(0.0)
+                >= 1.0,
+        "{m}"
+    );
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(db.state("paused").await, "suspended");
+    assert_eq!(report.downgraded, 0);
+}
+
+/// A cache that never syncs is never taken for the cluster: the sweep lists afresh, and when
+/// that fails too, it fails with nothing written.
+#[tokio::test]
+async fn a_cache_that_never_syncs_is_never_the_cluster() {
+    let (db, api) = seeded(4, 2).await;
+    api.inject(Fault::on_list("/pods", FaultAction::Status(500, None)));
+    let mut settings = db.settings();
+    settings.cluster.cache_sync_wait_seconds = 1;
+    let metrics = Metrics::new(&settings);
+    let r = reconciler(settings, &api);
+    let ClusterSource::Api(cluster) = &r.source else {
+        unreachable!()
+    };
+    let cache = ClusterCache::start(cluster, metrics);
+    let r = r.with_cache(cache.clone());
+    let before = db.fingerprint().await;
+    let report = sweep_with(&r).await;
+    assert!(!cache.synced());
+    assert_eq!(report.result, SweepResult::Failed, "{report:?}");
+    assert_eq!(db.fingerprint().await, before);
+    // Once the API answers, the cache syncs and sweeps work.
+    api.clear_faults();
+    assert!(cache.wait_synced(Duration::from_secs(15)).await);
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.downgraded, 2);
+}
+
+/// An object deleted and recreated with the same name (a new UID) after the listing is
+/// present in the cache: its row is never an orphan.
+#[tokio::test]
+async fn an_object_deleted_and_recreated_stays_present() {
+    let (db, api) = seeded(4, 0).await;
+    db.insert("paused", "suspended", "pod-paused", minutes(120))
+        .await;
+    api.add_pod("agents", "pod-paused", MANAGED);
+    let (r, _) = cached(db.settings(), &api).await;
+    api.remove(Kind::Pod, "agents", "pod-paused");
+    api.add_pod("agents", "pod-paused", MANAGED);
+    api.add_pod("agents", "pod-marker", MANAGED);
+    let cache = r.cache().unwrap().clone();
+    eventually("the marker arrives after both events", || {
+        cache.contains("pod-marker").is_some()
+    })
+    .await;
+    assert!(cache.contains("pod-paused").is_some());
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(db.state("paused").await, "suspended");
+}

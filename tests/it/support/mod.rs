@@ -1,0 +1,290 @@
+//! The helpers that need the reconciler's own types: a private PostgreSQL schema per test
+//! with settings pointing at it, sweeps in-process, the real binary as a process. What needs
+//! only PostgreSQL, the network or a fake cluster is in `testkit`.
+
+pub mod daemon;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use chrono::{DateTime, Duration, Utc};
+use sandbox_reconciler::cluster::KubeCluster;
+use sandbox_reconciler::config::Settings;
+use sandbox_reconciler::store::{Database, TableMapping};
+use sandbox_reconciler::sweep::{ClusterSource, Reconciler, SweepOptions, SweepReport};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool, Row};
+
+pub use testkit::fake_api::{FakeApiServer, Fault, FaultAction, Kind};
+
+pub use testkit::pg::database_url;
+
+/// A private schema holding a centaur-shaped `sandbox_sessions` table.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub schema: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&database_url())
+            .await
+            .expect("PostgreSQL must be running (scripts/ensure-postgres.sh starts it)");
+        let schema = testkit::pg::create_sessions_schema(&pool, "t", "")
+            .await
+            .unwrap();
+        TestDb { pool, schema }
+    }
+
+    pub fn table(&self) -> String {
+        format!("{}.sandbox_sessions", self.schema)
+    }
+
+    pub fn audit_table(&self) -> String {
+        format!("{}.reconciler_audit", self.schema)
+    }
+
+    /// Inserts a session row updated `age` ago.
+    pub async fn insert(&self, key: &str, state: &str, object: &str, age: Duration) {
+        self.insert_at(key, state, object, Utc::now() - age).await;
+    }
+
+    pub async fn insert_at(&self, key: &str, state: &str, object: &str, updated_at: DateTime<Utc>) {
+        let sql = format!(
+            "INSERT INTO {} (thread_key, sandbox_id, state, updated_at, agent_thread_id) \
+             VALUES ($1, $2, $3, $4, $5)",
+            self.table()
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(key)
+            .bind(object)
+            .bind(state)
+            .bind(updated_at)
+            .bind(format!("agent-{key}"))
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
+    /// State and agent_thread_id of a row.
+    pub async fn row(&self, key: &str) -> (String, Option<String>) {
+        let sql = format!(
+            "SELECT state, agent_thread_id FROM {} WHERE thread_key = $1",
+            self.table()
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+
+    pub async fn state(&self, key: &str) -> String {
+        self.row(key).await.0
+    }
+
+    /// Number of audit records; 0 when the audit table does not exist yet.
+    pub async fn audit_count(&self) -> i64 {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(self.audit_table())
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+        if !exists {
+            return 0;
+        }
+        let sql = format!("SELECT count(*) FROM {}", self.audit_table());
+        sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Rows per state, for "nothing changed" assertions.
+    pub async fn fingerprint(&self) -> Vec<(String, String, Option<String>)> {
+        let sql = format!(
+            "SELECT thread_key, state, agent_thread_id FROM {} ORDER BY thread_key",
+            self.table()
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    /// Settings for this schema: pods and sandboxes (names "sb-…", so a missing object is
+    /// attributed to a backend) in namespace "agents", no grace for rows older than 10 minutes.
+    pub fn settings(&self) -> Settings {
+        let mut s = Settings::default();
+        s.database.url = database_url();
+        s.sessions.table = self.table();
+        s.audit.table = self.audit_table();
+        s.cluster.namespaces = vec!["agents".into()];
+        s.cluster.page_size = 2;
+        s.cluster.request_timeout_seconds = 5;
+        s.backends.agent_sandbox.enabled = true;
+        s.backends.agent_sandbox.object_name_prefix = "sb-".into();
+        s.sweep.grace_period_seconds = 600;
+        s.guard.min_live_missing = 1;
+        s.validate().expect("test settings are valid");
+        s
+    }
+
+    /// The same settings as a TOML file for the binary.
+    pub fn write_config(&self, dir: &Path, extra: &str) -> PathBuf {
+        let path = dir.join(format!("config-{}.toml", uuid::Uuid::new_v4().simple()));
+        let text = format!(
+            "[database]\nurl = \"{url}\"\n\
+             [sessions]\ntable = \"{table}\"\n\
+             [audit]\ntable = \"{audit}\"\n\
+             [cluster]\nnamespaces = [\"agents\"]\npage_size = 2\nrequest_timeout_seconds = 5\n\
+             [backends.agent_sandbox]\nenabled = true\nobject_name_prefix = \"sb-\"\n\
+             [guard]\nmin_live_missing = 1\n{extra}\n",
+            url = database_url(),
+            table = self.table(),
+            audit = self.audit_table(),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// Builds an in-process reconciler talking to `api` with the real kube::Client.
+pub fn reconciler(settings: Settings, api: &FakeApiServer) -> Reconciler {
+    let cluster = KubeCluster::with_client(api.client(), &settings);
+    Reconciler::new(
+        settings.clone(),
+        Database::new(&settings).unwrap(),
+        TableMapping::from_settings(&settings).unwrap(),
+        ClusterSource::Api(Box::new(cluster)),
+    )
+}
+
+/// Runs one sweep in-process.
+pub async fn sweep(settings: Settings, api: &FakeApiServer, dry_run: bool) -> SweepReport {
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    reconciler(settings, api)
+        .sweep(
+            &SweepOptions {
+                dry_run,
+                max_downgrades: None,
+            },
+            &rx,
+        )
+        .await
+}
+
+/// Runs the real binary with `args`, a kubeconfig for `api` (if any) and extra env vars.
+pub async fn run_binary(
+    dir: &Path,
+    api: Option<&FakeApiServer>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandbox-reconciler"));
+    cmd.args(args)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "info")
+        .env("HOME", dir);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SANDBOX_RECONCILER") {
+            cmd.env_remove(k);
+        }
+    }
+    let kubeconfig = dir.join("kubeconfig");
+    if let Some(api) = api {
+        api.write_kubeconfig(&kubeconfig);
+    }
+    cmd.env("KUBECONFIG", &kubeconfig);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.kill_on_drop(true);
+    tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
+        .await
+        .expect("binary finished within 60s")
+        .expect("binary ran")
+}
+
+/// Pods labelled the way the default backend selects them.
+pub const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
+
+/// A typical world: `live` running sessions with their pods (`live-i` / `pod-live-i`) and
+/// `orphans` suspended sessions whose pods are gone (`orphan-i` / `pod-gone-i`, oldest last),
+/// with the Sandbox API served.
+pub async fn seeded(live: usize, orphans: usize) -> (TestDb, FakeApiServer) {
+    let db = TestDb::new().await;
+    let api = FakeApiServer::start().await;
+    api.register_sandbox_version("v1alpha1");
+    api.add_namespace("agents");
+    for i in 0..live {
+        api.add_pod("agents", &format!("pod-live-{i}"), MANAGED);
+        db.insert(
+            &format!("live-{i}"),
+            "running",
+            &format!("pod-live-{i}"),
+            minutes(60),
+        )
+        .await;
+    }
+    for i in 0..orphans {
+        db.insert(
+            &format!("orphan-{i}"),
+            "suspended",
+            &format!("pod-gone-{i}"),
+            minutes(60 + i as i64),
+        )
+        .await;
+    }
+    (db, api)
+}
+
+/// Creates the audit table, then holds it locked so the next apply batch blocks inside its
+/// transaction. Returns the transaction holding the lock.
+pub async fn block_audit(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let settings = db.settings();
+    let mut conn = Database::new(&settings).unwrap().connect().await.unwrap();
+    let mapping = TableMapping::from_settings(&settings).unwrap();
+    sandbox_reconciler::store::migrate(&mut conn, &mapping)
+        .await
+        .unwrap();
+    let mut blocker = db.pool.begin().await.unwrap();
+    let lock = format!("LOCK TABLE {} IN EXCLUSIVE MODE", db.audit_table());
+    sqlx::query(AssertSqlSafe(lock))
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    blocker
+}
+
+/// Waits until a reconciler's apply batch is blocked on a lock; returns its backend pid.
+pub async fn wait_for_blocked_batch(db: &TestDb) -> i32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'sandbox-reconciler' \
+             AND wait_event_type = 'Lock' AND query ILIKE '%unnest%' LIMIT 1",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some(pid) = pid {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no apply batch blocked on the audit table"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+pub fn minutes(n: i64) -> Duration {
+    Duration::minutes(n)
+}
