@@ -226,6 +226,14 @@ impl Metrics {
             if enabled {
                 m.sessions_downgraded_total
                     .with_label_values(&[kind.as_str()]);
+                if kind != BackendKind::Unknown {
+                    m.cache_watch_restarts_total
+                        .with_label_values(&[kind.as_str()]);
+                    for reason in crate::cluster::cache::RelistReason::ALL {
+                        m.cache_relists_total
+                            .with_label_values(&[kind.as_str(), reason.as_str()]);
+                    }
+                }
             }
         }
         Arc::new(m)

@@ -235,7 +235,7 @@ impl SweepReport {
             self.backends.insert(
                 view.kind,
                 BackendReport {
-                    cluster_objects: view.len() as u64,
+                    cluster_objects: counts.cluster_objects,
                     terminating_objects: view.count(|f| f.terminating) as u64,
                     suspended_objects: view.count(|f| f.suspended) as u64,
                     untracked_objects: counts.untracked_objects,

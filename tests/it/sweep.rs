@@ -9,6 +9,15 @@ use sandbox_reconciler::sweep::SweepResult;
 use serde_json::json;
 use sqlx::{AssertSqlSafe, Row};
 
+/// These tests exercise the direct GET confirmation (rule 2(a)), which a one-off sweep no
+/// longer needs by default (its listing is the proof): ask for it.
+fn get_confirmation(
+    mut settings: sandbox_reconciler::config::Settings,
+) -> sandbox_reconciler::config::Settings {
+    settings.sweep.confirmation = "get".into();
+    settings
+}
+
 /// A cluster with two live pods and one suspended Sandbox, plus the matching rows.
 async fn baseline() -> (TestDb, FakeApiServer) {
     let db = TestDb::new().await;
@@ -29,7 +38,7 @@ async fn orphan_is_downgraded_with_audit_and_cleared_column() {
     let (db, api) = baseline().await;
     db.insert("orphan", "suspended", "pod-deleted", minutes(120))
         .await;
-    let report = sweep(db.settings(), &api, false).await;
+    let report = sweep(get_confirmation(db.settings()), &api, false).await;
     assert_eq!(report.result, SweepResult::Success, "{:?}", report.error);
     assert_eq!(report.downgraded, 1);
     assert_eq!(db.row("orphan").await, ("gone".to_string(), None));
@@ -146,7 +155,7 @@ async fn row_changed_between_read_and_write_is_skipped() {
         "pods/pod-resumed",
         FaultAction::Hang(Duration::from_millis(1500)),
     ));
-    let settings = db.settings();
+    let settings = get_confirmation(db.settings());
     let run = tokio::spawn(async move { sweep(settings, &api, false).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sql = format!(
@@ -207,7 +216,7 @@ async fn confirming_get_must_answer_404() {
         "pods/pod-500",
         FaultAction::Status(500, None),
     ));
-    let report = sweep(db.settings(), &api, false).await;
+    let report = sweep(get_confirmation(db.settings()), &api, false).await;
     assert_eq!(report.result, SweepResult::Success, "{:?}", report.error);
     assert_eq!(db.state("err").await, "suspended");
     assert_eq!(db.state("ok").await, "gone");
@@ -219,13 +228,14 @@ async fn object_reappearing_before_confirmation_is_kept() {
     let (db, api) = baseline().await;
     db.insert("late", "suspended", "pod-late", minutes(60))
         .await;
-    // Not in any listing page, but a direct GET finds it (e.g. created meanwhile or
-    // outside the label selector).
+    // Outside the label selector: presence is by name (docs/DESIGN.md, Labels), so the
+    // listing itself protects the row, as a direct GET would.
     api.add_pod("agents", "pod-late", &[("other", "label")]);
-    let report = sweep(db.settings(), &api, false).await;
+    let report = sweep(get_confirmation(db.settings()), &api, false).await;
     assert_eq!(report.result, SweepResult::Success);
     assert_eq!(db.state("late").await, "suspended");
-    assert_eq!(report.skipped.get(&SkipReason::ObjectReappeared), Some(&1));
+    assert_eq!(report.orphans_found, 0);
+    assert_eq!(report.skipped.get(&SkipReason::ObjectReappeared), None);
 }
 
 #[tokio::test]
@@ -274,9 +284,12 @@ async fn guard_refuses_when_live_rows_lost_their_objects() {
     let (db, api) = baseline().await;
     db.insert("orphan", "suspended", "pod-deleted", minutes(120))
         .await;
-    // The selector matches nothing: every live row looks orphaned.
+    // The live rows' pods are gone (a wrong context, or real loss): every live row looks
+    // orphaned. (A wrong label selector no longer does this: presence is by name.)
+    api.remove(Kind::Pod, "agents", "pod-live-1");
+    api.remove(Kind::Pod, "agents", "pod-live-2");
+    api.add_pod("agents", "pod-unrelated", MANAGED);
     let mut settings = db.settings();
-    settings.backends.pod.label_selector = "centaur.ai/managed=typo".into();
     settings.backends.agent_sandbox.enabled = false;
     let before = db.fingerprint().await;
     let report = sweep(settings, &api, false).await;

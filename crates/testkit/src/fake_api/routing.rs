@@ -156,7 +156,6 @@ async fn record(req: Request<Incoming>) -> RecordedRequest {
     }
 }
 
-
 /// The normal answer to a request.
 pub(super) fn respond(
     shared: &Mutex<State>,
