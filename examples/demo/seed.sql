@@ -4,7 +4,7 @@ DROP TABLE IF EXISTS sandbox_sessions;
 DROP TABLE IF EXISTS sandbox_reconciler_audit;
 DROP TABLE IF EXISTS sandbox_reconciler_audit_migrations;
 -- The table has the shape of centaur's (the same fixture the tests use).
-\ir ../../tests/fixtures/centaur_sandbox_sessions.sql
+\ir ../../crates/testkit/fixtures/centaur_sandbox_sessions.sql
 
 -- live sessions whose pods exist
 INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id)

@@ -88,8 +88,6 @@ struct InformerState {
     watermark: u64,
     /// When the watermark last moved.
     advanced_at: Option<Instant>,
-    /// Requests of the listings (pages).
-    requests: u64,
 }
 
 struct Informer {
@@ -302,7 +300,6 @@ async fn run_informer(
                 state.objects = objects;
                 state.watermark = revision;
                 state.advanced_at = Some(Instant::now());
-                state.requests += listing.requests;
                 state.synced = true;
                 revision
             }
