@@ -657,8 +657,7 @@ fn describe(resource: &str, ns: Option<&str>) -> String {
 /// Whether a Sandbox is paused on purpose: `spec.replicas: 0` (v1alpha1) or
 /// `spec.operatingMode: Suspended` (v1beta1).
 pub fn sandbox_is_suspended(data: &serde_json::Value) -> bool {
-    let spec = &data["spec"];
-    spec["replicas"].as_i64() == Some(0) || spec["operatingMode"].as_str() == Some("Suspended")
+    serde_json::from_value::<lean::LeanSpec>(data["spec"].clone()).is_ok_and(|s| s.paused())
 }
 
 fn api_code(err: &ClusterError) -> u16 {

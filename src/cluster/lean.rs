@@ -44,6 +44,13 @@ pub struct LeanSpec {
     pub operating_mode: Option<String>,
 }
 
+impl LeanSpec {
+    /// `spec.replicas: 0` (v1alpha1) or `spec.operatingMode: Suspended` (v1beta1).
+    pub fn paused(&self) -> bool {
+        self.replicas == Some(0) || self.operating_mode.as_deref() == Some("Suspended")
+    }
+}
+
 /// A page of a list answer.
 #[derive(Debug, Clone, Deserialize)]
 pub struct LeanList {
@@ -67,9 +74,7 @@ impl LeanObject {
     /// Whether a Sandbox is paused on purpose: `spec.replicas: 0` (v1alpha1) or
     /// `spec.operatingMode: Suspended` (v1beta1).
     pub fn paused(&self) -> bool {
-        self.spec.as_ref().is_some_and(|s| {
-            s.replicas == Some(0) || s.operating_mode.as_deref() == Some("Suspended")
-        })
+        self.spec.as_ref().is_some_and(LeanSpec::paused)
     }
 
     /// The facts kept about this object; `selector` says whether it is one of the platform's
