@@ -34,7 +34,23 @@ pub(super) fn list(
         Ok(s) => s,
         Err(reply) => return reply,
     };
-    let page = scan(state, kind, rv, namespace, api_version, &start, &query);
+    // A consistent continuation knows how many keys follow its start (counted once, on the
+    // first page), so a listing costs O(objects), not O(objects²/limit).
+    let known_left = query
+        .continue_token
+        .and_then(|raw| ContinueToken::decode(raw).ok())
+        .filter(|token| token.rv != -1)
+        .and_then(|token| token.left);
+    let page = scan(
+        state,
+        kind,
+        rv,
+        namespace,
+        api_version,
+        &start,
+        &query,
+        known_left,
+    );
     encode(
         state,
         kind,
@@ -159,16 +175,19 @@ fn scan<'a>(
     api_version: &'a str,
     start: &str,
     query: &ListQuery,
+    known_left: Option<usize>,
 ) -> Page<'a> {
     let mut scope = state.snapshot(kind, rv, namespace, api_version, start);
     let mut items = Vec::new();
     let mut last_key = None;
     let mut more = false;
+    let mut scanned = 0;
     for (key, object) in scope.by_ref() {
         if query.limit > 0 && items.len() >= query.limit {
             more = true;
             break;
         }
+        scanned += 1;
         last_key = Some(key);
         if query.labels.matches(&object.value) && query.fields.matches(&object.value) {
             items.push(object);
@@ -177,7 +196,10 @@ fn scan<'a>(
     // The apiserver only knows the count when nothing is filtered; count only then.
     let unfiltered = query.labels.is_empty() && query.fields.is_empty();
     let remaining = if more && unfiltered {
-        1 + scope.count()
+        match known_left {
+            Some(left) if left > scanned => left - scanned,
+            _ => 1 + scope.count(),
+        }
     } else {
         usize::from(more)
     };
@@ -206,6 +228,7 @@ fn encode(
             rv: rv as i64,
             start: format!("{}\u{0}", page.last_key.unwrap_or_default()),
             page: page_number + 1,
+            left: page.unfiltered.then_some(page.remaining),
         };
         metadata["continue"] = json!(token.encode());
         if page.unfiltered {
@@ -253,12 +276,18 @@ pub(super) struct ContinueToken {
     pub(super) start: String,
     /// 0-based page number of the page this token fetches.
     pub(super) page: usize,
+    /// Keys from `start` on in the token's snapshot, when the listing is unfiltered (the
+    /// apiserver's `remainingItemCount` of the previous page); not part of a real token.
+    pub(super) left: Option<usize>,
 }
 
 impl ContinueToken {
     pub(super) fn encode(&self) -> String {
-        let json =
+        let mut json =
             json!({ "v": "meta.k8s.io/v1", "rv": self.rv, "start": self.start, "page": self.page });
+        if let Some(left) = self.left {
+            json["left"] = json!(left);
+        }
         base64url_encode(json.to_string().as_bytes())
     }
 
@@ -272,6 +301,7 @@ impl ContinueToken {
             rv: value["rv"].as_i64().ok_or("missing rv")?,
             start: value["start"].as_str().ok_or("missing start")?.to_string(),
             page: value["page"].as_u64().unwrap_or(1) as usize,
+            left: value["left"].as_u64().map(|n| n as usize),
         })
     }
 }

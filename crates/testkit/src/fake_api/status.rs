@@ -193,6 +193,7 @@ pub(super) fn expired_continue(start: String, page: usize) -> Reply {
         rv: -1,
         start,
         page,
+        left: None,
     }
     .encode();
     let mut reply = status_reply(410, "Expired", EXPIRED_CONTINUE_MESSAGE, json!({}));
