@@ -948,7 +948,8 @@ async fn confirm_all(
             };
             let cluster = cluster.clone();
             let name = row.object.clone();
-            tasks.spawn(async move { (i, cluster.confirm_absent(&name).await) });
+            let backend = row.backend;
+            tasks.spawn(async move { (i, cluster.confirm_absent(&name, backend).await) });
         }
         match tasks.join_next().await {
             Some(Ok(answer)) => {

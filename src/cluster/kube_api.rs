@@ -543,13 +543,28 @@ impl KubeCluster {
         &self.client
     }
 
-    /// Confirms that no enabled backend has an object named `name`, by direct GETs (or, when
-    /// listing all namespaces, a list selected by `metadata.name`). Only 404 counts as absent;
-    /// any other failure is an error and the row is left alone.
-    pub async fn confirm_absent(&self, name: &str) -> Result<Absence, ClusterError> {
+    /// Confirms that the backend the row is attributed to has no object named `name`, by
+    /// direct GETs (or, when listing all namespaces, a list selected by `metadata.name`); a
+    /// row of no single backend (`Unknown`) is confirmed against every enabled backend. Only
+    /// 404 counts as absent; any other failure is an error and the row is left alone.
+    ///
+    /// One GET per orphan, not one per backend: a backend's distinguishing
+    /// `object_name_prefix` says the name is not the other backend's object (an agent-sandbox
+    /// Sandbox's pod shares its name, but the Sandbox is what backs the session). The sweep
+    /// only asks about names its view found in no backend at all.
+    pub async fn confirm_absent(
+        &self,
+        name: &str,
+        backend: BackendKind,
+    ) -> Result<Absence, ClusterError> {
         let mut evidence = Vec::new();
+        let pods = self.pod && backend != BackendKind::AgentSandbox;
+        let sandboxes = self
+            .sandbox
+            .as_ref()
+            .filter(|_| backend != BackendKind::Pod);
         for ns in self.scopes() {
-            if self.pod {
+            if pods {
                 let api = self.pod_api(ns);
                 let seen = self.probe(&api, "pods", ns, name).await?;
                 match seen {
@@ -557,7 +572,7 @@ impl KubeCluster {
                     None => evidence.push(probe_text("pods", ns, name)),
                 }
             }
-            if let Some(sb) = &self.sandbox {
+            if let Some(sb) = sandboxes {
                 let api = self.sandbox_api(sb, ns);
                 let seen = self.probe(&api, &sb.resource.plural, ns, name).await?;
                 match seen {

@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::json;
+
 use sandbox_reconciler::cluster::cache::ClusterCache;
 use sandbox_reconciler::metrics::Metrics;
 use sandbox_reconciler::sweep::{
@@ -98,6 +100,63 @@ async fn the_watch_brings_later_changes_into_the_cache() {
     assert_eq!(report.confirmation, Confirmation::Get);
     assert_eq!(db.state("paused").await, "gone");
     assert_eq!(db.state("late").await, "suspended");
+}
+
+/// Few orphans are confirmed by one GET each, of the backend their name is attributed to; a
+/// name no single backend claims is asked of every backend.
+#[tokio::test]
+async fn a_confirming_get_asks_only_the_backend_the_name_belongs_to() {
+    let (db, api) = seeded(20, 1).await;
+    db.insert("sandbox-orphan", "suspended", "sb-gone", minutes(90))
+        .await;
+    db.insert("nobodys-orphan", "suspended", "x-gone", minutes(95))
+        .await;
+    for i in 0..10 {
+        let (name, replicas) = (format!("sb-{i}"), i % 2);
+        let state = if replicas == 1 {
+            "running"
+        } else {
+            "suspended"
+        };
+        api.add_sandbox("v1alpha1", "agents", &name, json!({ "replicas": replicas }));
+        db.insert(&name, state, &name, minutes(60)).await;
+    }
+    let mut settings = db.settings();
+    settings.backends.pod.object_name_prefix = "pod-".into();
+    let (r, _) = cached(settings, &api).await;
+    api.clear_requests();
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.confirmation, Confirmation::Get);
+    assert_eq!(report.downgraded, 3, "{report:?}");
+    let gets = |path: &str| {
+        api.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with(path))
+            .count()
+    };
+    assert_eq!(gets("/pods/pod-gone-0"), 1);
+    assert_eq!(
+        gets("/sandboxes/pod-gone-0"),
+        0,
+        "a pod's name is not a Sandbox's"
+    );
+    assert_eq!(gets("/sandboxes/sb-gone"), 1);
+    assert_eq!(
+        gets("/pods/sb-gone"),
+        0,
+        "a Sandbox backs its session, not its pod"
+    );
+    assert_eq!(
+        gets("/pods/x-gone"),
+        1,
+        "an unattributed name is asked of both"
+    );
+    assert_eq!(
+        gets("/sandboxes/x-gone"),
+        1,
+        "an unattributed name is asked of both"
+    );
 }
 
 /// Many orphans: the cache proven at least as fresh as a revision taken after the rows were

@@ -22,7 +22,7 @@ pub(super) fn list(
     params: &[(String, String)],
     representation: Representation,
 ) -> Reply {
-    let query = match ListQuery::parse(params, kind) {
+    let mut query = match ListQuery::parse(params, kind) {
         Ok(q) => q,
         Err(reply) => return reply,
     };
@@ -36,21 +36,12 @@ pub(super) fn list(
     };
     // A consistent continuation knows how many keys follow its start (counted once, on the
     // first page), so a listing costs O(objects), not O(objects²/limit).
-    let known_left = query
+    query.known_left = query
         .continue_token
         .and_then(|raw| ContinueToken::decode(raw).ok())
         .filter(|token| token.rv != -1)
         .and_then(|token| token.left);
-    let page = scan(
-        state,
-        kind,
-        rv,
-        namespace,
-        api_version,
-        &start,
-        &query,
-        known_left,
-    );
+    let page = scan(state, kind, rv, namespace, api_version, &start, &query);
     encode(
         state,
         kind,
@@ -71,6 +62,8 @@ struct ListQuery<'a> {
     resource_version: Option<&'a str>,
     version_match: Option<&'a str>,
     continue_token: Option<&'a str>,
+    /// Keys from the continuation's start on, carried by its token.
+    known_left: Option<usize>,
 }
 
 impl<'a> ListQuery<'a> {
@@ -89,6 +82,7 @@ impl<'a> ListQuery<'a> {
             resource_version: param(params, "resourceVersion").filter(|rv| !rv.is_empty()),
             version_match: param(params, "resourceVersionMatch").filter(|m| !m.is_empty()),
             continue_token: param(params, "continue").filter(|c| !c.is_empty()),
+            known_left: None,
         })
     }
 }
@@ -175,7 +169,6 @@ fn scan<'a>(
     api_version: &'a str,
     start: &str,
     query: &ListQuery,
-    known_left: Option<usize>,
 ) -> Page<'a> {
     let mut scope = state.snapshot(kind, rv, namespace, api_version, start);
     let mut items = Vec::new();
@@ -196,7 +189,7 @@ fn scan<'a>(
     // The apiserver only knows the count when nothing is filtered; count only then.
     let unfiltered = query.labels.is_empty() && query.fields.is_empty();
     let remaining = if more && unfiltered {
-        match known_left {
+        match query.known_left {
             Some(left) if left > scanned => left - scanned,
             _ => 1 + scope.count(),
         }
