@@ -120,8 +120,8 @@ fn decisions(out: &mut String, r: &SweepReport) {
             r.confirmed
         ),
         Confirmation::WatchCache => format!(
-            "{} confirmed absent by the watch cache proven fresh ({} requests)",
-            r.confirmed, r.confirmation_requests
+            "{} confirmed absent by the watch cache proven fresh ({} requests, {:.2}s waiting for it)",
+            r.confirmed, r.confirmation_requests, r.timings.confirm_wait
         ),
         Confirmation::ListingOnly => "not confirmed (sweep.confirm_absence = false)".to_string(),
         Confirmation::SnapshotFile => "not confirmed (snapshot file)".to_string(),

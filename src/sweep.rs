@@ -130,6 +130,9 @@ pub struct Timings {
     pub list_cluster: f64,
     pub read_db: f64,
     pub confirm: f64,
+    /// Part of `confirm`: waiting for the watch cache to reach a revision taken after the
+    /// read (rule 2(c)), up to about one bookmark interval of the API server.
+    pub confirm_wait: f64,
     pub apply: f64,
     pub total: f64,
 }
@@ -685,11 +688,12 @@ impl Reconciler {
             })
         };
         let all = |absence: &str| -> Vec<Downgrade<'p>> {
+            let evidence = Arc::new(base(absence));
             orphans
                 .iter()
                 .map(|row| Downgrade {
                     row,
-                    evidence: base(absence),
+                    evidence: evidence.clone(),
                 })
                 .collect()
         };
@@ -742,7 +746,7 @@ impl Reconciler {
                     report.confirmed += 1;
                     confirmed.push(Downgrade {
                         row,
-                        evidence: base(&evidence),
+                        evidence: Arc::new(base(&evidence)),
                     });
                 }
                 Ok(Absence::Present { evidence }) => {
@@ -773,7 +777,10 @@ impl Reconciler {
         let wait = Duration::from_secs(self.settings.cluster.cache_fresh_wait_seconds);
         let view: ProvenView<'_>;
         let absence: &str;
-        match cache.prove_fresh(cluster, wait).await {
+        let waiting = Instant::now();
+        let proof = cache.prove_fresh(cluster, wait).await;
+        report.timings.confirm_wait = waiting.elapsed().as_secs_f64();
+        match proof {
             Ok(Some(requests)) => {
                 report.confirmation = Confirmation::WatchCache;
                 report.confirmation_requests += requests;
@@ -809,13 +816,14 @@ impl Reconciler {
             }
         }
         let mut confirmed = Vec::with_capacity(orphans.len());
+        let evidence = Arc::new(base(absence));
         for row in orphans {
             match view.present(&row.object) {
                 None => {
                     report.confirmed += 1;
                     confirmed.push(Downgrade {
                         row,
-                        evidence: base(absence),
+                        evidence: evidence.clone(),
                     });
                 }
                 Some(facts) => {

@@ -257,7 +257,7 @@ pub(crate) fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(
         s,
-        "| scenario | orphans | ok | wall s | view / read / confirm / apply s | confirmation | API requests: list + get (watch) | DB round trips | RSS start → peak MiB | CPU s: self / fake API / machine | load avg |"
+        "| scenario | orphans | ok | wall s | view / read / confirm (wait) / apply s | confirmation | API requests: list + get (watch) | DB round trips | RSS start → peak MiB | CPU s: self / fake API / machine | load avg |"
     );
     let _ = writeln!(s, "|---|---:|:-:|---:|---|---|---:|---:|---|---|---:|");
     for x in &r.scenarios {
@@ -267,8 +267,13 @@ pub(crate) fn markdown(r: &Results) -> String {
                 _ => "–".into(),
             },
             |t| {
+                let wait = if t.confirm_wait > 0.0 {
+                    format!(" (wait {:.3})", t.confirm_wait)
+                } else {
+                    String::new()
+                };
                 format!(
-                    "{:.3} / {:.3} / {:.3} / {:.3}",
+                    "{:.3} / {:.3} / {:.3}{wait} / {:.3}",
                     t.list_cluster, t.read_db, t.confirm, t.apply
                 )
             },

@@ -643,7 +643,9 @@ fn decode_row(row: &PgRow) -> SessionRow {
 #[derive(Debug, Clone)]
 pub struct Downgrade<'a> {
     pub row: &'a OrphanedRow,
-    pub evidence: serde_json::Value,
+    /// Shared by every row a listing or the cache confirmed at once, so that a clean-up of
+    /// 100,000 rows builds and serialises it once per batch, not once per row.
+    pub evidence: std::sync::Arc<serde_json::Value>,
 }
 
 /// What one batch did.
@@ -667,7 +669,16 @@ pub async fn apply_batch(
     let objects: Vec<&str> = batch.iter().map(|d| d.row.object.as_str()).collect();
     let updated: Vec<DateTime<Utc>> = batch.iter().map(|d| d.row.updated_at).collect();
     let backends: Vec<&str> = batch.iter().map(|d| d.row.backend.as_str()).collect();
-    let evidence: Vec<String> = batch.iter().map(|d| d.evidence.to_string()).collect();
+    let mut evidence: Vec<String> = Vec::with_capacity(batch.len());
+    for (i, d) in batch.iter().enumerate() {
+        let text = match i.checked_sub(1).map(|j| &batch[j]) {
+            Some(prev) if std::sync::Arc::ptr_eq(&prev.evidence, &d.evidence) => {
+                evidence[i - 1].clone()
+            }
+            _ => d.evidence.to_string(),
+        };
+        evidence.push(text);
+    }
     let deadline = mapping.deadline;
     let mut tx = within(deadline, "starting the apply transaction", conn.begin()).await?;
     let sql = mapping.downgrade_sql();

@@ -180,6 +180,9 @@ async fn many_orphans_are_confirmed_by_the_cache_proven_fresh() {
         .count();
     assert_eq!(gets, 0, "no GET per orphan");
     assert!(report.confirmation_requests <= 2, "{report:?}");
+    // The wait for the proof is reported, as part of the confirmation's time.
+    let t = &report.timings;
+    assert!(t.confirm_wait > 0.0 && t.confirm_wait <= t.confirm, "{t:?}");
 }
 
 /// An API server that stops sending bookmarks: the proof cannot come, so after the bounded

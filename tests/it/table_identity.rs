@@ -878,7 +878,7 @@ async fn naive_updated_at_is_read_and_written_in_the_configured_zone() {
         uuid::Uuid::new_v4(),
         &[Downgrade {
             row: &orphan,
-            evidence: serde_json::json!({}),
+            evidence: std::sync::Arc::new(serde_json::json!({})),
         }],
     )
     .await
@@ -1200,7 +1200,7 @@ async fn skipped_changed_counts_rows_changed_meanwhile() {
         .iter()
         .map(|row| Downgrade {
             row,
-            evidence: serde_json::json!({"absence": "test"}),
+            evidence: std::sync::Arc::new(serde_json::json!({"absence": "test"})),
         })
         .collect();
     let outcome = store::apply_batch(&mut conn, &mapping, uuid::Uuid::new_v4(), &batch)
@@ -1258,7 +1258,7 @@ async fn a_batch_that_changes_more_rows_than_planned_is_rolled_back() {
         uuid::Uuid::new_v4(),
         &[Downgrade {
             row: &row,
-            evidence: serde_json::json!({}),
+            evidence: std::sync::Arc::new(serde_json::json!({})),
         }],
     )
     .await
