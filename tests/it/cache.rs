@@ -1,7 +1,8 @@
 //! The daemon's watch-fed cache against the fake API server: steady-state sweeps that cost the
 //! database read and the scope checks, confirmation by the cache proven fresh, and the faults
 //! of issue 12 (watch dropped, 410 on watch, no bookmarks, a cache that never syncs, an
-//! object deleted and recreated), each with nothing wrong written.
+//! object deleted and recreated, a row resumed behind a stale cache), each with nothing wrong
+//! written.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -303,4 +304,58 @@ async fn an_object_deleted_and_recreated_stays_present() {
     let report = sweep_with(&r).await;
     assert_eq!(report.result, SweepResult::Success, "{report:?}");
     assert_eq!(db.state("paused").await, "suspended");
+}
+
+/// A row resumed while the cache is behind: the platform created the row's object after the
+/// last watch event the cache applied (its watch is stuck), and has not changed the row yet.
+/// The stale cache shows the row as an orphan; the confirmation does not: a GET finds the
+/// object (few orphans), and the cache cannot be proven fresh, so a fresh listing finds it
+/// (many orphans). Nothing is written either way.
+#[tokio::test]
+async fn a_row_resumed_behind_a_stale_cache_is_left_alone() {
+    let (db, api) = seeded(20, 0).await;
+    db.insert("resumed", "suspended", "pod-resumed", minutes(120))
+        .await;
+    let (by_get, _) = cached(db.settings(), &api).await;
+    let mut settings = db.settings();
+    settings.cluster.confirm_get_max = 0;
+    settings.cluster.cache_fresh_wait_seconds = 1;
+    let (by_proof, _) = cached(settings, &api).await;
+    // Every watch from now on hangs before its first event: both caches stop learning.
+    api.inject(Fault::on_watch(
+        "/pods",
+        FaultAction::Hang(Duration::from_secs(3600)),
+    ));
+    api.drop_watches();
+    api.add_pod("agents", "pod-resumed", MANAGED);
+    for r in [&by_get, &by_proof] {
+        assert!(
+            r.cache().unwrap().contains("pod-resumed").is_none(),
+            "stale"
+        );
+    }
+    let before = db.fingerprint().await;
+
+    let report = sweep_with(&by_get).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(
+        report.cluster_view, "watch cache",
+        "the stale cache was read"
+    );
+    assert_eq!(report.orphans_found, 1, "{report:?}");
+    assert_eq!(report.confirmation, Confirmation::Get);
+    assert_eq!(report.downgraded, 0, "{report:?}");
+
+    let report = sweep_with(&by_proof).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(
+        report.cluster_view, "watch cache",
+        "the stale cache was read"
+    );
+    assert_eq!(report.orphans_found, 1, "{report:?}");
+    assert_eq!(report.confirmation, Confirmation::Listing, "{report:?}");
+    assert_eq!(report.downgraded, 0, "{report:?}");
+
+    assert_eq!(db.fingerprint().await, before);
+    assert_eq!(db.state("resumed").await, "suspended");
 }
