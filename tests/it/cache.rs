@@ -1,8 +1,8 @@
 //! The daemon's watch-fed cache against the fake API server: steady-state sweeps that cost the
 //! database read and the scope checks, confirmation by the cache proven fresh, and the faults
 //! of issue 12 (watch dropped, 410 on watch, no bookmarks, a cache that never syncs, an
-//! object deleted and recreated, a row resumed behind a stale cache), each with nothing wrong
-//! written.
+//! object deleted and recreated, a row resumed behind a stale cache, changes that reach the
+//! cache only through a relist), each with nothing wrong written.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -358,4 +358,48 @@ async fn a_row_resumed_behind_a_stale_cache_is_left_alone() {
 
     assert_eq!(db.fingerprint().await, before);
     assert_eq!(db.state("resumed").await, "suspended");
+}
+
+/// Changes the watch can no longer replay (the history compacted while the watch was failing)
+/// reach the cache through the relist, deletions included: the relist replaces the cache's
+/// contents, it does not merge into them. Nothing wrong is written meanwhile.
+#[tokio::test]
+async fn changes_compacted_away_arrive_through_the_relist() {
+    let (db, api) = seeded(20, 0).await;
+    db.insert("paused", "suspended", "pod-paused", minutes(120))
+        .await;
+    api.add_pod("agents", "pod-paused", MANAGED);
+    api.add_pod("agents", "pod-doomed", MANAGED);
+    let (r, metrics) = cached(db.settings(), &api).await;
+    let cache = r.cache().unwrap().clone();
+    assert!(cache.contains("pod-doomed").is_some());
+    api.inject(Fault::on_watch("/pods", FaultAction::Status(500, None)));
+    api.drop_watches();
+    api.remove(Kind::Pod, "agents", "pod-doomed");
+    api.add_pod("agents", "pod-born", MANAGED);
+    api.compact();
+    api.clear_faults();
+    eventually(
+        "the relisted cache holds the new pod and not the deleted one",
+        || cache.contains("pod-born").is_some() && cache.contains("pod-doomed").is_none(),
+    )
+    .await;
+    assert!(cache.contains("pod-paused").is_some());
+    let m = metrics.render();
+    let relists: f64 = ["expired", "watch_error"]
+        .iter()
+        .filter_map(|reason| {
+            metric(
+                &m,
+                &format!(
+                    "sandbox_reconciler_cache_relists_total{{backend=\"pod\",reason=\"{reason}\"}}"
+                ),
+            )
+        })
+        .sum();
+    assert!(relists >= 1.0, "{m}");
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(db.state("paused").await, "suspended");
+    assert_eq!(report.downgraded, 0);
 }
