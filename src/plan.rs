@@ -20,7 +20,7 @@
 //! A row whose object is missing could belong to any backend it is attributed to; a row
 //! attributed to no backend (`unknown`) counts against every backend's guard.
 
-use std::collections::{BTreeMap, BinaryHeap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap};
 
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
@@ -205,7 +205,8 @@ pub struct Planner<'a> {
     snapshot: &'a ClusterSnapshot,
     policy: &'a Policy,
     cutoff: DateTime<Utc>,
-    referenced: Vec<HashSet<&'a str>>,
+    /// Per backend, per object slot: whether a row names the object.
+    referenced: Vec<Vec<bool>>,
     /// The oldest `max_downgrades` orphans seen so far (a max-heap on age order, so the
     /// youngest kept orphan is dropped first).
     oldest: BinaryHeap<OldestFirst>,
@@ -247,7 +248,11 @@ impl<'a> Planner<'a> {
             snapshot,
             policy,
             cutoff: snapshot.listing_started_at - policy.grace_period,
-            referenced: snapshot.backends.iter().map(|_| HashSet::new()).collect(),
+            referenced: snapshot
+                .backends
+                .iter()
+                .map(|b| vec![false; b.len()])
+                .collect(),
             oldest: BinaryHeap::new(),
             orphans_found: 0,
             rows_read: 0,
@@ -269,15 +274,21 @@ impl<'a> Planner<'a> {
         let label = match state {
             None => {
                 *self.skipped.entry(SkipReason::NullState).or_default() += n;
-                "null".to_string()
+                "null"
             }
-            Some(s) if self.is_known(s) => s.to_string(),
+            Some(s) if self.is_known(s) => s,
             Some(_) => {
                 *self.skipped.entry(SkipReason::UnknownState).or_default() += n;
-                "unknown".to_string()
+                "unknown"
             }
         };
-        *self.rows_by_state.entry(label).or_default() += n;
+        // Called for every row: allocate the label only the first time it is seen.
+        match self.rows_by_state.get_mut(label) {
+            Some(count) => *count += n,
+            None => {
+                self.rows_by_state.insert(label.to_string(), n);
+            }
+        }
     }
 
     fn is_known(&self, state: &str) -> bool {
@@ -300,8 +311,8 @@ impl<'a> Planner<'a> {
     fn reference(&mut self, name: &str) -> Option<usize> {
         let mut first = None;
         for (i, b) in self.snapshot.backends.iter().enumerate() {
-            if let Some(key) = b.key_of(name) {
-                self.referenced[i].insert(key);
+            if let Some(slot) = b.slot_of(name) {
+                self.referenced[i][slot] = true;
                 first.get_or_insert(i);
             }
         }
@@ -469,8 +480,8 @@ impl<'a> Planner<'a> {
         for (i, view) in self.snapshot.backends.iter().enumerate() {
             let referenced = &self.referenced[i];
             let untracked = view
-                .iter()
-                .filter(|(name, facts)| facts.managed && !referenced.contains(name))
+                .slots()
+                .filter(|(slot, facts)| facts.managed && !referenced[*slot])
                 .count();
             self.backends
                 .entry(view.kind)

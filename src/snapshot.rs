@@ -4,7 +4,6 @@
 //! `kubectl` dump) and consumed by the pure planner (`plan`). Keeping these types here, apart
 //! from the module that talks to the API server, lets the decision depend on data only.
 
-use std::collections::HashMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
@@ -77,13 +76,20 @@ impl Default for ObjectFacts {
     }
 }
 
+/// Maps keyed by object name. A sweep looks up every row's name (a million and more per
+/// sweep): foldhash is several times cheaper than the standard SipHash on such short keys and
+/// is still seeded per process.
+pub type NameMap<V> = std::collections::HashMap<Box<str>, V, foldhash::fast::RandomState>;
+
 /// All objects of one backend, by name.
 #[derive(Debug, Clone)]
 pub struct BackendView {
     pub kind: BackendKind,
     /// Rows with a missing object whose name starts with this are counted under this backend.
     pub name_prefix: String,
-    objects: HashMap<Box<str>, ObjectFacts>,
+    /// Each object's facts and its slot: 0, 1, … in insertion order, so that a planner can
+    /// mark objects in a plain vector instead of a second hash set.
+    objects: NameMap<(u32, ObjectFacts)>,
     /// Requests the listing took (pages, including a restarted listing).
     pub requests: u64,
 }
@@ -93,21 +99,27 @@ impl BackendView {
         BackendView {
             kind,
             name_prefix: name_prefix.to_string(),
-            objects: HashMap::new(),
+            objects: NameMap::default(),
             requests: 0,
         }
+    }
+
+    /// Room for `n` more objects without rehashing.
+    pub fn reserve(&mut self, n: usize) {
+        self.objects.reserve(n);
     }
 
     /// Adds an object; a name seen in several namespaces is kept once.
     pub fn insert(&mut self, name: &str, facts: ObjectFacts) {
         match self.objects.get_mut(name) {
-            Some(entry) => {
+            Some((_, entry)) => {
                 entry.terminating |= facts.terminating;
                 entry.suspended |= facts.suspended;
                 entry.managed |= facts.managed;
             }
             None => {
-                self.objects.insert(name.into(), facts);
+                let slot = self.objects.len() as u32;
+                self.objects.insert(name.into(), (slot, facts));
             }
         }
     }
@@ -116,13 +128,13 @@ impl BackendView {
         self.objects.contains_key(name)
     }
 
-    /// The stored key for `name` (borrowed from the view), if present.
-    pub fn key_of(&self, name: &str) -> Option<&str> {
-        self.objects.get_key_value(name).map(|(k, _)| &**k)
+    /// The slot of the object named `name` (in `0..len()`), if present.
+    pub fn slot_of(&self, name: &str) -> Option<usize> {
+        self.objects.get(name).map(|(slot, _)| *slot as usize)
     }
 
     pub fn facts(&self, name: &str) -> Option<ObjectFacts> {
-        self.objects.get(name).copied()
+        self.objects.get(name).map(|(_, facts)| *facts)
     }
 
     pub fn len(&self) -> usize {
@@ -135,12 +147,17 @@ impl BackendView {
 
     /// Objects that are terminating / deliberately suspended / managed.
     pub fn count(&self, pred: impl Fn(&ObjectFacts) -> bool) -> usize {
-        self.objects.values().filter(|f| pred(f)).count()
+        self.objects.values().filter(|(_, f)| pred(f)).count()
     }
 
     /// Every object, by name.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &ObjectFacts)> {
-        self.objects.iter().map(|(k, v)| (&**k, v))
+        self.objects.iter().map(|(k, (_, v))| (&**k, v))
+    }
+
+    /// Every object's slot and facts.
+    pub fn slots(&self) -> impl Iterator<Item = (usize, &ObjectFacts)> {
+        self.objects.values().map(|(slot, v)| (*slot as usize, v))
     }
 
     /// Removes an object (a watch's delete event).

@@ -17,7 +17,6 @@
 //!
 //! A sweep never treats an unsynced cache as the cluster: it waits (bounded) or lists afresh.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,7 +26,7 @@ use tokio::sync::watch;
 
 use super::kube_api::Target;
 use super::lean::{self, LeanObject};
-use super::{ClusterError, KubeCluster};
+use super::{ClusterError, KubeCluster, NameMap};
 use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot, ObjectFacts};
 
 /// Server-side timeout of each watch request (the API server caps it anyway).
@@ -82,7 +81,7 @@ pub trait CacheObserver: Send + Sync {
 /// One informer's state.
 #[derive(Debug, Default)]
 struct InformerState {
-    objects: HashMap<Box<str>, ObjectFacts>,
+    objects: NameMap<ObjectFacts>,
     synced: bool,
     /// The highest revision applied (listing, event or bookmark).
     watermark: u64,
@@ -181,6 +180,7 @@ impl ClusterCache {
                     views.last_mut()?
                 }
             };
+            view.reserve(state.objects.len());
             for (name, facts) in &state.objects {
                 view.insert(name, *facts);
             }

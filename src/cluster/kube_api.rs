@@ -7,7 +7,6 @@
 //! timeout, transport, an item without a name, a list of the wrong kind — aborts the listing:
 //! there is no partial snapshot.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ use kube::{Api, Client};
 
 use super::client::{self, ClientOrigin};
 use super::lean::{self, LeanList};
-use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot, ObjectFacts};
+use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot, NameMap, ObjectFacts};
 use crate::config::Settings;
 use crate::plan::RefusalReason;
 use crate::selector::LabelSelector;
@@ -405,9 +404,9 @@ impl KubeCluster {
         &self,
         target: &Target,
         ns: Option<&str>,
-    ) -> Result<(HashMap<Box<str>, ObjectFacts>, Listing), ClusterError> {
+    ) -> Result<(NameMap<ObjectFacts>, Listing), ClusterError> {
         let what = describe(&target.plural, ns);
-        let mut objects: HashMap<Box<str>, ObjectFacts> = HashMap::new();
+        let mut objects: NameMap<ObjectFacts> = NameMap::default();
         let mut requests = 0u64;
         let mut restarted = false;
         let mut token: Option<String> = None;

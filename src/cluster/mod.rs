@@ -11,7 +11,7 @@ pub mod dump;
 mod kube_api;
 pub mod lean;
 
-pub use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot, ObjectFacts};
+pub use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot, NameMap, ObjectFacts};
 pub use kube_api::{Absence, KubeCluster, PageHook, RequestHook, ScopeVerdict};
 
 /// Why the cluster could not be listed or an absence confirmed. Any of these aborts the
