@@ -297,9 +297,25 @@ async fn run(args: Args) -> Result<bool> {
             started.elapsed().as_secs_f64()
         );
     }
+    // Rounds: every scenario's first run, then every scenario's second run, and so on, so
+    // that a drift of the shared machine (autovacuum, page cache, another process) during the
+    // benchmark weighs on a sweep and on its floor alike.
+    let mut runs: Vec<Vec<scenarios::Measurement>> = scenarios.iter().map(|_| Vec::new()).collect();
+    let rounds = scenarios
+        .iter()
+        .map(|s| bench.runs_of(*s))
+        .max()
+        .unwrap_or(1);
+    for round in 0..rounds {
+        for (i, scenario) in scenarios.iter().enumerate() {
+            if round < bench.runs_of(*scenario) {
+                runs[i].push(bench.run(*scenario, round).await?);
+            }
+        }
+    }
     let mut measurements = Vec::new();
-    for scenario in &scenarios {
-        measurements.push(bench.scenario(*scenario).await?);
+    for (scenario, runs) in scenarios.iter().zip(runs) {
+        measurements.push(bench.finish(*scenario, runs).await?);
     }
     bench.stop_daemon().await?;
     if let Some(path) = &args.explain {

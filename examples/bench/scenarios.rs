@@ -357,29 +357,46 @@ impl Bench {
         Ok(self.reconciler(url)?.with_cache(cache))
     }
 
-    /// One scenario: timed `--repeat` (or `--repeat-cleanup`) times on direct connections
-    /// (the median run is reported), then once more through the counting proxy.
-    pub(crate) async fn scenario(&mut self, scenario: Scenario) -> Result<Measurement> {
+    /// How many timed runs a scenario gets: `--repeat`, or `--repeat-cleanup` for the
+    /// clean-ups, the naive script and the SQL floors.
+    pub(crate) fn runs_of(&self, scenario: Scenario) -> usize {
+        if scenario.is_steady() {
+            self.args.repeat.max(1)
+        } else {
+            self.args.repeat_cleanup.max(1)
+        }
+    }
+
+    /// One timed run of a scenario on direct connections (the daemon's cache started or
+    /// stopped as the scenario needs).
+    pub(crate) async fn run(&mut self, scenario: Scenario, run: usize) -> Result<Measurement> {
         if scenario.is_daemon() {
             self.ensure_daemon().await?;
         } else {
             self.stop_daemon().await?;
         }
         let k = scenario.orphans(&self.args);
-        let repeat = if scenario.is_steady() {
-            self.args.repeat
+        eprintln!(
+            "bench: {} ({k} orphans), run {}...",
+            scenario.name(),
+            run + 1
+        );
+        self.timed(scenario, k).await
+    }
+
+    /// A scenario's result from its timed runs (the median run is reported), then one more
+    /// run through the counting proxy.
+    pub(crate) async fn finish(
+        &mut self,
+        scenario: Scenario,
+        mut runs: Vec<Measurement>,
+    ) -> Result<Measurement> {
+        if scenario.is_daemon() {
+            self.ensure_daemon().await?;
         } else {
-            self.args.repeat_cleanup
-        };
-        let mut runs = Vec::new();
-        for run in 0..repeat.max(1) {
-            eprintln!(
-                "bench: {} ({k} orphans), run {}...",
-                scenario.name(),
-                run + 1
-            );
-            runs.push(self.timed(scenario, k).await?);
+            self.stop_daemon().await?;
         }
+        let k = scenario.orphans(&self.args);
         let walls: Vec<f64> = runs.iter().map(|m| m.wall_seconds).collect();
         let problems: Vec<String> = runs.iter().flat_map(|m| m.problems.clone()).collect();
         runs.sort_by(|a, b| a.wall_seconds.total_cmp(&b.wall_seconds));
