@@ -307,3 +307,52 @@ async fn check_names_a_missing_column_and_a_forbidden_resource() {
 
     api.allow_all();
 }
+
+/// A watch on a quiet namespace receives nothing for a long time (a real API server sends a
+/// bookmark about once a minute). The client's read timeout must outlast that silence: cut
+/// at `cluster.request_timeout_seconds`, every quiet watch would fail and the cache relist
+/// over and over, the load it exists to avoid.
+#[tokio::test]
+async fn a_quiet_watch_outlives_the_request_timeout() {
+    let (db, api) = cluster_and_rows().await;
+    api.stop_bookmarks();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &db,
+        &api,
+        &[("SANDBOX_RECONCILER__CLUSTER__REQUEST_TIMEOUT_SECONDS", "1")],
+    )
+    .await;
+    d.wait_metrics(30, "a successful sweep", |m| successes(m) >= 1.0)
+        .await;
+    let churn = |m: &str| {
+        let sum = |name: &str| -> f64 {
+            m.lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        (
+            sum("sandbox_reconciler_cache_relists_total"),
+            sum("sandbox_reconciler_cache_watch_restarts_total"),
+        )
+    };
+    let before = churn(&d.metrics().await);
+    let watches = |api: &FakeApiServer| {
+        api.requests()
+            .iter()
+            .filter(|r| r.query_param("watch").is_some())
+            .count()
+    };
+    let watches_before = watches(&api);
+    // Four request timeouts of silence on every watch.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let m = d.metrics().await;
+    assert_eq!(churn(&m), before, "no relist and no watch restart: {m}");
+    assert_eq!(watches(&api), watches_before, "no new watch request");
+    assert!(
+        successes(&m) >= 2.0,
+        "sweeps went on reading the cache: {m}"
+    );
+}
