@@ -62,13 +62,9 @@ pub(crate) async fn explain(args: &Args, bench_url: &str, path: &std::path::Path
     let objects: Vec<&str> = batch.iter().map(|b| b.1.as_str()).collect();
     let updated: Vec<DateTime<Utc>> = batch.iter().map(|b| b.2).collect();
     let backends: Vec<&str> = batch.iter().map(|_| "pod").collect();
-    let evidence: Vec<String> = batch
-        .iter()
-        .map(|b| {
-            json!({"absence": format!("GET pods agents/{}: 404; GET sandboxes agents/{}: 404", b.1, b.1)})
-                .to_string()
-        })
-        .collect();
+    // A clean-up's batch: every row confirmed by the same listing, one evidence document.
+    let documents = vec![json!({"absence": "absent from the watch cache, proven at least as fresh as a revision taken after the rows were read"}).to_string()];
+    let doc_of: Vec<i32> = batch.iter().map(|_| 1).collect();
     let sql = mapping.downgrade_sql();
     let mut tx = conn.begin().await?;
     let rows = sqlx::query(AssertSqlSafe(format!("EXPLAIN (ANALYZE, BUFFERS) {sql}")))
@@ -76,12 +72,13 @@ pub(crate) async fn explain(args: &Args, bench_url: &str, path: &std::path::Path
         .bind(&objects)
         .bind(&updated)
         .bind(&backends)
-        .bind(&evidence)
+        .bind(&doc_of)
         .bind("suspended")
         .bind("gone")
         .bind(uuid::Uuid::new_v4())
         .bind(TABLE)
         .bind(mapping.scope_value())
+        .bind(&documents)
         .fetch_all(&mut *tx)
         .await?;
     tx.rollback().await?;

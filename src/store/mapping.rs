@@ -219,9 +219,11 @@ impl TableMapping {
     /// the configured columns and writes one audit record per row with the old values.
     /// Returns the keys downgraded.
     ///
-    /// `$1` keys, `$2` objects, `$3` updated_at as read, `$4` backends, `$5` evidence (JSON
-    /// text), `$6` suspended state, `$7` gone state, `$8` sweep id, `$9` table name,
-    /// `$10` scope value (NULL when unscoped).
+    /// `$1` keys, `$2` objects, `$3` updated_at as read, `$4` backends, `$5` each row's
+    /// evidence as a 1-based index into `$11`, `$6` suspended state, `$7` gone state, `$8`
+    /// sweep id, `$9` table name, `$10` scope value (NULL when unscoped), `$11` the batch's
+    /// distinct evidence documents (JSON text). A listing or the cache confirms a whole batch
+    /// with one document: it is sent and parsed once, not once per row.
     pub fn downgrade_sql(&self) -> String {
         let cleared = if self.clear.is_empty() {
             "'{}'::jsonb".to_string()
@@ -239,9 +241,13 @@ impl TableMapping {
         ];
         set.extend(self.clear.iter().map(|c| format!("{c} = NULL")));
         format!(
-            "WITH c AS ( \
-               SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[]) \
-                 AS c(key, object, updated_at, backend, evidence) \
+            "WITH docs AS ( \
+               SELECT array_agg(d.doc::jsonb ORDER BY d.n) AS evidence \
+               FROM unnest($11::text[]) WITH ORDINALITY AS d(doc, n) \
+             ), c AS ( \
+               SELECT c.key, c.object, c.updated_at, c.backend, docs.evidence[c.doc] AS evidence \
+               FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[]) \
+                 AS c(key, object, updated_at, backend, doc) CROSS JOIN docs \
              ), old AS ( \
                SELECT t.ctid AS row_id, t.{k}::text AS key, t.{s}::text AS old_state, \
                       t.{o}::text AS object, {tu} AS old_updated_at, {cleared} AS cleared, \
@@ -259,7 +265,7 @@ impl TableMapping {
                               object_name, backend, old_state, new_state, old_updated_at, \
                               new_updated_at, cleared, reason, evidence) \
              SELECT $8, 'downgrade', $9, $10, key, object, backend, old_state, $7, old_updated_at, \
-                    new_updated_at, cleared, 'orphaned_suspended', evidence::jsonb FROM upd \
+                    new_updated_at, cleared, 'orphaned_suspended', evidence FROM upd \
              RETURNING session_key",
             k = self.key,
             s = self.state,

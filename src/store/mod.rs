@@ -669,15 +669,16 @@ pub async fn apply_batch(
     let objects: Vec<&str> = batch.iter().map(|d| d.row.object.as_str()).collect();
     let updated: Vec<DateTime<Utc>> = batch.iter().map(|d| d.row.updated_at).collect();
     let backends: Vec<&str> = batch.iter().map(|d| d.row.backend.as_str()).collect();
-    let mut evidence: Vec<String> = Vec::with_capacity(batch.len());
+    // Each distinct evidence document once (rows confirmed together share one), and per row
+    // its 1-based index.
+    let mut documents: Vec<String> = Vec::new();
+    let mut doc_of: Vec<i32> = Vec::with_capacity(batch.len());
     for (i, d) in batch.iter().enumerate() {
-        let text = match i.checked_sub(1).map(|j| &batch[j]) {
-            Some(prev) if std::sync::Arc::ptr_eq(&prev.evidence, &d.evidence) => {
-                evidence[i - 1].clone()
-            }
-            _ => d.evidence.to_string(),
-        };
-        evidence.push(text);
+        let shared = i > 0 && std::sync::Arc::ptr_eq(&batch[i - 1].evidence, &d.evidence);
+        if !shared {
+            documents.push(d.evidence.to_string());
+        }
+        doc_of.push(documents.len() as i32);
     }
     let deadline = mapping.deadline;
     let mut tx = within(deadline, "starting the apply transaction", conn.begin()).await?;
@@ -690,12 +691,13 @@ pub async fn apply_batch(
             .bind(&objects)
             .bind(&updated)
             .bind(&backends)
-            .bind(&evidence)
+            .bind(&doc_of)
             .bind(&mapping.suspended_state)
             .bind(&mapping.gone_state)
             .bind(sweep_id)
             .bind(mapping.table_display())
             .bind(mapping.scope_value())
+            .bind(&documents)
             .fetch_all(&mut *tx),
     )
     .await?;

@@ -89,6 +89,53 @@ async fn orphan_is_downgraded_with_audit_and_cleared_column() {
     assert_eq!(gets, 1);
 }
 
+/// Each audit record carries its own row's evidence, whether the rows of a batch share one
+/// document (a listing confirmed them all) or each has its own (a GET each).
+#[tokio::test]
+async fn every_audit_record_carries_its_own_evidence() {
+    for by_get in [true, false] {
+        let (db, api) = baseline().await;
+        for i in 0..3 {
+            db.insert(
+                &format!("orphan-{i}"),
+                "suspended",
+                &format!("pod-gone-{i}"),
+                minutes(90 + i),
+            )
+            .await;
+        }
+        let settings = if by_get {
+            get_confirmation(db.settings())
+        } else {
+            db.settings()
+        };
+        let report = sweep(settings, &api, false).await;
+        assert_eq!(report.result, SweepResult::Success, "{:?}", report.error);
+        assert_eq!(report.downgraded, 3);
+        assert_eq!(report.batches, 1, "one batch holds them all");
+        let sql = format!("SELECT object_name, evidence FROM {}", db.audit_table());
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 3);
+        for r in rows {
+            let object: String = r.get(0);
+            let evidence: serde_json::Value = r.get(1);
+            let absence = evidence["absence"].as_str().unwrap();
+            if by_get {
+                assert!(
+                    absence.contains(&format!("GET pods agents/{object}: 404")),
+                    "{object}: {absence}"
+                );
+            } else {
+                assert!(absence.contains("complete listing"), "{absence}");
+            }
+            assert_eq!(evidence["cluster_source"], "api", "{evidence}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn present_objects_and_paused_sandboxes_are_never_touched() {
     let (db, api) = baseline().await;

@@ -499,12 +499,13 @@ async fn explain_downgrade(conn: &mut PgConnection, mapping: &TableMapping, key:
         .bind(vec!["pod-x".to_string()])
         .bind(vec![Utc::now()])
         .bind(vec!["pod".to_string()])
-        .bind(vec!["{}".to_string()])
+        .bind(vec![1i32])
         .bind(&mapping.suspended_state)
         .bind(&mapping.gone_state)
         .bind(uuid::Uuid::new_v4())
         .bind(mapping.table_display())
         .bind(mapping.scope_value())
+        .bind(vec!["{}".to_string()])
         .fetch_all(&mut *conn)
         .await
         .unwrap();
