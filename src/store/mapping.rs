@@ -223,7 +223,8 @@ impl TableMapping {
     /// evidence as a 1-based index into `$11`, `$6` suspended state, `$7` gone state, `$8`
     /// sweep id, `$9` table name, `$10` scope value (NULL when unscoped), `$11` the batch's
     /// distinct evidence documents (JSON text). A listing or the cache confirms a whole batch
-    /// with one document: it is sent and parsed once, not once per row.
+    /// with one document: it is sent and parsed once, not once per row (an uncorrelated
+    /// subquery, which PostgreSQL runs once per statement as an InitPlan).
     pub fn downgrade_sql(&self) -> String {
         let cleared = if self.clear.is_empty() {
             "'{}'::jsonb".to_string()
@@ -241,13 +242,12 @@ impl TableMapping {
         ];
         set.extend(self.clear.iter().map(|c| format!("{c} = NULL")));
         format!(
-            "WITH docs AS ( \
-               SELECT array_agg(d.doc::jsonb ORDER BY d.n) AS evidence \
-               FROM unnest($11::text[]) WITH ORDINALITY AS d(doc, n) \
-             ), c AS ( \
-               SELECT c.key, c.object, c.updated_at, c.backend, docs.evidence[c.doc] AS evidence \
+            "WITH c AS ( \
+               SELECT c.key, c.object, c.updated_at, c.backend, \
+                      (SELECT array_agg(d.doc::jsonb ORDER BY d.n) \
+                       FROM unnest($11::text[]) WITH ORDINALITY AS d(doc, n))[c.doc] AS evidence \
                FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[]) \
-                 AS c(key, object, updated_at, backend, doc) CROSS JOIN docs \
+                 AS c(key, object, updated_at, backend, doc) \
              ), old AS ( \
                SELECT t.ctid AS row_id, t.{k}::text AS key, t.{s}::text AS old_state, \
                       t.{o}::text AS object, {tu} AS old_updated_at, {cleared} AS cleared, \

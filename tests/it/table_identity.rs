@@ -565,6 +565,11 @@ async fn typed_keys_use_the_primary_key_index() {
                 .any(|l| l.contains("Index Cond:") && l.contains("thread_key")),
             "{key_type} key: the key is not an index condition:\n{plan}"
         );
+        // The batch's evidence documents are parsed once per statement, not once per row.
+        assert!(
+            plan.lines().any(|l| l.trim_start().starts_with("InitPlan")),
+            "{key_type} key: the evidence documents are not an InitPlan:\n{plan}"
+        );
 
         // Control: HEAD's join shape cannot use the index, whatever the planner settings.
         let old = format!(
