@@ -88,7 +88,8 @@ pub struct BackendView {
     /// Rows with a missing object whose name starts with this are counted under this backend.
     pub name_prefix: String,
     /// Each object's facts and its slot: 0, 1, … in insertion order, so that a planner can
-    /// mark objects in a plain vector instead of a second hash set.
+    /// mark objects in a plain vector instead of a second hash set. A view only grows (a
+    /// listing or a copy of the cache), so the slots are exactly `0..len()`.
     objects: NameMap<(u32, ObjectFacts)>,
     /// Requests the listing took (pages, including a restarted listing).
     pub requests: u64,
@@ -158,11 +159,6 @@ impl BackendView {
     /// Every object's slot and facts.
     pub fn slots(&self) -> impl Iterator<Item = (usize, &ObjectFacts)> {
         self.objects.values().map(|(slot, v)| (*slot as usize, v))
-    }
-
-    /// Removes an object (a watch's delete event).
-    pub fn remove(&mut self, name: &str) {
-        self.objects.remove(name);
     }
 }
 
