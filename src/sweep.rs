@@ -778,7 +778,10 @@ impl Reconciler {
         let view: ProvenView<'_>;
         let absence: &str;
         let waiting = Instant::now();
-        let proof = cache.prove_fresh(cluster, wait).await;
+        let mut backends: Vec<BackendKind> = orphans.iter().map(|o| o.backend).collect();
+        backends.sort();
+        backends.dedup();
+        let proof = cache.prove_fresh(cluster, wait, &backends).await;
         report.timings.confirm_wait = waiting.elapsed().as_secs_f64();
         match proof {
             Ok(Some(requests)) => {

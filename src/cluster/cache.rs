@@ -196,13 +196,28 @@ impl ClusterCache {
     /// then waits, at most `wait`, until the informer has applied an event or bookmark at or
     /// past R while staying synced. Returns the requests made, or `None` when the proof could
     /// not be had in time (the caller lists afresh instead).
+    ///
+    /// Only the informers of `backends` are proven (every informer when it holds
+    /// [`BackendKind::Unknown`]): an orphan attributed to one backend by its name's prefix is
+    /// confirmed against that backend, as its GET would be.
     pub async fn prove_fresh(
         &self,
         cluster: &KubeCluster,
         wait: Duration,
+        backends: &[BackendKind],
     ) -> Result<Option<u64>, ClusterError> {
-        let mut wanted = Vec::with_capacity(self.informers.len());
-        for informer in &self.informers {
+        let every = backends.contains(&BackendKind::Unknown)
+            || !self
+                .informers
+                .iter()
+                .any(|i| backends.contains(&i.target.kind));
+        let proven: Vec<&Arc<Informer>> = self
+            .informers
+            .iter()
+            .filter(|i| every || backends.contains(&i.target.kind))
+            .collect();
+        let mut wanted = Vec::with_capacity(proven.len());
+        for informer in &proven {
             let r = cluster
                 .current_revision(&informer.target, informer.namespace.as_deref())
                 .await?;
@@ -211,7 +226,7 @@ impl ClusterCache {
         let requests = wanted.len() as u64;
         let deadline = Instant::now() + wait;
         loop {
-            let fresh = self.informers.iter().zip(&wanted).all(|(informer, r)| {
+            let fresh = proven.iter().zip(&wanted).all(|(informer, r)| {
                 let state = informer.state();
                 state.synced && state.watermark >= *r
             });

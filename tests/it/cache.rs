@@ -211,11 +211,12 @@ async fn without_bookmarks_the_sweep_falls_back_to_a_fresh_listing() {
     settings.cluster.cache_fresh_wait_seconds = 1;
     let (r, _) = cached(settings, &api).await;
     api.stop_bookmarks();
-    // The store's revision moves on (a change elsewhere), so the watch of "agents" never
-    // reaches it without a bookmark.
-    api.add_pod("elsewhere", "pod-unrelated", MANAGED);
-    // And one orphan's pod comes back meanwhile: the fresh listing must see it.
+    // One orphan's pod comes back meanwhile: the fresh listing must see it.
     api.add_pod("agents", "pod-gone-0", MANAGED);
+    // Then the store's revision moves on (a change elsewhere), so the watch of "agents"
+    // never reaches it without a bookmark. (In the other order the pod's own event would
+    // carry the pod informer to the revision, a proof as good as a bookmark.)
+    api.add_pod("elsewhere", "pod-unrelated", MANAGED);
     let report = sweep_with(&r).await;
     assert_eq!(report.result, SweepResult::Success, "{report:?}");
     assert_eq!(report.confirmation, Confirmation::Listing, "{report:?}");
@@ -392,4 +393,52 @@ async fn changes_compacted_away_arrive_through_the_relist() {
     assert_eq!(report.result, SweepResult::Success, "{report:?}");
     assert_eq!(db.state("paused").await, "suspended");
     assert_eq!(report.downgraded, 0);
+}
+
+/// Proving the cache fresh for many orphans asks only the informers of the backends they are
+/// attributed to, as their GETs would: a stuck Sandbox watch does not hold up orphans of the
+/// bare-pod backend, but does hold up a name no backend claims (then a fresh listing confirms).
+#[tokio::test]
+async fn the_proof_of_freshness_covers_the_orphans_backends() {
+    let (db, api) = seeded(20, 4).await;
+    api.set_bookmark_interval(Duration::from_millis(100));
+    for i in 0..10 {
+        let (name, replicas) = (format!("sb-{i}"), i % 2);
+        let state = if replicas == 1 {
+            "running"
+        } else {
+            "suspended"
+        };
+        api.add_sandbox("v1alpha1", "agents", &name, json!({ "replicas": replicas }));
+        db.insert(&name, state, &name, minutes(60)).await;
+    }
+    let mut settings = db.settings();
+    settings.backends.pod.object_name_prefix = "pod-".into();
+    settings.cluster.confirm_get_max = 0;
+    settings.cluster.cache_fresh_wait_seconds = 1;
+    let (r, _) = cached(settings, &api).await;
+    // The Sandbox informer's watch hangs from now on: its watermark stops.
+    api.inject(Fault::on_watch(
+        "/sandboxes",
+        FaultAction::Hang(Duration::from_secs(3600)),
+    ));
+    api.drop_watches();
+    api.add_pod("elsewhere", "pod-unrelated", MANAGED);
+
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.confirmation, Confirmation::WatchCache, "{report:?}");
+    assert_eq!(
+        report.confirmation_requests, 1,
+        "one revision read, of pods"
+    );
+    assert_eq!(report.downgraded, 4);
+
+    db.insert("nobodys-orphan", "suspended", "x-gone", minutes(95))
+        .await;
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.confirmation, Confirmation::Listing, "{report:?}");
+    assert_eq!(report.downgraded, 1);
+    assert_eq!(db.state("nobodys-orphan").await, "gone");
 }
