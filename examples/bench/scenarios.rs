@@ -367,15 +367,20 @@ impl Bench {
         }
     }
 
-    /// One timed run of a scenario on direct connections (the daemon's cache started or
-    /// stopped as the scenario needs).
-    pub(crate) async fn run(&mut self, scenario: Scenario, run: usize) -> Result<Measurement> {
+    /// Starts or stops the daemon's cache as the scenario needs; returns its orphan count.
+    async fn ready_for(&mut self, scenario: Scenario) -> Result<usize> {
         if scenario.is_daemon() {
             self.ensure_daemon().await?;
         } else {
             self.stop_daemon().await?;
         }
-        let k = scenario.orphans(&self.args);
+        Ok(scenario.orphans(&self.args))
+    }
+
+    /// One timed run of a scenario on direct connections (the daemon's cache started or
+    /// stopped as the scenario needs).
+    pub(crate) async fn run(&mut self, scenario: Scenario, run: usize) -> Result<Measurement> {
+        let k = self.ready_for(scenario).await?;
         eprintln!(
             "bench: {} ({k} orphans), run {}...",
             scenario.name(),
@@ -391,12 +396,7 @@ impl Bench {
         scenario: Scenario,
         mut runs: Vec<Measurement>,
     ) -> Result<Measurement> {
-        if scenario.is_daemon() {
-            self.ensure_daemon().await?;
-        } else {
-            self.stop_daemon().await?;
-        }
-        let k = scenario.orphans(&self.args);
+        let k = self.ready_for(scenario).await?;
         let walls: Vec<f64> = runs.iter().map(|m| m.wall_seconds).collect();
         let problems: Vec<String> = runs.iter().flat_map(|m| m.problems.clone()).collect();
         runs.sort_by(|a, b| a.wall_seconds.total_cmp(&b.wall_seconds));

@@ -60,6 +60,21 @@ fn lists_of(api: &FakeApiServer, resource: &str) -> usize {
         .count()
 }
 
+/// Ten Sandboxes with their rows, half running and half paused on purpose: enough for the
+/// agent-sandbox backend's guards when a test's orphans are attributed to it or to no backend.
+async fn add_sandboxes(db: &TestDb, api: &FakeApiServer) {
+    for i in 0..10 {
+        let (name, replicas) = (format!("sb-{i}"), i % 2);
+        let state = if replicas == 1 {
+            "running"
+        } else {
+            "suspended"
+        };
+        api.add_sandbox("v1alpha1", "agents", &name, json!({ "replicas": replicas }));
+        db.insert(&name, state, &name, minutes(60)).await;
+    }
+}
+
 /// The pod informer's relists after a failed or expired watch, from the metrics text.
 fn pod_relists_after_failure(m: &str) -> f64 {
     ["expired", "watch_error"]
@@ -127,16 +142,7 @@ async fn a_confirming_get_asks_only_the_backend_the_name_belongs_to() {
         .await;
     db.insert("nobodys-orphan", "suspended", "x-gone", minutes(95))
         .await;
-    for i in 0..10 {
-        let (name, replicas) = (format!("sb-{i}"), i % 2);
-        let state = if replicas == 1 {
-            "running"
-        } else {
-            "suspended"
-        };
-        api.add_sandbox("v1alpha1", "agents", &name, json!({ "replicas": replicas }));
-        db.insert(&name, state, &name, minutes(60)).await;
-    }
+    add_sandboxes(&db, &api).await;
     let mut settings = db.settings();
     settings.backends.pod.object_name_prefix = "pod-".into();
     let (r, _) = cached(settings, &api).await;
@@ -402,16 +408,7 @@ async fn changes_compacted_away_arrive_through_the_relist() {
 async fn the_proof_of_freshness_covers_the_orphans_backends() {
     let (db, api) = seeded(20, 4).await;
     api.set_bookmark_interval(Duration::from_millis(100));
-    for i in 0..10 {
-        let (name, replicas) = (format!("sb-{i}"), i % 2);
-        let state = if replicas == 1 {
-            "running"
-        } else {
-            "suspended"
-        };
-        api.add_sandbox("v1alpha1", "agents", &name, json!({ "replicas": replicas }));
-        db.insert(&name, state, &name, minutes(60)).await;
-    }
+    add_sandboxes(&db, &api).await;
     let mut settings = db.settings();
     settings.backends.pod.object_name_prefix = "pod-".into();
     settings.cluster.confirm_get_max = 0;

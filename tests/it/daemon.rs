@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::daemon::*;
 use crate::support::*;
+use testkit::exposition::sum_by_label;
 
 fn successes(m: &str) -> f64 {
     metric(m, "sandbox_reconciler_sweeps_total{result=\"success\"}").unwrap_or(0.0)
@@ -327,10 +328,9 @@ async fn a_quiet_watch_outlives_the_request_timeout() {
     d.wait_metrics(30, "a successful sweep", |m| successes(m) >= 1.0)
         .await;
     let churn = |m: &str| {
-        let sum = |name: &str| -> f64 {
-            m.lines()
-                .filter(|l| l.starts_with(name))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        let sum = |name: &str| -> u64 {
+            sum_by_label(&[m.to_string()], name, "backend")
+                .values()
                 .sum()
         };
         (
