@@ -33,6 +33,9 @@
 #   - deploy/config/default.toml is a byte-identical copy of config/default.toml
 #   - deploy/Dockerfile copies everything the release build reads
 #   - every referenced metric is one the daemon exports (its metrics contract)
+#   - writes what deploy/ and deploy/cronjob/ grant the ServiceAccount (in the namespace
+#     default) to target/rbac-granted.json and target/rbac-granted-once.json, in the shape of
+#     `sandbox-reconciler permissions --output json` (the test suite compares them)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -292,6 +295,20 @@ for example in deploy/examples/*/; do
   name="$(basename "$example")"
   step "render + validate deploy/examples/$name/" render_and_validate "$name" "${example%/}" agents
 done
+
+# What the kustomize bases grant the ServiceAccount, in the shape of `sandbox-reconciler
+# permissions --output json`, applied in the namespace `default`: the test suite compares it
+# with what the binary declares (daemon: --mode daemon --all-backends; CronJob: --mode once).
+rbac_granted() {
+  local dir="$1" out="$2" o="$WORK/rbac-$(basename "$2" .json)"
+  mkdir -p "$o"
+  printf 'resources:\n  - %s\nnamespace: default\n' "$(realpath --relative-to="$o" "$ROOT/$dir")" > "$o/kustomization.yaml"
+  "$KUBECTL" kustomize "$o" > "$o/rendered.yaml" || return 1
+  mkdir -p "$(dirname "$out")"
+  helper rbac-granted "$o/rendered.yaml" "$out"
+}
+step "RBAC granted by deploy/ -> target/rbac-granted.json" rbac_granted deploy "$ROOT/target/rbac-granted.json"
+step "RBAC granted by deploy/cronjob/ -> target/rbac-granted-once.json" rbac_granted deploy/cronjob "$ROOT/target/rbac-granted-once.json"
 
 step "metric names used by the dashboard and the rules" helper metric-names "$metric_names_out"
 

@@ -663,18 +663,26 @@ def has_wildcard(rule):
                for x in rule.get(key) or [])
 
 
+READ_VERBS = {"get", "list", "watch"}
+
+
 def check_rbac(by_kind, namespace):
+    """Shape and least privilege of the rendered RBAC. Which verbs on which resources is not
+    stated here: it is what the binary declares (`sandbox-reconciler permissions`), compared
+    with what the rendering grants (granted_permissions) by rbac-compare after the build and
+    by the test suite (target/rbac-granted.json)."""
     roles = by_kind.get("Role", [])
     for role in roles:
-        rules = sorted((tuple(r.get("apiGroups", [])), tuple(r.get("resources", [])), tuple(sorted(r.get("verbs", []))),
-                        tuple(r.get("resourceNames", [])))
-                       for r in role.get("rules", []))
-        want = sorted([(("",), ("pods",), ("get", "list"), ()),
-                       (("agents.x-k8s.io",), ("sandboxes",), ("get", "list"), ()),
-                       (("",), ("namespaces",), ("get",), ())])
-        if rules != want:
-            fail("Role rules must be exactly get,list on pods and sandboxes.agents.x-k8s.io and get on "
-                 f"namespaces (which, in a Role, is the Role's own namespace only): {rules}")
+        name = role["metadata"]["name"]
+        for r in role.get("rules") or []:
+            if has_wildcard(r):
+                fail(f"Role {name}: no wildcard anywhere: {r}")
+            if set(r.get("verbs") or []) - READ_VERBS or not r.get("verbs"):
+                fail(f"Role {name}: read-only verbs only (get, list, watch): {r}")
+            if "namespaces" in (r.get("resources") or []) and r.get("verbs") != ["get"]:
+                fail(f"Role {name}: only get on namespaces (in a Role: its own Namespace): {r}")
+            if r.get("nonResourceURLs"):
+                fail(f"Role {name}: no nonResourceURLs: {r}")
     for rb in by_kind.get("RoleBinding", []):
         ref = rb.get("roleRef") or {}
         if ref.get("kind") != "Role" or ref.get("name") not in {r["metadata"]["name"] for r in roles}:
@@ -718,6 +726,143 @@ def check_rbac(by_kind, namespace):
                  "(kustomize fills it from `namespace:`)")
         elif not namespace and sa[0].get("namespace"):
             fail(f"ClusterRoleBinding {name}: the base must not name a namespace in its subject")
+
+
+def granted_permissions(docs, sa="sandbox-reconciler", sa_namespace="", default_namespace=""):
+    """What the rendered RBAC grants the ServiceAccount, in the shape of `sandbox-reconciler
+    permissions --output json`: one rule per (api_group, resource) with sorted verbs,
+    `namespaces` (["*"]: cluster-wide) and `resource_names` (keys absent when empty), sorted by
+    (api_group, resource). A Role's `get` on `namespaces` counts as resource_names [its own
+    namespace] (the only Namespace it can grant). Objects without a namespace (a base) are in
+    `default_namespace`. Verbs that differ between namespaces of one resource are an error:
+    the reconciler asks for the same verbs everywhere."""
+    by_key = {}
+    roles = {((d["metadata"].get("namespace") or default_namespace), d["metadata"]["name"]): d
+             for d in docs if d.get("kind") == "Role"}
+    cluster_roles = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ClusterRole"}
+    problems = []
+    if not sa_namespace:
+        # The ServiceAccount's own namespace in this rendering.
+        sa_namespace = next(((d["metadata"].get("namespace") or "") for d in docs
+                             if d.get("kind") == "ServiceAccount" and d["metadata"]["name"] == sa), "")
+
+    def grant(group, resource, verbs, namespace=None, names=None):
+        entry = by_key.setdefault((group, resource), {"verbs": None, "namespaces": set(), "resource_names": set()})
+        verbs = tuple(sorted(set(verbs)))
+        if entry["verbs"] is not None and entry["verbs"] != verbs:
+            problems.append(f"{group or 'core'}/{resource}: verbs {list(entry['verbs'])} in one grant, "
+                            f"{list(verbs)} in another")
+        entry["verbs"] = verbs if entry["verbs"] is None else tuple(sorted(set(entry["verbs"]) | set(verbs)))
+        if namespace is not None:
+            entry["namespaces"].add(namespace)
+        entry["resource_names"].update(names or [])
+
+    for b in docs:
+        if b.get("kind") not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        bns = (b["metadata"].get("namespace") or default_namespace) if b["kind"] == "RoleBinding" else ""
+        # A subject without namespace: a RoleBinding's own one; in a base, default_namespace.
+        subject_ns = {(s.get("namespace") or bns or default_namespace)
+                      for s in b.get("subjects") or [] if s.get("kind") == "ServiceAccount" and s.get("name") == sa}
+        if (sa_namespace or default_namespace) not in subject_ns:
+            continue
+        ref = b.get("roleRef") or {}
+        role = roles.get((bns, ref.get("name"))) if ref.get("kind") == "Role" else cluster_roles.get(ref.get("name"))
+        if role is None:
+            problems.append(f"{b['kind']} {b['metadata']['name']}: roleRef {ref} names no rendered object")
+            continue
+        for r in role.get("rules") or []:
+            for group in r.get("apiGroups") or []:
+                for resource in r.get("resources") or []:
+                    names = r.get("resourceNames") or []
+                    if b["kind"] == "RoleBinding":
+                        if (group, resource) == ("", "namespaces"):
+                            # Namespaces are cluster-scoped: a Role grants only its own one.
+                            own = [n for n in names if n == bns] if names else [bns]
+                            if own:
+                                grant(group, resource, r.get("verbs") or [], names=own)
+                        elif names:
+                            problems.append(f"Role {ref.get('name')}: resourceNames on {resource} are not supported")
+                        else:
+                            grant(group, resource, r.get("verbs") or [], namespace=bns)
+                    elif names:
+                        grant(group, resource, r.get("verbs") or [], names=names)
+                    else:
+                        grant(group, resource, r.get("verbs") or [], namespace="*")
+    rules = []
+    for (group, resource), entry in sorted(by_key.items()):
+        rule = {"api_group": group, "resource": resource, "verbs": list(entry["verbs"] or [])}
+        namespaces = sorted(entry["namespaces"])
+        if "*" in namespaces:
+            namespaces = ["*"]
+        if namespaces:
+            rule["namespaces"] = namespaces
+        if entry["resource_names"]:
+            rule["resource_names"] = sorted(entry["resource_names"])
+        rules.append(rule)
+    return rules, problems
+
+
+def rbac_granted(rendered, out, default_namespace=""):
+    """Writes what a rendering grants the ServiceAccount sandbox-reconciler (granted_permissions)
+    to OUT as JSON."""
+    with open(rendered, encoding="utf-8") as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    rules, problems = granted_permissions(docs, default_namespace=default_namespace)
+    for p in problems:
+        fail(p)
+    if not rules:
+        fail(f"{rendered}: grants the ServiceAccount sandbox-reconciler nothing")
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(rules, f, indent=2)
+        f.write("\n")
+    print(f"  {out}: " + "; ".join(
+        f"{r['api_group'] or 'core'}/{r['resource']} {','.join(r['verbs'])}"
+        + (f" in {','.join(r['namespaces'])}" if r.get("namespaces") else "")
+        + (f" named {','.join(r['resource_names'])}" if r.get("resource_names") else "") for r in rules))
+    finish()
+
+
+def normalize_permissions(rules):
+    out = []
+    for r in rules:
+        n = {"api_group": r.get("api_group", ""), "resource": r["resource"], "verbs": sorted(r.get("verbs") or [])}
+        if r.get("namespaces"):
+            n["namespaces"] = sorted(r["namespaces"])
+        if r.get("resource_names"):
+            n["resource_names"] = sorted(r["resource_names"])
+        out.append(n)
+    return sorted(out, key=lambda r: (r["api_group"], r["resource"]))
+
+
+def permission_differences(granted, declared):
+    """Human-readable differences between two permission lists (empty: equal)."""
+    g = {(r["api_group"], r["resource"]): r for r in normalize_permissions(granted)}
+    d = {(r["api_group"], r["resource"]): r for r in normalize_permissions(declared)}
+    diffs = []
+    for key in sorted(set(g) | set(d)):
+        what = f"{key[0] or 'core'}/{key[1]}"
+        if key not in g:
+            diffs.append(f"{what}: declared {d[key]}, not granted")
+        elif key not in d:
+            diffs.append(f"{what}: granted {g[key]}, not declared (more than the binary needs)")
+        elif g[key] != d[key]:
+            diffs.append(f"{what}: granted {g[key]}, declared {d[key]}")
+    return diffs
+
+
+def rbac_compare(granted_path, declared_path, what="the rendering"):
+    """Fails unless GRANTED (rbac-granted output) equals DECLARED (`sandbox-reconciler
+    permissions --output json`)."""
+    with open(granted_path, encoding="utf-8") as f:
+        granted = json.load(f)
+    with open(declared_path, encoding="utf-8") as f:
+        declared = json.load(f)
+    for diff in permission_differences(granted, declared):
+        fail(f"{what}: {diff}")
+    if not errors:
+        print(f"  {what} grants exactly what the binary declares ({len(declared)} rules)")
+    finish()
 
 
 def check_network_policy_docs(by_kind):
@@ -966,6 +1111,8 @@ COMMANDS = {
     "split": split,
     "manifests": manifests,
     "dockerfile": dockerfile,
+    "rbac-granted": rbac_granted,
+    "rbac-compare": rbac_compare,
 }
 
 if __name__ == "__main__":

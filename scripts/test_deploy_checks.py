@@ -75,5 +75,96 @@ class Rbac(unittest.TestCase):
         self.assertFalse(dc.has_wildcard({"resources": ["pods"], "verbs": ["get"]}))
 
 
+def _role(name, rules, namespace=None):
+    meta = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    return {"kind": "Role", "metadata": meta, "rules": rules}
+
+
+def _binding(kind, name, ref_kind, ref, subject_ns=None, namespace=None):
+    subject = {"kind": "ServiceAccount", "name": "sandbox-reconciler"}
+    if subject_ns:
+        subject["namespace"] = subject_ns
+    meta = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    return {"kind": kind, "metadata": meta, "roleRef": {"kind": ref_kind, "name": ref}, "subjects": [subject]}
+
+
+BASE = [
+    {"kind": "ServiceAccount", "metadata": {"name": "sandbox-reconciler"}},
+    _role("sandbox-reconciler", [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["watch", "get", "list"]},
+        {"apiGroups": ["agents.x-k8s.io"], "resources": ["sandboxes"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]},
+    ]),
+    _binding("RoleBinding", "sandbox-reconciler", "Role", "sandbox-reconciler"),
+    {"kind": "ClusterRole", "metadata": {"name": "identity"},
+     "rules": [{"apiGroups": [""], "resources": ["namespaces"], "resourceNames": ["kube-system"], "verbs": ["get"]}]},
+    _binding("ClusterRoleBinding", "identity", "ClusterRole", "identity"),
+]
+
+
+class GrantedPermissions(unittest.TestCase):
+    def test_the_base_in_default_grants_the_declared_shape(self):
+        rules, problems = dc.granted_permissions(BASE, default_namespace="default")
+        self.assertEqual(problems, [])
+        self.assertEqual(rules, [
+            {"api_group": "", "resource": "namespaces", "verbs": ["get"], "resource_names": ["default", "kube-system"]},
+            {"api_group": "", "resource": "pods", "verbs": ["get", "list", "watch"], "namespaces": ["default"]},
+            {"api_group": "agents.x-k8s.io", "resource": "sandboxes", "verbs": ["get", "list", "watch"],
+             "namespaces": ["default"]},
+        ])
+
+    def test_a_role_in_another_namespace_counts_only_when_bound_to_our_account(self):
+        docs = [dict(d) for d in BASE]
+        for d in docs:
+            if d["kind"] in ("ServiceAccount", "Role", "RoleBinding"):
+                d["metadata"] = dict(d["metadata"], namespace="ops")
+            if d["kind"] == "ClusterRoleBinding":
+                d["subjects"] = [dict(d["subjects"][0], namespace="ops")]
+        docs.append(_role("sandbox-reconciler", BASE[1]["rules"], namespace="agents"))
+        docs.append(_binding("RoleBinding", "sandbox-reconciler", "Role", "sandbox-reconciler",
+                             subject_ns="ops", namespace="agents"))
+        # Bound to someone else's account: not ours.
+        docs.append(_role("other", BASE[1]["rules"], namespace="eu"))
+        docs.append(_binding("RoleBinding", "other", "Role", "other", subject_ns="elsewhere", namespace="eu"))
+        rules, problems = dc.granted_permissions(docs)
+        self.assertEqual(problems, [])
+        by = {r["resource"]: r for r in rules}
+        self.assertEqual(by["pods"]["namespaces"], ["agents", "ops"])
+        self.assertEqual(by["namespaces"]["resource_names"], ["agents", "kube-system", "ops"])
+
+    def test_a_cluster_role_without_names_is_cluster_wide(self):
+        docs = BASE + [
+            {"kind": "ClusterRole", "metadata": {"name": "all"},
+             "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]},
+            _binding("ClusterRoleBinding", "all", "ClusterRole", "all"),
+        ]
+        rules, _ = dc.granted_permissions(docs, default_namespace="default")
+        self.assertEqual([r for r in rules if r["resource"] == "pods"][0]["namespaces"], ["*"])
+
+    def test_verbs_differing_between_namespaces_are_a_problem(self):
+        docs = BASE + [
+            _role("narrow", [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}], namespace="x"),
+            _binding("RoleBinding", "narrow", "Role", "narrow", subject_ns="default", namespace="x"),
+        ]
+        _, problems = dc.granted_permissions(docs, default_namespace="default")
+        self.assertTrue(any("pods" in p for p in problems), problems)
+
+    def test_differences_name_a_missing_verb_and_an_extra_grant(self):
+        granted, _ = dc.granted_permissions(BASE, default_namespace="default")
+        declared = [
+            {"api_group": "", "resource": "pods", "verbs": ["get", "list"], "namespaces": ["default"]},
+            {"api_group": "", "resource": "namespaces", "verbs": ["get"], "resource_names": ["kube-system", "default"]},
+        ]
+        diffs = dc.permission_differences(granted, declared)
+        self.assertEqual(len(diffs), 2, diffs)
+        self.assertTrue(any(d.startswith("core/pods") for d in diffs))
+        self.assertTrue(any("sandboxes" in d and "not declared" in d for d in diffs))
+        self.assertEqual(dc.permission_differences(granted, list(reversed(granted))), [])
+
+
 if __name__ == "__main__":
     unittest.main()
