@@ -51,7 +51,9 @@ def load_contract():
     return kinds
 
 
-_ALL = load_contract() if __name__ == "__main__" else {}
+# Commands that never look at metrics run without the contract (sync-deploy.sh has no binary).
+_WITHOUT_CONTRACT = {"sync", "chart-permissions", "rbac-compare"}
+_ALL = load_contract() if __name__ == "__main__" and sys.argv[1:2] and sys.argv[1] not in _WITHOUT_CONTRACT else {}
 # The daemon's own metrics (prefix sandbox_reconciler_), histograms by base name.
 CONTRACT = {n for n in _ALL if n.startswith("sandbox_reconciler_")}
 # The process collector's series (no prefix); the binary exports them on Linux.
@@ -1341,6 +1343,11 @@ def dockerfile():
                          ("ENTRYPOINT", "have an ENTRYPOINT")):
         if needle not in runtime:
             fail(f"the runtime stage must {what}")
+    # The OCI labels the image test checks, each from a build argument.
+    for key, arg in (("source", "SOURCE"), ("revision", "REVISION"), ("version", "VERSION")):
+        if not re.search(r"^ARG " + arg + r"\b", runtime, re.M) \
+                or f'org.opencontainers.image.{key}="${{{arg}}}"' not in runtime:
+            fail(f"the runtime stage must declare ARG {arg} and label org.opencontainers.image.{key}=\"${{{arg}}}\"")
     user = re.findall(r"^USER\s+(\S+)", runtime, re.M)
     if not user or user[-1].split(":")[0] in ("root", "0"):
         fail("the runtime stage must run as a non-root USER")
