@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: starts (or installs) PostgreSQL, installs and runs
-# the deployment checks (promtool, kubectl kustomize, kubernetes-validate, yamllint), then
-# formatting, lint and every Rust test against real PostgreSQL, a fake Kubernetes API server
-# and a real Prometheus server. Missing tools are failures here, never silent skips.
+# the deployment checks (promtool, kubectl kustomize, kubernetes-validate, yamllint, helm),
+# then formatting, lint and every Rust test against real PostgreSQL, a fake Kubernetes API
+# server and a real Prometheus server, the RBAC against the binary's declared permissions,
+# and last the container image (buildah, release build). Missing tools are failures here,
+# never silent skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-postgres.sh test
@@ -14,9 +16,16 @@ export SANDBOX_RECONCILER_METRIC_NAMES="$PWD/target/metric-names.txt"
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo test --locked --workspace --all-targets 2>&1 | tee target/test-output.txt
+# RBAC against what the binary declares (it exists now): the Helm chart's
+# files/permissions.json and the kustomize bases' grants (target/rbac-granted*.json).
+bash scripts/sync-chart-permissions.sh --check
 # A seconds-long run of the benchmark harness keeps it from rotting (the full run is in
 # docs/PERFORMANCE.md and is not part of the suite).
 bash scripts/bench-smoke.sh
+# The container image: deploy/Dockerfile built with buildah and the release binary, run and
+# checked (non-root, no shell, CA bundle, labels, --version, --print-metrics). The release
+# build is most of its cost (about 8-10 minutes on a fresh machine; see README.md).
+bash scripts/image-test.sh
 # One closing line for the whole run.
 passed=$(grep -oE 'test result: ok\. [0-9]+ passed' target/test-output.txt | awk '{s += $4} END {print s + 0}')
 echo "tests: ${passed} passed, 0 failed"
