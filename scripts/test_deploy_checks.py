@@ -166,5 +166,37 @@ class GrantedPermissions(unittest.TestCase):
         self.assertEqual(dc.permission_differences(granted, list(reversed(granted))), [])
 
 
+class ChartVsKustomize(unittest.TestCase):
+    def _pod(self, cm, args, annotations=None):
+        meta = {"name": "sandbox-reconciler", "labels": {"app.kubernetes.io/name": "sandbox-reconciler"}}
+        tmeta = {"labels": {"app.kubernetes.io/name": "sandbox-reconciler"}}
+        if annotations:
+            tmeta["annotations"] = annotations
+        return {"kind": "Deployment", "metadata": meta, "spec": {"template": {"metadata": tmeta, "spec": {
+            "containers": [{"name": "c", "args": args}], "volumes": [{"name": "config", "configMap": {"name": cm}}]}}}}
+
+    def test_helm_labels_checksum_hash_suffix_and_profile_file_are_not_differences(self):
+        chart = self._pod("sandbox-reconciler-config", ["--config=/etc/sandbox-reconciler/default.toml",
+                                                         "--config=/etc/sandbox-reconciler/centaur.toml", "--log-format=json"],
+                          {"checksum/config": "abc"})
+        chart["metadata"]["labels"].update({"helm.sh/chart": "sandbox-reconciler-0.1.0",
+                                            "app.kubernetes.io/managed-by": "Helm"})
+        kust = self._pod("sandbox-reconciler-config-g77tgmcg7b",
+                         ["--config=/etc/sandbox-reconciler/default.toml", "--log-format=json"])
+        self.assertEqual(dc.normalize_for_comparison(chart, "chart"), dc.normalize_for_comparison(kust, "kustomize"))
+
+    def test_any_other_difference_remains(self):
+        chart = self._pod("sandbox-reconciler-config", ["--config=/etc/sandbox-reconciler/default.toml", "--once"])
+        kust = self._pod("sandbox-reconciler-config-g77tgmcg7b", ["--config=/etc/sandbox-reconciler/default.toml"])
+        self.assertNotEqual(dc.normalize_for_comparison(chart, "chart"), dc.normalize_for_comparison(kust, "kustomize"))
+
+    def test_configmaps_compare_by_default_toml_only(self):
+        chart = {"kind": "ConfigMap", "metadata": {"name": "x-config"}, "data": {"default.toml": "a", "centaur.toml": "b"}}
+        kust = {"kind": "ConfigMap", "metadata": {"name": "x-config-abcde12345"}, "data": {"default.toml": "a"}}
+        self.assertEqual(dc.normalize_for_comparison(chart, "chart"), dc.normalize_for_comparison(kust, "kustomize"))
+        kust["data"]["default.toml"] = "changed"
+        self.assertNotEqual(dc.normalize_for_comparison(chart, "chart"), dc.normalize_for_comparison(kust, "kustomize"))
+
+
 if __name__ == "__main__":
     unittest.main()
