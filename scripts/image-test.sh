@@ -157,20 +157,34 @@ check() { # check DESCRIPTION COMMAND...
   local what="$1"; shift
   if "$@"; then echo "  ok    $what"; else echo "  FAIL  $what"; failures=$((failures + 1)); fi
 }
-cfg() { bah inspect --type image --format "$1" "$IMAGE"; }
-label() { cfg "{{index .OCIv1.Config.Labels \"$1\"}}"; }
+# The image's OCI configuration (buildah inspect prints JSON); cfg KEY prints one field of
+# .OCIv1.config as JSON (strings bare), label KEY one label.
+bah inspect --type image "$IMAGE" > "$tmp/inspect.json" || die "buildah inspect $IMAGE failed"
+cfg() {
+  python3 - "$tmp/inspect.json" "$1" <<'PY'
+import json, sys
+value = json.load(open(sys.argv[1]))["OCIv1"]["config"].get(sys.argv[2])
+print(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+PY
+}
+label() {
+  python3 - "$tmp/inspect.json" "$1" <<'PY'
+import json, sys
+print((json.load(open(sys.argv[1]))["OCIv1"]["config"].get("Labels") or {}).get(sys.argv[2], ""))
+PY
+}
 
 c="$(bah from --pull=never "$IMAGE")"
 m="$(bah mount "$c")"
 run() { bah run --isolation chroot "$c" -- "$@"; }
 
 check "user is $NONROOT_UID:$NONROOT_UID (numeric: runAsNonRoot can verify it)" \
-  test "$(cfg '{{.OCIv1.Config.User}}')" == "$NONROOT_UID:$NONROOT_UID"
+  test "$(cfg User)" == "$NONROOT_UID:$NONROOT_UID"
 check "entrypoint is the binary" \
-  test "$(cfg '{{json .OCIv1.Config.Entrypoint}}')" == '["/usr/local/bin/sandbox-reconciler"]'
-check "port 9090/tcp exposed" grep -q '"9090/tcp"' <<<"$(cfg '{{json .OCIv1.Config.ExposedPorts}}')"
+  test "$(cfg Entrypoint)" == '["/usr/local/bin/sandbox-reconciler"]'
+check "port 9090/tcp exposed" grep -q '"9090/tcp"' <<<"$(cfg ExposedPorts)"
 check "SANDBOX_RECONCILER_CONFIG names the default configuration" \
-  grep -q 'SANDBOX_RECONCILER_CONFIG=/etc/sandbox-reconciler/default.toml' <<<"$(cfg '{{json .OCIv1.Config.Env}}')"
+  grep -q '"SANDBOX_RECONCILER_CONFIG=/etc/sandbox-reconciler/default.toml"' <<<"$(cfg Env)"
 check "label org.opencontainers.image.version = $VERSION" test "$(label org.opencontainers.image.version)" == "$VERSION"
 check "label org.opencontainers.image.revision = $REVISION" test "$(label org.opencontainers.image.revision)" == "$REVISION"
 check "label org.opencontainers.image.source = $SOURCE" \
