@@ -209,16 +209,27 @@ check "/etc/sandbox-reconciler/default.toml is config/default.toml" \
   cmp -s "$m/etc/sandbox-reconciler/default.toml" config/default.toml
 check "the binary is the release binary" cmp -s "$m/usr/local/bin/sandbox-reconciler" "$BINARY"
 check "/etc/passwd knows nonroot as $NONROOT_UID" grep -q "^nonroot:x:$NONROOT_UID:$NONROOT_UID:" "$m/etc/passwd"
+# run_to FILE ARGS...: run in the container, stdout to FILE. Debian's buildah 1.28 now and then
+# loses a short-lived process's output under load (exit 0, nothing written): such a run is
+# repeated, up to three times, and says so.
+run_to() {
+  local out="$1" try; shift
+  for try in 1 2 3; do
+    run "$@" > "$out" || return 1
+    [[ -s "$out" ]] && return 0
+    echo "        (no output from $*, attempt $try)"
+  done
+  return 1
+}
 in_image_version() {
-  local v
-  v="$(run /usr/local/bin/sandbox-reconciler --version)" || return 1
-  echo "        $v"
-  [[ "$v" == "$host_version" ]]
+  run_to "$tmp/version-image.txt" /usr/local/bin/sandbox-reconciler --version || return 1
+  echo "        $(cat "$tmp/version-image.txt")"
+  [[ "$(cat "$tmp/version-image.txt")" == "$host_version" ]]
 }
 # Running at all proves every shared library the binary links is in the image.
 check "--version runs inside the image (as $NONROOT_UID) and names $VERSION and $REVISION" in_image_version
 in_image_metrics() {
-  run /usr/local/bin/sandbox-reconciler --print-metrics > "$tmp/metrics-image.txt" || return 1
+  run_to "$tmp/metrics-image.txt" /usr/local/bin/sandbox-reconciler --print-metrics || return 1
   "$BINARY" --print-metrics > "$tmp/metrics-host.txt" || return 1
   echo "        $(wc -l < "$tmp/metrics-image.txt") metrics"
   grep -q '^sandbox_reconciler_build_info ' "$tmp/metrics-image.txt" && cmp -s "$tmp/metrics-image.txt" "$tmp/metrics-host.txt"
