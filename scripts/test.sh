@@ -13,6 +13,8 @@ export SANDBOX_RECONCILER_REQUIRE_TOOLS=1
 mkdir -p target
 bash scripts/check-deploy.sh --metric-names-out target/metric-names.txt
 export SANDBOX_RECONCILER_METRIC_NAMES="$PWD/target/metric-names.txt"
+# What the rendered manifests grant (written by the deploy checks), for the RBAC tests.
+export SANDBOX_RECONCILER_RBAC_GRANTED="$PWD/target/rbac-granted.json"
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo test --locked --workspace --all-targets 2>&1 | tee target/test-output.txt

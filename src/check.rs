@@ -4,10 +4,12 @@
 //! catalog (its canonical name, that every mapped column exists with a usable type, that the
 //! key (+ scope) is unique, that a naive timestamp has a zone, that no transaction pooler sits
 //! in between) and that the reconciler may read and update it; then reads the cluster's
-//! identity, checks that each configured namespace exists, and asks the API server
-//! (SelfSubjectAccessReview) whether the reconciler may list and get each backend's resource
-//! in each namespace and get those Namespaces. Prints a pass/warn/fail table; warnings (such
-//! as both backends enabled without name prefixes) do not fail it.
+//! identity, checks that each configured namespace exists and that the API server serves each
+//! enabled backend's resource, and asks the API server (SelfSubjectAccessReview) for exactly
+//! the permissions the binary declares for the mode (`crate::permissions`: get, list and, for
+//! the daemon, watch on each backend's resource in each namespace; get on those Namespaces and
+//! kube-system). Prints a pass/warn/fail table; warnings (such as both backends enabled
+//! without name prefixes) do not fail it.
 
 use std::fmt::Write;
 
@@ -18,6 +20,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 
 use crate::config::Settings;
+use crate::permissions::Mode;
 use crate::store::{self, Database, TableMapping};
 
 /// One line of the preflight table.
@@ -56,7 +59,7 @@ fn configuration_warnings(settings: &Settings) -> Vec<CheckLine> {
     {
         out.push(warn(
             "backend attribution",
-            "both backends are enabled with the same object_name_prefix, so a row whose object is missing cannot be attributed: it is reported as backend \"unknown\" and counts against both backends' guards; set backends.pod.object_name_prefix and backends.agent_sandbox.object_name_prefix",
+            "both backends are enabled with the same object_name_prefix, so a row whose object is missing cannot be attributed: it is reported as backend \"unknown\", asks both backends' listings to be anchored, and counts in no backend's missing-share (centaur names pods and Sandboxes alike, so this is expected during a migration); set distinct prefixes where the names allow",
         ));
     }
     if settings.cluster.expected_uid.is_empty() {
@@ -71,6 +74,7 @@ fn configuration_warnings(settings: &Settings) -> Vec<CheckLine> {
 /// Runs every check; never stops at the first failure.
 pub async fn run(
     settings: &Settings,
+    mode: Mode,
     client: Result<(Client, crate::cluster::client::ClientOrigin), String>,
 ) -> Vec<CheckLine> {
     let mut lines = vec![line("configuration", true, "loaded and valid")];
@@ -83,7 +87,7 @@ pub async fn run(
                 true,
                 format!("{} ({})", origin.server, origin.source),
             ));
-            lines.extend(cluster_checks(settings, client).await);
+            lines.extend(cluster_checks(settings, mode, client).await);
         }
         Err(e) => lines.push(line("kubernetes client", false, e)),
     }
@@ -201,9 +205,10 @@ fn yes(b: bool) -> &'static str {
     }
 }
 
-async fn cluster_checks(settings: &Settings, client: Client) -> Vec<CheckLine> {
+async fn cluster_checks(settings: &Settings, mode: Mode, client: Client) -> Vec<CheckLine> {
     let mut out = scope_checks(settings, client.clone()).await;
-    out.extend(access_checks(settings, client).await);
+    out.extend(served_checks(settings, client.clone()).await);
+    out.extend(access_checks(settings, mode, client).await);
     out
 }
 
@@ -250,7 +255,7 @@ async fn scope_checks(settings: &Settings, client: Client) -> Vec<CheckLine> {
     }
 }
 
-/// One permission a sweep needs.
+/// One access review: a verb on a resource, in a namespace or on one object.
 struct Permission {
     group: String,
     resource: String,
@@ -275,57 +280,80 @@ impl Permission {
     }
 }
 
-/// Every permission a sweep needs: list and get of each backend's resource in each
-/// namespace, and get of the configured Namespaces and kube-system (the cluster's identity).
-fn permissions(settings: &Settings) -> Vec<Permission> {
-    let mut resources: Vec<(&str, String)> = Vec::new();
-    if settings.backends.pod.enabled {
-        resources.push(("", "pods".to_string()));
-    }
-    let sb = &settings.backends.agent_sandbox;
-    if sb.enabled {
-        resources.push((sb.group.as_str(), sb.plural.clone()));
-    }
-    let namespaces: Vec<Option<String>> = match settings.namespaces() {
-        Some(list) => list.iter().cloned().map(Some).collect(),
-        None => vec![None],
-    };
+/// The reviews of exactly the permissions the binary declares for `mode`
+/// ([`crate::permissions::required`]): each verb in each namespace, each named object.
+fn permissions(settings: &Settings, mode: Mode) -> Vec<Permission> {
     let mut out = Vec::new();
-    for (group, resource) in &resources {
-        for ns in &namespaces {
-            for verb in ["list", "get"] {
+    for rule in crate::permissions::required(settings, mode, false) {
+        for verb in &rule.verbs {
+            if !rule.resource_names.is_empty() {
+                for name in &rule.resource_names {
+                    // The API server checks a GET of Namespace N against bindings in N (a
+                    // Role in each watched namespace) and cluster-wide ones (the ClusterRole
+                    // for kube-system), so the review names N as both object and namespace,
+                    // as the real request does.
+                    out.push(Permission {
+                        group: rule.api_group.clone(),
+                        resource: rule.resource.clone(),
+                        verb,
+                        namespace: Some(name.clone()),
+                        name: Some(name.clone()),
+                    });
+                }
+                continue;
+            }
+            for ns in &rule.namespaces {
                 out.push(Permission {
-                    group: group.to_string(),
-                    resource: resource.clone(),
+                    group: rule.api_group.clone(),
+                    resource: rule.resource.clone(),
                     verb,
-                    namespace: ns.clone(),
+                    namespace: (ns != "*").then(|| ns.clone()),
                     name: None,
                 });
             }
         }
     }
-    let mut named = vec!["kube-system".to_string()];
-    named.extend(settings.namespaces().into_iter().flatten().cloned());
-    for ns in named {
-        // The API server checks a GET of Namespace N against bindings in N (a Role in each
-        // watched namespace) and cluster-wide ones (the ClusterRole for kube-system), so
-        // the review names N as both object and namespace, as the real request does.
-        out.push(Permission {
-            group: String::new(),
-            resource: "namespaces".into(),
-            verb: "get",
-            namespace: Some(ns.clone()),
-            name: Some(ns),
+    out
+}
+
+/// Whether the API server serves each enabled backend's resource: one that is not would fail
+/// every sweep (a configuration error, exit 2).
+async fn served_checks(settings: &Settings, client: Client) -> Vec<CheckLine> {
+    let mut out = Vec::new();
+    let b = &settings.backends;
+    let backends = [
+        (b.pod.enabled, "pod", "pods".to_string()),
+        (
+            b.agent_sandbox.enabled,
+            "agent_sandbox",
+            format!(
+                "{}.{}/{}",
+                b.agent_sandbox.plural, b.agent_sandbox.group, b.agent_sandbox.version
+            ),
+        ),
+    ];
+    for (enabled, section, resource) in backends {
+        if !enabled {
+            continue;
+        }
+        let mut only = settings.clone();
+        only.backends.pod.enabled = section == "pod";
+        only.backends.agent_sandbox.enabled = section == "agent_sandbox";
+        let cluster = crate::cluster::KubeCluster::with_client(client.clone(), &only);
+        let name = format!("backends.{section} resource");
+        out.push(match cluster.verify_served().await {
+            Ok(()) => line(name, true, format!("{resource} is served")),
+            Err(e) => line(name, false, e.to_string()),
         });
     }
     out
 }
 
 /// SelfSubjectAccessReviews of every permission a sweep needs.
-async fn access_checks(settings: &Settings, client: Client) -> Vec<CheckLine> {
+async fn access_checks(settings: &Settings, mode: Mode, client: Client) -> Vec<CheckLine> {
     let api: Api<SelfSubjectAccessReview> = Api::all(client);
     let mut out = Vec::new();
-    for p in permissions(settings) {
+    for p in permissions(settings, mode) {
         let review = SelfSubjectAccessReview {
             spec: SelfSubjectAccessReviewSpec {
                 resource_attributes: Some(ResourceAttributes {

@@ -13,10 +13,14 @@ use tokio::sync::watch;
 use crate::cluster::KubeCluster;
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::permissions::Mode;
 use crate::progress::{SweepProgress, TerminalProgress};
 use crate::report;
 use crate::store::{Database, TableMapping};
-use crate::sweep::{ClusterSource, Reconciler, SweepOptions, SweepResult};
+use crate::sweep::{ClusterSource, Reconciler, SweepOptions, SweepReport, SweepResult};
+
+/// The error kind of a backend the API server does not serve (`ClusterError::kind`).
+const NOT_SERVED: &str = "not_served";
 use std::sync::Arc;
 
 /// The exit status of every command, in one place (README, "Exit codes").
@@ -34,11 +38,13 @@ pub enum Exit {
 }
 
 impl Exit {
-    /// How a sweep's result ends the process.
-    pub fn of(result: SweepResult) -> Exit {
-        match result {
+    /// How a sweep ends the process: an enabled backend the API server does not serve is a
+    /// configuration error (exit 2), not a failed sweep.
+    pub fn of(report: &SweepReport) -> Exit {
+        match report.result {
             SweepResult::Success => Exit::Ok,
             SweepResult::Refused => Exit::Refused,
+            SweepResult::Failed if report.error_kind == Some(NOT_SERVED) => Exit::Config,
             SweepResult::Failed | SweepResult::Skipped => Exit::Failed,
         }
     }
@@ -125,9 +131,23 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Preflight: configuration, database table and columns, API permissions. Exits 1 if
-    /// any check fails.
-    Check,
+    /// Preflight: configuration, database table and columns, the backends' resources, API
+    /// permissions. Exits 1 if any check fails.
+    Check {
+        /// Review the permissions of this mode (the Deployment's daemon, or --once).
+        #[arg(long, value_enum, default_value_t = Mode::Daemon)]
+        mode: Mode,
+    },
+    /// Print the Kubernetes permissions the reconciler needs with this configuration (the
+    /// list `check` reviews and the deploy manifests grant).
+    Permissions {
+        /// The daemon (get, list, watch) or --once (get, list).
+        #[arg(long, value_enum, default_value_t = Mode::Daemon)]
+        mode: Mode,
+        /// Declare every backend as if it were enabled (manifests that serve any profile).
+        #[arg(long)]
+        all_backends: bool,
+    },
     /// Restore downgraded sessions from the audit records, for rows still exactly as the
     /// downgrade left them. Exits 1 on a database error.
     Undo {
@@ -212,7 +232,18 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
     };
     match &cli.command {
-        Some(Command::Check) => return run_check(&settings).await,
+        Some(Command::Check { mode }) => return run_check(&settings, *mode).await,
+        Some(Command::Permissions { mode, all_backends }) => {
+            let rules = crate::permissions::required(&settings, *mode, *all_backends);
+            match cli.output {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rules).unwrap_or_default()
+                ),
+                OutputFormat::Text => print!("{}", crate::permissions::text(&rules)),
+            }
+            return Exit::Ok.into();
+        }
         Some(Command::Undo { sweep, session }) => {
             let request = crate::undo::UndoRequest {
                 sweep: *sweep,
@@ -254,6 +285,21 @@ pub async fn run(cli: Cli) -> ExitCode {
         tracing::warn!("preparing the session table failed (retried by the sweep): {message}");
     }
     if !cli.once && cli.cluster_snapshot.is_none() {
+        // An enabled backend the API server does not serve would fail every sweep: a
+        // configuration error at start-up. An API server that does not answer yet is not
+        // (the sweeps retry and report it).
+        if let ClusterSource::Api(cluster) = &reconciler.source {
+            match cluster.verify_served().await {
+                Err(e) if e.is_configuration() => {
+                    eprintln!("error: {e}");
+                    return Exit::Config.into();
+                }
+                Err(e) => tracing::warn!(
+                    "checking the backends' resources failed (retried by the sweep): {e}"
+                ),
+                Ok(()) => {}
+            }
+        }
         return match crate::daemon::run(reconciler, options, metrics).await {
             Ok(()) => Exit::Ok.into(),
             Err(e) => {
@@ -291,7 +337,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         OutputFormat::Json => println!("{}", report::json(&report)),
         OutputFormat::Text => print!("{}", report::text(&report)),
     }
-    Exit::of(report.result).into()
+    Exit::of(&report).into()
 }
 
 /// Whether to draw progress: a text summary and a terminal on standard error.
@@ -372,11 +418,11 @@ async fn run_undo(
     }
 }
 
-async fn run_check(settings: &Settings) -> ExitCode {
+async fn run_check(settings: &Settings, mode: Mode) -> ExitCode {
     let client = crate::cluster::client::connect(settings)
         .await
         .map_err(|e| e.to_string());
-    let lines = crate::check::run(settings, client).await;
+    let lines = crate::check::run(settings, mode, client).await;
     print!("{}", crate::check::render(&lines));
     if lines.iter().all(|l| l.ok) {
         Exit::Ok.into()

@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod http;
 pub mod metrics;
+pub mod permissions;
 pub mod plan;
 pub mod progress;
 pub mod report;

@@ -7,18 +7,25 @@
 //! is not gone (an object in the snapshot protects its row), fresh rows are left alone, the
 //! misconfiguration guards (global and per backend), and the per-sweep cap.
 //!
-//! The guards, in the order they are checked (docs/DESIGN.md, "Guards"):
+//! The guards judge evidence, not attribution. A backend's listing is shown to look in the
+//! right place when it is *anchored*: it holds at least one object that a row outside the
+//! gone state refers to. The guards, in the order they are checked (docs/DESIGN.md, "Guards"):
 //! 1. `empty_listing`: nothing at all was listed while rows are in live states.
-//! 2. `backend_empty_listing`: one backend listed nothing while rows could belong to it. On
-//!    the bare-pod backend only live rows count (a suspended row's pod is gone by design); on
-//!    the agent-sandbox backend suspended rows count too (a paused Sandbox keeps its object).
-//! 3. `live_rows_missing`: most live rows have no object either.
-//! 4. `suspended_objects_missing` (agent-sandbox only): more than a configured share of the
-//!    backend's suspended rows have no Sandbox. Pausing never deletes a Sandbox, so a mass of
-//!    such rows means the listing is looking in the wrong place.
-//!
-//! A row whose object is missing could belong to any backend it is attributed to; a row
-//! attributed to no backend (`unknown`) counts against every backend's guard.
+//! 2. `backend_empty_listing` / `backend_listing_unrelated`: one backend's listing is not
+//!    anchored (it is empty, or holds only objects no row refers to) while rows that could
+//!    belong to it have no object. On the bare-pod backend only live rows count (a suspended
+//!    row's pod is gone by design); on the agent-sandbox backend suspended rows count too (a
+//!    paused Sandbox keeps its object). A row attributed to no backend (`unknown`) could
+//!    belong to either, so it counts here for both.
+//! 3. `selector_matches_nothing`: an anchored backend whose label selector selects none of
+//!    the objects it listed: the selector is wrong, so its untracked figures would be too.
+//! 4. `live_rows_missing`: most live rows have no object either.
+//! 5. `suspended_objects_missing` (agent-sandbox only): more than a configured share of the
+//!    suspended rows attributed to the backend have no Sandbox. Pausing never deletes a
+//!    Sandbox, so a mass of such rows means the listing is looking in the wrong place.
+//!    `unknown` rows do not count here: with both backends on under one naming scheme the
+//!    pod era's orphans are `unknown`, and they say nothing about where Sandboxes are listed;
+//!    guard 2 has already asked that the Sandbox listing be anchored.
 
 use std::collections::{BTreeMap, BinaryHeap};
 
@@ -153,6 +160,12 @@ pub enum RefusalReason {
     LiveRowsMissing,
     /// Too many of the agent-sandbox backend's suspended rows have no Sandbox.
     SuspendedObjectsMissing,
+    /// One backend listed objects, but none that a row refers to, while rows that could
+    /// belong to it have no object (a wrong namespace or context holding unrelated objects).
+    BackendListingUnrelated,
+    /// A backend's label selector selects none of the objects it listed, though rows refer
+    /// to them.
+    SelectorMatchesNothing,
     /// A configured namespace does not exist (checked before listing).
     NamespaceMissing,
     /// The cluster is not the one `cluster.expected_uid` names.
@@ -161,9 +174,11 @@ pub enum RefusalReason {
 
 impl RefusalReason {
     /// Every reason, for initialising metric series; a new variant must be added here.
-    pub const ALL: [RefusalReason; 6] = [
+    pub const ALL: [RefusalReason; 8] = [
         RefusalReason::EmptyListing,
         RefusalReason::BackendEmptyListing,
+        RefusalReason::BackendListingUnrelated,
+        RefusalReason::SelectorMatchesNothing,
         RefusalReason::LiveRowsMissing,
         RefusalReason::SuspendedObjectsMissing,
         RefusalReason::NamespaceMissing,
@@ -176,6 +191,8 @@ impl RefusalReason {
             RefusalReason::BackendEmptyListing => "backend_empty_listing",
             RefusalReason::LiveRowsMissing => "live_rows_missing",
             RefusalReason::SuspendedObjectsMissing => "suspended_objects_missing",
+            RefusalReason::BackendListingUnrelated => "backend_listing_unrelated",
+            RefusalReason::SelectorMatchesNothing => "selector_matches_nothing",
             RefusalReason::NamespaceMissing => "namespace_missing",
             RefusalReason::ClusterMismatch => "cluster_mismatch",
         }
@@ -207,6 +224,9 @@ pub struct Planner<'a> {
     cutoff: DateTime<Utc>,
     /// Per backend, per object slot: whether a row names the object.
     referenced: Vec<Vec<bool>>,
+    /// Per backend: rows outside the gone state whose object this backend listed (the
+    /// evidence that its listing looks in the right place).
+    anchors: Vec<u64>,
     /// The oldest `max_downgrades` orphans seen so far (a max-heap on age order, so the
     /// youngest kept orphan is dropped first).
     oldest: BinaryHeap<OldestFirst>,
@@ -253,6 +273,7 @@ impl<'a> Planner<'a> {
                 .iter()
                 .map(|b| vec![false; b.len()])
                 .collect(),
+            anchors: vec![0; snapshot.backends.len()],
             oldest: BinaryHeap::new(),
             orphans_found: 0,
             rows_read: 0,
@@ -307,12 +328,16 @@ impl<'a> Planner<'a> {
         attribute(&self.snapshot.backends, name)
     }
 
-    /// Marks every backend's object of that name as referenced by a row.
-    fn reference(&mut self, name: &str) -> Option<usize> {
+    /// Marks every backend's object of that name as referenced by a row; a row outside the
+    /// gone state (`anchor`) also counts as evidence for each backend that listed it.
+    fn reference(&mut self, name: &str, anchor: bool) -> Option<usize> {
         let mut first = None;
         for (i, b) in self.snapshot.backends.iter().enumerate() {
             if let Some(slot) = b.slot_of(name) {
                 self.referenced[i][slot] = true;
+                if anchor {
+                    self.anchors[i] += 1;
+                }
                 first.get_or_insert(i);
             }
         }
@@ -333,9 +358,11 @@ impl<'a> Planner<'a> {
         }
         let object = row.object.as_deref().filter(|o| !o.is_empty());
         if !suspended && !live {
-            // Other states only protect their objects from being counted as untracked.
+            // Other states only protect their objects from being counted as untracked (and,
+            // outside the gone state, show where a backend's objects are).
             if let Some(name) = object {
-                self.reference(name);
+                let anchor = state != self.policy.gone_state;
+                self.reference(name, anchor);
             }
             return;
         }
@@ -347,7 +374,7 @@ impl<'a> Planner<'a> {
             self.skip(SkipReason::InvalidObjectName);
             return;
         }
-        if let Some(i) = self.reference(name) {
+        if let Some(i) = self.reference(name, true) {
             let counts = self
                 .backends
                 .entry(self.snapshot.backends[i].kind)
@@ -412,7 +439,7 @@ impl<'a> Planner<'a> {
             .cloned()
             .unwrap_or_default();
         let sandbox_suspended_guard = p.max_suspended_missing_ratio < 1.0;
-        for view in &self.snapshot.backends {
+        for (i, view) in self.snapshot.backends.iter().enumerate() {
             let own = self.backends.get(&view.kind).cloned().unwrap_or_default();
             // Rows whose object is missing and that could belong to this backend.
             let live_missing = own.live_without_object + unknown.live_without_object;
@@ -423,12 +450,43 @@ impl<'a> Planner<'a> {
                 }
                 _ => live_missing,
             };
-            if view.is_empty() && signal > 0 {
+            let anchored = self.anchors[i] > 0;
+            if !anchored && signal > 0 {
+                let (reason, what) = if view.is_empty() {
+                    (
+                        RefusalReason::BackendEmptyListing,
+                        "listed no objects".to_string(),
+                    )
+                } else {
+                    (
+                        RefusalReason::BackendListingUnrelated,
+                        format!(
+                            "listed {} objects, none of which a session row refers to,",
+                            view.len()
+                        ),
+                    )
+                };
                 return refuse(
-                    RefusalReason::BackendEmptyListing,
+                    reason,
                     format!(
-                        "the {} backend listed no objects but {signal} rows that could belong to it have no object; check cluster.namespaces, its label selector, its API version and RBAC",
-                        view.kind
+                        "the {} backend {what} but {signal} rows that could belong to it have no object; it is probably looking in the wrong place: check cluster.namespaces, its label selector, its API version and RBAC{}",
+                        view.kind,
+                        match view.kind {
+                            BackendKind::AgentSandbox => " (on a cluster without Sandboxes yet, use the bare-pod profile, config/centaur.toml)",
+                            _ => "",
+                        }
+                    ),
+                );
+            }
+            if anchored && view.count(|f| f.managed) == 0 {
+                return refuse(
+                    RefusalReason::SelectorMatchesNothing,
+                    format!(
+                        "the {} backend's label selector selects none of the {} objects it listed, though {} rows refer to them; fix backends.{}.label_selector (or set it to \"\")",
+                        view.kind,
+                        view.len(),
+                        self.anchors[i],
+                        view.kind.config_section()
                     ),
                 );
             }
@@ -458,7 +516,9 @@ impl<'a> Planner<'a> {
                 .get(&BackendKind::AgentSandbox)
                 .cloned()
                 .unwrap_or_default();
-            let missing = own.suspended_without_object + unknown.suspended_without_object;
+            // Only the rows attributed to this backend: `unknown` rows could be the bare-pod
+            // era's, whose pods are gone by design (see the module comment).
+            let missing = own.suspended_without_object;
             let all = missing + own.suspended_with_object;
             if missing >= p.min_suspended_missing.max(1)
                 && missing as f64 > p.max_suspended_missing_ratio * all as f64
@@ -466,7 +526,7 @@ impl<'a> Planner<'a> {
                 return refuse(
                     RefusalReason::SuspendedObjectsMissing,
                     format!(
-                        "{missing} of {all} suspended rows that could belong to the agent-sandbox backend have no Sandbox (more than {:.0}%); pausing keeps the Sandbox, so the listing is probably looking in the wrong place (namespace, label selector, API version). If the Sandboxes really were deleted, run once with guard.max_suspended_missing_ratio = 1",
+                        "{missing} of {all} suspended rows of the agent-sandbox backend have no Sandbox (more than {:.0}%); pausing keeps the Sandbox, so the listing is probably looking in the wrong place (namespace, label selector, API version). If the Sandboxes really were deleted, run once with guard.max_suspended_missing_ratio = 1",
                         p.max_suspended_missing_ratio * 100.0
                     ),
                 );
@@ -751,6 +811,8 @@ mod tests {
             row("b", "idle", "gone-2", 60),
             row("c", "running", "x", 60),
             row("d", "suspended", "gone-3", 60),
+            // The Sandbox listing is anchored: this guard is about the live rows.
+            row("e", "suspended", "sb", 60),
         ];
         let plan = plan(&snap, &policy(), &rows);
         assert!(matches!(
@@ -965,5 +1027,123 @@ mod tests {
         let none = super::plan(&snap, &p, &rows);
         assert!(none.downgrades.is_empty());
         assert_eq!(none.deferred, 7);
+    }
+
+    fn refusal(plan: &Plan) -> Option<RefusalReason> {
+        match &plan.guard {
+            GuardVerdict::Refuse { reason, .. } => Some(*reason),
+            GuardVerdict::Proceed => None,
+        }
+    }
+
+    /// centaur names pods and Sandboxes from one scheme, so with both backends on (a
+    /// migration) no prefix tells them apart: the pod era's orphans are `unknown`. A Sandbox
+    /// listing that holds the paused Sandboxes the rows refer to is in the right place, and
+    /// the unknown orphans must not count against its missing-share.
+    #[test]
+    fn both_eras_orphans_are_cleared_when_each_listing_is_anchored() {
+        let name = |i: usize| format!("centaur-centaur-sandbox-slack-c07-{i:010x}");
+        let mut snap = ClusterSnapshot::new(now());
+        snap.backends
+            .push(view(BackendKind::Pod, "", &[&name(100)], false));
+        let paused: Vec<String> = (0..1).map(|i| name(200 + i)).collect();
+        let paused: Vec<&str> = paused.iter().map(String::as_str).collect();
+        snap.backends
+            .push(view(BackendKind::AgentSandbox, "", &paused, true));
+        let mut rows = vec![row("live", "running", &name(100), 60)];
+        rows.push(row("paused", "suspended", &name(200), 600));
+        for i in 0..6 {
+            rows.push(row(&format!("old-{i}"), "suspended", &name(i), 600));
+        }
+        let plan = plan(&snap, &policy(), &rows);
+        assert_eq!(plan.guard, GuardVerdict::Proceed, "{:?}", plan.guard);
+        assert_eq!(plan.downgrades.len(), 6);
+        assert!(plan
+            .downgrades
+            .iter()
+            .all(|o| o.backend == BackendKind::Unknown && o.key.starts_with("old-")));
+
+        // No live pod at all (every live session already runs in a Sandbox): still fine, the
+        // bare-pod backend has no row that needs a pod.
+        let mut no_pods = snap.clone();
+        no_pods.backends[0] = view(BackendKind::Pod, "", &[], false);
+        let rows_no_live: Vec<_> = rows[1..].to_vec();
+        let plan = super::plan(&no_pods, &policy(), &rows_no_live);
+        assert_eq!(plan.guard, GuardVerdict::Proceed, "{:?}", plan.guard);
+        assert_eq!(plan.downgrades.len(), 6);
+    }
+
+    /// A namespace that exists but is the wrong one, at a quiet hour: it holds Sandboxes, but
+    /// none that a row refers to, and the rows' paused Sandboxes are elsewhere.
+    #[test]
+    fn a_listing_of_unrelated_objects_refuses() {
+        for kinds in [
+            vec![BackendKind::AgentSandbox],
+            vec![BackendKind::Pod, BackendKind::AgentSandbox],
+        ] {
+            let mut snap = ClusterSnapshot::new(now());
+            for kind in &kinds {
+                let names: &[&str] = match kind {
+                    BackendKind::Pod => &["someone-elses-pod"],
+                    _ => &["someone-elses-sandbox", "another-one"],
+                };
+                snap.backends.push(view(*kind, "", names, true));
+            }
+            let rows: Vec<_> = (0..5)
+                .map(|i| row(&format!("k{i}"), "suspended", &format!("sb-{i}"), 600))
+                .collect();
+            let plan = plan(&snap, &policy(), &rows);
+            assert_eq!(
+                refusal(&plan),
+                Some(RefusalReason::BackendListingUnrelated),
+                "{kinds:?}: {:?}",
+                plan.guard
+            );
+            assert!(plan.downgrades.is_empty());
+            assert_eq!(plan.deferred, 5);
+        }
+    }
+
+    /// A label selector that selects nothing: the rows' objects are there by name (so nothing
+    /// is absent), but the configuration is wrong and the figures would lie.
+    #[test]
+    fn a_selector_that_selects_nothing_refuses() {
+        let mut snap = ClusterSnapshot::new(now());
+        let mut sandboxes = BackendView::new(BackendKind::AgentSandbox, "");
+        for name in ["sb-1", "sb-2"] {
+            sandboxes.insert(
+                name,
+                ObjectFacts {
+                    suspended: true,
+                    managed: false,
+                    ..ObjectFacts::default()
+                },
+            );
+        }
+        snap.backends.push(sandboxes);
+        let rows = vec![
+            row("a", "suspended", "sb-1", 600),
+            row("b", "suspended", "sb-2", 600),
+            row("c", "suspended", "sb-3", 600),
+        ];
+        let plan = plan(&snap, &policy(), &rows);
+        assert_eq!(
+            refusal(&plan),
+            Some(RefusalReason::SelectorMatchesNothing),
+            "{:?}",
+            plan.guard
+        );
+        assert!(plan.downgrades.is_empty());
+        // With one object selected the same rows proceed and the orphan is downgraded.
+        snap.backends[0].insert(
+            "sb-1",
+            ObjectFacts {
+                suspended: true,
+                ..ObjectFacts::default()
+            },
+        );
+        let plan = super::plan(&snap, &policy(), &rows);
+        assert_eq!(plan.guard, GuardVerdict::Proceed, "{:?}", plan.guard);
+        assert_eq!(plan.downgrades.len(), 1);
     }
 }

@@ -36,6 +36,15 @@ impl BackendKind {
 }
 
 impl BackendKind {
+    /// The configuration section of the backend (`backends.<section>`).
+    pub fn config_section(self) -> &'static str {
+        match self {
+            BackendKind::Pod => "pod",
+            BackendKind::AgentSandbox => "agent_sandbox",
+            BackendKind::Unknown => "unknown",
+        }
+    }
+
     /// Every value, for initialising metric series.
     pub const ALL: [BackendKind; 3] = [
         BackendKind::Pod,

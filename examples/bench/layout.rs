@@ -22,17 +22,15 @@ pub(crate) fn rnd(seed: u64, i: usize, salt: u64) -> u64 {
     mix(seed ^ mix(((i as u64) << 8) | salt))
 }
 
-/// Object-name prefix of the bare-pod backend (`backends.pod.object_name_prefix`): pods, and the
-/// names no object has (sessions of the bare-pod backend whose pod is gone, as pausing does).
-pub(crate) const POD_PREFIX: &str = "pod-";
-/// Object-name prefix of the agent-sandbox backend (`backends.agent_sandbox.object_name_prefix`).
-/// Both backends are enabled, so each has its prefix, as the configuration asks; without them
-/// every row with a missing object would be `unknown` and count against the Sandbox guard.
-pub(crate) const SANDBOX_PREFIX: &str = "sbx-";
+/// Object names as centaur gives them, pods and Sandboxes alike: one scheme,
+/// `centaur-centaur-sandbox-<slug>-<sha10>`, so no `object_name_prefix` can tell the backends
+/// apart and none is configured (a missing object is `unknown`, as on centaur's clusters).
+pub(crate) const NAME_SCHEME: &str = "centaur-centaur-sandbox-bench-";
 
-/// A bijective scramble of j, so names look random but never collide.
+/// A bijective scramble of j on 40 bits (ten hex digits, as centaur's sha10), so names look
+/// random but never collide.
 fn scramble(j: u64) -> u64 {
-    const MASK: u64 = (1 << 48) - 1;
+    const MASK: u64 = (1 << 40) - 1;
     let y = j.wrapping_mul(0x5DEE_CE66_D1A5) & MASK;
     y ^ (y >> 21)
 }
@@ -188,11 +186,10 @@ impl Layout {
     }
 
     /// Object name of object index `j`: pods are 0..P, Sandboxes P..P+S, names that no object
-    /// has start at P+S (and are bare-pod names: those sessions' pods are gone).
+    /// has start at P+S (those sessions' pods are gone). Distinct indexes get distinct names
+    /// (the scramble is a bijection on 40 bits, far more than any run's objects).
     pub(crate) fn object_name(&self, j: u64) -> String {
-        let sandbox = (self.pods as u64..(self.pods + self.sandboxes) as u64).contains(&j);
-        let prefix = if sandbox { SANDBOX_PREFIX } else { POD_PREFIX };
-        format!("{prefix}{:012x}", scramble(j))
+        format!("{NAME_SCHEME}{:010x}", scramble(j))
     }
 }
 

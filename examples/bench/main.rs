@@ -63,7 +63,7 @@ use serde::Serialize;
 use sqlx::postgres::PgConnectOptions;
 
 use cluster::FakeCluster;
-use layout::{Layout, Shape, POD_PREFIX, SANDBOX_PREFIX};
+use layout::{Layout, Shape};
 use load::{claim_database, create_database, load, with_database, with_host_port_nossl};
 use report::{markdown, verdicts, Results};
 use scenarios::{Bench, Scenario};
@@ -348,6 +348,9 @@ fn bench_settings(args: &Args, url: &str) -> Result<Settings> {
     s.database.client_deadline_seconds = 630;
     s.sessions.table = TABLE.into();
     s.audit.table = AUDIT.into();
+    // The heavier case: a profile that clears a column (centaur's clears none), so the sweeps
+    // and their hand-written floors do the same work.
+    s.sessions.clear_columns = vec!["agent_thread_id".into()];
     s.cluster.namespaces = vec![args.namespace.clone()];
     s.cluster.page_size = args.page_size;
     s.cluster.request_timeout_seconds = args.request_timeout_seconds;
@@ -355,9 +358,11 @@ fn bench_settings(args: &Args, url: &str) -> Result<Settings> {
     if let Some(n) = args.confirm_get_max {
         s.cluster.confirm_get_max = n;
     }
+    // Both backends, as during centaur's migration, and no prefixes: centaur's one naming
+    // scheme cannot have them.
     s.backends.agent_sandbox.enabled = true;
-    s.backends.pod.object_name_prefix = POD_PREFIX.into();
-    s.backends.agent_sandbox.object_name_prefix = SANDBOX_PREFIX.into();
+    s.backends.pod.object_name_prefix = String::new();
+    s.backends.agent_sandbox.object_name_prefix = String::new();
     s.sweep.grace_period_seconds = args.grace_seconds;
     s.sweep.batch_size = args.batch_size;
     s.validate()

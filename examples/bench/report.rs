@@ -98,11 +98,11 @@ pub(crate) fn verdicts(args: &Args, layout: &Layout, ms: &[Measurement]) -> Vec<
         let confirm = if m.orphans == 0 {
             0
         } else if m.orphans <= get_max {
-            // The benchmark's orphans carry the bare-pod backend's prefix: one GET each.
-            k
+            // centaur's names carry no prefix, so an orphan is `unknown`: one GET per backend.
+            2 * k
         } else {
-            // Proving the cache fresh reads the revision of the orphans' backend only.
-            1
+            // Proving the cache fresh reads the revision of every informer (unknown orphans).
+            2
         };
         let bound = SCOPE_GETS + confirm;
         push(

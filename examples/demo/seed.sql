@@ -1,47 +1,194 @@
--- Demo data for scripts/demo.sh: a centaur-shaped sandbox_sessions table with a realistic
--- mix of sessions matching examples/demo/cluster-snapshot.json. Recreated on every run.
+-- Demo data for scripts/demo.sh, written by examples/demo/generate.py: centaur's
+-- sandbox_sessions as its migrations leave it, on a bare-pod deployment, with the
+-- backlog of suspended sessions whose pods are gone. Recreated on every run.
 DROP TABLE IF EXISTS sandbox_sessions;
 DROP TABLE IF EXISTS sandbox_reconciler_audit;
 DROP TABLE IF EXISTS sandbox_reconciler_audit_migrations;
--- The table has the shape of centaur's (the same fixture the tests use).
-\ir ../../crates/testkit/fixtures/centaur_sandbox_sessions.sql
-
+\ir ../../crates/testkit/fixtures/centaur_sandbox_sessions_migrated.sql
 -- live sessions whose pods exist
-INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id)
-SELECT 'slack:C01:' || i, format('sbx-run-%s', lpad(i::text, 3, '0')), 'running', now() - interval '5 minutes', 'T-run-' || i
-FROM generate_series(1, 30) i;
-INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id)
-SELECT 'slack:C02:' || i, format('sbx-idle-%s', lpad(i::text, 3, '0')), 'idle', now() - interval '2 hours', 'T-idle-' || i
-FROM generate_series(1, 10) i;
-INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id)
-SELECT 'slack:C03:' || i, format('sbx-deliver-%s', lpad(i::text, 3, '0')), 'delivering', now() - interval '1 minute', 'T-del-' || i
-FROM generate_series(1, 5) i;
--- agent-sandbox sessions: running, and paused on purpose (the Sandbox stays, replicas 0)
-INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id)
-SELECT 'slack:C04:' || i, format('sb-run-%s', lpad(i::text, 3, '0')), 'running', now() - interval '30 minutes', 'T-sbrun-' || i
-FROM generate_series(1, 10) i;
-INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id)
-SELECT 'slack:C05:' || i, format('sb-paused-%s', lpad(i::text, 3, '0')), 'suspended', now() - interval '3 days', 'T-sbpause-' || i
-FROM generate_series(1, 20) i;
--- the backlog: suspended bare-pod sessions whose pods were deleted long ago (orphans)
-INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id)
-SELECT 'slack:C06:' || i, format('sbx-susp-%s', lpad(i::text, 3, '0')), 'suspended', now() - (i || ' hours')::interval - interval '1 day', 'T-susp-' || i
-FROM generate_series(1, 40) i;
--- ...a Sandbox deleted by hand (orphan on the agent-sandbox backend)
-INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id)
-VALUES ('slack:C07:1', 'sb-deleted-001', 'suspended', now() - interval '9 days', 'T-sbdel-1');
+INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id) VALUES
+  ('slack:C01:1', 'centaur-centaur-sandbox-slack-c01-1-3915b4f04c', 'running', now() - interval '5 minutes', 'T-C01-1'),
+  ('slack:C01:2', 'centaur-centaur-sandbox-slack-c01-2-53ac3fa0c4', 'running', now() - interval '5 minutes', 'T-C01-2'),
+  ('slack:C01:3', 'centaur-centaur-sandbox-slack-c01-3-d45ac4c4e4', 'running', now() - interval '5 minutes', 'T-C01-3'),
+  ('slack:C01:4', 'centaur-centaur-sandbox-slack-c01-4-450041ee0b', 'running', now() - interval '5 minutes', 'T-C01-4'),
+  ('slack:C01:5', 'centaur-centaur-sandbox-slack-c01-5-081251b147', 'running', now() - interval '5 minutes', 'T-C01-5'),
+  ('slack:C01:6', 'centaur-centaur-sandbox-slack-c01-6-193b2b441a', 'running', now() - interval '5 minutes', 'T-C01-6'),
+  ('slack:C01:7', 'centaur-centaur-sandbox-slack-c01-7-1231e2f2b4', 'running', now() - interval '5 minutes', 'T-C01-7'),
+  ('slack:C01:8', 'centaur-centaur-sandbox-slack-c01-8-02ab6c469c', 'running', now() - interval '5 minutes', 'T-C01-8'),
+  ('slack:C01:9', 'centaur-centaur-sandbox-slack-c01-9-1008d32ec8', 'running', now() - interval '5 minutes', 'T-C01-9'),
+  ('slack:C01:10', 'centaur-centaur-sandbox-slack-c01-10-f7c231955c', 'running', now() - interval '5 minutes', 'T-C01-10'),
+  ('slack:C01:11', 'centaur-centaur-sandbox-slack-c01-11-db6ad03090', 'running', now() - interval '5 minutes', 'T-C01-11'),
+  ('slack:C01:12', 'centaur-centaur-sandbox-slack-c01-12-3dfe00e42e', 'running', now() - interval '5 minutes', 'T-C01-12'),
+  ('slack:C01:13', 'centaur-centaur-sandbox-slack-c01-13-bd04e8ff8e', 'running', now() - interval '5 minutes', 'T-C01-13'),
+  ('slack:C01:14', 'centaur-centaur-sandbox-slack-c01-14-0621adcecf', 'running', now() - interval '5 minutes', 'T-C01-14'),
+  ('slack:C01:15', 'centaur-centaur-sandbox-slack-c01-15-161e89e168', 'running', now() - interval '5 minutes', 'T-C01-15'),
+  ('slack:C01:16', 'centaur-centaur-sandbox-slack-c01-16-9946929c81', 'running', now() - interval '5 minutes', 'T-C01-16'),
+  ('slack:C01:17', 'centaur-centaur-sandbox-slack-c01-17-17d530cd1d', 'running', now() - interval '5 minutes', 'T-C01-17'),
+  ('slack:C01:18', 'centaur-centaur-sandbox-slack-c01-18-8c5691f05f', 'running', now() - interval '5 minutes', 'T-C01-18'),
+  ('slack:C01:19', 'centaur-centaur-sandbox-slack-c01-19-21bbd48213', 'running', now() - interval '5 minutes', 'T-C01-19'),
+  ('slack:C01:20', 'centaur-centaur-sandbox-slack-c01-20-44cc3171dd', 'running', now() - interval '5 minutes', 'T-C01-20'),
+  ('slack:C01:21', 'centaur-centaur-sandbox-slack-c01-21-d4d11070c7', 'running', now() - interval '5 minutes', 'T-C01-21'),
+  ('slack:C01:22', 'centaur-centaur-sandbox-slack-c01-22-96ccef5a8d', 'running', now() - interval '5 minutes', 'T-C01-22'),
+  ('slack:C01:23', 'centaur-centaur-sandbox-slack-c01-23-91e425d8d5', 'running', now() - interval '5 minutes', 'T-C01-23'),
+  ('slack:C01:24', 'centaur-centaur-sandbox-slack-c01-24-0fda1f81fe', 'running', now() - interval '5 minutes', 'T-C01-24'),
+  ('slack:C01:25', 'centaur-centaur-sandbox-slack-c01-25-6dd2524682', 'running', now() - interval '5 minutes', 'T-C01-25'),
+  ('slack:C01:26', 'centaur-centaur-sandbox-slack-c01-26-1bbd51b35f', 'running', now() - interval '5 minutes', 'T-C01-26'),
+  ('slack:C01:27', 'centaur-centaur-sandbox-slack-c01-27-7a282938a2', 'running', now() - interval '5 minutes', 'T-C01-27'),
+  ('slack:C01:28', 'centaur-centaur-sandbox-slack-c01-28-d50e1576dd', 'running', now() - interval '5 minutes', 'T-C01-28'),
+  ('slack:C01:29', 'centaur-centaur-sandbox-slack-c01-29-44e86d395f', 'running', now() - interval '5 minutes', 'T-C01-29'),
+  ('slack:C01:30', 'centaur-centaur-sandbox-slack-c01-30-50bcd8ac5f', 'running', now() - interval '5 minutes', 'T-C01-30');
+INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id) VALUES
+  ('slack:C02:1', 'centaur-centaur-sandbox-slack-c02-1-cb469f5974', 'idle', now() - interval '2 hours', 'T-C02-1'),
+  ('slack:C02:2', 'centaur-centaur-sandbox-slack-c02-2-35c01d3d97', 'idle', now() - interval '2 hours', 'T-C02-2'),
+  ('slack:C02:3', 'centaur-centaur-sandbox-slack-c02-3-8fac6d1a90', 'idle', now() - interval '2 hours', 'T-C02-3'),
+  ('slack:C02:4', 'centaur-centaur-sandbox-slack-c02-4-b8e473af5d', 'idle', now() - interval '2 hours', 'T-C02-4'),
+  ('slack:C02:5', 'centaur-centaur-sandbox-slack-c02-5-160d60160c', 'idle', now() - interval '2 hours', 'T-C02-5'),
+  ('slack:C02:6', 'centaur-centaur-sandbox-slack-c02-6-57067d7c97', 'idle', now() - interval '2 hours', 'T-C02-6'),
+  ('slack:C02:7', 'centaur-centaur-sandbox-slack-c02-7-ddd4bd0613', 'idle', now() - interval '2 hours', 'T-C02-7'),
+  ('slack:C02:8', 'centaur-centaur-sandbox-slack-c02-8-b6bf79e92a', 'idle', now() - interval '2 hours', 'T-C02-8'),
+  ('slack:C02:9', 'centaur-centaur-sandbox-slack-c02-9-5997150e87', 'idle', now() - interval '2 hours', 'T-C02-9'),
+  ('slack:C02:10', 'centaur-centaur-sandbox-slack-c02-10-46bbe9686e', 'idle', now() - interval '2 hours', 'T-C02-10');
+INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id) VALUES
+  ('slack:C03:1', 'centaur-centaur-sandbox-slack-c03-1-8ab63ea1ee', 'delivering', now() - interval '1 minute', 'T-C03-1'),
+  ('slack:C03:2', 'centaur-centaur-sandbox-slack-c03-2-a4b132db24', 'delivering', now() - interval '1 minute', 'T-C03-2'),
+  ('slack:C03:3', 'centaur-centaur-sandbox-slack-c03-3-1139e860d6', 'delivering', now() - interval '1 minute', 'T-C03-3'),
+  ('slack:C03:4', 'centaur-centaur-sandbox-slack-c03-4-5fbe88678c', 'delivering', now() - interval '1 minute', 'T-C03-4'),
+  ('slack:C03:5', 'centaur-centaur-sandbox-slack-c03-5-3228f12194', 'delivering', now() - interval '1 minute', 'T-C03-5');
+-- the backlog: suspended sessions whose pods were deleted by pause (orphans)
+INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id) VALUES
+  ('slack:C06:1', 'centaur-centaur-sandbox-slack-c06-1-e28af95610', 'suspended', now() - interval '1 day 1 hours', 'T-C06-1'),
+  ('slack:C06:2', 'centaur-centaur-sandbox-slack-c06-2-04eaf9dc2a', 'suspended', now() - interval '1 day 2 hours', 'T-C06-2'),
+  ('slack:C06:3', 'centaur-centaur-sandbox-slack-c06-3-4ad526a5df', 'suspended', now() - interval '1 day 3 hours', 'T-C06-3'),
+  ('slack:C06:4', 'centaur-centaur-sandbox-slack-c06-4-a746aa44b6', 'suspended', now() - interval '1 day 4 hours', 'T-C06-4'),
+  ('slack:C06:5', 'centaur-centaur-sandbox-slack-c06-5-9943d99dd4', 'suspended', now() - interval '1 day 5 hours', 'T-C06-5'),
+  ('slack:C06:6', 'centaur-centaur-sandbox-slack-c06-6-21b8559d81', 'suspended', now() - interval '1 day 6 hours', 'T-C06-6'),
+  ('slack:C06:7', 'centaur-centaur-sandbox-slack-c06-7-7922d36c8d', 'suspended', now() - interval '1 day 7 hours', 'T-C06-7'),
+  ('slack:C06:8', 'centaur-centaur-sandbox-slack-c06-8-5c03a55495', 'suspended', now() - interval '1 day 8 hours', 'T-C06-8'),
+  ('slack:C06:9', 'centaur-centaur-sandbox-slack-c06-9-40a9d7eff9', 'suspended', now() - interval '1 day 9 hours', 'T-C06-9'),
+  ('slack:C06:10', 'centaur-centaur-sandbox-slack-c06-10-4e49d79135', 'suspended', now() - interval '1 day 10 hours', 'T-C06-10'),
+  ('slack:C06:11', 'centaur-centaur-sandbox-slack-c06-11-90ca970350', 'suspended', now() - interval '1 day 11 hours', 'T-C06-11'),
+  ('slack:C06:12', 'centaur-centaur-sandbox-slack-c06-12-52020cf237', 'suspended', now() - interval '1 day 12 hours', 'T-C06-12'),
+  ('slack:C06:13', 'centaur-centaur-sandbox-slack-c06-13-f4ef285a27', 'suspended', now() - interval '1 day 13 hours', 'T-C06-13'),
+  ('slack:C06:14', 'centaur-centaur-sandbox-slack-c06-14-d741d9b1ac', 'suspended', now() - interval '1 day 14 hours', 'T-C06-14'),
+  ('slack:C06:15', 'centaur-centaur-sandbox-slack-c06-15-9a5889d558', 'suspended', now() - interval '1 day 15 hours', 'T-C06-15'),
+  ('slack:C06:16', 'centaur-centaur-sandbox-slack-c06-16-9faae86a3e', 'suspended', now() - interval '1 day 16 hours', 'T-C06-16'),
+  ('slack:C06:17', 'centaur-centaur-sandbox-slack-c06-17-ac07a5c0d1', 'suspended', now() - interval '1 day 17 hours', 'T-C06-17'),
+  ('slack:C06:18', 'centaur-centaur-sandbox-slack-c06-18-664ed8d3ac', 'suspended', now() - interval '1 day 18 hours', 'T-C06-18'),
+  ('slack:C06:19', 'centaur-centaur-sandbox-slack-c06-19-9e20ad8731', 'suspended', now() - interval '1 day 19 hours', 'T-C06-19'),
+  ('slack:C06:20', 'centaur-centaur-sandbox-slack-c06-20-2348c441fb', 'suspended', now() - interval '1 day 20 hours', 'T-C06-20'),
+  ('slack:C06:21', 'centaur-centaur-sandbox-slack-c06-21-1cbd29325e', 'suspended', now() - interval '1 day 21 hours', 'T-C06-21'),
+  ('slack:C06:22', 'centaur-centaur-sandbox-slack-c06-22-d3dbf4eae1', 'suspended', now() - interval '1 day 22 hours', 'T-C06-22'),
+  ('slack:C06:23', 'centaur-centaur-sandbox-slack-c06-23-704e12eca6', 'suspended', now() - interval '1 day 23 hours', 'T-C06-23'),
+  ('slack:C06:24', 'centaur-centaur-sandbox-slack-c06-24-6bde9c920f', 'suspended', now() - interval '1 day 24 hours', 'T-C06-24'),
+  ('slack:C06:25', 'centaur-centaur-sandbox-slack-c06-25-cac2df77bc', 'suspended', now() - interval '1 day 25 hours', 'T-C06-25'),
+  ('slack:C06:26', 'centaur-centaur-sandbox-slack-c06-26-0e9f640493', 'suspended', now() - interval '1 day 26 hours', 'T-C06-26'),
+  ('slack:C06:27', 'centaur-centaur-sandbox-slack-c06-27-f37007ad4e', 'suspended', now() - interval '1 day 27 hours', 'T-C06-27'),
+  ('slack:C06:28', 'centaur-centaur-sandbox-slack-c06-28-550f805f1e', 'suspended', now() - interval '1 day 28 hours', 'T-C06-28'),
+  ('slack:C06:29', 'centaur-centaur-sandbox-slack-c06-29-b41f91feab', 'suspended', now() - interval '1 day 29 hours', 'T-C06-29'),
+  ('slack:C06:30', 'centaur-centaur-sandbox-slack-c06-30-80b92d4400', 'suspended', now() - interval '1 day 30 hours', 'T-C06-30'),
+  ('slack:C06:31', 'centaur-centaur-sandbox-slack-c06-31-5c0ca609d9', 'suspended', now() - interval '1 day 31 hours', 'T-C06-31'),
+  ('slack:C06:32', 'centaur-centaur-sandbox-slack-c06-32-6e57c702bd', 'suspended', now() - interval '1 day 32 hours', 'T-C06-32'),
+  ('slack:C06:33', 'centaur-centaur-sandbox-slack-c06-33-44ac5f693b', 'suspended', now() - interval '1 day 33 hours', 'T-C06-33'),
+  ('slack:C06:34', 'centaur-centaur-sandbox-slack-c06-34-034d6d4d37', 'suspended', now() - interval '1 day 34 hours', 'T-C06-34'),
+  ('slack:C06:35', 'centaur-centaur-sandbox-slack-c06-35-857ab714e9', 'suspended', now() - interval '1 day 35 hours', 'T-C06-35'),
+  ('slack:C06:36', 'centaur-centaur-sandbox-slack-c06-36-14aa010639', 'suspended', now() - interval '1 day 36 hours', 'T-C06-36'),
+  ('slack:C06:37', 'centaur-centaur-sandbox-slack-c06-37-89b869582c', 'suspended', now() - interval '1 day 37 hours', 'T-C06-37'),
+  ('slack:C06:38', 'centaur-centaur-sandbox-slack-c06-38-49b3932292', 'suspended', now() - interval '1 day 38 hours', 'T-C06-38'),
+  ('slack:C06:39', 'centaur-centaur-sandbox-slack-c06-39-a7224b6ec8', 'suspended', now() - interval '1 day 39 hours', 'T-C06-39'),
+  ('slack:C06:40', 'centaur-centaur-sandbox-slack-c06-40-149b309bdd', 'suspended', now() - interval '1 day 40 hours', 'T-C06-40');
 -- suspended a moment ago: inside the grace period, left alone
-INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id)
-SELECT 'slack:C08:' || i, format('sbx-fresh-%s', lpad(i::text, 3, '0')), 'suspended', now() - interval '2 minutes', 'T-fresh-' || i
-FROM generate_series(1, 3) i;
+INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id) VALUES
+  ('slack:C08:1', 'centaur-centaur-sandbox-slack-c08-1-79327a0a2f', 'suspended', now() - interval '2 minutes', 'T-C08-1'),
+  ('slack:C08:2', 'centaur-centaur-sandbox-slack-c08-2-cdc02affb7', 'suspended', now() - interval '2 minutes', 'T-C08-2'),
+  ('slack:C08:3', 'centaur-centaur-sandbox-slack-c08-3-9ad3ed43a3', 'suspended', now() - interval '2 minutes', 'T-C08-3');
 -- suspended, pod still terminating: not absent yet
-INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id)
-VALUES ('slack:C09:1', 'sbx-susp-terminating', 'suspended', now() - interval '1 hour', 'T-term-1');
+INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id) VALUES
+  ('slack:C09:1', 'centaur-centaur-sandbox-slack-c09-1-c3c40d70c0', 'suspended', now() - interval '1 hour', 'T-C09-1');
 -- history: gone, stopped, error, creating
-INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at)
-SELECT 'slack:C10:' || i, format('sbx-old-%s', lpad(i::text, 4, '0')), 'gone', now() - interval '30 days'
-FROM generate_series(1, 80) i;
-INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at) VALUES
-  ('slack:C11:1', 'sbx-stopped-001', 'stopped', now() - interval '4 days'),
-  ('slack:C11:2', 'sbx-error-001', 'error', now() - interval '4 hours'),
-  ('slack:C11:3', 'sbx-creating-001', 'creating', now() - interval '10 seconds');
+INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id) VALUES
+  ('slack:C10:1', 'centaur-centaur-sandbox-slack-c10-1-cc9368b6a1', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:2', 'centaur-centaur-sandbox-slack-c10-2-dce0c5903e', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:3', 'centaur-centaur-sandbox-slack-c10-3-c559b94173', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:4', 'centaur-centaur-sandbox-slack-c10-4-0ba11ee882', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:5', 'centaur-centaur-sandbox-slack-c10-5-262c22774e', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:6', 'centaur-centaur-sandbox-slack-c10-6-10834b1ed2', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:7', 'centaur-centaur-sandbox-slack-c10-7-79c1fb18bf', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:8', 'centaur-centaur-sandbox-slack-c10-8-3e2502a147', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:9', 'centaur-centaur-sandbox-slack-c10-9-5906c550de', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:10', 'centaur-centaur-sandbox-slack-c10-10-8df766f1e2', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:11', 'centaur-centaur-sandbox-slack-c10-11-da24b9ac3c', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:12', 'centaur-centaur-sandbox-slack-c10-12-cdb7c9b2d4', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:13', 'centaur-centaur-sandbox-slack-c10-13-3e1f0f95ee', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:14', 'centaur-centaur-sandbox-slack-c10-14-d34be9f2a1', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:15', 'centaur-centaur-sandbox-slack-c10-15-7a34433dbe', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:16', 'centaur-centaur-sandbox-slack-c10-16-644589c64c', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:17', 'centaur-centaur-sandbox-slack-c10-17-1bde298e44', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:18', 'centaur-centaur-sandbox-slack-c10-18-fdc5404c5b', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:19', 'centaur-centaur-sandbox-slack-c10-19-90a1fa12aa', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:20', 'centaur-centaur-sandbox-slack-c10-20-aa1aad7c80', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:21', 'centaur-centaur-sandbox-slack-c10-21-5aa38975fa', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:22', 'centaur-centaur-sandbox-slack-c10-22-bf7e6b3ef6', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:23', 'centaur-centaur-sandbox-slack-c10-23-2b6307f4d6', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:24', 'centaur-centaur-sandbox-slack-c10-24-f932a69f9e', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:25', 'centaur-centaur-sandbox-slack-c10-25-a7c0334cfa', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:26', 'centaur-centaur-sandbox-slack-c10-26-b72a3d2e68', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:27', 'centaur-centaur-sandbox-slack-c10-27-024f49a7d9', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:28', 'centaur-centaur-sandbox-slack-c10-28-b7df593b0d', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:29', 'centaur-centaur-sandbox-slack-c10-29-0f358c23f0', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:30', 'centaur-centaur-sandbox-slack-c10-30-57d7d9feb4', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:31', 'centaur-centaur-sandbox-slack-c10-31-6268fcdf09', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:32', 'centaur-centaur-sandbox-slack-c10-32-4309fa18ef', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:33', 'centaur-centaur-sandbox-slack-c10-33-c12e820db3', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:34', 'centaur-centaur-sandbox-slack-c10-34-77312610ab', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:35', 'centaur-centaur-sandbox-slack-c10-35-5fec9b767e', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:36', 'centaur-centaur-sandbox-slack-c10-36-c1245aea1e', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:37', 'centaur-centaur-sandbox-slack-c10-37-3c8d35481c', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:38', 'centaur-centaur-sandbox-slack-c10-38-b43104ad10', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:39', 'centaur-centaur-sandbox-slack-c10-39-93cbd3e6ef', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:40', 'centaur-centaur-sandbox-slack-c10-40-a4654367bc', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:41', 'centaur-centaur-sandbox-slack-c10-41-3b735babbc', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:42', 'centaur-centaur-sandbox-slack-c10-42-d2c1afc543', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:43', 'centaur-centaur-sandbox-slack-c10-43-597f8e3fb9', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:44', 'centaur-centaur-sandbox-slack-c10-44-16e32d759c', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:45', 'centaur-centaur-sandbox-slack-c10-45-f8abac00f3', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:46', 'centaur-centaur-sandbox-slack-c10-46-911a42c1cf', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:47', 'centaur-centaur-sandbox-slack-c10-47-438402198f', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:48', 'centaur-centaur-sandbox-slack-c10-48-0c48b95ab8', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:49', 'centaur-centaur-sandbox-slack-c10-49-4669d74e2f', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:50', 'centaur-centaur-sandbox-slack-c10-50-8cc70512b0', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:51', 'centaur-centaur-sandbox-slack-c10-51-e37c9ddcd3', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:52', 'centaur-centaur-sandbox-slack-c10-52-914e41baab', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:53', 'centaur-centaur-sandbox-slack-c10-53-0a4b4889ce', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:54', 'centaur-centaur-sandbox-slack-c10-54-f8fda212d5', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:55', 'centaur-centaur-sandbox-slack-c10-55-e0c5ec9175', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:56', 'centaur-centaur-sandbox-slack-c10-56-37e26bf44f', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:57', 'centaur-centaur-sandbox-slack-c10-57-78e186c07f', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:58', 'centaur-centaur-sandbox-slack-c10-58-d419f6a9fa', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:59', 'centaur-centaur-sandbox-slack-c10-59-21e67511ae', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:60', 'centaur-centaur-sandbox-slack-c10-60-9c4f856b5c', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:61', 'centaur-centaur-sandbox-slack-c10-61-14b789b485', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:62', 'centaur-centaur-sandbox-slack-c10-62-362fa6f712', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:63', 'centaur-centaur-sandbox-slack-c10-63-67eabc5e7e', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:64', 'centaur-centaur-sandbox-slack-c10-64-6572776503', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:65', 'centaur-centaur-sandbox-slack-c10-65-93a9d9b4e3', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:66', 'centaur-centaur-sandbox-slack-c10-66-8fdc3065e5', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:67', 'centaur-centaur-sandbox-slack-c10-67-cacea128b7', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:68', 'centaur-centaur-sandbox-slack-c10-68-a4d4dc0a91', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:69', 'centaur-centaur-sandbox-slack-c10-69-b92c92cba8', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:70', 'centaur-centaur-sandbox-slack-c10-70-35a259a1d2', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:71', 'centaur-centaur-sandbox-slack-c10-71-c4a62b3d2f', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:72', 'centaur-centaur-sandbox-slack-c10-72-37abdf2367', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:73', 'centaur-centaur-sandbox-slack-c10-73-0ab4a03b68', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:74', 'centaur-centaur-sandbox-slack-c10-74-d6fc210601', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:75', 'centaur-centaur-sandbox-slack-c10-75-c6c5d6190e', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:76', 'centaur-centaur-sandbox-slack-c10-76-39b4e2f7ec', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:77', 'centaur-centaur-sandbox-slack-c10-77-ac996b508c', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:78', 'centaur-centaur-sandbox-slack-c10-78-76272d0bb9', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:79', 'centaur-centaur-sandbox-slack-c10-79-db8bab429d', 'gone', now() - interval '30 days', NULL),
+  ('slack:C10:80', 'centaur-centaur-sandbox-slack-c10-80-d29344c404', 'gone', now() - interval '30 days', NULL);
+INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id) VALUES
+  ('slack:C11:1', 'centaur-centaur-sandbox-slack-c11-1-592b97b09d', 'stopped', now() - interval '4 days', 'T-C11-1');
+INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id) VALUES
+  ('slack:C12:1', 'centaur-centaur-sandbox-slack-c12-1-83bd18a170', 'error', now() - interval '4 hours', 'T-C12-1');
+INSERT INTO sandbox_sessions (thread_key, sandbox_id, state, updated_at, agent_thread_id) VALUES
+  ('slack:C13:1', 'centaur-centaur-sandbox-slack-c13-1-166324ce14', 'creating', now() - interval '10 seconds', 'T-C13-1');

@@ -185,6 +185,19 @@ impl KubeCluster {
         Ok(ScopeVerdict::Proceed { cluster_uid })
     }
 
+    /// Checks that the API server serves every enabled backend's resource, with one
+    /// `LIST ?limit=1` per backend (in the first configured namespace). A backend that is
+    /// not served is [`ClusterError::NotServed`]: a configuration error, never an absence.
+    pub async fn verify_served(&self) -> Result<(), ClusterError> {
+        let ns = self.scopes().into_iter().next().flatten();
+        for target in &self.targets {
+            let what = format!("checking that the API server serves {}", target.resource);
+            self.fetch_page(target, ns, &ListParams::default().limit(1), &what)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// GETs one Namespace; `None` only on a 404 `NotFound` Status.
     async fn get_namespace(&self, name: &str) -> Result<Option<Namespace>, ClusterError> {
         let api: Api<Namespace> = Api::all(self.client.clone());

@@ -36,7 +36,7 @@ pub enum ClusterError {
         reason: String,
         message: String,
     },
-    #[error("{what}: the API server does not serve {resource} (404); install its CustomResourceDefinition, fix the backend's group/version/plural, or disable the backend")]
+    #[error("{what}: the API server does not serve {resource} (404). This is a configuration error, not an absence: either install the backend's CustomResourceDefinition (agent-sandbox's manifests), or disable the backend (backends.agent_sandbox.enabled = false; centaur's default bare-pod controller installs no Sandbox CRD: use the bare-pod profile, config/centaur.toml); if the CRD is installed, fix backends.agent_sandbox.group, .version or .plural to a served one")]
     NotServed { what: String, resource: String },
     #[error("{what}: the continue token expired twice (410); the listing could not complete")]
     Expired { what: String },
@@ -53,6 +53,12 @@ pub enum ClusterError {
 }
 
 impl ClusterError {
+    /// Whether the error is the configuration's, not the cluster's: an enabled backend whose
+    /// resource the API server does not serve (exit 2, never an absence).
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, ClusterError::NotServed { .. })
+    }
+
     /// A bounded label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {

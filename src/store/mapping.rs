@@ -419,6 +419,7 @@ mod tests {
     #[test]
     fn sql_quotes_identifiers_and_binds_values() {
         let mut settings = Settings::default();
+        settings.sessions.clear_columns = vec!["agent_thread_id".into()];
         settings.sessions.scope_column = "cluster".into();
         settings.sessions.scope_value = "x'; drop table y; --".into();
         let m = TableMapping::from_settings(&settings).unwrap();

@@ -103,30 +103,64 @@ async fn guard_refusal_exits_3_and_writes_nothing() {
     assert_eq!(db.fingerprint().await, before);
 }
 
-/// Decided (docs/DESIGN.md, rule 2): presence is by name, whatever the labels, as a GET's
-/// is. A label selector that matches nothing (or an object that lost its label) never makes
-/// an object absent: the live rows keep their pods, only the real orphan goes, and the
-/// unlabelled pods are not counted as the platform's (untracked 0).
+/// Decided (docs/DESIGN.md, rule 2 and "Guards"): presence is by name, whatever the labels,
+/// as a GET's is. An object that lost its label still protects its row; a label selector that
+/// selects none of the listed objects the rows refer to is a wrong configuration and is
+/// refused (exit 3, `selector_matches_nothing`) with nothing written, where before it went
+/// ahead and reported every pod as not the platform's.
 #[tokio::test]
-async fn a_wrong_label_selector_never_makes_objects_absent() {
+async fn a_wrong_label_selector_is_refused_and_a_lost_label_never_makes_an_object_absent() {
     let (db, api, dir) = setup().await;
+    let before = db.fingerprint().await;
     let config = db.write_config(
         dir.path(),
         "[backends.pod]\nlabel_selector = \"app=wrong\"\n",
     );
-    let out = run_binary(
-        dir.path(),
-        Some(&api),
-        &[
-            "--once",
-            "--output",
-            "json",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &[],
-    )
-    .await;
+    let once = |config: std::path::PathBuf| {
+        let dir = dir.path().to_path_buf();
+        let api = &api;
+        async move {
+            run_binary(
+                &dir,
+                Some(api),
+                &[
+                    "--once",
+                    "--output",
+                    "json",
+                    "--config",
+                    config.to_str().unwrap(),
+                ],
+                &[],
+            )
+            .await
+        }
+    };
+    let out = once(config).await;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        report["guard"]["reason"], "selector_matches_nothing",
+        "{report}"
+    );
+    assert!(
+        report["guard"]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("backends.pod.label_selector"),
+        "{report}"
+    );
+    assert_eq!(db.fingerprint().await, before);
+
+    // One live pod loses its label: its row keeps it, the real orphan goes.
+    api.remove(Kind::Pod, "agents", "pod-live-0");
+    api.add_pod("agents", "pod-live-0", &[]);
+    let out = once(db.write_config(dir.path(), "")).await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -136,8 +170,7 @@ async fn a_wrong_label_selector_never_makes_objects_absent() {
     );
     let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(report["downgraded"], 1);
-    assert_eq!(report["backends"]["pod"]["untracked_objects"], 0);
-    assert_eq!(report["backends"]["pod"]["cluster_objects"], 0);
+    assert_eq!(report["backends"]["pod"]["cluster_objects"], 4);
     for i in 0..5 {
         assert_eq!(db.state(&format!("live-{i}")).await, "running");
     }
@@ -294,8 +327,11 @@ async fn snapshot_mode_reads_a_dump_and_never_writes() {
     assert_eq!(db.audit_count().await, 0);
 }
 
+/// The migration profile (both backends, no prefixes, as centaur names its objects) on a
+/// table holding rows of both eras: the orphans of both are cleared, the paused Sandbox's row
+/// stays, and `agent_thread_id` is kept on every row (centaur carries it forward).
 #[tokio::test]
-async fn centaur_profile_against_the_centaur_table() {
+async fn centaur_migration_profile_against_the_centaur_table() {
     let db = TestDb::new().await;
     let api = FakeApiServer::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -337,7 +373,7 @@ async fn centaur_profile_against_the_centaur_table() {
             "--config",
             "config/default.toml",
             "--config",
-            "config/centaur.toml",
+            "config/centaur-migration.toml",
         ],
         &[
             ("DATABASE_URL", &database_url()),
@@ -354,8 +390,14 @@ async fn centaur_profile_against_the_centaur_table() {
         stdout(&out),
         stderr(&out)
     );
-    assert_eq!(db.state("t-old-pod").await, "gone");
-    assert_eq!(db.state("t-old-sb").await, "gone");
+    assert_eq!(
+        db.row("t-old-pod").await,
+        ("gone".into(), Some("agent-t-old-pod".into()))
+    );
+    assert_eq!(
+        db.row("t-old-sb").await,
+        ("gone".into(), Some("agent-t-old-sb".into()))
+    );
     assert_eq!(
         db.row("t-paused").await,
         ("suspended".into(), Some("agent-t-paused".into()))

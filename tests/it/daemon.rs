@@ -356,3 +356,135 @@ async fn a_quiet_watch_outlives_the_request_timeout() {
         "sweeps went on reading the cache: {m}"
     );
 }
+
+/// What the rendered manifests grant the reconciler's ServiceAccount, as written by the deploy
+/// checks (`scripts/check-deploy.sh` writes `target/rbac-granted.json`; `scripts/test.sh`
+/// names it in `SANDBOX_RECONCILER_RBAC_GRANTED`), in the shape of
+/// `sandbox-reconciler permissions --output json`.
+fn rbac_granted() -> Option<Vec<serde_json::Value>> {
+    let Some(path) = std::env::var_os("SANDBOX_RECONCILER_RBAC_GRANTED") else {
+        if std::env::var_os("SANDBOX_RECONCILER_REQUIRE_TOOLS").is_some() {
+            panic!("SANDBOX_RECONCILER_RBAC_GRANTED is not set: run the deploy checks first (scripts/test.sh does)");
+        }
+        eprintln!("skipped: SANDBOX_RECONCILER_RBAC_GRANTED is not set (scripts/test.sh sets it)");
+        return None;
+    };
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", std::path::Path::new(&path).display()));
+    Some(serde_json::from_str(&text).expect("rbac-granted.json is a JSON array of rules"))
+}
+
+fn granted_verbs(granted: &[serde_json::Value], group: &str, resource: &str) -> Vec<String> {
+    granted
+        .iter()
+        .filter(|r| r["api_group"] == group && r["resource"] == resource)
+        .flat_map(|r| r["verbs"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
+}
+
+/// RBAC is one declared fact: what the manifests grant is what the binary declares for the
+/// daemon with every backend (the base serves any profile), verbs and resources alike.
+#[test]
+fn the_manifests_grant_what_the_binary_declares() {
+    let Some(granted) = rbac_granted() else {
+        return;
+    };
+    let mut settings = sandbox_reconciler::config::Settings::default();
+    settings.cluster.namespaces = vec!["agents".into()];
+    let declared = sandbox_reconciler::permissions::required(
+        &settings,
+        sandbox_reconciler::permissions::Mode::Daemon,
+        true,
+    );
+    for rule in &declared {
+        let mut want: Vec<String> = rule.verbs.iter().map(|v| v.to_string()).collect();
+        let mut got = granted_verbs(&granted, &rule.api_group, &rule.resource);
+        want.sort();
+        got.sort();
+        got.dedup();
+        assert_eq!(got, want, "{}: granted vs declared", rule.full_resource());
+    }
+    let namespaces = granted
+        .iter()
+        .find(|r| r["api_group"] == "" && r["resource"] == "namespaces")
+        .expect("get on Namespaces is granted");
+    assert!(
+        namespaces["resource_names"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n == "kube-system")),
+        "the cluster's identity (kube-system) is granted by name: {namespaces}"
+    );
+    assert_eq!(
+        granted.len(),
+        declared.len(),
+        "the manifests grant a resource the binary does not declare: {granted:?}"
+    );
+}
+
+/// The daemon runs against an API server that denies every verb the rendered manifests do
+/// not grant: the watch cache syncs, no watch is forbidden, nothing relists for a watch error,
+/// and the sweeps do their job. Before, the shipped Role granted get and list only, and every
+/// informer's watch got 403 and relisted.
+#[tokio::test]
+async fn the_daemon_runs_with_exactly_the_rbac_the_manifests_grant() {
+    let Some(granted) = rbac_granted() else {
+        return;
+    };
+    let (db, api) = cluster_and_rows().await;
+    for (group, resource) in [
+        ("", "pods"),
+        ("agents.x-k8s.io", "sandboxes"),
+        ("", "namespaces"),
+    ] {
+        let allowed = granted_verbs(&granted, group, resource);
+        for verb in [
+            "get",
+            "list",
+            "watch",
+            "create",
+            "update",
+            "patch",
+            "delete",
+            "deletecollection",
+        ] {
+            if !allowed.iter().any(|v| v == verb) {
+                api.deny(verb, group, resource);
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &db, &api, &[]).await;
+    let m = d
+        .wait_metrics(40, "a synced cache and two successful sweeps", |m| {
+            metric(m, "sandbox_reconciler_cache_synced") == Some(1.0) && successes(m) >= 2.0
+        })
+        .await;
+    let forbidden = sum_by_label(
+        std::slice::from_ref(&m),
+        "sandbox_reconciler_kube_requests_total",
+        "code",
+    )
+    .get("403")
+    .copied()
+    .unwrap_or(0);
+    assert_eq!(forbidden, 0, "a request was forbidden:\n{m}");
+    let watch_errors = metric(
+        &m,
+        "sandbox_reconciler_cache_relists_total{backend=\"pod\",reason=\"watch_error\"}",
+    )
+    .unwrap_or(0.0);
+    assert_eq!(watch_errors, 0.0, "the watch relisted for errors:\n{m}");
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.query.contains("watch=true") || r.path.contains("watch")),
+        "the daemon never watched"
+    );
+    for i in 0..4 {
+        assert_eq!(db.state(&format!("orphan-{i}")).await, "gone");
+    }
+    for i in 0..3 {
+        assert_eq!(db.state(&format!("live-{i}")).await, "running");
+    }
+}

@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod cache;
+mod centaur;
 mod cli;
 mod daemon;
 mod faults;

@@ -6,9 +6,8 @@
 //! side by side on a small machine they would mostly measure each other's load):
 //! - the default run;
 //! - both backends enabled with no `object_name_prefix` and pods and Sandboxes named alike
-//!   (`--backends-without-prefixes`): every orphan is `unknown` and counts against both
-//!   backends' guards, so the guards may refuse instead of downgrading; the run must reach
-//!   verdicts and never downgrade wrongly;
+//!   (`--backends-without-prefixes`, centaur's one naming scheme): every orphan is `unknown`;
+//!   the run must never downgrade wrongly **and** must clear the orphans of both backends;
 //! - a shared table of two scopes (`--shared-table`): the daemons own scope A, and another
 //!   cluster's rows with the same keys and object names churn beside them and must never be
 //!   changed by the reconciler.
@@ -94,12 +93,13 @@ async fn soak_with_both_backends_and_no_prefixes_never_downgrades_wrongly() {
         report.sweeps,
         report.once_runs
     );
-    // The guards may legitimately refuse every sweep that would act (unknown rows count
-    // against the agent-sandbox backend's guards); then the refusals are what the run shows.
+    // The guards judge each backend's listing by the objects the rows refer to, not by the
+    // attribution of the orphans: both eras' orphans are cleared.
     assert!(
-        report.downgrades > 0 || report.refusals_total() > 0,
-        "neither a downgrade nor a guard refusal: the soak proves nothing (sweeps {:?})",
-        report.sweeps
+        report.downgrades > 0,
+        "no downgrade happened: the soak proves nothing (sweeps {:?}, refusals {:?})",
+        report.sweeps,
+        report.guard_refusals_logged
     );
     println!(
         "backends without prefixes: {} downgrade(s), guard refusals by reason {:?} (daemon metrics {:?})",

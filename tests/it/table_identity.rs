@@ -74,7 +74,7 @@ fn write_config(
     let path = dir.join(format!("config-{}.toml", uuid::Uuid::new_v4().simple()));
     let text = format!(
         "[database]\nurl = \"{url}\"\n{database_extra}\n\
-         [sessions]\ntable = \"{table}\"\n{sessions_extra}\n\
+         [sessions]\ntable = \"{table}\"\nclear_columns = [\"agent_thread_id\"]\n{sessions_extra}\n\
          [audit]\ntable = \"{audit}\"\n\
          [cluster]\nnamespaces = [\"agents\"]\npage_size = 2\nrequest_timeout_seconds = 5\n\
          [backends.agent_sandbox]\nenabled = true\nobject_name_prefix = \"sb-\"\n\

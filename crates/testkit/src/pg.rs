@@ -7,6 +7,12 @@ use sqlx::{AssertSqlSafe, PgPool};
 /// in an empty schema.
 pub const CENTAUR_SESSIONS_SQL: &str = include_str!("../fixtures/centaur_sandbox_sessions.sql");
 
+/// centaur's `sandbox_sessions` as its own migrations leave it: NOT NULL columns with
+/// defaults, a jsonb column, a uuid `trace_id` with a unique index, partial indexes and the
+/// state CHECK.
+pub const CENTAUR_MIGRATED_SQL: &str =
+    include_str!("../fixtures/centaur_sandbox_sessions_migrated.sql");
+
 /// The server every test uses: `TEST_DATABASE_URL`, else the local trust-auth default.
 pub fn database_url() -> String {
     std::env::var("TEST_DATABASE_URL")
@@ -21,9 +27,19 @@ pub async fn create_sessions_schema(
     prefix: &str,
     extra_sql: &str,
 ) -> Result<String, sqlx::Error> {
+    create_schema_with(pool, prefix, CENTAUR_SESSIONS_SQL, extra_sql).await
+}
+
+/// [`create_sessions_schema`] with another table definition (e.g. [`CENTAUR_MIGRATED_SQL`]).
+pub async fn create_schema_with(
+    pool: &PgPool,
+    prefix: &str,
+    table_sql: &str,
+    extra_sql: &str,
+) -> Result<String, sqlx::Error> {
     let schema = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
     let sql = format!(
-        "CREATE SCHEMA {schema}; SET search_path = {schema}; {CENTAUR_SESSIONS_SQL}; {extra_sql}; \
+        "CREATE SCHEMA {schema}; SET search_path = {schema}; {table_sql}; {extra_sql}; \
          SET search_path = public"
     );
     let mut conn = pool.acquire().await?;

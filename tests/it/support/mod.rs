@@ -38,6 +38,25 @@ impl TestDb {
         TestDb { pool, schema }
     }
 
+    /// A private schema holding centaur's table as its migrations leave it
+    /// (`../shared/fixtures/centaur_sandbox_sessions_migrated.sql`), after `extra_sql`.
+    pub async fn migrated(extra_sql: &str) -> TestDb {
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&database_url())
+            .await
+            .expect("PostgreSQL must be running (scripts/ensure-postgres.sh starts it)");
+        let schema = testkit::pg::create_schema_with(
+            &pool,
+            "m",
+            testkit::pg::CENTAUR_MIGRATED_SQL,
+            extra_sql,
+        )
+        .await
+        .unwrap();
+        TestDb { pool, schema }
+    }
+
     pub fn table(&self) -> String {
         format!("{}.sandbox_sessions", self.schema)
     }
@@ -132,6 +151,8 @@ impl TestDb {
         s.backends.agent_sandbox.object_name_prefix = "sb-".into();
         s.sweep.grace_period_seconds = 600;
         s.guard.min_live_missing = 1;
+        // The tests exercise a profile that clears a column (the default clears none).
+        s.sessions.clear_columns = vec!["agent_thread_id".into()];
         s.validate().expect("test settings are valid");
         s
     }
@@ -141,7 +162,7 @@ impl TestDb {
         let path = dir.join(format!("config-{}.toml", uuid::Uuid::new_v4().simple()));
         let text = format!(
             "[database]\nurl = \"{url}\"\n\
-             [sessions]\ntable = \"{table}\"\n\
+             [sessions]\ntable = \"{table}\"\nclear_columns = [\"agent_thread_id\"]\n\
              [audit]\ntable = \"{audit}\"\n\
              [cluster]\nnamespaces = [\"agents\"]\npage_size = 2\nrequest_timeout_seconds = 5\n\
              [backends.agent_sandbox]\nenabled = true\nobject_name_prefix = \"sb-\"\n\

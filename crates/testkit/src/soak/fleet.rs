@@ -65,7 +65,7 @@ fn daemon_settings(cfg: &SoakConfig, db: &SoakDb) -> String {
     format!(
         "[database]\nurl = \"{url}\"\nconnect_timeout_seconds = 5\nstatement_timeout_seconds = 10\n\
          lock_timeout_seconds = 1\n\
-         [sessions]\ntable = \"{table}\"\n{scope}\
+         [sessions]\ntable = \"{table}\"\nclear_columns = [\"agent_thread_id\"]\n{scope}\
          [audit]\ntable = \"{audit}\"\n\
          [cluster]\nnamespaces = [\"{NAMESPACE}\"]\npage_size = {page}\nrequest_timeout_seconds = {timeout}\n\
          confirm_concurrency = 4\n\

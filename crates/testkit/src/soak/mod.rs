@@ -87,10 +87,11 @@
 //! ## Variants
 //!
 //! - **Backends without prefixes** ([`SoakConfig::backends_without_prefixes`]): both backends
-//!   enabled, `object_name_prefix` empty on both, pods and Sandboxes named alike (`s-N`).
-//!   Every orphan is `unknown` and counts against both backends' guards, so the guards may
-//!   refuse where the default run downgrades; the run passes on refusals alone (it must still
-//!   reach verdicts, and the report says whether it downgraded, refused or both). Extra check
+//!   enabled, `object_name_prefix` empty on both, pods and Sandboxes named alike from
+//!   centaur's one scheme (`centaur-centaur-sandbox-soak-<hex10>`), as centaur's clusters name
+//!   them. Every orphan is `unknown`; the guards judge each backend by whether its listing holds
+//!   objects the rows refer to, so the run must downgrade the orphans of both backends like
+//!   the default run (a run without downgrades fails). Extra check
 //!   ([`oracle::check_attribution_without_prefixes`]): every downgrade's audit `backend` is `unknown`.
 //! - **Shared table** ([`SoakConfig::shared_table`]): the table gets a `cluster` column and the
 //!   primary key `(cluster, thread_key)`; the daemons own scope `cluster-a`. A second
@@ -190,7 +191,6 @@ pub async fn run(cfg: SoakConfig) -> Result<SoakReport> {
 
     let mut report = SoakReport {
         variant: cfg.variant(),
-        refusals_may_replace_downgrades: cfg.backends_without_prefixes,
         seed: cfg.seed,
         schema: db.schema.clone(),
         work_dir: work_dir.display().to_string(),

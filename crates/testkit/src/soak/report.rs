@@ -91,9 +91,6 @@ impl OtherScopeReport {
 pub struct SoakReport {
     /// See [`SoakConfig::variant`].
     pub variant: String,
-    /// A run without any downgrade still passes if the guards refused (both backends without
-    /// prefixes: the agent-sandbox guards may legitimately refuse every sweep that would act).
-    pub refusals_may_replace_downgrades: bool,
     pub seed: u64,
     pub duration_seconds: f64,
     pub schema: String,
@@ -176,14 +173,7 @@ impl SoakReport {
             ));
         }
         if self.downgrades == 0 {
-            if !self.refusals_may_replace_downgrades {
-                f.push("no downgrade happened: the soak proves nothing".to_string());
-            } else if self.refusals_total() == 0 {
-                f.push(
-                    "neither a downgrade nor a guard refusal happened: the soak proves nothing"
-                        .to_string(),
-                );
-            }
+            f.push("no downgrade happened: the soak proves nothing".to_string());
         }
         if self.sweeps_run() == 0 {
             f.push("no sweep ran to a verdict (success or refused)".to_string());

@@ -186,7 +186,8 @@ pub(crate) struct Sim {
     /// The value of the scope column (`SCOPE_COLUMN`) of the rows this application owns, in a
     /// shared table; `None` for the centaur table, which has no such column.
     pub(crate) scope: Option<&'static str>,
-    /// Name pods and Sandboxes alike (`s-N`), so that no prefix tells them apart.
+    /// Name pods and Sandboxes alike, from centaur's one scheme
+    /// (`centaur-centaur-sandbox-<slug>-<sha10>`), so that no prefix tells them apart.
     pub(crate) names_alike: bool,
     pub(crate) target_sessions: usize,
     /// The daemons' grace period: suspended rows older than this are the ones being downgraded.
@@ -235,7 +236,7 @@ impl Sim {
 
     pub(crate) fn new_object_name(&self, backend: Backend) -> String {
         match backend {
-            _ if self.names_alike => format!("s-{}", self.next()),
+            _ if self.names_alike => format!("centaur-centaur-sandbox-soak-{:010x}", self.next()),
             Backend::Pod => format!("p-{}", self.next()),
             Backend::Sandbox => format!("sb-{}", self.next()),
         }
