@@ -5,7 +5,7 @@
 # Debian 12 machine as root, and installs itself (buildah, oci-image-tool) on first run.
 #
 #   - the release binary: cargo build --locked --release --bin sandbox-reconciler (incremental;
-#     about 8-10 minutes from scratch on 2 cores, seconds when target/ is warm)
+#     8-14 minutes from scratch on 2 shared cores, about 2.5 minutes when only the crate changed)
 #   - the runtime base gcr.io/distroless/cc-debian12:nonroot cannot be pulled here: it is
 #     rebuilt from the Debian 12 packages distroless is made of (base-files, netbase, tzdata,
 #     ca-certificates, libc6, libgcc-s1, libgomp1, libstdc++6, libssl3; users root, nobody and

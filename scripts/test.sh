@@ -26,7 +26,7 @@ bash scripts/sync-chart-permissions.sh --check
 bash scripts/bench-smoke.sh
 # The container image: deploy/Dockerfile built with buildah and the release binary, run and
 # checked (non-root, no shell, CA bundle, labels, --version, --print-metrics). The release
-# build is most of its cost (about 8-10 minutes on a fresh machine; see README.md).
+# build is most of its cost (8-14 minutes on a fresh machine; see README.md).
 bash scripts/image-test.sh
 # One closing line for the whole run.
 passed=$(grep -oE 'test result: ok\. [0-9]+ passed' target/test-output.txt | awk '{s += $4} END {print s + 0}')
