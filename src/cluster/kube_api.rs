@@ -106,6 +106,10 @@ pub struct KubeCluster {
     retries: u32,
     pod: bool,
     sandbox: Option<SandboxBackend>,
+    /// The agent-sandbox backend's resource while that backend is disabled: a bare-pod-only
+    /// sweep first makes sure no Sandbox exists, since a paused Sandbox keeps no pod and its
+    /// row would look orphaned.
+    sandbox_probe: Option<SandboxBackend>,
     targets: Vec<Target>,
     hook: Option<RequestHook>,
     page_hook: Option<PageHook>,
@@ -182,7 +186,98 @@ impl KubeCluster {
                 cluster_uid,
             });
         }
+        if let Some(probe) = &self.sandbox_probe {
+            if let Some(found) = self.find_unwatched_sandbox(probe).await? {
+                return Ok(ScopeVerdict::Refuse {
+                    reason: RefusalReason::SandboxesUnwatched,
+                    detail: format!(
+                        "{found} exists but backends.agent_sandbox is disabled: a paused Sandbox keeps no pod, so the bare-pod backend alone would take its session for an orphan; this cluster runs the agent-sandbox controller: use config/centaur-migration.toml (both backends) or config/centaur-agent-sandbox.toml"
+                    ),
+                    cluster_uid,
+                });
+            }
+        }
         Ok(ScopeVerdict::Proceed { cluster_uid })
+    }
+
+    /// A Sandbox in a configured namespace, while the agent-sandbox backend is disabled:
+    /// `None` when the API server does not serve the resource (discovery answers 404, as on
+    /// centaur's bare-pod clusters, where no CRD is installed) or no Sandbox exists there.
+    /// Discovery needs no permission; the `LIST ?limit=1` needs `list` on the resource.
+    async fn find_unwatched_sandbox(
+        &self,
+        probe: &SandboxBackend,
+    ) -> Result<Option<String>, ClusterError> {
+        let r = &probe.resource;
+        let what = format!("checking for Sandboxes ({}.{})", r.plural, r.group);
+        let path = format!("/apis/{}/{}", r.group, r.version);
+        let discovery = || async {
+            let request = http::Request::get(path.as_str())
+                .body(Vec::new())
+                .map_err(|e| {
+                    kube::Error::BuildRequest(kube::core::request::Error::BuildRequest(e))
+                })?;
+            self.client.request_text(request).await
+        };
+        let document = match self.call("get", discovery).await {
+            Err(_) => {
+                self.note("get", Err(0));
+                return Err(ClusterError::Timeout {
+                    what,
+                    seconds: self.timeout.as_secs(),
+                });
+            }
+            Ok(Err(kube::Error::Api(status))) if status.code == 404 => {
+                self.note("get", Err(404));
+                return Ok(None);
+            }
+            Ok(Err(e)) => {
+                let err = map_error(&what, "get", &path, e);
+                self.note("get", Err(api_code(&err)));
+                return Err(err);
+            }
+            Ok(Ok(text)) => {
+                self.note("get", Ok(()));
+                text
+            }
+        };
+        let served = serde_json::from_str::<serde_json::Value>(&document)
+            .ok()
+            .and_then(|d| d["resources"].as_array().cloned())
+            .is_some_and(|list| list.iter().any(|x| x["name"] == r.plural.as_str()));
+        if !served {
+            return Ok(None);
+        }
+        let resource = format!("{}.{}", r.plural, r.group);
+        for ns in self.scopes() {
+            let api = self.sandbox_api(probe, ns);
+            let lp = ListParams::default().limit(1);
+            match self.call("list", || api.list_metadata(&lp)).await {
+                Err(_) => {
+                    self.note("list", Err(0));
+                    return Err(ClusterError::Timeout {
+                        what,
+                        seconds: self.timeout.as_secs(),
+                    });
+                }
+                Ok(Err(e)) => {
+                    let err = map_error(&what, "list", &resource, e);
+                    self.note("list", Err(api_code(&err)));
+                    return Err(err);
+                }
+                Ok(Ok(list)) => {
+                    self.note("list", Ok(()));
+                    if let Some(item) = list.items.first() {
+                        return Ok(Some(format!(
+                            "Sandbox {}/{}",
+                            item.metadata.namespace.as_deref().or(ns).unwrap_or("?"),
+                            item.metadata.name.as_deref().unwrap_or("?")
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Checks that the API server serves every enabled backend's resource, with one
@@ -232,7 +327,7 @@ impl KubeCluster {
         // Validated at start-up; an unparsable selector cannot reach here.
         let selector = |text: &str| LabelSelector::parse(text.trim()).unwrap_or_default();
         let s = &b.agent_sandbox;
-        let sandbox = s.enabled.then(|| SandboxBackend {
+        let sandbox_resource = || SandboxBackend {
             resource: ApiResource {
                 group: s.group.clone(),
                 version: s.version.clone(),
@@ -240,7 +335,9 @@ impl KubeCluster {
                 kind: s.kind.clone(),
                 plural: s.plural.clone(),
             },
-        });
+        };
+        let sandbox = s.enabled.then(sandbox_resource);
+        let sandbox_probe = (!s.enabled && b.pod.enabled).then(sandbox_resource);
         let mut targets = Vec::new();
         if b.pod.enabled {
             targets.push(Target {
@@ -276,6 +373,7 @@ impl KubeCluster {
             retries: settings.cluster.retries,
             pod,
             sandbox,
+            sandbox_probe,
             targets,
             hook: None,
             page_hook: None,
