@@ -14,6 +14,7 @@
 //! `--dry-run` takes no lock and runs no DDL: it runs the same statement in a transaction that
 //! is rolled back, so it works beside a running daemon and writes nothing.
 
+use std::collections::HashSet;
 use std::fmt::Write;
 
 use serde::Serialize;
@@ -99,22 +100,22 @@ pub async fn run(
             .fetch_all(&mut *tx),
     )
     .await?;
-    let restored: Vec<String> = store::within(
+    let (locked, updated, restored): (i64, i64, Vec<String>) = store::within(
         deadline,
         what,
-        sqlx::query(AssertSqlSafe(mapping.undo_sql()))
+        sqlx::query_as(AssertSqlSafe(mapping.undo_sql()))
             .bind(request.sweep)
             .bind(request.session.as_deref())
             .bind(&names)
             .bind(undo_id)
             .bind(mapping.scope_value())
             .bind(mapping.table_display())
-            .fetch_all(&mut *tx),
+            .fetch_one(&mut *tx),
     )
-    .await?
-    .iter()
-    .map(|r| r.get::<String, _>(0))
-    .collect();
+    .await?;
+    let considered: HashSet<String> = candidates.iter().map(|r| r.get::<String, _>(0)).collect();
+    let planned: HashSet<&str> = considered.iter().map(String::as_str).collect();
+    store::check_written(what, &planned, locked, updated, &restored)?;
     if request.dry_run {
         store::within(deadline, what, tx.rollback()).await?;
     } else {

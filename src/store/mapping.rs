@@ -4,9 +4,11 @@
 //! are always bound parameters. Once [`super::resolve`] has read the catalog, the SQL names the
 //! table by its canonical `schema.table` (whatever the spelling in the configuration) and
 //! casts bound values to each column's own type, so a `uuid` or `bigint` key is compared with
-//! its index and an enum state column works. Rows are changed by the physical identity
-//! (`ctid`) of the row that the same statement locked, never by key alone, so another scope's
-//! row with the same key can never be touched.
+//! its index and an enum state column works. Rows are changed by the physical identity of
+//! the row that the same statement locked, never by key alone, so another scope's row with
+//! the same key can never be touched. That identity is the pair (`tableoid`, `ctid`): a `ctid`
+//! is unique only within one relation, and each partition of a partitioned table (or child of
+//! an inherited one) numbers its rows from `(0,1)` again.
 
 use std::time::Duration;
 
@@ -215,9 +217,10 @@ impl TableMapping {
     }
 
     /// One statement that locks the rows still exactly as read (skipping rows the
-    /// application holds), downgrades exactly those rows (by the locked row's `ctid`), clears
-    /// the configured columns and writes one audit record per row with the old values.
-    /// Returns the keys downgraded.
+    /// application holds), downgrades exactly those rows (by the locked row's `tableoid` and
+    /// `ctid`), clears the configured columns and writes one audit record per row with the old
+    /// values. Returns one row: the number of rows locked, the number updated, and the keys
+    /// audited (the caller checks that the three agree before committing).
     ///
     /// `$1` keys, `$2` objects, `$3` updated_at as read, `$4` backends, `$5` each row's
     /// evidence as a 1-based index into `$11`, `$6` suspended state, `$7` gone state, `$8`
@@ -249,7 +252,8 @@ impl TableMapping {
                FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[]) \
                  AS c(key, object, updated_at, backend, doc) \
              ), old AS ( \
-               SELECT t.ctid AS row_id, t.{k}::text AS key, t.{s}::text AS old_state, \
+               SELECT t.tableoid AS row_rel, t.ctid AS row_id, t.{k}::text AS key, \
+                      t.{s}::text AS old_state, \
                       t.{o}::text AS object, {tu} AS old_updated_at, {cleared} AS cleared, \
                       c.backend, c.evidence \
                FROM {t} t JOIN c ON t.{k} = c.key{kcast} \
@@ -257,16 +261,21 @@ impl TableMapping {
                  AND {tu} = c.updated_at{scope} \
                FOR UPDATE OF t SKIP LOCKED \
              ), upd AS ( \
-               UPDATE {t} t SET {set} FROM old WHERE t.ctid = old.row_id \
+               UPDATE {t} t SET {set} FROM old \
+               WHERE t.tableoid = old.row_rel AND t.ctid = old.row_id \
                RETURNING old.key, old.old_state, old.object, old.old_updated_at, old.cleared, \
                          old.backend, old.evidence, {tu} AS new_updated_at \
+             ), audited AS ( \
+               INSERT INTO {a} (sweep_id, action, session_table, session_scope, session_key, \
+                                object_name, backend, old_state, new_state, old_updated_at, \
+                                new_updated_at, cleared, reason, evidence) \
+               SELECT $8, 'downgrade', $9, $10, key, object, backend, old_state, $7, \
+                      old_updated_at, new_updated_at, cleared, 'orphaned_suspended', evidence \
+               FROM upd \
+               RETURNING session_key \
              ) \
-             INSERT INTO {a} (sweep_id, action, session_table, session_scope, session_key, \
-                              object_name, backend, old_state, new_state, old_updated_at, \
-                              new_updated_at, cleared, reason, evidence) \
-             SELECT $8, 'downgrade', $9, $10, key, object, backend, old_state, $7, old_updated_at, \
-                    new_updated_at, cleared, 'orphaned_suspended', evidence FROM upd \
-             RETURNING session_key",
+             SELECT (SELECT count(*) FROM old), (SELECT count(*) FROM upd), \
+                    coalesce((SELECT array_agg(session_key) FROM audited), '{{}}'::text[])",
             k = self.key,
             s = self.state,
             o = self.object,
@@ -302,7 +311,9 @@ impl TableMapping {
     }
 
     /// Restores rows still exactly as a downgrade left them, from their audit records, and
-    /// audits the undo. Returns (key, restored state) of each restored row.
+    /// audits the undo; rows are changed by the locked row's `tableoid` and `ctid`. Returns one
+    /// row: the number of rows locked, the number updated, and the keys audited (the caller
+    /// checks that the three agree before committing).
     ///
     /// `$1` sweep id or NULL, `$2` session key or NULL, `$3` table names (text[]), `$4` undo
     /// id, `$5` scope value (NULL when unscoped), `$6` the canonical table name.
@@ -328,22 +339,28 @@ impl TableMapping {
         }));
         format!(
             "WITH a AS ({records}), cand AS ( \
-               SELECT t.ctid AS row_id, a.* FROM {t} t JOIN a ON t.{k} = a.session_key{kcast} \
+               SELECT t.tableoid AS row_rel, t.ctid AS row_id, a.* \
+               FROM {t} t JOIN a ON t.{k} = a.session_key{kcast} \
                WHERE t.{s} = a.new_state{scast} AND t.{o} = a.object_name{ocast} \
                  AND {tu} = a.new_updated_at{untouched}{scope} \
                FOR UPDATE OF t SKIP LOCKED \
              ), upd AS ( \
-               UPDATE {t} t SET {set} FROM cand WHERE t.ctid = cand.row_id \
+               UPDATE {t} t SET {set} FROM cand \
+               WHERE t.tableoid = cand.row_rel AND t.ctid = cand.row_id \
                RETURNING cand.id, cand.session_key, cand.object_name, cand.old_state, \
                          cand.new_state, cand.new_updated_at, {tu} AS restored_at \
+             ), audited AS ( \
+               INSERT INTO {a} (sweep_id, action, undoes, session_table, session_scope, \
+                                session_key, object_name, old_state, new_state, old_updated_at, \
+                                new_updated_at, reason, evidence) \
+               SELECT $4, 'undo', id, $6, $5, session_key, object_name, new_state, old_state, \
+                      new_updated_at, restored_at, 'undo', \
+                      jsonb_build_object('undoes_audit_id', id) \
+               FROM upd \
+               RETURNING session_key \
              ) \
-             INSERT INTO {a} (sweep_id, action, undoes, session_table, session_scope, session_key, \
-                              object_name, old_state, new_state, old_updated_at, new_updated_at, \
-                              reason, evidence) \
-             SELECT $4, 'undo', id, $6, $5, session_key, object_name, new_state, old_state, \
-                    new_updated_at, restored_at, 'undo', jsonb_build_object('undoes_audit_id', id) \
-             FROM upd \
-             RETURNING session_key, new_state",
+             SELECT (SELECT count(*) FROM cand), (SELECT count(*) FROM upd), \
+                    coalesce((SELECT array_agg(session_key) FROM audited), '{{}}'::text[])",
             records = self.undo_records("$1", "$2", "$3", "$5"),
             a = self.audit,
             t = self.t(),
@@ -426,7 +443,10 @@ mod tests {
         assert!(sql.contains("\"sandbox_sessions\""));
         assert!(sql.contains("\"agent_thread_id\" = NULL"));
         assert!(sql.contains("t.\"cluster\" = $10::text"));
-        assert!(sql.contains("WHERE t.ctid = old.row_id"));
+        assert!(sql.contains("WHERE t.tableoid = old.row_rel AND t.ctid = old.row_id"));
+        assert!(m
+            .undo_sql()
+            .contains("WHERE t.tableoid = cand.row_rel AND t.ctid = cand.row_id"));
         assert!(!sql.contains("drop table"));
         assert_ne!(m.lock_key(), {
             let mut other = settings.clone();

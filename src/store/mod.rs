@@ -639,6 +639,43 @@ fn decode_row(row: &PgRow) -> SessionRow {
     }
 }
 
+/// The check after every writing statement: each row it locked was updated and audited, and
+/// each planned key changed at most once. Anything else means the statement touched rows it
+/// was not asked to (or skipped an audit record), and the transaction must not commit.
+pub fn check_written(
+    what: &'static str,
+    planned: &HashSet<&str>,
+    locked: i64,
+    updated: i64,
+    audited: &[String],
+) -> Result<(), StoreError> {
+    let unique: HashSet<&str> = audited.iter().map(String::as_str).collect();
+    let consistent = locked == updated
+        && usize::try_from(updated).is_ok_and(|n| n == audited.len())
+        && unique.len() == audited.len()
+        && unique.is_subset(planned);
+    if consistent {
+        return Ok(());
+    }
+    Err(StoreError::Query {
+        what,
+        message: format!(
+            "the statement locked {locked} rows, updated {updated} and audited {} ({} distinct keys) for {} planned keys; rolled back, nothing was written. The session table may have rows the reconciler cannot tell apart (a key that is not unique): check sessions.key_column and sessions.scope_column",
+            audited.len(),
+            unique.len(),
+            planned.len()
+        ),
+    })
+}
+
+/// Rolls `tx` back after a failed check (a connection that fails here has lost the
+/// transaction anyway: the server rolls it back).
+async fn rollback(tx: sqlx::Transaction<'_, sqlx::Postgres>, deadline: Duration) {
+    if let Err(e) = within(deadline, "rolling back", tx.rollback()).await {
+        tracing::warn!(error = %e, "rolling back failed; the server rolls back when the connection ends");
+    }
+}
+
 /// One orphan ready to be written, with its confirmation evidence.
 #[derive(Debug, Clone)]
 pub struct Downgrade<'a> {
@@ -683,10 +720,10 @@ pub async fn apply_batch(
     let deadline = mapping.deadline;
     let mut tx = within(deadline, "starting the apply transaction", conn.begin()).await?;
     let sql = mapping.downgrade_sql();
-    let downgraded: Vec<String> = within(
+    let (locked, updated, downgraded): (i64, i64, Vec<String>) = within(
         deadline,
         "downgrading a batch",
-        sqlx::query_scalar(AssertSqlSafe(sql))
+        sqlx::query_as(AssertSqlSafe(sql))
             .bind(&keys)
             .bind(&objects)
             .bind(&updated)
@@ -698,22 +735,13 @@ pub async fn apply_batch(
             .bind(mapping.table_display())
             .bind(mapping.scope_value())
             .bind(&documents)
-            .fetch_all(&mut *tx),
+            .fetch_one(&mut *tx),
     )
     .await?;
-    // Each planned row can be changed at most once; anything else means the statement
-    // touched rows it was not asked to, and the batch must not commit.
     let planned: HashSet<&str> = keys.iter().copied().collect();
-    let unique: HashSet<&str> = downgraded.iter().map(String::as_str).collect();
-    if unique.len() != downgraded.len() || !unique.is_subset(&planned) {
-        return Err(StoreError::Query {
-            what: "downgrading a batch",
-            message: format!(
-                "the statement changed {} rows for {} planned keys; rolled back",
-                downgraded.len(),
-                planned.len()
-            ),
-        });
+    if let Err(e) = check_written("downgrading a batch", &planned, locked, updated, &downgraded) {
+        rollback(tx, deadline).await;
+        return Err(e);
     }
     within(deadline, "committing a batch", tx.commit()).await?;
     Ok(BatchOutcome {

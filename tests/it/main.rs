@@ -12,6 +12,7 @@ mod daemon;
 mod faults;
 mod misconfig;
 mod operator;
+mod partitions;
 mod plan_props;
 mod prometheus_e2e;
 mod rules;
