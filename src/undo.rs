@@ -3,7 +3,7 @@
 //! A downgrade is undone only for rows still exactly as the sweep left them (gone state, same
 //! object, the `updated_at` the sweep wrote, cleared columns still NULL); rows the platform
 //! has touched since are listed and left alone. State and cleared columns are restored with
-//! their original types (`jsonb_populate_record` over the table's row type) and `updated_at`
+//! their original types (`jsonb_populate_record` over the locked row) and `updated_at`
 //! is bumped, so the grace period protects the restored rows for a while. Rows are matched by
 //! their full identity (key, scope, and the conditions above) and changed by the physical row
 //! the statement locked, so another scope's row with the same key is never touched.

@@ -331,12 +331,13 @@ impl TableMapping {
             ),
             format!("{} = {}", self.updated_at, self.now_expr()),
         ];
-        set.extend(self.clear.iter().map(|c| {
-            format!(
-                "{c} = (jsonb_populate_record(NULL::{t}, cand.cleared)).{c}",
-                t = self.t()
-            )
-        }));
+        // Populated over the locked row itself, not `NULL::table`: a record of the table's type
+        // with every other column NULL violates any NOT NULL domain column.
+        set.extend(
+            self.clear
+                .iter()
+                .map(|c| format!("{c} = (jsonb_populate_record(t, cand.cleared)).{c}")),
+        );
         format!(
             "WITH a AS ({records}), cand AS ( \
                SELECT t.tableoid AS row_rel, t.ctid AS row_id, a.* \
