@@ -378,19 +378,32 @@ impl TableMapping {
     }
 
     /// The downgrades an undo with the same arguments would consider, with the row's current
-    /// state (NULL when the row no longer exists). `$1` sweep id or NULL, `$2` session key or
-    /// NULL, `$3` table names (text[]), `$4` scope value (NULL when unscoped).
+    /// state (NULL when the row no longer exists) and whether the row is still exactly as the
+    /// downgrade left it (what the undo statement restores). A plain read: no row lock, so an
+    /// `undo --dry-run` waits for nothing and changes nothing. `$1` sweep id or NULL, `$2`
+    /// session key or NULL, `$3` table names (text[]), `$4` scope value (NULL when unscoped).
     pub fn undo_candidates_sql(&self) -> String {
+        let untouched: String = self
+            .clear
+            .iter()
+            .map(|c| format!(" AND t.{c} IS NULL"))
+            .collect();
         format!(
             "SELECT a.session_key, a.object_name, a.old_state, \
-                    t.{s}::text AS current_state, t.{o}::text AS current_object \
-             FROM ({records}) a LEFT JOIN {t} t ON t.{k} = a.session_key{kcast}{scope}",
+                    t.{s}::text AS current_state, t.{o}::text AS current_object, \
+                    coalesce(t.{s} = a.new_state{scast} AND t.{o} = a.object_name{ocast} \
+                             AND {tu} = a.new_updated_at{untouched}, false) AS restorable \
+             FROM ({records}) a LEFT JOIN {t} t ON t.{k} = a.session_key{kcast}{scope} \
+             ORDER BY a.session_key",
             records = self.undo_records("$1", "$2", "$3", "$4"),
             t = self.t(),
             k = self.key,
             s = self.state,
             o = self.object,
+            tu = self.updated_at_expr("t."),
             kcast = self.cast(Column::Key),
+            scast = self.cast(Column::State),
+            ocast = self.cast(Column::Object),
             scope = self.scope_clause("t.", 4),
         )
     }

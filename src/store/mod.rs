@@ -749,3 +749,108 @@ pub async fn apply_batch(
         downgraded,
     })
 }
+
+/// Which downgrades an undo considers: those of one sweep, of one session, or both.
+#[derive(Debug, Clone, Copy)]
+pub struct UndoSelection<'a> {
+    pub sweep: Option<uuid::Uuid>,
+    pub session: Option<&'a str>,
+}
+
+/// One downgrade an undo considers, with its row as it is now.
+#[derive(Debug, Clone)]
+pub struct UndoCandidate {
+    pub key: String,
+    pub object: Option<String>,
+    /// The state the row goes back to.
+    pub restore_to: String,
+    /// The row's state now (None: the row no longer exists).
+    pub current_state: Option<String>,
+    /// The row is still exactly as the downgrade left it, so an undo restores it (unless the
+    /// application holds it locked at that moment: an undo skips locked rows).
+    pub restorable: bool,
+}
+
+async fn undo_candidates(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+    selection: UndoSelection<'_>,
+) -> Result<Vec<UndoCandidate>, StoreError> {
+    let rows = within(
+        mapping.deadline,
+        "reading the downgrades to undo",
+        sqlx::query(AssertSqlSafe(mapping.undo_candidates_sql()))
+            .bind(selection.sweep)
+            .bind(selection.session)
+            .bind(mapping.table_names())
+            .bind(mapping.scope_value())
+            .fetch_all(&mut *conn),
+    )
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(UndoCandidate {
+                key: r.try_get(0)?,
+                object: r.try_get(1)?,
+                restore_to: r.try_get(2)?,
+                current_state: r.try_get(3)?,
+                restorable: r.try_get(5)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(StoreError::query("reading the downgrades to undo"))
+}
+
+/// What an undo would do, read in one READ ONLY transaction: no row lock, no write, no
+/// trigger fired, so it works beside a running writer and waits for no application lock.
+pub async fn preview_undo(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+    selection: UndoSelection<'_>,
+) -> Result<Vec<UndoCandidate>, StoreError> {
+    let deadline = mapping.deadline;
+    let mut tx = within(
+        deadline,
+        "starting the undo preview",
+        conn.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+    )
+    .await?;
+    let candidates = undo_candidates(&mut tx, mapping, selection).await?;
+    within(deadline, "ending the undo preview", tx.commit()).await?;
+    Ok(candidates)
+}
+
+/// Undoes the selected downgrades in one transaction: rows still exactly as the downgrade
+/// left them are restored and audited (`action = 'undo'`, `undo_id` as the sweep id); the
+/// others are left alone. Returns every candidate and the keys restored.
+pub async fn apply_undo(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+    selection: UndoSelection<'_>,
+    undo_id: uuid::Uuid,
+) -> Result<(Vec<UndoCandidate>, Vec<String>), StoreError> {
+    let deadline = mapping.deadline;
+    let what = "undoing downgrades";
+    let mut tx = within(deadline, what, conn.begin()).await?;
+    let candidates = undo_candidates(&mut tx, mapping, selection).await?;
+    let (locked, updated, restored): (i64, i64, Vec<String>) = within(
+        deadline,
+        what,
+        sqlx::query_as(AssertSqlSafe(mapping.undo_sql()))
+            .bind(selection.sweep)
+            .bind(selection.session)
+            .bind(mapping.table_names())
+            .bind(undo_id)
+            .bind(mapping.scope_value())
+            .bind(mapping.table_display())
+            .fetch_one(&mut *tx),
+    )
+    .await?;
+    let planned: HashSet<&str> = candidates.iter().map(|c| c.key.as_str()).collect();
+    if let Err(e) = check_written(what, &planned, locked, updated, &restored) {
+        rollback(tx, deadline).await;
+        return Err(e);
+    }
+    within(deadline, "committing the undo", tx.commit()).await?;
+    Ok((candidates, restored))
+}
