@@ -8,9 +8,11 @@
 //! writes their audit records, inside one transaction: a batch is applied whole or not at all.
 //!
 //! One writer (docs/DESIGN.md, rule 8): the sweep runs on one dedicated connection that holds a
-//! session-level advisory lock keyed by the session table's canonical name and scope. Reads
-//! and writes go through that same connection, so if it is lost the lock is lost with it and
-//! no further write can happen under a lock that is no longer held.
+//! session-level advisory lock keyed by the session table's canonical name and scope (two
+//! levels: the table's key, shared by scoped reconcilers, exclusive for an unscoped one; and
+//! the scope's key). Reads and writes go through that same connection, and every writing
+//! statement checks that its own server session holds the lock, so a write can never happen
+//! under a lock that was lost or that a pooler left on another server session.
 //!
 //! Every call has a client-side deadline (`database.client_deadline_seconds`): after a
 //! failover a half-open TCP connection never answers, and a sweep must fail rather than hang.
@@ -57,6 +59,12 @@ pub enum StoreError {
     Deadline { what: &'static str, seconds: u64 },
     #[error("another sandbox-reconciler holds the writer lock for {table}; only one writer sweeps at a time")]
     LockBusy { table: String },
+    /// A writing statement ran on a server session that does not hold the writer lock.
+    #[error("{what}: this connection's PostgreSQL server session does not hold the writer lock for {table}, so the transaction was rolled back and nothing was written. The lock was lost, or a connection pooler moved this connection to another server session (PgBouncer in transaction or statement mode, or any pooler that shares server sessions between clients); connect database.url directly to PostgreSQL, or through a pooler in session mode that gives each client its own server session")]
+    NotWriter { what: &'static str, table: String },
+    /// The server session already holds the writer lock, which this connection never took.
+    #[error("this connection's PostgreSQL server session already holds the writer lock for {table}, which this sandbox-reconciler has not taken: a connection pooler hands one server session to several clients, so two writers could share one lock; connect database.url directly to PostgreSQL, or through a pooler in session mode that gives each client its own server session")]
+    LockShared { table: String },
 }
 
 impl StoreError {
@@ -546,18 +554,26 @@ pub async fn database_now(
 }
 
 /// Tries to take the writer lock on `conn`; `Ok(false)` when another session holds it.
+///
+/// The writer lock has two levels (docs/DESIGN.md, rule 8): every reconciler of a table takes
+/// the table's key, a scoped one shared and then its scope's key exclusively, an unscoped one
+/// the table's key exclusively. So two scopes write side by side, while an unscoped reconciler
+/// (which writes every scope's rows) and a scoped one exclude each other. A server session
+/// that already holds any of these keys is refused ([`StoreError::LockShared`]): this
+/// connection never took them, so a pooler shares the server session with another client.
 pub async fn try_writer_lock(
     conn: &mut PgConnection,
     mapping: &TableMapping,
 ) -> Result<bool, StoreError> {
-    within(
+    let taken: Option<bool> = within(
         mapping.deadline,
         "taking the writer lock",
-        sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-            .bind(mapping.lock_key())
-            .fetch_one(conn),
+        sqlx::query_scalar(AssertSqlSafe(mapping.try_writer_lock_sql())).fetch_one(conn),
     )
-    .await
+    .await?;
+    taken.ok_or_else(|| StoreError::LockShared {
+        table: mapping.table_display(),
+    })
 }
 
 /// Releases the writer lock held by `conn`.
@@ -568,9 +584,7 @@ pub async fn release_writer_lock(
     within(
         mapping.deadline,
         "releasing the writer lock",
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(mapping.lock_key())
-            .execute(conn),
+        sqlx::raw_sql(AssertSqlSafe(mapping.release_writer_lock_sql())).execute(conn),
     )
     .await
     .map(|_| ())
@@ -668,6 +682,22 @@ pub fn check_written(
     })
 }
 
+/// The writing statement's own proof that its server session holds the writer lock; without
+/// it the statement wrote nothing, and the transaction is rolled back all the same.
+fn writer_proof(what: &'static str, mapping: &TableMapping, held: bool) -> Result<(), StoreError> {
+    if held {
+        return Ok(());
+    }
+    tracing::error!(
+        table = %mapping.table_display(),
+        "{what}: the server session does not hold the writer lock; rolled back, nothing written"
+    );
+    Err(StoreError::NotWriter {
+        what,
+        table: mapping.table_display(),
+    })
+}
+
 /// Rolls `tx` back after a failed check (a connection that fails here has lost the
 /// transaction anyway: the server rolls it back).
 async fn rollback(tx: sqlx::Transaction<'_, sqlx::Postgres>, deadline: Duration) {
@@ -720,7 +750,7 @@ pub async fn apply_batch(
     let deadline = mapping.deadline;
     let mut tx = within(deadline, "starting the apply transaction", conn.begin()).await?;
     let sql = mapping.downgrade_sql();
-    let (locked, updated, downgraded): (i64, i64, Vec<String>) = within(
+    let (held, locked, updated, downgraded): (bool, i64, i64, Vec<String>) = within(
         deadline,
         "downgrading a batch",
         sqlx::query_as(AssertSqlSafe(sql))
@@ -739,7 +769,9 @@ pub async fn apply_batch(
     )
     .await?;
     let planned: HashSet<&str> = keys.iter().copied().collect();
-    if let Err(e) = check_written("downgrading a batch", &planned, locked, updated, &downgraded) {
+    let checked = writer_proof("downgrading a batch", mapping, held)
+        .and_then(|()| check_written("downgrading a batch", &planned, locked, updated, &downgraded));
+    if let Err(e) = checked {
         rollback(tx, deadline).await;
         return Err(e);
     }
@@ -833,7 +865,7 @@ pub async fn apply_undo(
     let what = "undoing downgrades";
     let mut tx = within(deadline, what, conn.begin()).await?;
     let candidates = undo_candidates(&mut tx, mapping, selection).await?;
-    let (locked, updated, restored): (i64, i64, Vec<String>) = within(
+    let (held, locked, updated, restored): (bool, i64, i64, Vec<String>) = within(
         deadline,
         what,
         sqlx::query_as(AssertSqlSafe(mapping.undo_sql()))
@@ -847,7 +879,9 @@ pub async fn apply_undo(
     )
     .await?;
     let planned: HashSet<&str> = candidates.iter().map(|c| c.key.as_str()).collect();
-    if let Err(e) = check_written(what, &planned, locked, updated, &restored) {
+    let checked = writer_proof(what, mapping, held)
+        .and_then(|()| check_written(what, &planned, locked, updated, &restored));
+    if let Err(e) = checked {
         rollback(tx, deadline).await;
         return Err(e);
     }

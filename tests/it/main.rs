@@ -21,3 +21,4 @@ mod support;
 mod sweep;
 mod table_identity;
 mod undo;
+mod writer_lock;

@@ -954,6 +954,8 @@ async fn naive_updated_at_is_read_and_written_in_the_configured_zone() {
         updated_at: read("old2"),
         backend: BackendKind::Pod,
     };
+    // A batch is written only by the session holding the writer lock.
+    assert!(store::try_writer_lock(&mut tokyo, &mapping).await.unwrap());
     let outcome = store::apply_batch(
         &mut tokyo,
         &mapping,
@@ -1285,6 +1287,7 @@ async fn skipped_changed_counts_rows_changed_meanwhile() {
             evidence: std::sync::Arc::new(serde_json::json!({"absence": "test"})),
         })
         .collect();
+    assert!(store::try_writer_lock(&mut conn, &mapping).await.unwrap());
     let outcome = store::apply_batch(&mut conn, &mapping, uuid::Uuid::new_v4(), &batch)
         .await
         .unwrap();
@@ -1334,6 +1337,7 @@ async fn a_batch_that_changes_more_rows_than_planned_is_rolled_back() {
         updated_at: read_at,
         backend: BackendKind::Pod,
     };
+    assert!(store::try_writer_lock(&mut conn, &mapping).await.unwrap());
     let err = store::apply_batch(
         &mut conn,
         &mapping,
@@ -1346,6 +1350,7 @@ async fn a_batch_that_changes_more_rows_than_planned_is_rolled_back() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("rolled back"), "{err}");
+    assert!(err.to_string().contains("locked 2 rows"), "{err}");
     drop(conn);
     let states: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT state FROM {table} ORDER BY agent_thread_id"
