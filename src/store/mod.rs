@@ -59,6 +59,13 @@ pub enum StoreError {
     Deadline { what: &'static str, seconds: u64 },
     #[error("another sandbox-reconciler holds the writer lock for {table}; only one writer sweeps at a time")]
     LockBusy { table: String },
+    /// A COMMIT got no answer (or its connection failed): it may or may not have taken effect.
+    #[error("{what}: the outcome is unknown ({detail}): the COMMIT of {rows} row(s) may or may not have taken effect. Nothing is retried blindly: the next sweep re-reads the rows, and a row already changed is no longer a candidate; the audit table shows what was committed")]
+    OutcomeUnknown {
+        what: &'static str,
+        rows: usize,
+        detail: String,
+    },
     /// A writing statement ran on a server session that does not hold the writer lock.
     #[error("{what}: this connection's PostgreSQL server session does not hold the writer lock for {table}, so the transaction was rolled back and nothing was written. The lock was lost, or a connection pooler moved this connection to another server session (PgBouncer in transaction or statement mode, or any pooler that shares server sessions between clients); connect database.url directly to PostgreSQL, or through a pooler in session mode that gives each client its own server session")]
     NotWriter { what: &'static str, table: String },
@@ -188,6 +195,31 @@ pub async fn within<T>(
             what,
             seconds: deadline.as_secs(),
         }),
+    }
+}
+
+/// Commits a writing transaction of `rows` changed rows under the client deadline. A COMMIT
+/// the server refused (a deferred constraint, a serialization failure) rolled back; one that
+/// got no answer in time, or whose connection failed, may have committed all the same:
+/// [`StoreError::OutcomeUnknown`], never "nothing written".
+async fn commit_writes(
+    tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    deadline: Duration,
+    what: &'static str,
+    rows: usize,
+) -> Result<(), StoreError> {
+    let unknown = |detail: String| StoreError::OutcomeUnknown { what, rows, detail };
+    match tokio::time::timeout(deadline, tx.commit()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e @ sqlx::Error::Database(_))) => Err(StoreError::Query {
+            what,
+            message: format!("{e}; rolled back, nothing was written"),
+        }),
+        Ok(Err(e)) => Err(unknown(format!("the connection failed during COMMIT: {e}"))),
+        Err(_) => Err(unknown(format!(
+            "no answer from PostgreSQL within {}s (database.client_deadline_seconds)",
+            deadline.as_secs()
+        ))),
     }
 }
 
@@ -775,7 +807,7 @@ pub async fn apply_batch(
         rollback(tx, deadline).await;
         return Err(e);
     }
-    within(deadline, "committing a batch", tx.commit()).await?;
+    commit_writes(tx, deadline, "committing a batch", downgraded.len()).await?;
     Ok(BatchOutcome {
         skipped_changed: batch.len().saturating_sub(downgraded.len()),
         downgraded,
@@ -885,6 +917,6 @@ pub async fn apply_undo(
         rollback(tx, deadline).await;
         return Err(e);
     }
-    within(deadline, "committing the undo", tx.commit()).await?;
+    commit_writes(tx, deadline, "committing the undo", restored.len()).await?;
     Ok((candidates, restored))
 }
