@@ -505,7 +505,9 @@ impl TableMapping {
                    ELSE NOT pg_advisory_unlock_shared({table}) END",
                 scope = self.lock_key()
             ),
-            None => format!("SELECT CASE WHEN {held} THEN NULL ELSE pg_try_advisory_lock({table}) END"),
+            None => {
+                format!("SELECT CASE WHEN {held} THEN NULL ELSE pg_try_advisory_lock({table}) END")
+            }
         }
     }
 

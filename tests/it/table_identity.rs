@@ -495,7 +495,9 @@ async fn a_not_null_domain_column_does_not_stop_undo() {
     .await;
     api.add_pod("agents", "pod-domain-live", MANAGED);
     let row = |key: &'static str| {
-        let sql = format!("SELECT state, agent_thread_id, owner::text FROM {table} WHERE thread_key = $1");
+        let sql = format!(
+            "SELECT state, agent_thread_id, owner::text FROM {table} WHERE thread_key = $1"
+        );
         let pool = db.pool.clone();
         async move {
             let r = sqlx::query(AssertSqlSafe(sql))
@@ -532,7 +534,11 @@ async fn a_not_null_domain_column_does_not_stop_undo() {
     assert_eq!((undone.restored, undone.left_alone), (1, 0));
     assert_eq!(
         row("orphan").await,
-        ("suspended".into(), Some("agent-orphan".into()), "team-x".into())
+        (
+            "suspended".into(),
+            Some("agent-orphan".into()),
+            "team-x".into()
+        )
     );
     assert_eq!(row("live").await, live);
     let records = audit_records(&db, &db.audit_table()).await;

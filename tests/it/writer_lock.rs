@@ -117,7 +117,10 @@ async fn a_batch_on_a_connection_without_the_writer_lock_writes_nothing() {
         .await
         .expect_err("a batch without the writer lock must be refused");
     let message = err.to_string();
-    assert!(message.contains("does not hold the writer lock"), "{message}");
+    assert!(
+        message.contains("does not hold the writer lock"),
+        "{message}"
+    );
     assert!(message.contains("nothing was written"), "{message}");
     assert_eq!(state(&db, &table, "ka").await, before);
     assert_eq!(db.audit_count().await, 0);
@@ -193,7 +196,9 @@ async fn hold(settings: &Settings) -> (PgConnection, TableMapping) {
 /// Lets go of a lock taken with [`hold`] (explicitly: a dropped connection's server session
 /// ends, and its locks go, only a moment later).
 async fn release((mut conn, mapping): (PgConnection, TableMapping)) {
-    store::release_writer_lock(&mut conn, &mapping).await.unwrap();
+    store::release_writer_lock(&mut conn, &mapping)
+        .await
+        .unwrap();
 }
 
 /// A scoped and an unscoped reconciler on one table never both hold the writer lock, in
