@@ -778,6 +778,23 @@ pub async fn release_writer_lock(
     .map(|_| ())
 }
 
+/// Whether the server session of `conn` holds the writer lock (every part, in its mode).
+pub async fn holds_writer_lock(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+) -> Result<bool, StoreError> {
+    within(
+        mapping.deadline,
+        "checking the writer lock",
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT {}",
+            mapping.writer_lock_held_sql()
+        )))
+        .fetch_one(conn),
+    )
+    .await
+}
+
 /// Checks that `conn` still answers (the writer connection, before each sweep).
 pub async fn ping(conn: &mut PgConnection, mapping: &TableMapping) -> bool {
     within(
