@@ -171,6 +171,9 @@ pub struct SweepReport {
     pub timings: Timings,
     /// Apply transactions attempted (0: the apply phase did not run).
     pub batches: u64,
+    /// Apply transactions whose COMMIT got no answer in time (or whose connection failed
+    /// during it): they may or may not have been committed. The next sweep re-reads the rows.
+    pub outcome_unknown_batches: u64,
     /// The cluster's identity (the kube-system Namespace's UID), when read from the API.
     pub cluster_uid: Option<String>,
     /// The API server URL, when read from the API.
@@ -207,6 +210,7 @@ impl SweepReport {
             deferred: 0,
             skipped: BTreeMap::new(),
             timings: Timings::default(),
+            outcome_unknown_batches: 0,
             batches: 0,
             cluster_uid: None,
             cluster_server: None,
@@ -856,7 +860,19 @@ impl Reconciler {
                 return Err(SweepError::Interrupted);
             }
             report.batches += 1;
-            let outcome = store::apply_batch(conn, mapping, report.sweep_id, batch).await?;
+            let outcome = match store::apply_batch(conn, mapping, report.sweep_id, batch).await {
+                Ok(outcome) => outcome,
+                Err(e @ StoreError::OutcomeUnknown { .. }) => {
+                    report.outcome_unknown_batches += 1;
+                    tracing::error!(
+                        sweep_id = %report.sweep_id,
+                        rows = batch.len(),
+                        "a batch's outcome is unknown (its COMMIT got no answer): it may or may not have been written; the next sweep re-reads the rows, and the audit records of this sweep_id show what was"
+                    );
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            };
             if let Some(p) = &self.progress {
                 p.batch_applied(outcome.downgraded.len() as u64, confirmed.len() as u64);
             }
