@@ -293,6 +293,23 @@ impl TableMapping {
         )
     }
 
+    /// The columns the records an undo considers cleared (the keys of their `cleared`
+    /// documents), sorted. Same parameters as [`Self::undo_candidates_sql`].
+    pub fn cleared_columns_sql(&self) -> String {
+        format!(
+            "SELECT DISTINCT c FROM ({records}) r CROSS JOIN LATERAL jsonb_object_keys(r.cleared) c \
+             ORDER BY c",
+            records = self.undo_records("$1", "$2", "$3", "$4"),
+        )
+    }
+
+    /// Whether a column may be restored by an undo: any column but the mapped ones.
+    pub fn restorable_column(&self, name: &str) -> bool {
+        let mapped = [&self.key, &self.state, &self.object, &self.updated_at];
+        !mapped.iter().any(|c| c.name() == name)
+            && self.scope.as_ref().is_none_or(|(c, _)| c.name() != name)
+    }
+
     /// The audit records an undo considers: the latest not-yet-undone downgrade of each
     /// session of this table (any of its names) and scope.
     fn undo_records(&self, sweep: &str, key: &str, tables: &str, scope: &str) -> String {
@@ -321,12 +338,8 @@ impl TableMapping {
     ///
     /// `$1` sweep id or NULL, `$2` session key or NULL, `$3` table names (text[]), `$4` undo
     /// id, `$5` scope value (NULL when unscoped), `$6` the canonical table name.
-    pub fn undo_sql(&self) -> String {
-        let untouched: String = self
-            .clear
-            .iter()
-            .map(|c| format!(" AND t.{c} IS NULL"))
-            .collect();
+    pub fn undo_sql(&self, restore: &[Identifier]) -> String {
+        let untouched = UNTOUCHED_CLEARED;
         let mut set = vec![
             format!(
                 "{} = cand.old_state{}",
@@ -337,8 +350,12 @@ impl TableMapping {
         ];
         // Populated over the locked row itself, not `NULL::table`: a record of the table's type
         // with every other column NULL violates any NOT NULL domain column.
+        // `restore` is every column any selected record cleared (its audit record's keys,
+        // not today's sessions.clear_columns: the configuration may have changed since); a
+        // column a record did not clear keeps the row's value, since populating over the row
+        // changes only the record's keys.
         set.extend(
-            self.clear
+            restore
                 .iter()
                 .map(|c| format!("{c} = (jsonb_populate_record(t, cand.cleared)).{c}")),
         );
@@ -389,11 +406,7 @@ impl TableMapping {
     /// `undo --dry-run` waits for nothing and changes nothing. `$1` sweep id or NULL, `$2`
     /// session key or NULL, `$3` table names (text[]), `$4` scope value (NULL when unscoped).
     pub fn undo_candidates_sql(&self) -> String {
-        let untouched: String = self
-            .clear
-            .iter()
-            .map(|c| format!(" AND t.{c} IS NULL"))
-            .collect();
+        let untouched = UNTOUCHED_CLEARED;
         format!(
             "SELECT a.session_key, a.object_name, a.old_state, \
                     t.{s}::text AS current_state, t.{o}::text AS current_object, \
@@ -543,6 +556,13 @@ pub fn fnv1a(text: &str) -> i64 {
     hash as i64
 }
 
+/// A row is still as the downgrade left it only if every column its audit record cleared is
+/// still NULL (`cand`/`a` is the audit record, `t` the row). Judged per record from its own
+/// `cleared` document, so records written under another `sessions.clear_columns` are undone
+/// exactly.
+const UNTOUCHED_CLEARED: &str = " AND NOT EXISTS (SELECT 1 FROM jsonb_object_keys(a.cleared) c \
+     WHERE to_jsonb(t) -> c <> 'null'::jsonb)";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,7 +580,7 @@ mod tests {
         assert!(sql.contains("t.\"cluster\" = $10::text"));
         assert!(sql.contains("WHERE t.tableoid = old.row_rel AND t.ctid = old.row_id"));
         assert!(m
-            .undo_sql()
+            .undo_sql(&m.clear)
             .contains("WHERE t.tableoid = cand.row_rel AND t.ctid = cand.row_id"));
         assert!(!sql.contains("drop table"));
         assert_ne!(m.lock_key(), {

@@ -1045,6 +1045,59 @@ async fn undo_candidates(
         .map_err(StoreError::query("reading the downgrades to undo"))
 }
 
+/// The columns the selected downgrades cleared, from their audit records (not from today's
+/// `sessions.clear_columns`, which may have changed since): each must be a column of the table
+/// other than the mapped ones, else the undo stops with nothing written.
+async fn cleared_columns(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+    selection: UndoSelection<'_>,
+) -> Result<Vec<Identifier>, StoreError> {
+    let what = "reading the columns the downgrades cleared";
+    let names: Vec<String> = within(
+        mapping.deadline,
+        what,
+        sqlx::query_scalar(AssertSqlSafe(mapping.cleared_columns_sql()))
+            .bind(selection.sweep)
+            .bind(selection.session)
+            .bind(mapping.table_names())
+            .bind(mapping.scope_value())
+            .fetch_all(&mut *conn),
+    )
+    .await?;
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let oid = mapping.resolved.as_ref().map_or(0, |r| i64::from(r.oid));
+    let existing: Vec<String> = within(
+        mapping.deadline,
+        what,
+        sqlx::query_scalar(
+            "SELECT attname::text FROM pg_attribute \
+             WHERE attrelid = $1::oid AND attnum > 0 AND NOT attisdropped AND attname = ANY($2)",
+        )
+        .bind(oid)
+        .bind(&names)
+        .fetch_all(&mut *conn),
+    )
+    .await?;
+    let unfit = |message: String| StoreError::Unfit {
+        table: mapping.table_display(),
+        message,
+    };
+    names
+        .iter()
+        .map(|name| {
+            if !mapping.restorable_column(name) || !existing.contains(name) {
+                return Err(unfit(format!(
+                    "an audit record cleared column {name:?}, which the table no longer has (or which is a mapped column); nothing was undone: restore those rows by hand from the audit records' cleared values"
+                )));
+            }
+            Identifier::parse(name).map_err(|e| unfit(format!("audit record column {name:?}: {e}")))
+        })
+        .collect()
+}
+
 /// What an undo would do, read in one READ ONLY transaction: no row lock, no write, no
 /// trigger fired, so it works beside a running writer and waits for no application lock.
 pub async fn preview_undo(
@@ -1077,10 +1130,17 @@ pub async fn apply_undo(
     let what = "undoing downgrades";
     let mut tx = within(deadline, what, conn.begin()).await?;
     let candidates = undo_candidates(&mut tx, mapping, selection).await?;
+    let restore = match cleared_columns(&mut tx, mapping, selection).await {
+        Ok(columns) => columns,
+        Err(e) => {
+            rollback(tx, deadline).await;
+            return Err(e);
+        }
+    };
     let (held, locked, updated, restored): (bool, i64, i64, Vec<String>) = within(
         deadline,
         what,
-        sqlx::query_as(AssertSqlSafe(mapping.undo_sql()))
+        sqlx::query_as(AssertSqlSafe(mapping.undo_sql(&restore)))
             .bind(selection.sweep)
             .bind(selection.session)
             .bind(mapping.table_names())

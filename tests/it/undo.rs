@@ -245,3 +245,62 @@ async fn undo_dry_run_only_reads_and_waits_for_no_row_lock() {
     assert_eq!(db.state("b").await, "suspended");
     assert_eq!(db.state("live").await, "running");
 }
+
+/// An undo restores what each downgrade's audit record says it cleared, not what today's
+/// `sessions.clear_columns` names: downgrades made by a profile that cleared
+/// `agent_thread_id` are undone whole by a profile that clears nothing (the defaults since
+/// centaur's semantics became them), and a row whose cleared column was written since is left
+/// alone. Before, the thread id stayed NULL.
+#[tokio::test]
+async fn undo_restores_the_columns_the_audit_record_cleared_whatever_the_profile_says_now() {
+    let db = TestDb::new().await;
+    let api = FakeApiServer::start().await;
+    api.register_sandbox_version("v1alpha1");
+    api.add_namespace("agents");
+    api.add_pod("agents", "pod-live", MANAGED);
+    db.insert("live", "running", "pod-live", minutes(60)).await;
+    for k in ["a", "b"] {
+        db.insert(k, "suspended", &format!("pod-{k}"), minutes(60))
+            .await;
+    }
+    let clearing = db.settings();
+    assert_eq!(clearing.sessions.clear_columns, ["agent_thread_id"]);
+    let report = sweep(clearing, &api, false).await;
+    assert_eq!(report.downgraded, 2, "{report:?}");
+    assert_eq!(db.row("a").await, ("gone".into(), None));
+    // The application wrote b's thread id since: b is no longer as the downgrade left it.
+    let sql = format!(
+        "UPDATE {} SET agent_thread_id = 'written-since' WHERE thread_key = 'b'",
+        db.table()
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let mut keeping = db.settings();
+    keeping.sessions.clear_columns = Vec::new();
+    let mapping = TableMapping::from_settings(&keeping).unwrap();
+    let database = Database::new(&keeping).unwrap();
+    let request = UndoRequest {
+        sweep: Some(report.sweep_id),
+        session: None,
+        dry_run: false,
+    };
+    let outcome = undo::run(&database, &mapping, &request, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        (outcome.restored, outcome.left_alone),
+        (1, 1),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        db.row("a").await,
+        ("suspended".into(), Some("agent-a".into()))
+    );
+    assert_eq!(
+        db.row("b").await,
+        ("gone".into(), Some("written-since".into()))
+    );
+}
