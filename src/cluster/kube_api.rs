@@ -545,7 +545,8 @@ impl KubeCluster {
     /// Confirms that the backend the row is attributed to has no object named `name`, by
     /// direct GETs (or, when listing all namespaces, a list selected by `metadata.name`); a
     /// row of no single backend (`Unknown`) is confirmed against every enabled backend. Only
-    /// 404 counts as absent; any other failure is an error and the row is left alone.
+    /// a 404 whose Status names the object counts as absent ([`names_this_object`]); any other
+    /// answer is an error and the row is left alone.
     ///
     /// One GET per orphan, not one per backend: a backend's distinguishing
     /// `object_name_prefix` says the name is not the other backend's object (an agent-sandbox
@@ -565,7 +566,7 @@ impl KubeCluster {
         for ns in self.scopes() {
             if pods {
                 let api = self.pod_api(ns);
-                let seen = self.probe(&api, "pods", ns, name).await?;
+                let seen = self.probe(&api, &ResourceId::PODS, ns, name).await?;
                 match seen {
                     Some(e) => return Ok(Absence::Present { evidence: e }),
                     None => evidence.push(probe_text("pods", ns, name)),
@@ -573,7 +574,12 @@ impl KubeCluster {
             }
             if let Some(sb) = sandboxes {
                 let api = self.sandbox_api(sb, ns);
-                let seen = self.probe(&api, &sb.resource.plural, ns, name).await?;
+                let id = ResourceId {
+                    group: &sb.resource.group,
+                    plural: &sb.resource.plural,
+                    kind: &sb.resource.kind,
+                };
+                let seen = self.probe(&api, &id, ns, name).await?;
                 match seen {
                     Some(e) => return Ok(Absence::Present { evidence: e }),
                     None => evidence.push(probe_text(&sb.resource.plural, ns, name)),
@@ -585,11 +591,14 @@ impl KubeCluster {
         })
     }
 
-    /// One probe: `Some(evidence)` when the object exists, `None` on a definitive 404.
+    /// One probe: `Some(evidence)` when the object exists, `None` on a definitive absence:
+    /// a 404 whose Status names this object ([`names_this_object`]), or, across all
+    /// namespaces, a complete name-selected list without items. Any other answer is an error,
+    /// a 404 for a path the server does not serve included ([`ClusterError::NotServed`]).
     async fn probe<K>(
         &self,
         api: &Api<K>,
-        resource: &str,
+        resource: &ResourceId<'_>,
         ns: Option<&str>,
         name: &str,
     ) -> Result<Option<String>, ClusterError>
@@ -597,16 +606,22 @@ impl KubeCluster {
         K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     {
         let what = format!(
-            "confirming {resource} {}{name}",
+            "confirming {} {}{name}",
+            resource.plural,
             ns.map(|n| format!("{n}/")).unwrap_or_default()
         );
         let verb = if ns.is_some() { "get" } else { "list" };
         let request = || async {
             match ns {
-                Some(_) => api
-                    .get_metadata_opt(name)
-                    .await
-                    .map(|o| o.map(|m| m.metadata)),
+                Some(_) => match api.get_metadata(name).await {
+                    Ok(object) => Ok(Some(object.metadata)),
+                    // Decided here, not by kube's `is_not_found`: only the Status naming
+                    // this very object is its absence.
+                    Err(kube::Error::Api(status)) if names_this_object(&status, name, resource) => {
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                },
                 // No namespace to GET in: list by name across all namespaces instead.
                 None => {
                     let lp = ListParams::default().fields(&format!("metadata.name={name}"));
@@ -624,7 +639,7 @@ impl KubeCluster {
                 })
             }
             Ok(Err(e)) => {
-                let err = map_error(&what, verb, resource, e);
+                let err = map_error(&what, verb, &resource.qualified(), e);
                 self.note(verb, Err(api_code(&err)));
                 Err(err)
             }
@@ -635,13 +650,57 @@ impl KubeCluster {
             Ok(Ok(Some(meta))) => {
                 self.note(verb, Ok(()));
                 Ok(Some(format!(
-                    "{resource} {}/{name} exists{}",
+                    "{} {}/{name} exists{}",
+                    resource.plural,
                     meta.namespace.as_deref().or(ns).unwrap_or("?"),
                     terminating_note(&meta)
                 )))
             }
         }
     }
+}
+
+/// A resource as the API server names it in a `NotFound` Status' details.
+#[derive(Debug, Clone, Copy)]
+struct ResourceId<'a> {
+    group: &'a str,
+    plural: &'a str,
+    kind: &'a str,
+}
+
+impl ResourceId<'_> {
+    const PODS: ResourceId<'static> = ResourceId {
+        group: "",
+        plural: "pods",
+        kind: "Pod",
+    };
+
+    /// "pods", or "sandboxes.agents.x-k8s.io".
+    fn qualified(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.to_string()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
+    }
+}
+
+/// Rule 2(a): whether a 404 says that this very object does not exist. The API server answers
+/// a missing object with a `NotFound` Status whose details name it: `details.name` is the
+/// name, `details.kind` the resource's plural (`pods "x" not found`; some servers write the
+/// kind) and `details.group` its group. A path it does not serve answers 404 too, naming no
+/// object: a Status `the server could not find the requested resource` with empty details
+/// (a resource its group/version lacks), or a plain-text `404 page not found` from its mux
+/// (a group/version nobody serves: a CRD not installed, a wrong version, a proxy). Those say
+/// nothing about the object and are errors, whatever a client library makes of them.
+fn names_this_object(status: &kube::core::Status, name: &str, resource: &ResourceId<'_>) -> bool {
+    status.code == 404
+        && status.reason == "NotFound"
+        && status.details.as_ref().is_some_and(|d| {
+            d.name == name
+                && (d.kind == resource.plural || d.kind == resource.kind)
+                && d.group == resource.group
+        })
 }
 
 fn terminating_note(
@@ -691,7 +750,9 @@ fn map_error(what: &str, verb: &'static str, resource: &str, e: kube::Error) -> 
             resource: resource.to_string(),
             message: status.message.clone(),
         },
-        kube::Error::Api(status) if status.code == 404 && verb == "list" => {
+        // A 404 that reached here names no object (a listing's never does; a GET's that names
+        // its object is absence, decided by the caller): the path is not served.
+        kube::Error::Api(status) if status.code == 404 && matches!(verb, "list" | "get") => {
             ClusterError::NotServed {
                 what: what.to_string(),
                 resource: resource.to_string(),
