@@ -26,7 +26,8 @@ use tokio::sync::watch;
 
 use super::kube_api::Target;
 use super::lean::{self, LeanObject};
-use super::{ClusterError, KubeCluster, NameMap};
+use super::objects::ObjectMap;
+use super::{ClusterError, KubeCluster};
 use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot, ObjectFacts};
 
 /// Server-side timeout of each watch request (the API server caps it anyway).
@@ -81,7 +82,8 @@ pub trait CacheObserver: Send + Sync {
 /// One informer's state.
 #[derive(Debug, Default)]
 struct InformerState {
-    objects: NameMap<ObjectFacts>,
+    /// By namespace and name: one informer of all namespaces can hold a name twice.
+    objects: ObjectMap,
     synced: bool,
     /// The highest revision applied (listing, event or bookmark).
     watermark: u64,
@@ -180,9 +182,9 @@ impl ClusterCache {
                     views.last_mut()?
                 }
             };
-            view.reserve(state.objects.len());
-            for (name, facts) in &state.objects {
-                view.insert(name, *facts);
+            view.reserve(state.objects.names());
+            for (name, facts) in state.objects.iter() {
+                view.insert(name, facts);
             }
         }
         let mut snapshot = ClusterSnapshot::new(chrono::Utc::now());
@@ -244,7 +246,7 @@ impl ClusterCache {
     pub fn contains(&self, name: &str) -> Option<ObjectFacts> {
         self.informers
             .iter()
-            .find_map(|i| i.state().objects.get(name).copied())
+            .find_map(|i| i.state().objects.get(name))
     }
 
     /// Figures for the metrics.
@@ -431,11 +433,19 @@ fn apply(informer: &Informer, event: WatchEvent<LeanObject>) -> Result<Option<u6
         .resource_version
         .as_deref()
         .and_then(lean::revision);
+    let namespace = object
+        .metadata
+        .namespace
+        .as_deref()
+        .or(informer.namespace.as_deref())
+        .unwrap_or("");
     let mut state = informer.state();
     if deleted {
-        state.objects.remove(name);
+        state.objects.remove(namespace, name);
     } else {
-        state.objects.insert(name.into(), object.facts(selector));
+        state
+            .objects
+            .insert(namespace, name, object.facts(selector));
     }
     if let Some(at) = at {
         advance(&mut state, at);

@@ -17,7 +17,8 @@ use kube::{Api, Client};
 
 use super::client::{self, ClientOrigin};
 use super::lean::{self, LeanList};
-use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot, NameMap, ObjectFacts};
+use super::objects::ObjectMap;
+use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot};
 use crate::config::Settings;
 use crate::plan::RefusalReason;
 use crate::selector::LabelSelector;
@@ -372,8 +373,9 @@ impl KubeCluster {
         let mut view = BackendView::new(target.kind, &target.prefix);
         for ns in self.scopes() {
             let (objects, listing) = self.list_into(target, ns).await?;
-            for (name, facts) in objects {
-                view.insert(&name, facts);
+            view.reserve(objects.names());
+            for (name, facts) in objects.iter() {
+                view.insert(name, facts);
             }
             view.requests += listing.requests;
         }
@@ -399,14 +401,15 @@ impl KubeCluster {
     /// on a continue token restarts the whole listing, once, from an empty map. Objects are
     /// decoded lean ([`LeanObject`](super::lean::LeanObject)) and listed without the label
     /// selector: presence is by name, as a GET's is; the selector only marks the platform's
-    /// objects (`managed`).
+    /// objects (`managed`). The map is keyed by namespace and name (a listing of all
+    /// namespaces can hold one name twice).
     pub(crate) async fn list_into(
         &self,
         target: &Target,
         ns: Option<&str>,
-    ) -> Result<(NameMap<ObjectFacts>, Listing), ClusterError> {
+    ) -> Result<(ObjectMap, Listing), ClusterError> {
         let what = describe(&target.plural, ns);
-        let mut objects: NameMap<ObjectFacts> = NameMap::default();
+        let mut objects = ObjectMap::default();
         let mut requests = 0u64;
         let mut restarted = false;
         let mut token: Option<String> = None;
@@ -464,7 +467,8 @@ impl KubeCluster {
                         what: what.clone(),
                         message: "an item has no metadata.name".into(),
                     })?;
-                objects.insert(name.into(), object.facts(&target.selector));
+                let namespace = object.metadata.namespace.as_deref().or(ns).unwrap_or("");
+                objects.insert(namespace, name, object.facts(&target.selector));
             }
             match page.metadata.continue_.filter(|t| !t.is_empty()) {
                 Some(next) => token = Some(next),

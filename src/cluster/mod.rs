@@ -10,6 +10,7 @@ pub mod client;
 pub mod dump;
 mod kube_api;
 pub mod lean;
+pub mod objects;
 
 pub use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot, NameMap, ObjectFacts};
 pub use kube_api::{Absence, KubeCluster, PageHook, RequestHook, ScopeVerdict};

@@ -439,3 +439,43 @@ async fn the_proof_of_freshness_covers_the_orphans_backends() {
     assert_eq!(report.downgraded, 1);
     assert_eq!(db.state("nobodys-orphan").await, "gone");
 }
+
+/// `namespaces = ["*"]`: one informer per backend covers every namespace, so two objects of
+/// the same name in two namespaces are two entries of the cache. Deleting one leaves the
+/// name present: its suspended row stays, even when many orphans make the cache, proven
+/// fresh, the evidence (rule 2(c)); the real orphans are downgraded.
+#[tokio::test]
+async fn all_namespaces_cache_keeps_a_name_that_lives_on_in_another_namespace() {
+    let (db, api) = seeded(6, 3).await;
+    api.set_bookmark_interval(Duration::from_millis(100));
+    api.add_pod("ns-a", "pod-twin", MANAGED);
+    api.add_pod("ns-b", "pod-twin", MANAGED);
+    db.insert("twin", "suspended", "pod-twin", minutes(120))
+        .await;
+    let mut settings = db.settings();
+    settings.cluster.namespaces = vec!["*".into()];
+    settings.cluster.confirm_get_max = 1;
+    let (r, _) = cached(settings, &api).await;
+    let cache = r.cache().unwrap().clone();
+    api.remove(Kind::Pod, "ns-a", "pod-twin");
+    api.add_pod("agents", "pod-marker", MANAGED);
+    eventually("the watch applies the deletion and the marker", || {
+        cache.contains("pod-marker").is_some()
+    })
+    .await;
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(db.state("twin").await, "suspended", "ns-b/pod-twin exists");
+    assert_eq!(report.confirmation, Confirmation::WatchCache, "{report:?}");
+    assert_eq!(report.downgraded, 3, "{report:?}");
+    for i in 0..3 {
+        assert_eq!(db.state(&format!("orphan-{i}")).await, "gone");
+    }
+    assert!(cache.contains("pod-twin").is_some());
+    // Once the last one goes, the name is absent.
+    api.remove(Kind::Pod, "ns-b", "pod-twin");
+    eventually("the second deletion arrives", || {
+        cache.contains("pod-twin").is_none()
+    })
+    .await;
+}
