@@ -392,7 +392,7 @@ async fn watch_from(
                     return WatchEnd::Relist(RelistReason::WatchError);
                 }
             };
-            match apply(informer, event) {
+            match apply(cluster, informer, event) {
                 Ok(Some(at)) => revision = revision.max(at),
                 Ok(None) => {}
                 Err(reason) => return WatchEnd::Relist(reason),
@@ -406,7 +406,11 @@ async fn watch_from(
 }
 
 /// Applies one event; returns the revision it carries.
-fn apply(informer: &Informer, event: WatchEvent<LeanObject>) -> Result<Option<u64>, RelistReason> {
+fn apply(
+    cluster: &KubeCluster,
+    informer: &Informer,
+    event: WatchEvent<LeanObject>,
+) -> Result<Option<u64>, RelistReason> {
     let selector = &informer.target.selector;
     let (object, deleted) = match event {
         WatchEvent::Added(o) | WatchEvent::Modified(o) => (o, false),
@@ -439,6 +443,9 @@ fn apply(informer: &Informer, event: WatchEvent<LeanObject>) -> Result<Option<u6
         .as_deref()
         .or(informer.namespace.as_deref())
         .unwrap_or("");
+    if !deleted && !object.undecodable().is_empty() {
+        cluster.note_undecodable(informer.target.kind, namespace, name, object.undecodable());
+    }
     let mut state = informer.state();
     if deleted {
         state.objects.remove(namespace, name);

@@ -7,7 +7,8 @@
 //! timeout, transport, an item without a name, a list of the wrong kind — aborts the listing:
 //! there is no partial snapshot.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -29,6 +30,15 @@ pub type RequestHook = Arc<dyn Fn(&'static str, u16) + Send + Sync>;
 
 /// Called once per listed page with the backend and the objects on it (progress).
 pub type PageHook = Arc<dyn Fn(BackendKind, u64) + Send + Sync>;
+
+/// Called once per object and field found of the wrong type (see [`lean`]), with the backend
+/// and the field (`"spec.replicas"`); the metrics count these.
+pub type UndecodableHook = Arc<dyn Fn(BackendKind, &'static str) + Send + Sync>;
+
+/// Objects already reported undecodable, so each is logged and counted once: (backend,
+/// "namespace/name", field). Bounded: past this many it starts afresh.
+const UNDECODABLE_REMEMBERED: usize = 10_000;
+type UndecodableSeen = Arc<Mutex<HashSet<(BackendKind, Box<str>, &'static str)>>>;
 
 #[derive(Debug, Clone)]
 struct SandboxBackend {
@@ -110,6 +120,8 @@ pub struct KubeCluster {
     targets: Vec<Target>,
     hook: Option<RequestHook>,
     page_hook: Option<PageHook>,
+    undecodable_hook: Option<UndecodableHook>,
+    undecodable_seen: UndecodableSeen,
 }
 
 impl KubeCluster {
@@ -267,6 +279,8 @@ impl KubeCluster {
             targets,
             hook: None,
             page_hook: None,
+            undecodable_hook: None,
+            undecodable_seen: UndecodableSeen::default(),
         }
     }
 
@@ -327,6 +341,47 @@ impl KubeCluster {
     /// Installs a per-request observer (metrics).
     pub fn set_request_hook(&mut self, hook: RequestHook) {
         self.hook = Some(hook);
+    }
+
+    /// Installs the observer of objects with fields of the wrong type (metrics).
+    pub fn set_undecodable_hook(&mut self, hook: UndecodableHook) {
+        self.undecodable_hook = Some(hook);
+    }
+
+    /// An object with fields of the wrong type, treated as absent ([`lean`]): logged and
+    /// counted once per object and field (per process), never an error.
+    pub(crate) fn note_undecodable(
+        &self,
+        kind: BackendKind,
+        namespace: &str,
+        name: &str,
+        fields: &[&'static str],
+    ) {
+        for field in fields {
+            let key = (kind, format!("{namespace}/{name}").into_boxed_str(), *field);
+            let first = {
+                let mut seen = self
+                    .undecodable_seen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if seen.len() >= UNDECODABLE_REMEMBERED {
+                    seen.clear();
+                }
+                seen.insert(key)
+            };
+            if !first {
+                continue;
+            }
+            tracing::warn!(
+                backend = %kind,
+                object = %format!("{namespace}/{name}"),
+                field = *field,
+                "a field of the wrong type, read as absent: the object counts as present and not paused; fix the object or its CustomResourceDefinition's schema"
+            );
+            if let Some(hook) = &self.undecodable_hook {
+                hook(kind, field);
+            }
+        }
     }
 
     fn note(&self, verb: &'static str, result: Result<(), u16>) {
@@ -468,6 +523,10 @@ impl KubeCluster {
                         message: "an item has no metadata.name".into(),
                     })?;
                 let namespace = object.metadata.namespace.as_deref().or(ns).unwrap_or("");
+                let odd = object.undecodable();
+                if !odd.is_empty() {
+                    self.note_undecodable(target.kind, namespace, name, odd);
+                }
                 objects.insert(namespace, name, object.facts(&target.selector));
             }
             match page.metadata.continue_.filter(|t| !t.is_empty()) {

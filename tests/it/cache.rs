@@ -24,10 +24,11 @@ async fn cached(
     api: &FakeApiServer,
 ) -> (Reconciler, Arc<Metrics>) {
     let metrics = Metrics::new(&settings);
-    let r = reconciler(settings, api);
-    let ClusterSource::Api(cluster) = &r.source else {
+    let mut r = reconciler(settings, api);
+    let ClusterSource::Api(cluster) = &mut r.source else {
         unreachable!("an API reconciler")
     };
+    metrics.observe_cluster(cluster);
     let cache = ClusterCache::start(cluster, metrics.clone());
     assert!(
         cache.wait_synced(Duration::from_secs(10)).await,
@@ -478,4 +479,105 @@ async fn all_namespaces_cache_keeps_a_name_that_lives_on_in_another_namespace() 
         cache.contains("pod-twin").is_none()
     })
     .await;
+}
+
+/// Sandboxes whose spec a schemaless or forked CRD lets be of another type
+/// (`replicas: "0"`, `operatingMode: 1`, a `spec` that is a string): their pause state cannot
+/// be read, so they are simply present (the safe side), counted and logged, and the listing
+/// goes on. In a one-off sweep and in the daemon's cache (listing and watch events) alike the
+/// orphans elsewhere are downgraded and the odd Sandboxes' rows are kept.
+#[tokio::test]
+async fn sandboxes_with_fields_of_the_wrong_type_do_not_stop_the_sweep() {
+    let (db, api) = seeded(20, 2).await;
+    add_sandboxes(&db, &api).await;
+    let odd = [
+        ("sb-odd-replicas", json!({ "replicas": "0" })),
+        ("sb-odd-mode", json!({ "operatingMode": 1, "replicas": 1 })),
+        ("sb-odd-spec", json!("not an object")),
+    ];
+    for (name, spec) in &odd {
+        api.add_sandbox("v1alpha1", "agents", name, spec.clone());
+        db.insert(name, "suspended", name, minutes(120)).await;
+    }
+    db.insert("sb-orphan", "suspended", "sb-gone", minutes(90))
+        .await;
+
+    // One-off: the listing completes and is the proof.
+    let once_metrics = Metrics::new(&db.settings());
+    let mut once = reconciler(db.settings(), &api);
+    let ClusterSource::Api(cluster) = &mut once.source else {
+        unreachable!("an API reconciler")
+    };
+    once_metrics.observe_cluster(cluster);
+    let report = sweep_with(&once).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.downgraded, 3, "{report:?}");
+    assert_eq!(db.state("sb-orphan").await, "gone");
+    for (name, _) in &odd {
+        assert_eq!(db.state(name).await, "suspended", "{name}");
+    }
+
+    // The daemon's cache syncs over them, and over one that arrives by a watch event.
+    db.insert("orphan-late", "suspended", "pod-gone-late", minutes(90))
+        .await;
+    let (r, metrics) = cached(db.settings(), &api).await;
+    api.add_sandbox(
+        "v1alpha1",
+        "agents",
+        "sb-odd-late",
+        json!({ "replicas": [0] }),
+    );
+    db.insert("sb-odd-late", "suspended", "sb-odd-late", minutes(120))
+        .await;
+    let cache = r.cache().unwrap().clone();
+    eventually("the odd Sandbox's event is applied", || {
+        cache.contains("sb-odd-late").is_some()
+    })
+    .await;
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.cluster_view, "watch cache");
+    assert_eq!(db.state("orphan-late").await, "gone");
+    assert_eq!(db.state("sb-odd-late").await, "suspended");
+    for (name, _) in &odd {
+        assert_eq!(db.state(name).await, "suspended", "{name}");
+    }
+    // Counted once per object and field, however often they are listed.
+    let undecodable = |m: &str, field: &str| {
+        metric(
+            m,
+            &format!("sandbox_reconciler_objects_undecodable_total{{backend=\"agent-sandbox\",field=\"{field}\"}}"),
+        )
+    };
+    let m = once_metrics.render();
+    assert_eq!(undecodable(&m, "spec.replicas"), Some(1.0), "{m}");
+    assert_eq!(undecodable(&m, "spec.operatingMode"), Some(1.0), "{m}");
+    assert_eq!(undecodable(&m, "spec"), Some(1.0), "{m}");
+    api.inject(Fault::on_watch("/sandboxes", FaultAction::ExpireWatch).once());
+    api.drop_watches();
+    let relisted = |m: &str| {
+        metric(
+            m,
+            "sandbox_reconciler_cache_relists_total{backend=\"agent-sandbox\",reason=\"expired\"}",
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    };
+    let mut m = metrics.render();
+    for _ in 0..200 {
+        if relisted(&m) && cache.synced() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        m = metrics.render();
+    }
+    assert!(relisted(&m), "{m}");
+    assert_eq!(undecodable(&m, "spec.replicas"), Some(2.0), "{m}");
+    assert_eq!(undecodable(&m, "spec.operatingMode"), Some(1.0), "{m}");
+    assert_eq!(undecodable(&m, "spec"), Some(1.0), "{m}");
+    let watch_errors = metric(
+        &m,
+        "sandbox_reconciler_cache_relists_total{backend=\"agent-sandbox\",reason=\"watch_error\"}",
+    );
+    assert_eq!(watch_errors, Some(0.0), "{m}");
 }
