@@ -16,6 +16,9 @@
 //! loop is built on kube-client's request builders (`Request::watch`, `request_events`).
 //!
 //! A sweep never treats an unsynced cache as the cluster: it waits (bounded) or lists afresh.
+//!
+//! Every watch request's answer is counted in `kube_requests_total` (verb `watch`); a 403
+//! relists under its own reason (`forbidden`).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -49,6 +52,8 @@ pub enum RelistReason {
     Initial,
     /// The watch answered 410: its resourceVersion was compacted away.
     Expired,
+    /// The watch was answered 403 (RBAC lacks `watch`).
+    Forbidden,
     /// The watch failed in a way that could hide events.
     WatchError,
     /// The previous listing failed.
@@ -56,9 +61,10 @@ pub enum RelistReason {
 }
 
 impl RelistReason {
-    pub const ALL: [RelistReason; 4] = [
+    pub const ALL: [RelistReason; 5] = [
         RelistReason::Initial,
         RelistReason::Expired,
+        RelistReason::Forbidden,
         RelistReason::WatchError,
         RelistReason::ListError,
     ];
@@ -67,6 +73,7 @@ impl RelistReason {
         match self {
             RelistReason::Initial => "initial",
             RelistReason::Expired => "expired",
+            RelistReason::Forbidden => "forbidden",
             RelistReason::WatchError => "watch_error",
             RelistReason::ListError => "list_error",
         }
@@ -366,11 +373,21 @@ async fn watch_from(
             return WatchEnd::Relist(RelistReason::WatchError);
         };
         let stream = match cluster.client().request_events::<LeanObject>(built).await {
-            Ok(stream) => stream,
-            Err(kube::Error::Api(status)) if status.code == 410 => {
-                return WatchEnd::Relist(RelistReason::Expired)
+            Ok(stream) => {
+                cluster.note_code("watch", 200);
+                stream
+            }
+            Err(kube::Error::Api(status)) => {
+                cluster.note_code("watch", status.code);
+                tracing::warn!(backend = %target.kind, code = status.code, "starting a watch failed: {}", status.message);
+                return WatchEnd::Relist(match status.code {
+                    410 => RelistReason::Expired,
+                    403 => RelistReason::Forbidden,
+                    _ => RelistReason::WatchError,
+                });
             }
             Err(e) => {
+                cluster.note_code("watch", 0);
                 tracing::warn!(backend = %target.kind, "starting a watch failed: {e}");
                 return WatchEnd::Relist(RelistReason::WatchError);
             }
@@ -425,7 +442,11 @@ fn apply(
         WatchEvent::Error(status) if status.code == 410 => return Err(RelistReason::Expired),
         WatchEvent::Error(status) => {
             tracing::warn!(backend = %informer.target.kind, "the watch sent an error: {}", status.message);
-            return Err(RelistReason::WatchError);
+            return Err(if status.code == 403 {
+                RelistReason::Forbidden
+            } else {
+                RelistReason::WatchError
+            });
         }
     };
     let Some(name) = object.metadata.name.as_deref().filter(|n| !n.is_empty()) else {

@@ -384,6 +384,13 @@ impl KubeCluster {
         }
     }
 
+    /// Counts one request's answer in the request hook (`code` 0: no answer).
+    pub(crate) fn note_code(&self, verb: &'static str, code: u16) {
+        if let Some(hook) = &self.hook {
+            hook(verb, code);
+        }
+    }
+
     fn note(&self, verb: &'static str, result: Result<(), u16>) {
         if let Some(hook) = &self.hook {
             hook(verb, result.map_or_else(|code| code, |()| 200));

@@ -581,3 +581,63 @@ async fn sandboxes_with_fields_of_the_wrong_type_do_not_stop_the_sweep() {
     );
     assert_eq!(watch_errors, Some(0.0), "{m}");
 }
+
+/// A watch answered 403 (RBAC without `watch`) is counted in `kube_requests_total` with verb
+/// `watch` and code 403, like every other watch request's answer, and the relist it causes is
+/// counted under its own reason. Once permitted again the cache works and the orphan goes.
+#[tokio::test]
+async fn a_forbidden_watch_is_counted_and_its_relists_are_counted_by_reason() {
+    let (db, api) = seeded(4, 1).await;
+    let settings = db.settings();
+    let metrics = Metrics::new(&settings);
+    let mut r = reconciler(settings, &api);
+    let ClusterSource::Api(cluster) = &mut r.source else {
+        unreachable!("an API reconciler")
+    };
+    let m = metrics.clone();
+    cluster.set_request_hook(Arc::new(move |verb, code| m.kube_request(verb, code)));
+    let cache = ClusterCache::start(cluster, metrics.clone());
+    assert!(cache.wait_synced(Duration::from_secs(10)).await);
+    metrics.observe_cache(cache.clone());
+    let r = r.with_cache(cache.clone());
+    api.deny("watch", "", "pods");
+    api.drop_watches();
+    let counted = |m: &str| {
+        metric(
+            m,
+            "sandbox_reconciler_kube_requests_total{code=\"403\",verb=\"watch\"}",
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+            && metric(
+                m,
+                "sandbox_reconciler_cache_relists_total{backend=\"pod\",reason=\"forbidden\"}",
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+    };
+    let mut m = metrics.render();
+    for _ in 0..200 {
+        if counted(&m) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        m = metrics.render();
+    }
+    assert!(counted(&m), "{m}");
+    assert!(
+        metric(
+            &m,
+            "sandbox_reconciler_kube_requests_total{code=\"200\",verb=\"watch\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
+    );
+    api.allow_all();
+    assert!(cache.wait_synced(Duration::from_secs(40)).await);
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(db.state("orphan-0").await, "gone");
+    assert_eq!(report.downgraded, 1);
+}
