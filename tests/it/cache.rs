@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use sandbox_reconciler::cluster::cache::ClusterCache;
+use sandbox_reconciler::cluster::cache::{CacheTuning, ClusterCache};
 use sandbox_reconciler::metrics::Metrics;
 use sandbox_reconciler::sweep::{
     ClusterSource, Confirmation, Reconciler, SweepOptions, SweepReport, SweepResult,
@@ -355,13 +355,15 @@ async fn a_row_resumed_behind_a_stale_cache_is_left_alone() {
     assert_eq!(report.confirmation, Confirmation::Get);
     assert_eq!(report.downgraded, 0, "{report:?}");
 
+    // Many orphans: the stale cache cannot be proven fresh, so the sweep lists afresh and
+    // plans on that listing, in which the row has its object.
     let report = sweep_with(&by_proof).await;
     assert_eq!(report.result, SweepResult::Success, "{report:?}");
     assert_eq!(
-        report.cluster_view, "watch cache",
-        "the stale cache was read"
+        report.cluster_view, "listing (watch cache not proven fresh)",
+        "the stale cache was read, then a listing"
     );
-    assert_eq!(report.orphans_found, 1, "{report:?}");
+    assert_eq!(report.orphans_found, 0, "{report:?}");
     assert_eq!(report.confirmation, Confirmation::Listing, "{report:?}");
     assert_eq!(report.downgraded, 0, "{report:?}");
 
@@ -640,4 +642,127 @@ async fn a_forbidden_watch_is_counted_and_its_relists_are_counted_by_reason() {
     assert_eq!(report.result, SweepResult::Success, "{report:?}");
     assert_eq!(db.state("orphan-0").await, "gone");
     assert_eq!(report.downgraded, 1);
+}
+
+/// A watch that stops following the store (an apiserver whose watch cache froze: no events,
+/// bookmarks at a frozen revision) while an object is deleted. Many orphans: the proof of
+/// freshness cannot come, so the sweep lists afresh and that listing is its whole view; it
+/// finds the row the deletion orphaned (downgraded in that very sweep) and reseeds the
+/// informer, whose map then lacks the deleted pod. A row whose pod was created during the
+/// freeze, and every live row, are left alone.
+#[tokio::test]
+async fn a_frozen_watch_is_overtaken_by_the_fallback_listing_which_reseeds_the_cache() {
+    let (db, api) = seeded(20, 3).await;
+    api.set_bookmark_interval(Duration::from_millis(100));
+    db.insert("doomed", "suspended", "pod-doomed", minutes(120))
+        .await;
+    api.add_pod("agents", "pod-doomed", MANAGED);
+    db.insert("resumed", "suspended", "pod-resumed", minutes(120))
+        .await;
+    let mut settings = db.settings();
+    settings.cluster.confirm_get_max = 0;
+    settings.cluster.cache_fresh_wait_seconds = 1;
+    let (r, _) = cached(settings, &api).await;
+    let cache = r.cache().unwrap().clone();
+    api.inject(Fault::on_watch("/pods", FaultAction::FreezeWatch));
+    api.drop_watches();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.remove(Kind::Pod, "agents", "pod-doomed");
+    api.add_pod("agents", "pod-resumed", MANAGED);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(cache.contains("pod-doomed").is_some(), "the frozen cache");
+    let live_before: Vec<_> = db
+        .fingerprint()
+        .await
+        .into_iter()
+        .filter(|(k, _, _)| k.starts_with("live-"))
+        .collect();
+
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.confirmation, Confirmation::Listing, "{report:?}");
+    assert_eq!(db.state("doomed").await, "gone", "{report:?}");
+    assert_eq!(db.state("resumed").await, "suspended");
+    assert_eq!(report.downgraded, 4, "{report:?}");
+    let live_after: Vec<_> = db
+        .fingerprint()
+        .await
+        .into_iter()
+        .filter(|(k, _, _)| k.starts_with("live-"))
+        .collect();
+    assert_eq!(live_after, live_before);
+    assert!(
+        cache.contains("pod-doomed").is_none(),
+        "the listing reseeded the cache"
+    );
+    assert!(cache.contains("pod-resumed").is_some());
+}
+
+/// The same freeze with few orphans, confirmed by GET: no proof of freshness is ever asked
+/// for, so the informer checks itself. Its watermark stays put for
+/// `CacheTuning::stall_check_after`; it reads the server's revision, does not reach it within
+/// `stall_grace`, and relists (`cache_relists_total{reason="stale"}`). The row the deletion
+/// orphaned is downgraded within a bounded number of sweeps; no live row is touched, and a
+/// row whose pod was created during the freeze is kept.
+#[tokio::test]
+async fn a_frozen_watch_is_found_by_the_informers_own_check() {
+    let (db, api) = seeded(20, 0).await;
+    api.set_bookmark_interval(Duration::from_millis(100));
+    db.insert("doomed", "suspended", "pod-doomed", minutes(120))
+        .await;
+    api.add_pod("agents", "pod-doomed", MANAGED);
+    db.insert("resumed", "suspended", "pod-resumed", minutes(120))
+        .await;
+    let settings = db.settings();
+    let metrics = Metrics::new(&settings);
+    let r = reconciler(settings, &api);
+    let ClusterSource::Api(cluster) = &r.source else {
+        unreachable!("an API reconciler")
+    };
+    let tuning = CacheTuning {
+        stall_check_after: Duration::from_millis(700),
+        stall_grace: Duration::from_millis(500),
+    };
+    let cache = ClusterCache::start_tuned(cluster, metrics.clone(), tuning);
+    assert!(cache.wait_synced(Duration::from_secs(10)).await);
+    metrics.observe_cache(cache.clone());
+    let r = r.with_cache(cache.clone());
+    api.inject(Fault::on_watch("/pods", FaultAction::FreezeWatch));
+    api.drop_watches();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.remove(Kind::Pod, "agents", "pod-doomed");
+    api.add_pod("agents", "pod-resumed", MANAGED);
+    let live_before: Vec<_> = db
+        .fingerprint()
+        .await
+        .into_iter()
+        .filter(|(k, _, _)| k.starts_with("live-"))
+        .collect();
+    let mut sweeps = 0;
+    while db.state("doomed").await != "gone" {
+        sweeps += 1;
+        assert!(sweeps <= 20, "not found within 20 sweeps");
+        let report = sweep_with(&r).await;
+        assert_eq!(report.result, SweepResult::Success, "{report:?}");
+        assert_eq!(db.state("resumed").await, "suspended", "{report:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let live_after: Vec<_> = db
+        .fingerprint()
+        .await
+        .into_iter()
+        .filter(|(k, _, _)| k.starts_with("live-"))
+        .collect();
+    assert_eq!(live_after, live_before);
+    assert_eq!(db.state("resumed").await, "suspended");
+    let m = metrics.render();
+    assert!(
+        metric(
+            &m,
+            "sandbox_reconciler_cache_relists_total{backend=\"pod\",reason=\"stale\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
+    );
 }
