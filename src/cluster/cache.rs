@@ -326,12 +326,19 @@ impl ClusterCache {
         cluster: &KubeCluster,
     ) -> Result<ClusterSnapshot, ClusterError> {
         let started = chrono::Utc::now();
-        let listings = futures::future::try_join_all(
-            self.informers
-                .iter()
-                .map(|i| cluster.list_into(&i.target, i.namespace.as_deref())),
-        )
-        .await?;
+        // As many listings at a time as there are backends, as `KubeCluster::snapshot` makes,
+        // not one per namespace at once.
+        let backends = cluster.targets().len().max(1);
+        let mut listings = Vec::with_capacity(self.informers.len());
+        for informers in self.informers.chunks(backends) {
+            let listed = futures::future::try_join_all(
+                informers
+                    .iter()
+                    .map(|i| cluster.list_into(&i.target, i.namespace.as_deref())),
+            )
+            .await?;
+            listings.extend(listed);
+        }
         let mut views: Vec<BackendView> = Vec::new();
         for (informer, (objects, listing)) in self.informers.iter().zip(listings) {
             let target = &informer.target;
