@@ -263,10 +263,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
     };
     if let ClusterSource::Api(cluster) = &mut reconciler.source {
-        let m = metrics.clone();
-        cluster.set_request_hook(std::sync::Arc::new(move |verb, code| {
-            m.kube_request(verb, code)
-        }));
+        metrics.observe_cluster(cluster);
     }
     let options = SweepOptions {
         dry_run: cli.dry_run,

@@ -49,16 +49,23 @@ pub enum DaemonError {
 /// The writer lock and the connection that holds it.
 struct Leadership {
     conn: Option<PgConnection>,
+    /// The resolved mapping the lock was taken with (its keys are the canonical table's).
+    mapping: Option<TableMapping>,
 }
 
 impl Leadership {
-    /// Makes sure this replica holds the writer lock; `Ok(false)` when another does.
+    /// Makes sure this replica holds the writer lock; `Ok(false)` when another does. A
+    /// connection kept from an earlier sweep must still answer and its server session still
+    /// hold the lock; otherwise it is dropped and the lock taken afresh.
     async fn ensure(&mut self, reconciler: &Reconciler) -> Result<bool, store::StoreError> {
-        if let Some(conn) = &mut self.conn {
-            if store::ping(conn, &reconciler.mapping).await {
-                return Ok(true);
+        if let (Some(conn), Some(mapping)) = (&mut self.conn, &self.mapping) {
+            match store::holds_writer_lock(conn, mapping).await {
+                Ok(true) => return Ok(true),
+                Ok(false) => tracing::warn!(
+                    "the writer connection's server session no longer holds the writer lock (a pooler may have moved it); reconnecting"
+                ),
+                Err(_) => tracing::warn!("lost the writer connection, and the writer lock with it"),
             }
-            tracing::warn!("lost the writer connection, and the writer lock with it");
             self.conn = None;
         }
         let mut conn = reconciler.database.connect().await?;
@@ -67,6 +74,7 @@ impl Leadership {
         if store::try_writer_lock(&mut conn, &mapping).await? {
             tracing::info!("took the writer lock: this replica now sweeps");
             self.conn = Some(conn);
+            self.mapping = Some(mapping);
             Ok(true)
         } else {
             Ok(false)
@@ -250,7 +258,10 @@ async fn worker(
     mut stop: watch::Receiver<bool>,
 ) {
     let _guard = AliveGuard(health.clone());
-    let mut leadership = Leadership { conn: None };
+    let mut leadership = Leadership {
+        conn: None,
+        mapping: None,
+    };
     let jitter = reconciler.settings.sweep.jitter_seconds;
     let mut first = true;
     loop {

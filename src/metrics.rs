@@ -51,6 +51,7 @@ pub struct Metrics {
     pub cache_relists_total: IntCounterVec,
     pub cache_watch_restarts_total: IntCounterVec,
     pub cache_watermark_age_seconds: IntGauge,
+    pub objects_undecodable_total: IntCounterVec,
     /// The daemon's watch cache, read at each scrape.
     cache: std::sync::Mutex<Option<Arc<crate::cluster::cache::ClusterCache>>>,
 }
@@ -187,6 +188,9 @@ impl Metrics {
                 backend)),
             cache_watermark_age_seconds: register!(r, d, "gauge", IntGauge::with_opts(
                 opts("cache_watermark_age_seconds", "Seconds since the stalest informer last applied an event or bookmark."))),
+            objects_undecodable_total: register!(r, d, "counter", IntCounterVec::new(
+                opts("objects_undecodable_total", "Objects with a field of the wrong type (e.g. a Sandbox's spec.replicas \"0\"), read as absent: the object is present and not paused. Each object and field once per process."),
+                &["backend", "field"])),
             cache: std::sync::Mutex::new(None),
             registry: r,
             described: Vec::new(),
@@ -217,6 +221,12 @@ impl Metrics {
             m.skipped_rows.with_label_values(&[reason.as_str()]);
         }
         let b = &settings.backends;
+        if b.agent_sandbox.enabled {
+            for field in crate::cluster::lean::UNDECODABLE_FIELDS {
+                m.objects_undecodable_total
+                    .with_label_values(&[BackendKind::AgentSandbox.as_str(), field]);
+            }
+        }
         for kind in BackendKind::ALL {
             let enabled = match kind {
                 BackendKind::Pod => b.pod.enabled,
@@ -343,6 +353,18 @@ impl Metrics {
     /// Every metric this binary exports, in registration order.
     pub fn describe(&self) -> &[MetricDescription] {
         &self.described
+    }
+
+    /// Counts the cluster's requests and undecodable objects in these metrics.
+    pub fn observe_cluster(self: &Arc<Self>, cluster: &mut crate::cluster::KubeCluster) {
+        let m = self.clone();
+        cluster.set_request_hook(Arc::new(move |verb, code| m.kube_request(verb, code)));
+        let m = self.clone();
+        cluster.set_undecodable_hook(Arc::new(move |backend, field| {
+            m.objects_undecodable_total
+                .with_label_values(&[backend.as_str(), field])
+                .inc()
+        }));
     }
 
     /// Counts one Kubernetes API request.

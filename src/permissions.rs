@@ -11,6 +11,9 @@
 //! - A one-off sweep (`--once`, the CronJob) lists once and confirms by GET: `get` and `list`.
 //! - Both read the cluster's identity (`get` on the `kube-system` Namespace) and check that
 //!   each configured namespace exists (`get` on those Namespaces).
+//! - With only the bare-pod backend enabled, a sweep first makes sure no Sandbox exists
+//!   (a paused Sandbox keeps no pod, so its row would look orphaned): `list` on the Sandbox
+//!   resource, used only when discovery says the API server serves it.
 //!
 //! The reconciler never writes to the cluster.
 
@@ -83,11 +86,17 @@ pub fn required(settings: &Settings, mode: Mode, all_backends: bool) -> Vec<Rule
             resource_names: Vec::new(),
         });
     }
-    if b.agent_sandbox.enabled || all_backends {
+    if b.agent_sandbox.enabled || all_backends || b.pod.enabled {
+        // The bare-pod backend alone only probes for Sandboxes (`LIST ?limit=1`).
+        let verbs = if b.agent_sandbox.enabled || all_backends {
+            backend_verbs(mode)
+        } else {
+            vec!["list"]
+        };
         rules.push(Rule {
             api_group: b.agent_sandbox.group.clone(),
             resource: b.agent_sandbox.plural.clone(),
-            verbs: backend_verbs(mode),
+            verbs,
             namespaces: namespaces.clone(),
             resource_names: Vec::new(),
         });
@@ -141,7 +150,10 @@ mod tests {
         let mut s = Settings::default();
         s.cluster.namespaces = vec!["agents".into()];
         let daemon = required(&s, Mode::Daemon, false);
-        assert_eq!(daemon.len(), 2, "{daemon:?}");
+        assert_eq!(daemon.len(), 3, "{daemon:?}");
+        // The bare-pod backend alone probes for Sandboxes.
+        assert_eq!(daemon[2].resource, "sandboxes");
+        assert_eq!(daemon[2].verbs, ["list"]);
         assert_eq!(daemon[1].resource, "pods");
         assert_eq!(daemon[1].verbs, ["get", "list", "watch"]);
         assert_eq!(daemon[1].namespaces, ["agents"]);

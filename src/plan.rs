@@ -170,11 +170,13 @@ pub enum RefusalReason {
     NamespaceMissing,
     /// The cluster is not the one `cluster.expected_uid` names.
     ClusterMismatch,
+    /// Sandboxes exist while only the bare-pod backend is enabled (checked before listing).
+    SandboxesUnwatched,
 }
 
 impl RefusalReason {
     /// Every reason, for initialising metric series; a new variant must be added here.
-    pub const ALL: [RefusalReason; 8] = [
+    pub const ALL: [RefusalReason; 9] = [
         RefusalReason::EmptyListing,
         RefusalReason::BackendEmptyListing,
         RefusalReason::BackendListingUnrelated,
@@ -183,6 +185,7 @@ impl RefusalReason {
         RefusalReason::SuspendedObjectsMissing,
         RefusalReason::NamespaceMissing,
         RefusalReason::ClusterMismatch,
+        RefusalReason::SandboxesUnwatched,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -195,6 +198,7 @@ impl RefusalReason {
             RefusalReason::SelectorMatchesNothing => "selector_matches_nothing",
             RefusalReason::NamespaceMissing => "namespace_missing",
             RefusalReason::ClusterMismatch => "cluster_mismatch",
+            RefusalReason::SandboxesUnwatched => "sandboxes_unwatched",
         }
     }
 }

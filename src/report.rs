@@ -70,6 +70,13 @@ fn header(out: &mut String, r: &SweepReport) {
     if let Some(e) = &r.error {
         let _ = writeln!(out, "  error:    {e}");
     }
+    if r.outcome_unknown_batches > 0 {
+        let _ = writeln!(
+            out,
+            "  unknown:  {} batch(es) may or may not have been committed; see the audit records of sweep {}",
+            r.outcome_unknown_batches, r.sweep_id
+        );
+    }
 }
 
 /// Rows by state and each backend's figures.

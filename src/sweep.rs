@@ -22,8 +22,7 @@ use tokio::sync::watch;
 
 use crate::cluster::cache::ClusterCache;
 use crate::cluster::{
-    dump, Absence, BackendKind, ClusterError, ClusterSnapshot, KubeCluster, ObjectFacts,
-    ScopeVerdict,
+    dump, Absence, BackendKind, ClusterError, ClusterSnapshot, KubeCluster, ScopeVerdict,
 };
 use crate::config::Settings;
 use crate::plan::{
@@ -171,6 +170,9 @@ pub struct SweepReport {
     pub timings: Timings,
     /// Apply transactions attempted (0: the apply phase did not run).
     pub batches: u64,
+    /// Apply transactions whose COMMIT got no answer in time (or whose connection failed
+    /// during it): they may or may not have been committed. The next sweep re-reads the rows.
+    pub outcome_unknown_batches: u64,
     /// The cluster's identity (the kube-system Namespace's UID), when read from the API.
     pub cluster_uid: Option<String>,
     /// The API server URL, when read from the API.
@@ -207,6 +209,7 @@ impl SweepReport {
             deferred: 0,
             skipped: BTreeMap::new(),
             timings: Timings::default(),
+            outcome_unknown_batches: 0,
             batches: 0,
             cluster_uid: None,
             cluster_server: None,
@@ -483,6 +486,7 @@ impl Reconciler {
         report.table = Some(mapping.table_display());
 
         let policy = self.policy(options.max_downgrades);
+        let mut database_clock = None;
         let (snapshot, plan) = match &self.source {
             ClusterSource::Dump(path) => {
                 let t = Instant::now();
@@ -501,7 +505,9 @@ impl Reconciler {
                 // The grace period compares rows' updated_at, written by the database clock,
                 // with the moment the cluster was looked at: take that moment from the same
                 // clock, read before rows and listing (never later than either).
-                let database_clock = store::database_now(&mut *conn, &mapping).await?;
+                let clock = store::database_now(&mut *conn, &mapping).await?;
+                database_clock = Some(clock);
+                let database_clock = clock;
                 match &self.cache {
                     Some(cache) => {
                         let t = Instant::now();
@@ -546,10 +552,30 @@ impl Reconciler {
         }
 
         let t = Instant::now();
-        let confirmed = self
+        let first = self
             .confirm(&plan.downgrades, &snapshot, &mapping, report)
             .await;
         report.timings.confirm = t.elapsed().as_secs_f64();
+        let replanned;
+        let confirmed = match first {
+            Confirmed::Rows(rows) => rows,
+            Confirmed::ListAfresh => {
+                replanned = self
+                    .replan_from_listing(conn, &mapping, database_clock, &policy, report)
+                    .await?;
+                match &replanned {
+                    None => Vec::new(),
+                    Some((listing, plan)) => {
+                        if let GuardVerdict::Refuse { reason, detail } = &plan.guard {
+                            return Ok(report.refuse(*reason, detail.clone()));
+                        }
+                        report.confirmation = Confirmation::Listing;
+                        report.confirmed = plan.downgrades.len() as u64;
+                        self.listing_evidence(&plan.downgrades, listing, &mapping, report)
+                    }
+                }
+            }
+        };
 
         if dry_run {
             report.changes = confirmed.iter().map(change_line).collect();
@@ -611,7 +637,7 @@ impl Reconciler {
             wait.as_secs()
         );
         report.cluster_view = "listing (watch cache not synced)".into();
-        Ok(cluster.snapshot().await?)
+        Ok(cache.list_afresh(cluster).await?)
     }
 
     /// Streams the rows into a planner over `snapshot` (a view taken before the read).
@@ -662,40 +688,28 @@ impl Reconciler {
         }
     }
 
-    /// Confirms each selected orphan; returns those definitively absent, with evidence.
+    /// Confirms each selected orphan; returns those definitively absent, with evidence, or
+    /// that the daemon's cache could not be proven fresh and the sweep must list afresh.
     async fn confirm<'p>(
         &self,
         orphans: &'p [OrphanedRow],
         snapshot: &ClusterSnapshot,
         mapping: &TableMapping,
         report: &mut SweepReport,
-    ) -> Vec<Downgrade<'p>> {
+    ) -> Confirmed<'p> {
         let cluster_source = report.cluster_source.clone();
-        let server = match &self.source {
-            ClusterSource::Api(cluster) => cluster.origin().map(|o| o.server.clone()),
-            ClusterSource::Dump(_) => None,
-        };
-        let table = mapping.table_display();
-        let base = |absence: &str| {
-            serde_json::json!({
-                "absence": absence,
-                "cluster_source": cluster_source,
-                "cluster_uid": snapshot.cluster_uid,
-                "api_server": server,
-                "table": table,
-                "listing_started_at": snapshot.listing_started_at,
-                "grace_period_seconds": self.settings.sweep.grace_period_seconds,
-            })
-        };
-        let all = |absence: &str| -> Vec<Downgrade<'p>> {
+        let base = |absence: &str| self.evidence(absence, &cluster_source, snapshot, mapping);
+        let all = |absence: &str| -> Confirmed<'p> {
             let evidence = Arc::new(base(absence));
-            orphans
-                .iter()
-                .map(|row| Downgrade {
-                    row,
-                    evidence: evidence.clone(),
-                })
-                .collect()
+            Confirmed::Rows(
+                orphans
+                    .iter()
+                    .map(|row| Downgrade {
+                        row,
+                        evidence: evidence.clone(),
+                    })
+                    .collect(),
+            )
         };
         let cluster = match &self.source {
             // The daemon's cache may lag the cluster: its orphans are always confirmed.
@@ -714,14 +728,14 @@ impl Reconciler {
             }
         };
         if orphans.is_empty() {
-            return Vec::new();
+            return Confirmed::Rows(Vec::new());
         }
         let by_get = self.settings.sweep.confirmation == "get";
         match &self.cache {
             None if !by_get => {
                 report.confirmation = Confirmation::Listing;
                 report.confirmed = orphans.len() as u64;
-                return all("absent from every page of a complete listing of every backend and namespace, started after the rows were read");
+                return all(LISTING_ABSENCE);
             }
             Some(cache) if !by_get && orphans.len() > self.settings.cluster.confirm_get_max => {
                 return self
@@ -759,13 +773,14 @@ impl Reconciler {
                 }
             }
         }
-        confirmed
+        Confirmed::Rows(confirmed)
     }
 
     /// Many orphans in the daemon: the watch cache proven at least as fresh as a revision
-    /// taken now, after the rows were read (rule 2(c)); if that proof does not come in time,
-    /// a fresh complete listing (rule 2(b)). Either way every orphan is checked again against
-    /// the proven view.
+    /// taken now, after the rows were read (rule 2(c)), and every orphan checked again
+    /// against it. If that proof does not come in time the cache may be stale in both
+    /// directions (missing new orphans as well as showing old ones): the sweep lists afresh
+    /// ([`Confirmed::ListAfresh`], [`Reconciler::replan_from_listing`]).
     async fn confirm_many<'p>(
         &self,
         cluster: &KubeCluster,
@@ -773,10 +788,8 @@ impl Reconciler {
         orphans: &'p [OrphanedRow],
         base: &(dyn Fn(&str) -> serde_json::Value + Sync),
         report: &mut SweepReport,
-    ) -> Vec<Downgrade<'p>> {
+    ) -> Confirmed<'p> {
         let wait = Duration::from_secs(self.settings.cluster.cache_fresh_wait_seconds);
-        let view: ProvenView<'_>;
-        let absence: &str;
         let waiting = Instant::now();
         let mut backends: Vec<BackendKind> = orphans.iter().map(|o| o.backend).collect();
         backends.sort();
@@ -787,41 +800,23 @@ impl Reconciler {
             Ok(Some(requests)) => {
                 report.confirmation = Confirmation::WatchCache;
                 report.confirmation_requests += requests;
-                view = ProvenView::Cache(cache);
-                absence = "absent from the watch cache, proven at least as fresh as a revision taken after the rows were read";
             }
-            outcome => {
-                if let Err(e) = &outcome {
-                    tracing::warn!("proving the watch cache fresh failed: {e}; listing instead");
-                } else {
-                    tracing::info!(
-                        "the watch cache did not reach the current revision within {}s; listing instead",
-                        wait.as_secs()
-                    );
-                }
-                match cluster.snapshot().await {
-                    Ok(listing) => {
-                        report.confirmation = Confirmation::Listing;
-                        report.confirmation_requests +=
-                            listing.backends.iter().map(|b| b.requests).sum::<u64>();
-                        view = ProvenView::Listing(listing);
-                        absence = "absent from every page of a complete listing of every backend and namespace, started after the rows were read";
-                    }
-                    Err(e) => {
-                        tracing::warn!(
-                            "left {} orphans alone: their absence could not be confirmed: {e}",
-                            orphans.len()
-                        );
-                        report.skip(SkipReason::ConfirmFailed, orphans.len() as u64);
-                        return Vec::new();
-                    }
-                }
+            Ok(None) => {
+                tracing::info!(
+                    "the watch cache did not reach the current revision within {}s; listing instead",
+                    wait.as_secs()
+                );
+                return Confirmed::ListAfresh;
+            }
+            Err(e) => {
+                tracing::warn!("proving the watch cache fresh failed: {e}; listing instead");
+                return Confirmed::ListAfresh;
             }
         }
         let mut confirmed = Vec::with_capacity(orphans.len());
-        let evidence = Arc::new(base(absence));
+        let evidence = Arc::new(base("absent from the watch cache, proven at least as fresh as a revision taken after the rows were read"));
         for row in orphans {
-            match view.present(&row.object) {
+            match cache.contains(&row.object) {
                 None => {
                     report.confirmed += 1;
                     confirmed.push(Downgrade {
@@ -840,7 +835,107 @@ impl Reconciler {
                 }
             }
         }
-        confirmed
+        Confirmed::Rows(confirmed)
+    }
+
+    /// Every orphan of a plan made on a complete listing that started after the rows were
+    /// read, with that listing as the evidence (rule 2(b)).
+    fn listing_evidence<'p>(
+        &self,
+        orphans: &'p [OrphanedRow],
+        listing: &ClusterSnapshot,
+        mapping: &TableMapping,
+        report: &SweepReport,
+    ) -> Vec<Downgrade<'p>> {
+        let evidence =
+            Arc::new(self.evidence(LISTING_ABSENCE, &report.cluster_source, listing, mapping));
+        orphans
+            .iter()
+            .map(|row| Downgrade {
+                row,
+                evidence: evidence.clone(),
+            })
+            .collect()
+    }
+
+    /// The audit evidence of an absence.
+    fn evidence(
+        &self,
+        absence: &str,
+        cluster_source: &str,
+        snapshot: &ClusterSnapshot,
+        mapping: &TableMapping,
+    ) -> serde_json::Value {
+        let server = match &self.source {
+            ClusterSource::Api(cluster) => cluster.origin().map(|o| o.server.clone()),
+            ClusterSource::Dump(_) => None,
+        };
+        serde_json::json!({
+            "absence": absence,
+            "cluster_source": cluster_source,
+            "cluster_uid": snapshot.cluster_uid,
+            "api_server": server,
+            "table": mapping.table_display(),
+            "listing_started_at": snapshot.listing_started_at,
+            "grace_period_seconds": self.settings.sweep.grace_period_seconds,
+        })
+    }
+
+    /// The daemon's cache could not be proven fresh: the sweep starts its view over the way a
+    /// one-off sweep does. It reads the rows again, then lists every backend completely
+    /// ([`ClusterCache::list_afresh`], which also reseeds every informer behind that
+    /// listing), and plans on that listing as its whole view: it is the candidate set, so
+    /// orphans the stale cache hid are found too, and, having started after the rows were
+    /// read, the proof of absence for all of them (rule 2(b)). `Ok(None)`: the listing
+    /// failed and the orphans are left alone.
+    async fn replan_from_listing(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        mapping: &TableMapping,
+        database_clock: Option<DateTime<Utc>>,
+        policy: &Policy,
+        report: &mut SweepReport,
+    ) -> Result<Option<(ClusterSnapshot, Plan)>, SweepError> {
+        // Only the daemon's cache, read from the API, asks for a fresh listing.
+        let (ClusterSource::Api(cluster), Some(cache), Some(database_clock)) =
+            (&self.source, &self.cache, database_clock)
+        else {
+            report.skip(SkipReason::ConfirmFailed, report.selected);
+            return Ok(None);
+        };
+        let t = Instant::now();
+        let mut rows = ReadRows::default();
+        let mut counting = CountingSink::new(&mut rows, self.progress.as_deref());
+        store::read_rows(&mut *conn, mapping, &mut counting).await?;
+        counting.done();
+        report.timings.read_db += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let listed = cache.list_afresh(cluster).await;
+        report.timings.confirm += t.elapsed().as_secs_f64();
+        let mut listing = match listed {
+            Ok(listing) => listing,
+            Err(e) => {
+                tracing::warn!(
+                    "left {} orphans alone: their absence could not be confirmed: {e}",
+                    report.selected
+                );
+                report.skip(SkipReason::ConfirmFailed, report.selected);
+                return Ok(None);
+            }
+        };
+        report.confirmation_requests += listing.backends.iter().map(|b| b.requests).sum::<u64>();
+        listing.listing_started_at = database_clock;
+        listing.cluster_uid = report.cluster_uid.clone();
+        let mut planner = Planner::new(&listing, policy);
+        rows.replay(&mut planner);
+        drop(rows);
+        let plan = planner.finish();
+        // The report describes the view the sweep acts on: the listing's.
+        report.skipped.clear();
+        report.backends.clear();
+        report.absorb_plan(&plan, &listing);
+        report.cluster_view = "listing (watch cache not proven fresh)".into();
+        Ok(Some((listing, plan)))
     }
 
     async fn apply(
@@ -856,7 +951,19 @@ impl Reconciler {
                 return Err(SweepError::Interrupted);
             }
             report.batches += 1;
-            let outcome = store::apply_batch(conn, mapping, report.sweep_id, batch).await?;
+            let outcome = match store::apply_batch(conn, mapping, report.sweep_id, batch).await {
+                Ok(outcome) => outcome,
+                Err(e @ StoreError::OutcomeUnknown { .. }) => {
+                    report.outcome_unknown_batches += 1;
+                    tracing::error!(
+                        sweep_id = %report.sweep_id,
+                        rows = batch.len(),
+                        "a batch's outcome is unknown (its COMMIT got no answer): it may or may not have been written; the next sweep re-reads the rows, and the audit records of this sweep_id show what was"
+                    );
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            };
             if let Some(p) = &self.progress {
                 p.batch_applied(outcome.downgraded.len() as u64, confirmed.len() as u64);
             }
@@ -924,20 +1031,16 @@ impl<S: RowSink> RowSink for CountingSink<'_, S> {
     }
 }
 
-/// A view of the cluster proven fresh enough to confirm absences (rule 2(b) or (c)).
-enum ProvenView<'c> {
-    Cache(&'c ClusterCache),
-    Listing(ClusterSnapshot),
+/// The confirmation's answer.
+enum Confirmed<'p> {
+    /// The orphans definitively absent, with evidence.
+    Rows(Vec<Downgrade<'p>>),
+    /// The daemon's cache could not be proven fresh: list afresh and plan again.
+    ListAfresh,
 }
 
-impl ProvenView<'_> {
-    fn present(&self, name: &str) -> Option<ObjectFacts> {
-        match self {
-            ProvenView::Cache(cache) => cache.contains(name),
-            ProvenView::Listing(listing) => listing.backends.iter().find_map(|b| b.facts(name)),
-        }
-    }
-}
+/// The evidence of an absence from a complete listing (rule 2(b)).
+const LISTING_ABSENCE: &str = "absent from every page of a complete listing of every backend and namespace, started after the rows were read";
 
 /// Confirms every orphan's absence with at most `concurrency` requests in flight; answers
 /// come back in the orphans' order.

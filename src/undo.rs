@@ -3,7 +3,7 @@
 //! A downgrade is undone only for rows still exactly as the sweep left them (gone state, same
 //! object, the `updated_at` the sweep wrote, cleared columns still NULL); rows the platform
 //! has touched since are listed and left alone. State and cleared columns are restored with
-//! their original types (`jsonb_populate_record` over the table's row type) and `updated_at`
+//! their original types (`jsonb_populate_record` over the locked row) and `updated_at`
 //! is bumped, so the grace period protects the restored rows for a while. Rows are matched by
 //! their full identity (key, scope, and the conditions above) and changed by the physical row
 //! the statement locked, so another scope's row with the same key is never touched.
@@ -11,13 +11,16 @@
 //! A real undo takes the writer lock (waiting up to `database.writer_lock_wait_seconds` for a
 //! running daemon's sweep), runs in one transaction and is itself audited (`action = 'undo'`,
 //! `undoes` = the downgrade's audit id), so the same downgrade is never undone twice.
-//! `--dry-run` takes no lock and runs no DDL: it runs the same statement in a transaction that
-//! is rolled back, so it works beside a running daemon and writes nothing.
+//! `--dry-run` takes no lock, runs no DDL and writes nothing: one plain SELECT in a READ ONLY
+//! transaction works out which rows are still as the downgrade left them (what would be
+//! restored) and which are not (left alone), so it works beside a running daemon, fires no
+//! trigger and waits for no row lock. A row the application holds locked is listed as one that
+//! would be restored; the real undo skips it if it is still locked then.
 
+use std::collections::HashSet;
 use std::fmt::Write;
 
 use serde::Serialize;
-use sqlx::{AssertSqlSafe, Connection, Row};
 
 use crate::store::{self, Database, StoreError, TableMapping};
 
@@ -75,62 +78,30 @@ pub async fn run(
         take_lock(&mut conn, mapping, lock_wait).await?;
         store::migrate(&mut conn, mapping).await?;
     }
-    let deadline = mapping.deadline;
-    let what = "undoing downgrades";
-    let mut tx = store::within(deadline, what, conn.begin()).await?;
-    if request.dry_run {
-        // Whatever the statement would do is rolled back; READ ONLY would refuse it outright.
-        store::within(
-            deadline,
-            what,
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx),
-        )
-        .await?;
-    }
-    let names = mapping.table_names();
-    let candidates = store::within(
-        deadline,
-        what,
-        sqlx::query(AssertSqlSafe(mapping.undo_candidates_sql()))
-            .bind(request.sweep)
-            .bind(request.session.as_deref())
-            .bind(&names)
-            .bind(mapping.scope_value())
-            .fetch_all(&mut *tx),
-    )
-    .await?;
-    let restored: Vec<String> = store::within(
-        deadline,
-        what,
-        sqlx::query(AssertSqlSafe(mapping.undo_sql()))
-            .bind(request.sweep)
-            .bind(request.session.as_deref())
-            .bind(&names)
-            .bind(undo_id)
-            .bind(mapping.scope_value())
-            .bind(mapping.table_display())
-            .fetch_all(&mut *tx),
-    )
-    .await?
-    .iter()
-    .map(|r| r.get::<String, _>(0))
-    .collect();
-    if request.dry_run {
-        store::within(deadline, what, tx.rollback()).await?;
+    let selection = store::UndoSelection {
+        sweep: request.sweep,
+        session: request.session.as_deref(),
+    };
+    let (candidates, restored) = if request.dry_run {
+        let candidates = store::preview_undo(&mut conn, mapping, selection).await?;
+        let restorable = candidates
+            .iter()
+            .filter(|c| c.restorable)
+            .map(|c| c.key.clone())
+            .collect();
+        (candidates, restorable)
     } else {
-        store::within(deadline, what, tx.commit()).await?;
-    }
+        store::apply_undo(&mut conn, mapping, selection, undo_id).await?
+    };
+    let restored: HashSet<String> = restored.into_iter().collect();
     let lines: Vec<UndoLine> = candidates
-        .iter()
-        .map(|r| {
-            let key: String = r.get(0);
-            UndoLine {
-                restored: restored.contains(&key),
-                key,
-                object: r.get(1),
-                restore_to: r.get(2),
-                current_state: r.get(3),
-            }
+        .into_iter()
+        .map(|c| UndoLine {
+            restored: restored.contains(&c.key),
+            key: c.key,
+            object: c.object,
+            restore_to: c.restore_to,
+            current_state: c.current_state,
         })
         .collect();
     for l in lines.iter().filter(|l| l.restored && !request.dry_run) {

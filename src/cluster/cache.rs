@@ -16,6 +16,24 @@
 //! loop is built on kube-client's request builders (`Request::watch`, `request_events`).
 //!
 //! A sweep never treats an unsynced cache as the cluster: it waits (bounded) or lists afresh.
+//!
+//! Staleness is bounded. A watch can stop following the store without failing (an apiserver
+//! whose watch cache froze sends bookmarks at a frozen revision; a stream that ends cleanly is
+//! resumed from the same revision without end), so "synced" alone proves nothing. Three
+//! things catch it:
+//! - an informer whose watermark has not moved for [`CacheTuning::stall_check_after`] reads
+//!   the API server's current revision (a quorum `LIST ?limit=1`) and relists (reason
+//!   `stale`) when it has not reached it within [`CacheTuning::stall_grace`]; at or past it,
+//!   the informer is known current (a quiet resource) and the check costs one request;
+//! - a sweep whose proof of freshness does not come lists afresh ([`ClusterCache::list_afresh`])
+//!   and that listing reseeds every informer that is behind it: its map and watermark are
+//!   replaced and its watch restarts from the listing's revision;
+//! - `cache_watermark_age_seconds` is the time since the stalest informer was last known
+//!   current (an event or bookmark moved its watermark, a check or a proof found it at the
+//!   server's revision, or a listing seeded it); an alert pages when it grows.
+//!
+//! Every watch request's answer is counted in `kube_requests_total` (verb `watch`); a 403
+//! relists under its own reason (`forbidden`).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -26,7 +44,8 @@ use tokio::sync::watch;
 
 use super::kube_api::Target;
 use super::lean::{self, LeanObject};
-use super::{ClusterError, KubeCluster, NameMap};
+use super::objects::ObjectMap;
+use super::{ClusterError, KubeCluster};
 use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot, ObjectFacts};
 
 /// Server-side timeout of each watch request (the API server caps it anyway).
@@ -48,17 +67,24 @@ pub enum RelistReason {
     Initial,
     /// The watch answered 410: its resourceVersion was compacted away.
     Expired,
+    /// The watch was answered 403 (RBAC lacks `watch`).
+    Forbidden,
     /// The watch failed in a way that could hide events.
     WatchError,
+    /// The informer fell behind the API server's revision without its watch failing (a
+    /// frozen watch): found by its own check or by a sweep's listing, which reseeded it.
+    Stale,
     /// The previous listing failed.
     ListError,
 }
 
 impl RelistReason {
-    pub const ALL: [RelistReason; 4] = [
+    pub const ALL: [RelistReason; 6] = [
         RelistReason::Initial,
         RelistReason::Expired,
+        RelistReason::Forbidden,
         RelistReason::WatchError,
+        RelistReason::Stale,
         RelistReason::ListError,
     ];
 
@@ -66,8 +92,30 @@ impl RelistReason {
         match self {
             RelistReason::Initial => "initial",
             RelistReason::Expired => "expired",
+            RelistReason::Forbidden => "forbidden",
             RelistReason::WatchError => "watch_error",
+            RelistReason::Stale => "stale",
             RelistReason::ListError => "list_error",
+        }
+    }
+}
+
+/// How the cache bounds its staleness (see the module's notes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheTuning {
+    /// An informer whose watermark has not moved for this long (about five bookmark
+    /// intervals of a real API server) reads the server's current revision.
+    pub stall_check_after: Duration,
+    /// It relists when its watermark has not reached that revision within this (a healthy
+    /// watch gets there with the next bookmark, about a minute).
+    pub stall_grace: Duration,
+}
+
+impl Default for CacheTuning {
+    fn default() -> Self {
+        CacheTuning {
+            stall_check_after: Duration::from_secs(300),
+            stall_grace: Duration::from_secs(120),
         }
     }
 }
@@ -81,18 +129,25 @@ pub trait CacheObserver: Send + Sync {
 /// One informer's state.
 #[derive(Debug, Default)]
 struct InformerState {
-    objects: NameMap<ObjectFacts>,
+    /// By namespace and name: one informer of all namespaces can hold a name twice.
+    objects: ObjectMap,
     synced: bool,
     /// The highest revision applied (listing, event or bookmark).
     watermark: u64,
-    /// When the watermark last moved.
+    /// When the informer was last known current: its watermark moved, or a check or a
+    /// proof found it at the API server's revision.
     advanced_at: Option<Instant>,
+    /// Bumped when a sweep's listing reseeds the map: the watch that fed the old map must
+    /// not touch the new one (its events may predate the listing).
+    generation: u64,
 }
 
 struct Informer {
     target: Target,
     namespace: Option<String>,
     state: Mutex<InformerState>,
+    /// Wakes the informer's task: its map was reseeded, its watch must restart.
+    reseeded: tokio::sync::Notify,
 }
 
 impl Informer {
@@ -116,11 +171,21 @@ pub struct CacheStatus {
 pub struct ClusterCache {
     informers: Vec<Arc<Informer>>,
     stop: watch::Sender<bool>,
+    started: Instant,
 }
 
 impl ClusterCache {
     /// Starts one informer task per backend and namespace.
     pub fn start(cluster: &KubeCluster, observer: Arc<dyn CacheObserver>) -> Arc<ClusterCache> {
+        Self::start_tuned(cluster, observer, CacheTuning::default())
+    }
+
+    /// [`ClusterCache::start`] with staleness bounds of its own.
+    pub fn start_tuned(
+        cluster: &KubeCluster,
+        observer: Arc<dyn CacheObserver>,
+        tuning: CacheTuning,
+    ) -> Arc<ClusterCache> {
         let (stop, stopped) = watch::channel(false);
         let mut informers = Vec::new();
         for target in cluster.targets() {
@@ -129,17 +194,23 @@ impl ClusterCache {
                     target: target.clone(),
                     namespace: ns,
                     state: Mutex::new(InformerState::default()),
+                    reseeded: tokio::sync::Notify::new(),
                 });
                 tokio::spawn(run_informer(
                     cluster.clone(),
                     informer.clone(),
                     observer.clone(),
                     stopped.clone(),
+                    tuning,
                 ));
                 informers.push(informer);
             }
         }
-        Arc::new(ClusterCache { informers, stop })
+        Arc::new(ClusterCache {
+            informers,
+            stop,
+            started: Instant::now(),
+        })
     }
 
     /// Stops every informer.
@@ -180,9 +251,9 @@ impl ClusterCache {
                     views.last_mut()?
                 }
             };
-            view.reserve(state.objects.len());
-            for (name, facts) in &state.objects {
-                view.insert(name, *facts);
+            view.reserve(state.objects.names());
+            for (name, facts) in state.objects.iter() {
+                view.insert(name, facts);
             }
         }
         let mut snapshot = ClusterSnapshot::new(chrono::Utc::now());
@@ -231,6 +302,10 @@ impl ClusterCache {
                 state.synced && state.watermark >= *r
             });
             if fresh {
+                let now = Instant::now();
+                for informer in &proven {
+                    informer.state().advanced_at = Some(now);
+                }
                 return Ok(Some(requests));
             }
             if Instant::now() >= deadline {
@@ -240,11 +315,62 @@ impl ClusterCache {
         }
     }
 
+    /// Rule 2(b) when the cache cannot be proven fresh: lists every informer's backend and
+    /// namespace completely (rows read before), as one snapshot, and reseeds every informer
+    /// that is behind its listing with it: the map and watermark are replaced and its watch
+    /// restarts from the listing's revision (a frozen or lagging watch is overtaken, and the
+    /// cache needs no second listing to catch up). Fails whole, like
+    /// [`KubeCluster::snapshot`].
+    pub async fn list_afresh(
+        &self,
+        cluster: &KubeCluster,
+    ) -> Result<ClusterSnapshot, ClusterError> {
+        let started = chrono::Utc::now();
+        // As many listings at a time as there are backends, as `KubeCluster::snapshot` makes,
+        // not one per namespace at once.
+        let backends = cluster.targets().len().max(1);
+        let mut listings = Vec::with_capacity(self.informers.len());
+        for informers in self.informers.chunks(backends) {
+            let listed = futures::future::try_join_all(
+                informers
+                    .iter()
+                    .map(|i| cluster.list_into(&i.target, i.namespace.as_deref())),
+            )
+            .await?;
+            listings.extend(listed);
+        }
+        let mut views: Vec<BackendView> = Vec::new();
+        for (informer, (objects, listing)) in self.informers.iter().zip(listings) {
+            let target = &informer.target;
+            let view = match views.iter_mut().find(|v| v.kind == target.kind) {
+                Some(v) => v,
+                None => {
+                    views.push(BackendView::new(target.kind, &target.prefix));
+                    match views.last_mut() {
+                        Some(v) => v,
+                        None => continue,
+                    }
+                }
+            };
+            view.reserve(objects.names());
+            for (name, facts) in objects.iter() {
+                view.insert(name, facts);
+            }
+            view.requests += listing.requests;
+            if let Some(revision) = listing.revision {
+                reseed(informer, objects, revision);
+            }
+        }
+        let mut snapshot = ClusterSnapshot::new(started);
+        snapshot.backends = views;
+        Ok(snapshot)
+    }
+
     /// Whether any backend's cache holds an object of that name (in any namespace).
     pub fn contains(&self, name: &str) -> Option<ObjectFacts> {
         self.informers
             .iter()
-            .find_map(|i| i.state().objects.get(name).copied())
+            .find_map(|i| i.state().objects.get(name))
     }
 
     /// Figures for the metrics.
@@ -260,9 +386,9 @@ impl ClusterCache {
                 Some((_, total)) => *total += n,
                 None => objects.push((informer.target.kind, n)),
             }
-            if let Some(at) = state.advanced_at {
-                oldest = oldest.max(at.elapsed());
-            }
+            // An informer that never listed has been stale since the cache started.
+            let at = state.advanced_at.unwrap_or(self.started);
+            oldest = oldest.max(at.elapsed());
         }
         CacheStatus {
             synced,
@@ -278,57 +404,98 @@ impl Drop for ClusterCache {
     }
 }
 
+/// Replaces an informer's map with a listing at `revision` when the informer is behind it,
+/// and wakes the informer so that its watch restarts from there.
+fn reseed(informer: &Informer, objects: ObjectMap, revision: u64) {
+    {
+        let mut state = informer.state();
+        if revision <= state.watermark && state.synced {
+            return;
+        }
+        tracing::info!(
+            backend = %informer.target.kind,
+            from = state.watermark,
+            to = revision,
+            "reseeding the cache from a fresh listing: the informer was behind it"
+        );
+        state.objects = objects;
+        state.watermark = revision;
+        state.advanced_at = Some(Instant::now());
+        state.synced = true;
+        state.generation += 1;
+    }
+    informer.reseeded.notify_one();
+}
+
 /// List, then watch, until stopped.
 async fn run_informer(
     cluster: KubeCluster,
     informer: Arc<Informer>,
     observer: Arc<dyn CacheObserver>,
     mut stop: watch::Receiver<bool>,
+    tuning: CacheTuning,
 ) {
     let kind = informer.target.kind;
     let mut reason = RelistReason::Initial;
+    let mut reseeded = false;
     let mut backoff = RELIST_BACKOFF.0;
     loop {
         if *stop.borrow() {
             return;
         }
-        if reason != RelistReason::Initial {
-            // A watch that keeps failing must not turn into a listing loop.
-            if sleep_or_stop(&mut stop, backoff).await {
-                return;
+        let revision = if reseeded {
+            // A sweep's listing replaced the map: watch on from its revision.
+            observer.relisted(kind, RelistReason::Stale);
+            informer.state().watermark
+        } else {
+            if reason != RelistReason::Initial {
+                // A watch that keeps failing must not turn into a listing loop.
+                if sleep_or_stop(&mut stop, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(RELIST_BACKOFF.1);
             }
-            backoff = (backoff * 2).min(RELIST_BACKOFF.1);
-        }
-        observer.relisted(kind, reason);
-        informer.state().synced = false;
-        let listed = cluster
-            .list_into(&informer.target, informer.namespace.as_deref())
-            .await;
-        let revision = match listed {
-            Ok((objects, listing)) => {
-                let Some(revision) = listing.revision else {
-                    tracing::warn!(backend = %kind, "a listing without an integer resourceVersion; relisting");
+            observer.relisted(kind, reason);
+            let generation = {
+                let mut state = informer.state();
+                state.synced = false;
+                state.generation
+            };
+            let listed = cluster
+                .list_into(&informer.target, informer.namespace.as_deref())
+                .await;
+            match listed {
+                Ok((objects, listing)) => {
+                    let Some(revision) = listing.revision else {
+                        tracing::warn!(backend = %kind, "a listing without an integer resourceVersion; relisting");
+                        reason = RelistReason::ListError;
+                        continue;
+                    };
+                    let mut state = informer.state();
+                    if state.generation == generation || revision > state.watermark {
+                        state.objects = objects;
+                        state.watermark = revision;
+                        state.advanced_at = Some(Instant::now());
+                        state.generation += 1;
+                    }
+                    // Else a sweep's listing reseeded the map meanwhile, at a later revision.
+                    state.synced = true;
+                    state.watermark
+                }
+                Err(e) => {
+                    tracing::warn!(backend = %kind, "the cache's listing failed: {e}");
                     reason = RelistReason::ListError;
                     continue;
-                };
-                let mut state = informer.state();
-                state.objects = objects;
-                state.watermark = revision;
-                state.advanced_at = Some(Instant::now());
-                state.synced = true;
-                revision
-            }
-            Err(e) => {
-                tracing::warn!(backend = %kind, "the cache's listing failed: {e}");
-                reason = RelistReason::ListError;
-                continue;
+                }
             }
         };
         let watching = Instant::now();
-        reason = match watch_from(&cluster, &informer, &observer, revision, &mut stop).await {
-            WatchEnd::Stopped => return,
-            WatchEnd::Relist(reason) => reason,
-        };
+        (reason, reseeded) =
+            match watch_from(&cluster, &informer, &observer, revision, &mut stop, tuning).await {
+                WatchEnd::Stopped => return,
+                WatchEnd::Relist(reason) => (reason, false),
+                WatchEnd::Reseeded => (RelistReason::Stale, true),
+            };
         if watching.elapsed() >= HEALTHY_WATCH {
             backoff = RELIST_BACKOFF.0;
         }
@@ -338,19 +505,104 @@ async fn run_informer(
 enum WatchEnd {
     Stopped,
     Relist(RelistReason),
+    /// A sweep's listing replaced the map: watch on from its watermark, no listing.
+    Reseeded,
+}
+
+/// The informer's own freshness check (see [`CacheTuning`]).
+struct StallCheck {
+    tuning: CacheTuning,
+    /// The server's revision read by the check, and when the informer must have reached it.
+    pending: Option<(u64, Instant)>,
+    /// After a failed check: not before then.
+    retry_at: Option<Instant>,
+}
+
+impl StallCheck {
+    /// When to look next.
+    fn due(&self, informer: &Informer) -> Instant {
+        match self.pending {
+            Some((_, deadline)) => deadline,
+            None => {
+                let known = informer.state().advanced_at.unwrap_or_else(Instant::now);
+                let due = known + self.tuning.stall_check_after;
+                self.retry_at.map_or(due, |retry| due.max(retry))
+            }
+        }
+    }
+
+    /// Runs when due: `Some(Stale)` when the informer must relist.
+    async fn run(&mut self, cluster: &KubeCluster, informer: &Informer) -> Option<RelistReason> {
+        let kind = informer.target.kind;
+        if let Some((wanted, deadline)) = self.pending {
+            let watermark = informer.state().watermark;
+            if watermark >= wanted {
+                self.pending = None;
+                informer.state().advanced_at = Some(Instant::now());
+                return None;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    backend = %kind,
+                    watermark,
+                    wanted,
+                    "the watch stopped following the API server (no event or bookmark reached its revision); relisting"
+                );
+                self.pending = None;
+                return Some(RelistReason::Stale);
+            }
+            return None;
+        }
+        let known = informer.state().advanced_at;
+        if known.is_some_and(|at| at.elapsed() < self.tuning.stall_check_after)
+            || self.retry_at.is_some_and(|at| Instant::now() < at)
+        {
+            return None;
+        }
+        self.retry_at = None;
+        match cluster
+            .current_revision(&informer.target, informer.namespace.as_deref())
+            .await
+        {
+            Ok(wanted) => {
+                let mut state = informer.state();
+                if state.watermark >= wanted {
+                    // A quiet resource: nothing happened, the cache is current.
+                    state.advanced_at = Some(Instant::now());
+                } else {
+                    self.pending = Some((wanted, Instant::now() + self.tuning.stall_grace));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(backend = %kind, "checking the watch's freshness failed: {e}");
+                self.pending = None;
+                // Look again after the grace period, not in a loop.
+                self.retry_at = Some(Instant::now() + self.tuning.stall_grace);
+            }
+        }
+        None
+    }
 }
 
 /// Watches from `revision` for as long as the history is unbroken, resuming after each
-/// server-side timeout from the last applied revision.
+/// server-side timeout from the last applied revision, and checking that the watch still
+/// follows the server ([`StallCheck`]). Returns early when a sweep's listing reseeds the map.
 async fn watch_from(
     cluster: &KubeCluster,
     informer: &Informer,
     observer: &Arc<dyn CacheObserver>,
     mut revision: u64,
     stop: &mut watch::Receiver<bool>,
+    tuning: CacheTuning,
 ) -> WatchEnd {
     let target = &informer.target;
     let ns = informer.namespace.as_deref();
+    let generation = informer.state().generation;
+    let mut check = StallCheck {
+        tuning,
+        pending: None,
+        retry_at: None,
+    };
     loop {
         // WatchParams asks for bookmarks by default (allowWatchBookmarks=true).
         let params = WatchParams::default().timeout(WATCH_TIMEOUT_SECONDS);
@@ -363,12 +615,34 @@ async fn watch_from(
         let Ok(built) = built else {
             return WatchEnd::Relist(RelistReason::WatchError);
         };
-        let stream = match cluster.client().request_events::<LeanObject>(built).await {
-            Ok(stream) => stream,
-            Err(kube::Error::Api(status)) if status.code == 410 => {
-                return WatchEnd::Relist(RelistReason::Expired)
+        let started = tokio::select! {
+            started = cluster.client().request_events::<LeanObject>(built) => started,
+            _ = stop.changed() => return WatchEnd::Stopped,
+            _ = informer.reseeded.notified() => return WatchEnd::Reseeded,
+            _ = sleep_until(check.due(informer)) => {
+                // A watch that does not even start is as stale as a frozen one.
+                if let Some(reason) = check.run(cluster, informer).await {
+                    return WatchEnd::Relist(reason);
+                }
+                continue;
+            }
+        };
+        let stream = match started {
+            Ok(stream) => {
+                cluster.note_code("watch", 200);
+                stream
+            }
+            Err(kube::Error::Api(status)) => {
+                cluster.note_code("watch", status.code);
+                tracing::warn!(backend = %target.kind, code = status.code, "starting a watch failed: {}", status.message);
+                return WatchEnd::Relist(match status.code {
+                    410 => RelistReason::Expired,
+                    403 => RelistReason::Forbidden,
+                    _ => RelistReason::WatchError,
+                });
             }
             Err(e) => {
+                cluster.note_code("watch", 0);
                 tracing::warn!(backend = %target.kind, "starting a watch failed: {e}");
                 return WatchEnd::Relist(RelistReason::WatchError);
             }
@@ -378,6 +652,13 @@ async fn watch_from(
             let next = tokio::select! {
                 next = stream.try_next() => next,
                 _ = stop.changed() => return WatchEnd::Stopped,
+                _ = informer.reseeded.notified() => return WatchEnd::Reseeded,
+                _ = sleep_until(check.due(informer)) => {
+                    if let Some(reason) = check.run(cluster, informer).await {
+                        return WatchEnd::Relist(reason);
+                    }
+                    continue;
+                }
             };
             let event = match next {
                 Ok(Some(event)) => event,
@@ -390,9 +671,11 @@ async fn watch_from(
                     return WatchEnd::Relist(RelistReason::WatchError);
                 }
             };
-            match apply(informer, event) {
+            match apply(cluster, informer, generation, event) {
                 Ok(Some(at)) => revision = revision.max(at),
                 Ok(None) => {}
+                // Only a reseeded map makes `apply` answer `Stale`.
+                Err(RelistReason::Stale) => return WatchEnd::Reseeded,
                 Err(reason) => return WatchEnd::Relist(reason),
             }
         }
@@ -403,23 +686,38 @@ async fn watch_from(
     }
 }
 
-/// Applies one event; returns the revision it carries.
-fn apply(informer: &Informer, event: WatchEvent<LeanObject>) -> Result<Option<u64>, RelistReason> {
+/// Applies one event of the watch begun at `generation`; returns the revision it carries.
+/// A watch whose map was reseeded since applies nothing more (`Stale`: watch on from the
+/// reseeded revision).
+fn apply(
+    cluster: &KubeCluster,
+    informer: &Informer,
+    generation: u64,
+    event: WatchEvent<LeanObject>,
+) -> Result<Option<u64>, RelistReason> {
     let selector = &informer.target.selector;
     let (object, deleted) = match event {
         WatchEvent::Added(o) | WatchEvent::Modified(o) => (o, false),
         WatchEvent::Deleted(o) => (o, true),
         WatchEvent::Bookmark(b) => {
             let at = lean::revision(&b.metadata.resource_version);
+            let mut state = informer.state();
+            if state.generation != generation {
+                return Err(RelistReason::Stale);
+            }
             if let Some(at) = at {
-                advance(&mut informer.state(), at);
+                advance(&mut state, at);
             }
             return Ok(at);
         }
         WatchEvent::Error(status) if status.code == 410 => return Err(RelistReason::Expired),
         WatchEvent::Error(status) => {
             tracing::warn!(backend = %informer.target.kind, "the watch sent an error: {}", status.message);
-            return Err(RelistReason::WatchError);
+            return Err(if status.code == 403 {
+                RelistReason::Forbidden
+            } else {
+                RelistReason::WatchError
+            });
         }
     };
     let Some(name) = object.metadata.name.as_deref().filter(|n| !n.is_empty()) else {
@@ -431,11 +729,25 @@ fn apply(informer: &Informer, event: WatchEvent<LeanObject>) -> Result<Option<u6
         .resource_version
         .as_deref()
         .and_then(lean::revision);
+    let namespace = object
+        .metadata
+        .namespace
+        .as_deref()
+        .or(informer.namespace.as_deref())
+        .unwrap_or("");
+    if !deleted && !object.undecodable().is_empty() {
+        cluster.note_undecodable(informer.target.kind, namespace, name, object.undecodable());
+    }
     let mut state = informer.state();
+    if state.generation != generation {
+        return Err(RelistReason::Stale);
+    }
     if deleted {
-        state.objects.remove(name);
+        state.objects.remove(namespace, name);
     } else {
-        state.objects.insert(name.into(), object.facts(selector));
+        state
+            .objects
+            .insert(namespace, name, object.facts(selector));
     }
     if let Some(at) = at {
         advance(&mut state, at);
@@ -448,6 +760,10 @@ fn advance(state: &mut InformerState, at: u64) {
         state.watermark = at;
         state.advanced_at = Some(Instant::now());
     }
+}
+
+async fn sleep_until(at: Instant) {
+    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await
 }
 
 /// Sleeps, or returns true at once when stopped.

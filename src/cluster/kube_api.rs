@@ -7,7 +7,8 @@
 //! timeout, transport, an item without a name, a list of the wrong kind — aborts the listing:
 //! there is no partial snapshot.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -17,7 +18,8 @@ use kube::{Api, Client};
 
 use super::client::{self, ClientOrigin};
 use super::lean::{self, LeanList};
-use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot, NameMap, ObjectFacts};
+use super::objects::ObjectMap;
+use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot};
 use crate::config::Settings;
 use crate::plan::RefusalReason;
 use crate::selector::LabelSelector;
@@ -28,6 +30,15 @@ pub type RequestHook = Arc<dyn Fn(&'static str, u16) + Send + Sync>;
 
 /// Called once per listed page with the backend and the objects on it (progress).
 pub type PageHook = Arc<dyn Fn(BackendKind, u64) + Send + Sync>;
+
+/// Called once per object and field found of the wrong type (see [`lean`]), with the backend
+/// and the field (`"spec.replicas"`); the metrics count these.
+pub type UndecodableHook = Arc<dyn Fn(BackendKind, &'static str) + Send + Sync>;
+
+/// Objects already reported undecodable, so each is logged and counted once: (backend,
+/// "namespace/name", field). Bounded: past this many it starts afresh.
+const UNDECODABLE_REMEMBERED: usize = 10_000;
+type UndecodableSeen = Arc<Mutex<HashSet<(BackendKind, Box<str>, &'static str)>>>;
 
 #[derive(Debug, Clone)]
 struct SandboxBackend {
@@ -106,9 +117,15 @@ pub struct KubeCluster {
     retries: u32,
     pod: bool,
     sandbox: Option<SandboxBackend>,
+    /// The agent-sandbox backend's resource while that backend is disabled: a bare-pod-only
+    /// sweep first makes sure no Sandbox exists, since a paused Sandbox keeps no pod and its
+    /// row would look orphaned.
+    sandbox_probe: Option<SandboxBackend>,
     targets: Vec<Target>,
     hook: Option<RequestHook>,
     page_hook: Option<PageHook>,
+    undecodable_hook: Option<UndecodableHook>,
+    undecodable_seen: UndecodableSeen,
 }
 
 impl KubeCluster {
@@ -182,7 +199,98 @@ impl KubeCluster {
                 cluster_uid,
             });
         }
+        if let Some(probe) = &self.sandbox_probe {
+            if let Some(found) = self.find_unwatched_sandbox(probe).await? {
+                return Ok(ScopeVerdict::Refuse {
+                    reason: RefusalReason::SandboxesUnwatched,
+                    detail: format!(
+                        "{found} exists but backends.agent_sandbox is disabled: a paused Sandbox keeps no pod, so the bare-pod backend alone would take its session for an orphan; this cluster runs the agent-sandbox controller: use config/centaur-migration.toml (both backends) or config/centaur-agent-sandbox.toml"
+                    ),
+                    cluster_uid,
+                });
+            }
+        }
         Ok(ScopeVerdict::Proceed { cluster_uid })
+    }
+
+    /// A Sandbox in a configured namespace, while the agent-sandbox backend is disabled:
+    /// `None` when the API server does not serve the resource (discovery answers 404, as on
+    /// centaur's bare-pod clusters, where no CRD is installed) or no Sandbox exists there.
+    /// Discovery needs no permission; the `LIST ?limit=1` needs `list` on the resource.
+    async fn find_unwatched_sandbox(
+        &self,
+        probe: &SandboxBackend,
+    ) -> Result<Option<String>, ClusterError> {
+        let r = &probe.resource;
+        let what = format!("checking for Sandboxes ({}.{})", r.plural, r.group);
+        let path = format!("/apis/{}/{}", r.group, r.version);
+        let discovery = || async {
+            let request = http::Request::get(path.as_str())
+                .body(Vec::new())
+                .map_err(|e| {
+                    kube::Error::BuildRequest(kube::core::request::Error::BuildRequest(e))
+                })?;
+            self.client.request_text(request).await
+        };
+        let document = match self.call("get", discovery).await {
+            Err(_) => {
+                self.note("get", Err(0));
+                return Err(ClusterError::Timeout {
+                    what,
+                    seconds: self.timeout.as_secs(),
+                });
+            }
+            Ok(Err(kube::Error::Api(status))) if status.code == 404 => {
+                self.note("get", Err(404));
+                return Ok(None);
+            }
+            Ok(Err(e)) => {
+                let err = map_error(&what, "get", &path, e);
+                self.note("get", Err(api_code(&err)));
+                return Err(err);
+            }
+            Ok(Ok(text)) => {
+                self.note("get", Ok(()));
+                text
+            }
+        };
+        let served = serde_json::from_str::<serde_json::Value>(&document)
+            .ok()
+            .and_then(|d| d["resources"].as_array().cloned())
+            .is_some_and(|list| list.iter().any(|x| x["name"] == r.plural.as_str()));
+        if !served {
+            return Ok(None);
+        }
+        let resource = format!("{}.{}", r.plural, r.group);
+        for ns in self.scopes() {
+            let api = self.sandbox_api(probe, ns);
+            let lp = ListParams::default().limit(1);
+            match self.call("list", || api.list_metadata(&lp)).await {
+                Err(_) => {
+                    self.note("list", Err(0));
+                    return Err(ClusterError::Timeout {
+                        what,
+                        seconds: self.timeout.as_secs(),
+                    });
+                }
+                Ok(Err(e)) => {
+                    let err = map_error(&what, "list", &resource, e);
+                    self.note("list", Err(api_code(&err)));
+                    return Err(err);
+                }
+                Ok(Ok(list)) => {
+                    self.note("list", Ok(()));
+                    if let Some(item) = list.items.first() {
+                        return Ok(Some(format!(
+                            "Sandbox {}/{}",
+                            item.metadata.namespace.as_deref().or(ns).unwrap_or("?"),
+                            item.metadata.name.as_deref().unwrap_or("?")
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Checks that the API server serves every enabled backend's resource, with one
@@ -232,7 +340,7 @@ impl KubeCluster {
         // Validated at start-up; an unparsable selector cannot reach here.
         let selector = |text: &str| LabelSelector::parse(text.trim()).unwrap_or_default();
         let s = &b.agent_sandbox;
-        let sandbox = s.enabled.then(|| SandboxBackend {
+        let sandbox_resource = || SandboxBackend {
             resource: ApiResource {
                 group: s.group.clone(),
                 version: s.version.clone(),
@@ -240,7 +348,9 @@ impl KubeCluster {
                 kind: s.kind.clone(),
                 plural: s.plural.clone(),
             },
-        });
+        };
+        let sandbox = s.enabled.then(sandbox_resource);
+        let sandbox_probe = (!s.enabled && b.pod.enabled).then(sandbox_resource);
         let mut targets = Vec::new();
         if b.pod.enabled {
             targets.push(Target {
@@ -276,9 +386,12 @@ impl KubeCluster {
             retries: settings.cluster.retries,
             pod,
             sandbox,
+            sandbox_probe,
             targets,
             hook: None,
             page_hook: None,
+            undecodable_hook: None,
+            undecodable_seen: UndecodableSeen::default(),
         }
     }
 
@@ -341,6 +454,54 @@ impl KubeCluster {
         self.hook = Some(hook);
     }
 
+    /// Installs the observer of objects with fields of the wrong type (metrics).
+    pub fn set_undecodable_hook(&mut self, hook: UndecodableHook) {
+        self.undecodable_hook = Some(hook);
+    }
+
+    /// An object with fields of the wrong type, treated as absent ([`lean`]): logged and
+    /// counted once per object and field (per process), never an error.
+    pub(crate) fn note_undecodable(
+        &self,
+        kind: BackendKind,
+        namespace: &str,
+        name: &str,
+        fields: &[&'static str],
+    ) {
+        for field in fields {
+            let key = (kind, format!("{namespace}/{name}").into_boxed_str(), *field);
+            let first = {
+                let mut seen = self
+                    .undecodable_seen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if seen.len() >= UNDECODABLE_REMEMBERED {
+                    seen.clear();
+                }
+                seen.insert(key)
+            };
+            if !first {
+                continue;
+            }
+            tracing::warn!(
+                backend = %kind,
+                object = %format!("{namespace}/{name}"),
+                field = *field,
+                "a field of the wrong type, read as absent: the object counts as present and not paused; fix the object or its CustomResourceDefinition's schema"
+            );
+            if let Some(hook) = &self.undecodable_hook {
+                hook(kind, field);
+            }
+        }
+    }
+
+    /// Counts one request's answer in the request hook (`code` 0: no answer).
+    pub(crate) fn note_code(&self, verb: &'static str, code: u16) {
+        if let Some(hook) = &self.hook {
+            hook(verb, code);
+        }
+    }
+
     fn note(&self, verb: &'static str, result: Result<(), u16>) {
         if let Some(hook) = &self.hook {
             hook(verb, result.map_or_else(|code| code, |()| 200));
@@ -385,8 +546,9 @@ impl KubeCluster {
         let mut view = BackendView::new(target.kind, &target.prefix);
         for ns in self.scopes() {
             let (objects, listing) = self.list_into(target, ns).await?;
-            for (name, facts) in objects {
-                view.insert(&name, facts);
+            view.reserve(objects.names());
+            for (name, facts) in objects.iter() {
+                view.insert(name, facts);
             }
             view.requests += listing.requests;
         }
@@ -412,14 +574,15 @@ impl KubeCluster {
     /// on a continue token restarts the whole listing, once, from an empty map. Objects are
     /// decoded lean ([`LeanObject`](super::lean::LeanObject)) and listed without the label
     /// selector: presence is by name, as a GET's is; the selector only marks the platform's
-    /// objects (`managed`).
+    /// objects (`managed`). The map is keyed by namespace and name (a listing of all
+    /// namespaces can hold one name twice).
     pub(crate) async fn list_into(
         &self,
         target: &Target,
         ns: Option<&str>,
-    ) -> Result<(NameMap<ObjectFacts>, Listing), ClusterError> {
+    ) -> Result<(ObjectMap, Listing), ClusterError> {
         let what = describe(&target.plural, ns);
-        let mut objects: NameMap<ObjectFacts> = NameMap::default();
+        let mut objects = ObjectMap::default();
         let mut requests = 0u64;
         let mut restarted = false;
         let mut token: Option<String> = None;
@@ -477,7 +640,12 @@ impl KubeCluster {
                         what: what.clone(),
                         message: "an item has no metadata.name".into(),
                     })?;
-                objects.insert(name.into(), object.facts(&target.selector));
+                let namespace = object.metadata.namespace.as_deref().or(ns).unwrap_or("");
+                let odd = object.undecodable();
+                if !odd.is_empty() {
+                    self.note_undecodable(target.kind, namespace, name, odd);
+                }
+                objects.insert(namespace, name, object.facts(&target.selector));
             }
             match page.metadata.continue_.filter(|t| !t.is_empty()) {
                 Some(next) => token = Some(next),
@@ -558,7 +726,8 @@ impl KubeCluster {
     /// Confirms that the backend the row is attributed to has no object named `name`, by
     /// direct GETs (or, when listing all namespaces, a list selected by `metadata.name`); a
     /// row of no single backend (`Unknown`) is confirmed against every enabled backend. Only
-    /// 404 counts as absent; any other failure is an error and the row is left alone.
+    /// a 404 whose Status names the object counts as absent ([`names_this_object`]); any other
+    /// answer is an error and the row is left alone.
     ///
     /// One GET per orphan, not one per backend: a backend's distinguishing
     /// `object_name_prefix` says the name is not the other backend's object (an agent-sandbox
@@ -578,7 +747,7 @@ impl KubeCluster {
         for ns in self.scopes() {
             if pods {
                 let api = self.pod_api(ns);
-                let seen = self.probe(&api, "pods", ns, name).await?;
+                let seen = self.probe(&api, &ResourceId::PODS, ns, name).await?;
                 match seen {
                     Some(e) => return Ok(Absence::Present { evidence: e }),
                     None => evidence.push(probe_text("pods", ns, name)),
@@ -586,7 +755,12 @@ impl KubeCluster {
             }
             if let Some(sb) = sandboxes {
                 let api = self.sandbox_api(sb, ns);
-                let seen = self.probe(&api, &sb.resource.plural, ns, name).await?;
+                let id = ResourceId {
+                    group: &sb.resource.group,
+                    plural: &sb.resource.plural,
+                    kind: &sb.resource.kind,
+                };
+                let seen = self.probe(&api, &id, ns, name).await?;
                 match seen {
                     Some(e) => return Ok(Absence::Present { evidence: e }),
                     None => evidence.push(probe_text(&sb.resource.plural, ns, name)),
@@ -598,11 +772,14 @@ impl KubeCluster {
         })
     }
 
-    /// One probe: `Some(evidence)` when the object exists, `None` on a definitive 404.
+    /// One probe: `Some(evidence)` when the object exists, `None` on a definitive absence:
+    /// a 404 whose Status names this object ([`names_this_object`]), or, across all
+    /// namespaces, a complete name-selected list without items. Any other answer is an error,
+    /// a 404 for a path the server does not serve included ([`ClusterError::NotServed`]).
     async fn probe<K>(
         &self,
         api: &Api<K>,
-        resource: &str,
+        resource: &ResourceId<'_>,
         ns: Option<&str>,
         name: &str,
     ) -> Result<Option<String>, ClusterError>
@@ -610,16 +787,22 @@ impl KubeCluster {
         K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     {
         let what = format!(
-            "confirming {resource} {}{name}",
+            "confirming {} {}{name}",
+            resource.plural,
             ns.map(|n| format!("{n}/")).unwrap_or_default()
         );
         let verb = if ns.is_some() { "get" } else { "list" };
         let request = || async {
             match ns {
-                Some(_) => api
-                    .get_metadata_opt(name)
-                    .await
-                    .map(|o| o.map(|m| m.metadata)),
+                Some(_) => match api.get_metadata(name).await {
+                    Ok(object) => Ok(Some(object.metadata)),
+                    // Decided here, not by kube's `is_not_found`: only the Status naming
+                    // this very object is its absence.
+                    Err(kube::Error::Api(status)) if names_this_object(&status, name, resource) => {
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                },
                 // No namespace to GET in: list by name across all namespaces instead.
                 None => {
                     let lp = ListParams::default().fields(&format!("metadata.name={name}"));
@@ -637,7 +820,7 @@ impl KubeCluster {
                 })
             }
             Ok(Err(e)) => {
-                let err = map_error(&what, verb, resource, e);
+                let err = map_error(&what, verb, &resource.qualified(), e);
                 self.note(verb, Err(api_code(&err)));
                 Err(err)
             }
@@ -648,13 +831,57 @@ impl KubeCluster {
             Ok(Ok(Some(meta))) => {
                 self.note(verb, Ok(()));
                 Ok(Some(format!(
-                    "{resource} {}/{name} exists{}",
+                    "{} {}/{name} exists{}",
+                    resource.plural,
                     meta.namespace.as_deref().or(ns).unwrap_or("?"),
                     terminating_note(&meta)
                 )))
             }
         }
     }
+}
+
+/// A resource as the API server names it in a `NotFound` Status' details.
+#[derive(Debug, Clone, Copy)]
+struct ResourceId<'a> {
+    group: &'a str,
+    plural: &'a str,
+    kind: &'a str,
+}
+
+impl ResourceId<'_> {
+    const PODS: ResourceId<'static> = ResourceId {
+        group: "",
+        plural: "pods",
+        kind: "Pod",
+    };
+
+    /// "pods", or "sandboxes.agents.x-k8s.io".
+    fn qualified(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.to_string()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
+    }
+}
+
+/// Rule 2(a): whether a 404 says that this very object does not exist. The API server answers
+/// a missing object with a `NotFound` Status whose details name it: `details.name` is the
+/// name, `details.kind` the resource's plural (`pods "x" not found`; some servers write the
+/// kind) and `details.group` its group. A path it does not serve answers 404 too, naming no
+/// object: a Status `the server could not find the requested resource` with empty details
+/// (a resource its group/version lacks), or a plain-text `404 page not found` from its mux
+/// (a group/version nobody serves: a CRD not installed, a wrong version, a proxy). Those say
+/// nothing about the object and are errors, whatever a client library makes of them.
+fn names_this_object(status: &kube::core::Status, name: &str, resource: &ResourceId<'_>) -> bool {
+    status.code == 404
+        && status.reason == "NotFound"
+        && status.details.as_ref().is_some_and(|d| {
+            d.name == name
+                && (d.kind == resource.plural || d.kind == resource.kind)
+                && d.group == resource.group
+        })
 }
 
 fn terminating_note(
@@ -704,7 +931,9 @@ fn map_error(what: &str, verb: &'static str, resource: &str, e: kube::Error) -> 
             resource: resource.to_string(),
             message: status.message.clone(),
         },
-        kube::Error::Api(status) if status.code == 404 && verb == "list" => {
+        // A 404 that reached here names no object (a listing's never does; a GET's that names
+        // its object is absence, decided by the caller): the path is not served.
+        kube::Error::Api(status) if status.code == 404 && matches!(verb, "list" | "get") => {
             ClusterError::NotServed {
                 what: what.to_string(),
                 resource: resource.to_string(),

@@ -10,9 +10,10 @@ pub mod client;
 pub mod dump;
 mod kube_api;
 pub mod lean;
+pub mod objects;
 
 pub use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot, NameMap, ObjectFacts};
-pub use kube_api::{Absence, KubeCluster, PageHook, RequestHook, ScopeVerdict};
+pub use kube_api::{Absence, KubeCluster, PageHook, RequestHook, ScopeVerdict, UndecodableHook};
 
 /// Why the cluster could not be listed or an absence confirmed. Any of these aborts the
 /// sweep before a write.

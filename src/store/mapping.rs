@@ -4,9 +4,11 @@
 //! are always bound parameters. Once [`super::resolve`] has read the catalog, the SQL names the
 //! table by its canonical `schema.table` (whatever the spelling in the configuration) and
 //! casts bound values to each column's own type, so a `uuid` or `bigint` key is compared with
-//! its index and an enum state column works. Rows are changed by the physical identity
-//! (`ctid`) of the row that the same statement locked, never by key alone, so another scope's
-//! row with the same key can never be touched.
+//! its index and an enum state column works. Rows are changed by the physical identity of
+//! the row that the same statement locked, never by key alone, so another scope's row with
+//! the same key can never be touched. That identity is the pair (`tableoid`, `ctid`): a `ctid`
+//! is unique only within one relation, and each partition of a partitioned table (or child of
+//! an inherited one) numbers its rows from `(0,1)` again.
 
 use std::time::Duration;
 
@@ -215,9 +217,11 @@ impl TableMapping {
     }
 
     /// One statement that locks the rows still exactly as read (skipping rows the
-    /// application holds), downgrades exactly those rows (by the locked row's `ctid`), clears
-    /// the configured columns and writes one audit record per row with the old values.
-    /// Returns the keys downgraded.
+    /// application holds), downgrades exactly those rows (by the locked row's `tableoid` and
+    /// `ctid`), clears the configured columns and writes one audit record per row with the old
+    /// values, only if this server session holds the writer lock. Returns one row: whether it
+    /// holds the lock, the number of rows locked, the number updated, and the keys audited
+    /// (the caller checks that they agree before committing).
     ///
     /// `$1` keys, `$2` objects, `$3` updated_at as read, `$4` backends, `$5` each row's
     /// evidence as a 1-based index into `$11`, `$6` suspended state, `$7` gone state, `$8`
@@ -242,31 +246,38 @@ impl TableMapping {
         ];
         set.extend(self.clear.iter().map(|c| format!("{c} = NULL")));
         format!(
-            "WITH c AS ( \
+            "WITH proof AS (SELECT {held} AS held), c AS ( \
                SELECT c.key, c.object, c.updated_at, c.backend, \
                       (SELECT array_agg(d.doc::jsonb ORDER BY d.n) \
                        FROM unnest($11::text[]) WITH ORDINALITY AS d(doc, n))[c.doc] AS evidence \
                FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[]) \
                  AS c(key, object, updated_at, backend, doc) \
              ), old AS ( \
-               SELECT t.ctid AS row_id, t.{k}::text AS key, t.{s}::text AS old_state, \
+               SELECT t.tableoid AS row_rel, t.ctid AS row_id, t.{k}::text AS key, \
+                      t.{s}::text AS old_state, \
                       t.{o}::text AS object, {tu} AS old_updated_at, {cleared} AS cleared, \
                       c.backend, c.evidence \
                FROM {t} t JOIN c ON t.{k} = c.key{kcast} \
                WHERE t.{s} = $6{scast} AND t.{o} = c.object{ocast} \
-                 AND {tu} = c.updated_at{scope} \
+                 AND {tu} = c.updated_at{scope} AND (SELECT held FROM proof) \
                FOR UPDATE OF t SKIP LOCKED \
              ), upd AS ( \
-               UPDATE {t} t SET {set} FROM old WHERE t.ctid = old.row_id \
+               UPDATE {t} t SET {set} FROM old \
+               WHERE t.tableoid = old.row_rel AND t.ctid = old.row_id \
                RETURNING old.key, old.old_state, old.object, old.old_updated_at, old.cleared, \
                          old.backend, old.evidence, {tu} AS new_updated_at \
+             ), audited AS ( \
+               INSERT INTO {a} (sweep_id, action, session_table, session_scope, session_key, \
+                                object_name, backend, old_state, new_state, old_updated_at, \
+                                new_updated_at, cleared, reason, evidence) \
+               SELECT $8, 'downgrade', $9, $10, key, object, backend, old_state, $7, \
+                      old_updated_at, new_updated_at, cleared, 'orphaned_suspended', evidence \
+               FROM upd \
+               RETURNING session_key \
              ) \
-             INSERT INTO {a} (sweep_id, action, session_table, session_scope, session_key, \
-                              object_name, backend, old_state, new_state, old_updated_at, \
-                              new_updated_at, cleared, reason, evidence) \
-             SELECT $8, 'downgrade', $9, $10, key, object, backend, old_state, $7, old_updated_at, \
-                    new_updated_at, cleared, 'orphaned_suspended', evidence FROM upd \
-             RETURNING session_key",
+             SELECT (SELECT held FROM proof), (SELECT count(*) FROM old), \
+                    (SELECT count(*) FROM upd), \
+                    coalesce((SELECT array_agg(session_key) FROM audited), '{{}}'::text[])",
             k = self.key,
             s = self.state,
             o = self.object,
@@ -278,7 +289,25 @@ impl TableMapping {
             ocast = self.cast(Column::Object),
             set = set.join(", "),
             scope = self.scope_clause("t.", 10),
+            held = self.writer_lock_held_sql(),
         )
+    }
+
+    /// The columns the records an undo considers cleared (the keys of their `cleared`
+    /// documents), sorted. Same parameters as [`Self::undo_candidates_sql`].
+    pub fn cleared_columns_sql(&self) -> String {
+        format!(
+            "SELECT DISTINCT c FROM ({records}) r CROSS JOIN LATERAL jsonb_object_keys(r.cleared) c \
+             ORDER BY c",
+            records = self.undo_records("$1", "$2", "$3", "$4"),
+        )
+    }
+
+    /// Whether a column may be restored by an undo: any column but the mapped ones.
+    pub fn restorable_column(&self, name: &str) -> bool {
+        let mapped = [&self.key, &self.state, &self.object, &self.updated_at];
+        !mapped.iter().any(|c| c.name() == name)
+            && self.scope.as_ref().is_none_or(|(c, _)| c.name() != name)
     }
 
     /// The audit records an undo considers: the latest not-yet-undone downgrade of each
@@ -302,16 +331,15 @@ impl TableMapping {
     }
 
     /// Restores rows still exactly as a downgrade left them, from their audit records, and
-    /// audits the undo. Returns (key, restored state) of each restored row.
+    /// audits the undo, only if this server session holds the writer lock; rows are changed by
+    /// the locked row's `tableoid` and `ctid`. Returns one row: whether it holds the lock, the
+    /// number of rows locked, the number updated, and the keys audited (the caller checks that
+    /// they agree before committing).
     ///
     /// `$1` sweep id or NULL, `$2` session key or NULL, `$3` table names (text[]), `$4` undo
     /// id, `$5` scope value (NULL when unscoped), `$6` the canonical table name.
-    pub fn undo_sql(&self) -> String {
-        let untouched: String = self
-            .clear
-            .iter()
-            .map(|c| format!(" AND t.{c} IS NULL"))
-            .collect();
+    pub fn undo_sql(&self, restore: &[Identifier]) -> String {
+        let untouched = UNTOUCHED_CLEARED;
         let mut set = vec![
             format!(
                 "{} = cand.old_state{}",
@@ -320,30 +348,42 @@ impl TableMapping {
             ),
             format!("{} = {}", self.updated_at, self.now_expr()),
         ];
-        set.extend(self.clear.iter().map(|c| {
-            format!(
-                "{c} = (jsonb_populate_record(NULL::{t}, cand.cleared)).{c}",
-                t = self.t()
-            )
-        }));
+        // Populated over the locked row itself, not `NULL::table`: a record of the table's type
+        // with every other column NULL violates any NOT NULL domain column.
+        // `restore` is every column any selected record cleared (its audit record's keys,
+        // not today's sessions.clear_columns: the configuration may have changed since); a
+        // column a record did not clear keeps the row's value, since populating over the row
+        // changes only the record's keys.
+        set.extend(
+            restore
+                .iter()
+                .map(|c| format!("{c} = (jsonb_populate_record(t, cand.cleared)).{c}")),
+        );
         format!(
-            "WITH a AS ({records}), cand AS ( \
-               SELECT t.ctid AS row_id, a.* FROM {t} t JOIN a ON t.{k} = a.session_key{kcast} \
+            "WITH proof AS (SELECT {held} AS held), a AS ({records}), cand AS ( \
+               SELECT t.tableoid AS row_rel, t.ctid AS row_id, a.* \
+               FROM {t} t JOIN a ON t.{k} = a.session_key{kcast} \
                WHERE t.{s} = a.new_state{scast} AND t.{o} = a.object_name{ocast} \
-                 AND {tu} = a.new_updated_at{untouched}{scope} \
+                 AND {tu} = a.new_updated_at{untouched}{scope} AND (SELECT held FROM proof) \
                FOR UPDATE OF t SKIP LOCKED \
              ), upd AS ( \
-               UPDATE {t} t SET {set} FROM cand WHERE t.ctid = cand.row_id \
+               UPDATE {t} t SET {set} FROM cand \
+               WHERE t.tableoid = cand.row_rel AND t.ctid = cand.row_id \
                RETURNING cand.id, cand.session_key, cand.object_name, cand.old_state, \
                          cand.new_state, cand.new_updated_at, {tu} AS restored_at \
+             ), audited AS ( \
+               INSERT INTO {a} (sweep_id, action, undoes, session_table, session_scope, \
+                                session_key, object_name, old_state, new_state, old_updated_at, \
+                                new_updated_at, reason, evidence) \
+               SELECT $4, 'undo', id, $6, $5, session_key, object_name, new_state, old_state, \
+                      new_updated_at, restored_at, 'undo', \
+                      jsonb_build_object('undoes_audit_id', id) \
+               FROM upd \
+               RETURNING session_key \
              ) \
-             INSERT INTO {a} (sweep_id, action, undoes, session_table, session_scope, session_key, \
-                              object_name, old_state, new_state, old_updated_at, new_updated_at, \
-                              reason, evidence) \
-             SELECT $4, 'undo', id, $6, $5, session_key, object_name, new_state, old_state, \
-                    new_updated_at, restored_at, 'undo', jsonb_build_object('undoes_audit_id', id) \
-             FROM upd \
-             RETURNING session_key, new_state",
+             SELECT (SELECT held FROM proof), (SELECT count(*) FROM cand), \
+                    (SELECT count(*) FROM upd), \
+                    coalesce((SELECT array_agg(session_key) FROM audited), '{{}}'::text[])",
             records = self.undo_records("$1", "$2", "$3", "$5"),
             a = self.audit,
             t = self.t(),
@@ -356,30 +396,41 @@ impl TableMapping {
             ocast = self.cast(Column::Object),
             set = set.join(", "),
             scope = self.scope_clause("t.", 5),
+            held = self.writer_lock_held_sql(),
         )
     }
 
     /// The downgrades an undo with the same arguments would consider, with the row's current
-    /// state (NULL when the row no longer exists). `$1` sweep id or NULL, `$2` session key or
-    /// NULL, `$3` table names (text[]), `$4` scope value (NULL when unscoped).
+    /// state (NULL when the row no longer exists) and whether the row is still exactly as the
+    /// downgrade left it (what the undo statement restores). A plain read: no row lock, so an
+    /// `undo --dry-run` waits for nothing and changes nothing. `$1` sweep id or NULL, `$2`
+    /// session key or NULL, `$3` table names (text[]), `$4` scope value (NULL when unscoped).
     pub fn undo_candidates_sql(&self) -> String {
+        let untouched = UNTOUCHED_CLEARED;
         format!(
             "SELECT a.session_key, a.object_name, a.old_state, \
-                    t.{s}::text AS current_state, t.{o}::text AS current_object \
-             FROM ({records}) a LEFT JOIN {t} t ON t.{k} = a.session_key{kcast}{scope}",
+                    t.{s}::text AS current_state, t.{o}::text AS current_object, \
+                    coalesce(t.{s} = a.new_state{scast} AND t.{o} = a.object_name{ocast} \
+                             AND {tu} = a.new_updated_at{untouched}, false) AS restorable \
+             FROM ({records}) a LEFT JOIN {t} t ON t.{k} = a.session_key{kcast}{scope} \
+             ORDER BY a.session_key",
             records = self.undo_records("$1", "$2", "$3", "$4"),
             t = self.t(),
             k = self.key,
             s = self.state,
             o = self.object,
+            tu = self.updated_at_expr("t."),
             kcast = self.cast(Column::Key),
+            scast = self.cast(Column::State),
+            ocast = self.cast(Column::Object),
             scope = self.scope_clause("t.", 4),
         )
     }
 
-    /// The advisory-lock key of the writer lock: stable for the same table (by its canonical
-    /// name once resolved, however it was spelled) and scope, so every reconciler writing the
-    /// same rows contends for the same lock.
+    /// The advisory-lock key this reconciler holds exclusively: stable for the same table (by
+    /// its canonical name once resolved, however it was spelled) and scope, so every
+    /// reconciler writing the same rows contends for the same lock. Unscoped, it is
+    /// [`TableMapping::table_lock_key`].
     pub fn lock_key(&self) -> i64 {
         let scope = self
             .scope
@@ -390,6 +441,99 @@ impl TableMapping {
             "sandbox-reconciler|{}|{scope}",
             self.table_display()
         ))
+    }
+
+    /// The table's own key, which every reconciler of the table takes: a scoped one shared
+    /// (scopes write side by side), an unscoped one exclusively (it writes every scope's rows,
+    /// so it excludes every scoped reconciler and they exclude it).
+    pub fn table_lock_key(&self) -> i64 {
+        fnv1a(&format!("sandbox-reconciler|{}|", self.table_display()))
+    }
+
+    /// The advisory locks that make up the writer lock: (key, shared).
+    pub fn writer_locks(&self) -> Vec<(i64, bool)> {
+        match &self.scope {
+            Some(_) => vec![(self.table_lock_key(), true), (self.lock_key(), false)],
+            None => vec![(self.table_lock_key(), false)],
+        }
+    }
+
+    /// `pg_locks` rows of this server session's granted advisory locks on `keys` (a bigint key
+    /// is shown as classid = its high 32 bits, objid = its low 32 bits, objsubid = 1), with
+    /// the mode when given.
+    fn advisory_locks_held(keys: &[(i64, Option<bool>)]) -> String {
+        let split = |key: i64| ((key as u64) >> 32, (key as u64) & 0xffff_ffff);
+        let with_mode: Vec<String> = keys
+            .iter()
+            .map(|&(key, shared)| {
+                let (hi, lo) = split(key);
+                match shared {
+                    Some(true) => format!("({hi}, {lo}, 'ShareLock')"),
+                    Some(false) => format!("({hi}, {lo}, 'ExclusiveLock')"),
+                    None => format!("({hi}, {lo}, l.mode)"),
+                }
+            })
+            .collect();
+        format!(
+            "FROM pg_locks l WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() \
+             AND l.granted AND l.objsubid = 1 \
+             AND (l.classid::bigint, l.objid::bigint, l.mode) IN ({})",
+            with_mode.join(", ")
+        )
+    }
+
+    /// A boolean: this server session holds every lock of the writer lock, in its mode. Part
+    /// of each writing statement, so a write can only happen on the session holding the lock.
+    pub fn writer_lock_held_sql(&self) -> String {
+        let locks: Vec<(i64, Option<bool>)> = self
+            .writer_locks()
+            .into_iter()
+            .map(|(k, shared)| (k, Some(shared)))
+            .collect();
+        format!(
+            "((SELECT count(DISTINCT (l.classid, l.objid, l.mode)) {}) = {})",
+            Self::advisory_locks_held(&locks),
+            locks.len()
+        )
+    }
+
+    /// Takes the writer lock without waiting: true when taken, false when another session
+    /// holds it, NULL when this server session already holds part of it (a pooler handing
+    /// one server session to several clients; taking it again would succeed, advisory locks
+    /// being re-entrant). Scoped: the table key shared, then the scope's key; if the latter is
+    /// taken, the former is let go again, all in one statement.
+    pub fn try_writer_lock_sql(&self) -> String {
+        let keys: Vec<(i64, Option<bool>)> = self
+            .writer_locks()
+            .into_iter()
+            .map(|(k, _)| (k, None))
+            .collect();
+        let held = format!("EXISTS (SELECT 1 {})", Self::advisory_locks_held(&keys));
+        let table = self.table_lock_key();
+        match &self.scope {
+            Some(_) => format!(
+                "SELECT CASE WHEN {held} THEN NULL \
+                   WHEN NOT pg_try_advisory_lock_shared({table}) THEN false \
+                   WHEN pg_try_advisory_lock({scope}) THEN true \
+                   ELSE NOT pg_advisory_unlock_shared({table}) END",
+                scope = self.lock_key()
+            ),
+            None => {
+                format!("SELECT CASE WHEN {held} THEN NULL ELSE pg_try_advisory_lock({table}) END")
+            }
+        }
+    }
+
+    /// Lets go of the writer lock.
+    pub fn release_writer_lock_sql(&self) -> String {
+        match &self.scope {
+            Some(_) => format!(
+                "SELECT pg_advisory_unlock({}), pg_advisory_unlock_shared({})",
+                self.lock_key(),
+                self.table_lock_key()
+            ),
+            None => format!("SELECT pg_advisory_unlock({})", self.table_lock_key()),
+        }
     }
 }
 
@@ -412,6 +556,13 @@ pub fn fnv1a(text: &str) -> i64 {
     hash as i64
 }
 
+/// A row is still as the downgrade left it only if every column its audit record cleared is
+/// still NULL (`cand`/`a` is the audit record, `t` the row). Judged per record from its own
+/// `cleared` document, so records written under another `sessions.clear_columns` are undone
+/// exactly.
+const UNTOUCHED_CLEARED: &str = " AND NOT EXISTS (SELECT 1 FROM jsonb_object_keys(a.cleared) c \
+     WHERE to_jsonb(t) -> c <> 'null'::jsonb)";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,7 +578,10 @@ mod tests {
         assert!(sql.contains("\"sandbox_sessions\""));
         assert!(sql.contains("\"agent_thread_id\" = NULL"));
         assert!(sql.contains("t.\"cluster\" = $10::text"));
-        assert!(sql.contains("WHERE t.ctid = old.row_id"));
+        assert!(sql.contains("WHERE t.tableoid = old.row_rel AND t.ctid = old.row_id"));
+        assert!(m
+            .undo_sql(&m.clear)
+            .contains("WHERE t.tableoid = cand.row_rel AND t.ctid = cand.row_id"));
         assert!(!sql.contains("drop table"));
         assert_ne!(m.lock_key(), {
             let mut other = settings.clone();

@@ -8,9 +8,11 @@
 //! writes their audit records, inside one transaction: a batch is applied whole or not at all.
 //!
 //! One writer (docs/DESIGN.md, rule 8): the sweep runs on one dedicated connection that holds a
-//! session-level advisory lock keyed by the session table's canonical name and scope. Reads
-//! and writes go through that same connection, so if it is lost the lock is lost with it and
-//! no further write can happen under a lock that is no longer held.
+//! session-level advisory lock keyed by the session table's canonical name and scope (two
+//! levels: the table's key, shared by scoped reconcilers, exclusive for an unscoped one; and
+//! the scope's key). Reads and writes go through that same connection, and every writing
+//! statement checks that its own server session holds the lock, so a write can never happen
+//! under a lock that was lost or that a pooler left on another server session.
 //!
 //! Every call has a client-side deadline (`database.client_deadline_seconds`): after a
 //! failover a half-open TCP connection never answers, and a sweep must fail rather than hang.
@@ -57,6 +59,19 @@ pub enum StoreError {
     Deadline { what: &'static str, seconds: u64 },
     #[error("another sandbox-reconciler holds the writer lock for {table}; only one writer sweeps at a time")]
     LockBusy { table: String },
+    /// A COMMIT got no answer (or its connection failed): it may or may not have taken effect.
+    #[error("{what}: the outcome is unknown ({detail}): the COMMIT of {rows} row(s) may or may not have taken effect. Nothing is retried blindly: the next sweep re-reads the rows, and a row already changed is no longer a candidate; the audit table shows what was committed")]
+    OutcomeUnknown {
+        what: &'static str,
+        rows: usize,
+        detail: String,
+    },
+    /// A writing statement ran on a server session that does not hold the writer lock.
+    #[error("{what}: this connection's PostgreSQL server session does not hold the writer lock for {table}, so the transaction was rolled back and nothing was written. The lock was lost, or a connection pooler moved this connection to another server session (PgBouncer in transaction or statement mode, or any pooler that shares server sessions between clients); connect database.url directly to PostgreSQL, or through a pooler in session mode that gives each client its own server session")]
+    NotWriter { what: &'static str, table: String },
+    /// The server session already holds the writer lock, which this connection never took.
+    #[error("this connection's PostgreSQL server session already holds the writer lock for {table}, which this sandbox-reconciler has not taken: a connection pooler hands one server session to several clients, so two writers could share one lock; connect database.url directly to PostgreSQL, or through a pooler in session mode that gives each client its own server session")]
+    LockShared { table: String },
 }
 
 impl StoreError {
@@ -93,8 +108,8 @@ pub struct Database {
 impl Database {
     pub fn new(settings: &Settings) -> Result<Database, StoreError> {
         let d = &settings.database;
-        let options: PgConnectOptions = d
-            .url
+        let url = vet_url(&d.url)?;
+        let options: PgConnectOptions = url
             .parse()
             .map_err(|e: sqlx::Error| StoreError::Url(redact(&e.to_string(), &d.url)))?;
         let options = options
@@ -153,18 +168,174 @@ impl Database {
     }
 }
 
-/// Removes the password of a `postgres://user:password@host/db` URL from `text`.
-pub fn redact(text: &str, url: &str) -> String {
-    let password = url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.split_once('@'))
-        .and_then(|(userinfo, _)| userinfo.split_once(':'))
-        .map(|(_, pw)| pw)
-        .filter(|pw| !pw.is_empty());
-    match password {
-        Some(pw) => text.replace(pw, "****"),
-        None => text.to_string(),
+/// The query parameters sqlx's PostgreSQL URL parser understands (besides `options[...]`).
+const DRIVER_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// libpq parameters sqlx does not know that change nothing the reconciler relies on (it sets
+/// its own connect timeout, keepalives and application name): removed, with a log line that
+/// names only the parameter.
+const IGNORED_LIBPQ_PARAMETERS: &[&str] = &[
+    "connect_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "fallback_application_name",
+];
+
+/// Decodes `%XX` escapes (and `+` as a space, as in a query string); invalid escapes stay.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match bytes[i] {
+            b'%' => match (
+                bytes.get(i + 1).and_then(|&b| hex(b)),
+                bytes.get(i + 2).and_then(|&b| hex(b)),
+            ) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
     }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The `key=value` pairs of a URL's query string, raw.
+fn query_pairs(url: &str) -> Vec<(&str, &str)> {
+    let Some((_, query)) = url.split_once('?') else {
+        return Vec::new();
+    };
+    let query = query.split('#').next().unwrap_or_default();
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .collect()
+}
+
+/// Checks the query parameters of `database.url` before sqlx sees them: sqlx logs a parameter
+/// it does not know *with its value* (a libpq `sslpassword` would be printed in clear) and then
+/// ignores it (a `target_session_attrs` ignored could connect to a standby). Parameters sqlx
+/// understands are kept; harmless libpq-only ones are removed with a log line naming only the
+/// parameter; anything else is a configuration error naming the parameter, never its value.
+fn vet_url(url: &str) -> Result<String, StoreError> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok(url.to_string());
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let key = percent_decode(pair.split_once('=').map_or(pair, |(k, _)| k));
+        if DRIVER_PARAMETERS.contains(&key.as_str()) || key.starts_with("options[") {
+            kept.push(pair);
+        } else if IGNORED_LIBPQ_PARAMETERS.contains(&key.as_str()) {
+            tracing::info!(
+                parameter = %key,
+                "database.url: ignoring a libpq parameter the PostgreSQL driver does not support (the reconciler sets its own timeouts and keepalives)"
+            );
+        } else if key == "sslpassword" {
+            return Err(StoreError::Url(
+                "the parameter sslpassword (the passphrase of an encrypted client key) is not supported by the PostgreSQL driver (its value is not shown); decrypt the key (openssl pkey -in client.key -out client.plain.key), point sslkey at it and remove sslpassword".into(),
+            ));
+        } else {
+            return Err(StoreError::Url(format!(
+                "the parameter {key} is not supported by the PostgreSQL driver (its value is not shown); remove it. Supported: {}",
+                DRIVER_PARAMETERS.join(", ")
+            )));
+        }
+    }
+    let mut vetted = base.to_string();
+    if !kept.is_empty() {
+        vetted.push('?');
+        vetted.push_str(&kept.join("&"));
+    }
+    if let Some(f) = fragment {
+        vetted.push('#');
+        vetted.push_str(f);
+    }
+    Ok(vetted)
+}
+
+/// The secrets a PostgreSQL URL can carry, raw and percent-decoded: the password in its
+/// userinfo and the values of its `password` and `sslpassword` parameters.
+fn url_secrets(url: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    let authority = url.split_once("://").map_or("", |(_, rest)| {
+        rest.split(['/', '?', '#']).next().unwrap_or_default()
+    });
+    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+        if let Some((_, pw)) = userinfo.split_once(':') {
+            secrets.push(pw.to_string());
+            secrets.push(percent_decode(pw));
+        }
+    }
+    for (key, value) in query_pairs(url) {
+        if percent_decode(key).contains("password") {
+            secrets.push(value.to_string());
+            secrets.push(percent_decode(value));
+        }
+    }
+    secrets.retain(|s| !s.is_empty());
+    // Longest first, so a secret containing another is hidden whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets.dedup();
+    secrets
+}
+
+/// Hides what `url` carries in secret from `text`: the userinfo password and the values of the
+/// `password` and `sslpassword` parameters (raw and percent-decoded), and, where the URL's
+/// query string appears whole, every parameter's value.
+pub fn redact(text: &str, url: &str) -> String {
+    let mut out = text.to_string();
+    if let Some((_, query)) = url.split_once('?') {
+        if !query.is_empty() && out.contains(query) {
+            let hidden: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) => format!("{k}=****"),
+                    None => p.to_string(),
+                })
+                .collect();
+            out = out.replace(query, &hidden.join("&"));
+        }
+    }
+    for secret in url_secrets(url) {
+        out = out.replace(&secret, "****");
+    }
+    out
 }
 
 /// Runs `fut` under a client-side deadline; a query error or no answer in time is an error
@@ -180,6 +351,31 @@ pub async fn within<T>(
             what,
             seconds: deadline.as_secs(),
         }),
+    }
+}
+
+/// Commits a writing transaction of `rows` changed rows under the client deadline. A COMMIT
+/// the server refused (a deferred constraint, a serialization failure) rolled back; one that
+/// got no answer in time, or whose connection failed, may have committed all the same:
+/// [`StoreError::OutcomeUnknown`], never "nothing written".
+async fn commit_writes(
+    tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    deadline: Duration,
+    what: &'static str,
+    rows: usize,
+) -> Result<(), StoreError> {
+    let unknown = |detail: String| StoreError::OutcomeUnknown { what, rows, detail };
+    match tokio::time::timeout(deadline, tx.commit()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e @ sqlx::Error::Database(_))) => Err(StoreError::Query {
+            what,
+            message: format!("{e}; rolled back, nothing was written"),
+        }),
+        Ok(Err(e)) => Err(unknown(format!("the connection failed during COMMIT: {e}"))),
+        Err(_) => Err(unknown(format!(
+            "no answer from PostgreSQL within {}s (database.client_deadline_seconds)",
+            deadline.as_secs()
+        ))),
     }
 }
 
@@ -546,18 +742,26 @@ pub async fn database_now(
 }
 
 /// Tries to take the writer lock on `conn`; `Ok(false)` when another session holds it.
+///
+/// The writer lock has two levels (docs/DESIGN.md, rule 8): every reconciler of a table takes
+/// the table's key, a scoped one shared and then its scope's key exclusively, an unscoped one
+/// the table's key exclusively. So two scopes write side by side, while an unscoped reconciler
+/// (which writes every scope's rows) and a scoped one exclude each other. A server session
+/// that already holds any of these keys is refused ([`StoreError::LockShared`]): this
+/// connection never took them, so a pooler shares the server session with another client.
 pub async fn try_writer_lock(
     conn: &mut PgConnection,
     mapping: &TableMapping,
 ) -> Result<bool, StoreError> {
-    within(
+    let taken: Option<bool> = within(
         mapping.deadline,
         "taking the writer lock",
-        sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-            .bind(mapping.lock_key())
-            .fetch_one(conn),
+        sqlx::query_scalar(AssertSqlSafe(mapping.try_writer_lock_sql())).fetch_one(conn),
     )
-    .await
+    .await?;
+    taken.ok_or_else(|| StoreError::LockShared {
+        table: mapping.table_display(),
+    })
 }
 
 /// Releases the writer lock held by `conn`.
@@ -568,12 +772,27 @@ pub async fn release_writer_lock(
     within(
         mapping.deadline,
         "releasing the writer lock",
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(mapping.lock_key())
-            .execute(conn),
+        sqlx::raw_sql(AssertSqlSafe(mapping.release_writer_lock_sql())).execute(conn),
     )
     .await
     .map(|_| ())
+}
+
+/// Whether the server session of `conn` holds the writer lock (every part, in its mode).
+pub async fn holds_writer_lock(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+) -> Result<bool, StoreError> {
+    within(
+        mapping.deadline,
+        "checking the writer lock",
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT {}",
+            mapping.writer_lock_held_sql()
+        )))
+        .fetch_one(conn),
+    )
+    .await
 }
 
 /// Checks that `conn` still answers (the writer connection, before each sweep).
@@ -639,6 +858,59 @@ fn decode_row(row: &PgRow) -> SessionRow {
     }
 }
 
+/// The check after every writing statement: each row it locked was updated and audited, and
+/// each planned key changed at most once. Anything else means the statement touched rows it
+/// was not asked to (or skipped an audit record), and the transaction must not commit.
+pub fn check_written(
+    what: &'static str,
+    planned: &HashSet<&str>,
+    locked: i64,
+    updated: i64,
+    audited: &[String],
+) -> Result<(), StoreError> {
+    let unique: HashSet<&str> = audited.iter().map(String::as_str).collect();
+    let consistent = locked == updated
+        && usize::try_from(updated).is_ok_and(|n| n == audited.len())
+        && unique.len() == audited.len()
+        && unique.is_subset(planned);
+    if consistent {
+        return Ok(());
+    }
+    Err(StoreError::Query {
+        what,
+        message: format!(
+            "the statement locked {locked} rows, updated {updated} and audited {} ({} distinct keys) for {} planned keys; rolled back, nothing was written. The session table may have rows the reconciler cannot tell apart (a key that is not unique): check sessions.key_column and sessions.scope_column",
+            audited.len(),
+            unique.len(),
+            planned.len()
+        ),
+    })
+}
+
+/// The writing statement's own proof that its server session holds the writer lock; without
+/// it the statement wrote nothing, and the transaction is rolled back all the same.
+fn writer_proof(what: &'static str, mapping: &TableMapping, held: bool) -> Result<(), StoreError> {
+    if held {
+        return Ok(());
+    }
+    tracing::error!(
+        table = %mapping.table_display(),
+        "{what}: the server session does not hold the writer lock; rolled back, nothing written"
+    );
+    Err(StoreError::NotWriter {
+        what,
+        table: mapping.table_display(),
+    })
+}
+
+/// Rolls `tx` back after a failed check (a connection that fails here has lost the
+/// transaction anyway: the server rolls it back).
+async fn rollback(tx: sqlx::Transaction<'_, sqlx::Postgres>, deadline: Duration) {
+    if let Err(e) = within(deadline, "rolling back", tx.rollback()).await {
+        tracing::warn!(error = %e, "rolling back failed; the server rolls back when the connection ends");
+    }
+}
+
 /// One orphan ready to be written, with its confirmation evidence.
 #[derive(Debug, Clone)]
 pub struct Downgrade<'a> {
@@ -683,10 +955,10 @@ pub async fn apply_batch(
     let deadline = mapping.deadline;
     let mut tx = within(deadline, "starting the apply transaction", conn.begin()).await?;
     let sql = mapping.downgrade_sql();
-    let downgraded: Vec<String> = within(
+    let (held, locked, updated, downgraded): (bool, i64, i64, Vec<String>) = within(
         deadline,
         "downgrading a batch",
-        sqlx::query_scalar(AssertSqlSafe(sql))
+        sqlx::query_as(AssertSqlSafe(sql))
             .bind(&keys)
             .bind(&objects)
             .bind(&updated)
@@ -698,26 +970,248 @@ pub async fn apply_batch(
             .bind(mapping.table_display())
             .bind(mapping.scope_value())
             .bind(&documents)
-            .fetch_all(&mut *tx),
+            .fetch_one(&mut *tx),
     )
     .await?;
-    // Each planned row can be changed at most once; anything else means the statement
-    // touched rows it was not asked to, and the batch must not commit.
     let planned: HashSet<&str> = keys.iter().copied().collect();
-    let unique: HashSet<&str> = downgraded.iter().map(String::as_str).collect();
-    if unique.len() != downgraded.len() || !unique.is_subset(&planned) {
-        return Err(StoreError::Query {
-            what: "downgrading a batch",
-            message: format!(
-                "the statement changed {} rows for {} planned keys; rolled back",
-                downgraded.len(),
-                planned.len()
-            ),
-        });
+    let checked = writer_proof("downgrading a batch", mapping, held).and_then(|()| {
+        check_written(
+            "downgrading a batch",
+            &planned,
+            locked,
+            updated,
+            &downgraded,
+        )
+    });
+    if let Err(e) = checked {
+        rollback(tx, deadline).await;
+        return Err(e);
     }
-    within(deadline, "committing a batch", tx.commit()).await?;
+    commit_writes(tx, deadline, "committing a batch", downgraded.len()).await?;
     Ok(BatchOutcome {
         skipped_changed: batch.len().saturating_sub(downgraded.len()),
         downgraded,
     })
+}
+
+/// Which downgrades an undo considers: those of one sweep, of one session, or both.
+#[derive(Debug, Clone, Copy)]
+pub struct UndoSelection<'a> {
+    pub sweep: Option<uuid::Uuid>,
+    pub session: Option<&'a str>,
+}
+
+/// One downgrade an undo considers, with its row as it is now.
+#[derive(Debug, Clone)]
+pub struct UndoCandidate {
+    pub key: String,
+    pub object: Option<String>,
+    /// The state the row goes back to.
+    pub restore_to: String,
+    /// The row's state now (None: the row no longer exists).
+    pub current_state: Option<String>,
+    /// The row is still exactly as the downgrade left it, so an undo restores it (unless the
+    /// application holds it locked at that moment: an undo skips locked rows).
+    pub restorable: bool,
+}
+
+async fn undo_candidates(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+    selection: UndoSelection<'_>,
+) -> Result<Vec<UndoCandidate>, StoreError> {
+    let rows = within(
+        mapping.deadline,
+        "reading the downgrades to undo",
+        sqlx::query(AssertSqlSafe(mapping.undo_candidates_sql()))
+            .bind(selection.sweep)
+            .bind(selection.session)
+            .bind(mapping.table_names())
+            .bind(mapping.scope_value())
+            .fetch_all(&mut *conn),
+    )
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(UndoCandidate {
+                key: r.try_get(0)?,
+                object: r.try_get(1)?,
+                restore_to: r.try_get(2)?,
+                current_state: r.try_get(3)?,
+                restorable: r.try_get(5)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(StoreError::query("reading the downgrades to undo"))
+}
+
+/// The columns the selected downgrades cleared, from their audit records (not from today's
+/// `sessions.clear_columns`, which may have changed since): each must be a column of the table
+/// other than the mapped ones, else the undo stops with nothing written.
+async fn cleared_columns(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+    selection: UndoSelection<'_>,
+) -> Result<Vec<Identifier>, StoreError> {
+    let what = "reading the columns the downgrades cleared";
+    let names: Vec<String> = within(
+        mapping.deadline,
+        what,
+        sqlx::query_scalar(AssertSqlSafe(mapping.cleared_columns_sql()))
+            .bind(selection.sweep)
+            .bind(selection.session)
+            .bind(mapping.table_names())
+            .bind(mapping.scope_value())
+            .fetch_all(&mut *conn),
+    )
+    .await?;
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let oid = mapping.resolved.as_ref().map_or(0, |r| i64::from(r.oid));
+    let existing: Vec<String> = within(
+        mapping.deadline,
+        what,
+        sqlx::query_scalar(
+            "SELECT attname::text FROM pg_attribute \
+             WHERE attrelid = $1::oid AND attnum > 0 AND NOT attisdropped AND attname = ANY($2)",
+        )
+        .bind(oid)
+        .bind(&names)
+        .fetch_all(&mut *conn),
+    )
+    .await?;
+    let unfit = |message: String| StoreError::Unfit {
+        table: mapping.table_display(),
+        message,
+    };
+    names
+        .iter()
+        .map(|name| {
+            if !mapping.restorable_column(name) || !existing.contains(name) {
+                return Err(unfit(format!(
+                    "an audit record cleared column {name:?}, which the table no longer has (or which is a mapped column); nothing was undone: restore those rows by hand from the audit records' cleared values"
+                )));
+            }
+            Identifier::parse(name).map_err(|e| unfit(format!("audit record column {name:?}: {e}")))
+        })
+        .collect()
+}
+
+/// What an undo would do, read in one READ ONLY transaction: no row lock, no write, no
+/// trigger fired, so it works beside a running writer and waits for no application lock.
+pub async fn preview_undo(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+    selection: UndoSelection<'_>,
+) -> Result<Vec<UndoCandidate>, StoreError> {
+    let deadline = mapping.deadline;
+    let mut tx = within(
+        deadline,
+        "starting the undo preview",
+        conn.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+    )
+    .await?;
+    let candidates = undo_candidates(&mut tx, mapping, selection).await?;
+    within(deadline, "ending the undo preview", tx.commit()).await?;
+    Ok(candidates)
+}
+
+/// Undoes the selected downgrades in one transaction: rows still exactly as the downgrade
+/// left them are restored and audited (`action = 'undo'`, `undo_id` as the sweep id); the
+/// others are left alone. Returns every candidate and the keys restored.
+pub async fn apply_undo(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+    selection: UndoSelection<'_>,
+    undo_id: uuid::Uuid,
+) -> Result<(Vec<UndoCandidate>, Vec<String>), StoreError> {
+    let deadline = mapping.deadline;
+    let what = "undoing downgrades";
+    let mut tx = within(deadline, what, conn.begin()).await?;
+    let candidates = undo_candidates(&mut tx, mapping, selection).await?;
+    let restore = match cleared_columns(&mut tx, mapping, selection).await {
+        Ok(columns) => columns,
+        Err(e) => {
+            rollback(tx, deadline).await;
+            return Err(e);
+        }
+    };
+    let (held, locked, updated, restored): (bool, i64, i64, Vec<String>) = within(
+        deadline,
+        what,
+        sqlx::query_as(AssertSqlSafe(mapping.undo_sql(&restore)))
+            .bind(selection.sweep)
+            .bind(selection.session)
+            .bind(mapping.table_names())
+            .bind(undo_id)
+            .bind(mapping.scope_value())
+            .bind(mapping.table_display())
+            .fetch_one(&mut *tx),
+    )
+    .await?;
+    let planned: HashSet<&str> = candidates.iter().map(|c| c.key.as_str()).collect();
+    let checked = writer_proof(what, mapping, held)
+        .and_then(|()| check_written(what, &planned, locked, updated, &restored));
+    if let Err(e) = checked {
+        rollback(tx, deadline).await;
+        return Err(e);
+    }
+    commit_writes(tx, deadline, "committing the undo", restored.len()).await?;
+    Ok((candidates, restored))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "p@ss w/rd";
+    const ENCODED: &str = "p%40ss%20w%2Frd";
+
+    #[test]
+    fn redact_hides_every_secret_a_url_carries() {
+        for url in [
+            format!("postgres://u:{ENCODED}@h:5432/db"),
+            format!("postgres://u@h/db?sslmode=require&password={ENCODED}"),
+            format!("postgres://u@h/db?sslkey=/keys/client.key&sslpassword={ENCODED}"),
+        ] {
+            let text = format!("failed: {SECRET} / {ENCODED} / {url}");
+            let hidden = redact(&text, &url);
+            assert!(!hidden.contains(SECRET), "{hidden}");
+            assert!(!hidden.contains(ENCODED), "{hidden}");
+            assert!(!hidden.contains("p@ss"), "{hidden}");
+        }
+        // A key path is not a secret; the host and database stay readable.
+        let url = "postgres://u@h/db?sslkey=/keys/client.key";
+        assert_eq!(redact("at h/db", url), "at h/db");
+        assert_eq!(redact("key /keys/client.key", url), "key /keys/client.key");
+    }
+
+    #[test]
+    fn url_parameters_the_driver_does_not_know_are_refused_without_their_value() {
+        let err = vet_url(&format!("postgres://u@h/db?sslpassword={ENCODED}")).unwrap_err();
+        let message = err.to_string();
+        assert!(message.starts_with("database.url: "), "{message}");
+        assert!(message.contains("sslpassword"), "{message}");
+        assert!(
+            !message.contains(ENCODED) && !message.contains(SECRET),
+            "{message}"
+        );
+        assert!(err.is_configuration());
+        let err = vet_url("postgres://u@h/db?target_session_attrs=read-write").unwrap_err();
+        assert!(err.to_string().contains("target_session_attrs"), "{err}");
+        assert!(!err.to_string().contains("read-write"), "{err}");
+        // Harmless libpq-only parameters are dropped, the driver's own kept in order.
+        assert_eq!(
+            vet_url("postgres://u@h/db?connect_timeout=5&sslmode=require&keepalives=1&sslkey=/k")
+                .unwrap(),
+            "postgres://u@h/db?sslmode=require&sslkey=/k"
+        );
+        assert_eq!(
+            vet_url("postgres://u@h/db?connect_timeout=5").unwrap(),
+            "postgres://u@h/db"
+        );
+        assert_eq!(vet_url("postgres://u@h/db").unwrap(), "postgres://u@h/db");
+        assert_eq!(percent_decode("a%2Fb%zz+c"), "a/b%zz c");
+    }
 }

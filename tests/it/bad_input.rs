@@ -89,7 +89,24 @@ async fn the_database_password_never_appears_in_output_logs_or_metrics() {
         free_port()
     );
     let bad_url = format!("postgres://postgres:{PASSWORD}@127.0.0.1:notaport/test");
+    // Every other place a PostgreSQL URL carries a secret: the `password` parameter, libpq's
+    // `sslpassword` (which sqlx does not know, and used to log with its value), and both
+    // with a client key path (`sslkey`, a path, not a secret).
+    let with = |url: &str, params: &str| {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}{params}")
+    };
+    let password_param = with(&database_url(), &format!("password={PASSWORD}"));
+    let closed_param = with(
+        &format!("postgres://postgres@127.0.0.1:{}/test", free_port()),
+        &format!("password={PASSWORD}&sslmode=disable"),
+    );
+    let sslpassword = with(
+        &database_url(),
+        &format!("sslkey=/nonexistent/client.key&sslpassword={PASSWORD}"),
+    );
     let mut outputs = Vec::new();
+    let mut statuses = Vec::new();
     for (args, url) in [
         (vec!["--once", "--config", cfg], &good),
         (vec!["--once", "--config", cfg], &closed),
@@ -98,6 +115,11 @@ async fn the_database_password_never_appears_in_output_logs_or_metrics() {
         (vec!["--config", cfg, "check"], &closed),
         (vec!["--config", cfg, "check"], &good),
         (vec!["--config", cfg, "undo", "--session", "x"], &closed),
+        (vec!["--once", "--config", cfg], &password_param),
+        (vec!["--once", "--config", cfg], &closed_param),
+        (vec!["--config", cfg, "check"], &closed_param),
+        (vec!["--once", "--config", cfg], &sslpassword),
+        (vec!["--config", cfg, "check"], &sslpassword),
     ] {
         let out = run_binary(
             dir.path(),
@@ -111,9 +133,26 @@ async fn the_database_password_never_appears_in_output_logs_or_metrics() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ));
+        statuses.push(out.status.code());
     }
     for text in &outputs {
         assert!(!text.contains(PASSWORD), "password leaked:\n{text}");
+    }
+    // The `password` parameter works (trust auth): the sweep ran and downgraded the orphan.
+    assert_eq!(statuses[7], Some(0), "{}", outputs[7]);
+    assert!(
+        outputs[8].contains("cannot connect to PostgreSQL"),
+        "{}",
+        outputs[8]
+    );
+    // sqlx does not know `sslpassword`: refused as a configuration error naming the key and
+    // the parameter (not its value), before connecting (`--once` exits 2; `check` fails its
+    // database line).
+    assert_eq!(statuses[10], Some(2), "{}", outputs[10]);
+    assert_ne!(statuses[11], Some(0), "{}", outputs[11]);
+    for i in [10, 11] {
+        assert!(outputs[i].contains("database.url"), "{}", outputs[i]);
+        assert!(outputs[i].contains("sslpassword"), "{}", outputs[i]);
     }
     assert!(
         outputs[1].contains("cannot connect to PostgreSQL"),

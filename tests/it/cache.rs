@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use sandbox_reconciler::cluster::cache::ClusterCache;
+use sandbox_reconciler::cluster::cache::{CacheTuning, ClusterCache};
 use sandbox_reconciler::metrics::Metrics;
 use sandbox_reconciler::sweep::{
     ClusterSource, Confirmation, Reconciler, SweepOptions, SweepReport, SweepResult,
@@ -24,10 +24,11 @@ async fn cached(
     api: &FakeApiServer,
 ) -> (Reconciler, Arc<Metrics>) {
     let metrics = Metrics::new(&settings);
-    let r = reconciler(settings, api);
-    let ClusterSource::Api(cluster) = &r.source else {
+    let mut r = reconciler(settings, api);
+    let ClusterSource::Api(cluster) = &mut r.source else {
         unreachable!("an API reconciler")
     };
+    metrics.observe_cluster(cluster);
     let cache = ClusterCache::start(cluster, metrics.clone());
     assert!(
         cache.wait_synced(Duration::from_secs(10)).await,
@@ -354,13 +355,15 @@ async fn a_row_resumed_behind_a_stale_cache_is_left_alone() {
     assert_eq!(report.confirmation, Confirmation::Get);
     assert_eq!(report.downgraded, 0, "{report:?}");
 
+    // Many orphans: the stale cache cannot be proven fresh, so the sweep lists afresh and
+    // plans on that listing, in which the row has its object.
     let report = sweep_with(&by_proof).await;
     assert_eq!(report.result, SweepResult::Success, "{report:?}");
     assert_eq!(
-        report.cluster_view, "watch cache",
-        "the stale cache was read"
+        report.cluster_view, "listing (watch cache not proven fresh)",
+        "the stale cache was read, then a listing"
     );
-    assert_eq!(report.orphans_found, 1, "{report:?}");
+    assert_eq!(report.orphans_found, 0, "{report:?}");
     assert_eq!(report.confirmation, Confirmation::Listing, "{report:?}");
     assert_eq!(report.downgraded, 0, "{report:?}");
 
@@ -438,4 +441,328 @@ async fn the_proof_of_freshness_covers_the_orphans_backends() {
     assert_eq!(report.confirmation, Confirmation::Listing, "{report:?}");
     assert_eq!(report.downgraded, 1);
     assert_eq!(db.state("nobodys-orphan").await, "gone");
+}
+
+/// `namespaces = ["*"]`: one informer per backend covers every namespace, so two objects of
+/// the same name in two namespaces are two entries of the cache. Deleting one leaves the
+/// name present: its suspended row stays, even when many orphans make the cache, proven
+/// fresh, the evidence (rule 2(c)); the real orphans are downgraded.
+#[tokio::test]
+async fn all_namespaces_cache_keeps_a_name_that_lives_on_in_another_namespace() {
+    let (db, api) = seeded(6, 3).await;
+    api.set_bookmark_interval(Duration::from_millis(100));
+    api.add_pod("ns-a", "pod-twin", MANAGED);
+    api.add_pod("ns-b", "pod-twin", MANAGED);
+    db.insert("twin", "suspended", "pod-twin", minutes(120))
+        .await;
+    let mut settings = db.settings();
+    settings.cluster.namespaces = vec!["*".into()];
+    settings.cluster.confirm_get_max = 1;
+    let (r, _) = cached(settings, &api).await;
+    let cache = r.cache().unwrap().clone();
+    api.remove(Kind::Pod, "ns-a", "pod-twin");
+    api.add_pod("agents", "pod-marker", MANAGED);
+    eventually("the watch applies the deletion and the marker", || {
+        cache.contains("pod-marker").is_some()
+    })
+    .await;
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(db.state("twin").await, "suspended", "ns-b/pod-twin exists");
+    assert_eq!(report.confirmation, Confirmation::WatchCache, "{report:?}");
+    assert_eq!(report.downgraded, 3, "{report:?}");
+    for i in 0..3 {
+        assert_eq!(db.state(&format!("orphan-{i}")).await, "gone");
+    }
+    assert!(cache.contains("pod-twin").is_some());
+    // Once the last one goes, the name is absent.
+    api.remove(Kind::Pod, "ns-b", "pod-twin");
+    eventually("the second deletion arrives", || {
+        cache.contains("pod-twin").is_none()
+    })
+    .await;
+}
+
+/// Sandboxes whose spec a schemaless or forked CRD lets be of another type
+/// (`replicas: "0"`, `operatingMode: 1`, a `spec` that is a string): their pause state cannot
+/// be read, so they are simply present (the safe side), counted and logged, and the listing
+/// goes on. In a one-off sweep and in the daemon's cache (listing and watch events) alike the
+/// orphans elsewhere are downgraded and the odd Sandboxes' rows are kept.
+#[tokio::test]
+async fn sandboxes_with_fields_of_the_wrong_type_do_not_stop_the_sweep() {
+    let (db, api) = seeded(20, 2).await;
+    add_sandboxes(&db, &api).await;
+    let odd = [
+        ("sb-odd-replicas", json!({ "replicas": "0" })),
+        ("sb-odd-mode", json!({ "operatingMode": 1, "replicas": 1 })),
+        ("sb-odd-spec", json!("not an object")),
+    ];
+    for (name, spec) in &odd {
+        api.add_sandbox("v1alpha1", "agents", name, spec.clone());
+        db.insert(name, "suspended", name, minutes(120)).await;
+    }
+    db.insert("sb-orphan", "suspended", "sb-gone", minutes(90))
+        .await;
+
+    // One-off: the listing completes and is the proof.
+    let once_metrics = Metrics::new(&db.settings());
+    let mut once = reconciler(db.settings(), &api);
+    let ClusterSource::Api(cluster) = &mut once.source else {
+        unreachable!("an API reconciler")
+    };
+    once_metrics.observe_cluster(cluster);
+    let report = sweep_with(&once).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.downgraded, 3, "{report:?}");
+    assert_eq!(db.state("sb-orphan").await, "gone");
+    for (name, _) in &odd {
+        assert_eq!(db.state(name).await, "suspended", "{name}");
+    }
+
+    // The daemon's cache syncs over them, and over one that arrives by a watch event.
+    db.insert("orphan-late", "suspended", "pod-gone-late", minutes(90))
+        .await;
+    let (r, metrics) = cached(db.settings(), &api).await;
+    api.add_sandbox(
+        "v1alpha1",
+        "agents",
+        "sb-odd-late",
+        json!({ "replicas": [0] }),
+    );
+    db.insert("sb-odd-late", "suspended", "sb-odd-late", minutes(120))
+        .await;
+    let cache = r.cache().unwrap().clone();
+    eventually("the odd Sandbox's event is applied", || {
+        cache.contains("sb-odd-late").is_some()
+    })
+    .await;
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.cluster_view, "watch cache");
+    assert_eq!(db.state("orphan-late").await, "gone");
+    assert_eq!(db.state("sb-odd-late").await, "suspended");
+    for (name, _) in &odd {
+        assert_eq!(db.state(name).await, "suspended", "{name}");
+    }
+    // Counted once per object and field, however often they are listed.
+    let undecodable = |m: &str, field: &str| {
+        metric(
+            m,
+            &format!("sandbox_reconciler_objects_undecodable_total{{backend=\"agent-sandbox\",field=\"{field}\"}}"),
+        )
+    };
+    let m = once_metrics.render();
+    assert_eq!(undecodable(&m, "spec.replicas"), Some(1.0), "{m}");
+    assert_eq!(undecodable(&m, "spec.operatingMode"), Some(1.0), "{m}");
+    assert_eq!(undecodable(&m, "spec"), Some(1.0), "{m}");
+    api.inject(Fault::on_watch("/sandboxes", FaultAction::ExpireWatch).once());
+    api.drop_watches();
+    let relisted = |m: &str| {
+        metric(
+            m,
+            "sandbox_reconciler_cache_relists_total{backend=\"agent-sandbox\",reason=\"expired\"}",
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    };
+    let mut m = metrics.render();
+    for _ in 0..200 {
+        if relisted(&m) && cache.synced() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        m = metrics.render();
+    }
+    assert!(relisted(&m), "{m}");
+    assert_eq!(undecodable(&m, "spec.replicas"), Some(2.0), "{m}");
+    assert_eq!(undecodable(&m, "spec.operatingMode"), Some(1.0), "{m}");
+    assert_eq!(undecodable(&m, "spec"), Some(1.0), "{m}");
+    let watch_errors = metric(
+        &m,
+        "sandbox_reconciler_cache_relists_total{backend=\"agent-sandbox\",reason=\"watch_error\"}",
+    );
+    assert_eq!(watch_errors, Some(0.0), "{m}");
+}
+
+/// A watch answered 403 (RBAC without `watch`) is counted in `kube_requests_total` with verb
+/// `watch` and code 403, like every other watch request's answer, and the relist it causes is
+/// counted under its own reason. Once permitted again the cache works and the orphan goes.
+#[tokio::test]
+async fn a_forbidden_watch_is_counted_and_its_relists_are_counted_by_reason() {
+    let (db, api) = seeded(4, 1).await;
+    let settings = db.settings();
+    let metrics = Metrics::new(&settings);
+    let mut r = reconciler(settings, &api);
+    let ClusterSource::Api(cluster) = &mut r.source else {
+        unreachable!("an API reconciler")
+    };
+    let m = metrics.clone();
+    cluster.set_request_hook(Arc::new(move |verb, code| m.kube_request(verb, code)));
+    let cache = ClusterCache::start(cluster, metrics.clone());
+    assert!(cache.wait_synced(Duration::from_secs(10)).await);
+    metrics.observe_cache(cache.clone());
+    let r = r.with_cache(cache.clone());
+    api.deny("watch", "", "pods");
+    api.drop_watches();
+    let counted = |m: &str| {
+        metric(
+            m,
+            "sandbox_reconciler_kube_requests_total{code=\"403\",verb=\"watch\"}",
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+            && metric(
+                m,
+                "sandbox_reconciler_cache_relists_total{backend=\"pod\",reason=\"forbidden\"}",
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+    };
+    let mut m = metrics.render();
+    for _ in 0..200 {
+        if counted(&m) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        m = metrics.render();
+    }
+    assert!(counted(&m), "{m}");
+    assert!(
+        metric(
+            &m,
+            "sandbox_reconciler_kube_requests_total{code=\"200\",verb=\"watch\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
+    );
+    api.allow_all();
+    assert!(cache.wait_synced(Duration::from_secs(40)).await);
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(db.state("orphan-0").await, "gone");
+    assert_eq!(report.downgraded, 1);
+}
+
+/// A watch that stops following the store (an apiserver whose watch cache froze: no events,
+/// bookmarks at a frozen revision) while an object is deleted. Many orphans: the proof of
+/// freshness cannot come, so the sweep lists afresh and that listing is its whole view; it
+/// finds the row the deletion orphaned (downgraded in that very sweep) and reseeds the
+/// informer, whose map then lacks the deleted pod. A row whose pod was created during the
+/// freeze, and every live row, are left alone.
+#[tokio::test]
+async fn a_frozen_watch_is_overtaken_by_the_fallback_listing_which_reseeds_the_cache() {
+    let (db, api) = seeded(20, 3).await;
+    api.set_bookmark_interval(Duration::from_millis(100));
+    db.insert("doomed", "suspended", "pod-doomed", minutes(120))
+        .await;
+    api.add_pod("agents", "pod-doomed", MANAGED);
+    db.insert("resumed", "suspended", "pod-resumed", minutes(120))
+        .await;
+    let mut settings = db.settings();
+    settings.cluster.confirm_get_max = 0;
+    settings.cluster.cache_fresh_wait_seconds = 1;
+    let (r, _) = cached(settings, &api).await;
+    let cache = r.cache().unwrap().clone();
+    api.inject(Fault::on_watch("/pods", FaultAction::FreezeWatch));
+    api.drop_watches();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.remove(Kind::Pod, "agents", "pod-doomed");
+    api.add_pod("agents", "pod-resumed", MANAGED);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(cache.contains("pod-doomed").is_some(), "the frozen cache");
+    let live_before: Vec<_> = db
+        .fingerprint()
+        .await
+        .into_iter()
+        .filter(|(k, _, _)| k.starts_with("live-"))
+        .collect();
+
+    let report = sweep_with(&r).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(report.confirmation, Confirmation::Listing, "{report:?}");
+    assert_eq!(db.state("doomed").await, "gone", "{report:?}");
+    assert_eq!(db.state("resumed").await, "suspended");
+    assert_eq!(report.downgraded, 4, "{report:?}");
+    let live_after: Vec<_> = db
+        .fingerprint()
+        .await
+        .into_iter()
+        .filter(|(k, _, _)| k.starts_with("live-"))
+        .collect();
+    assert_eq!(live_after, live_before);
+    assert!(
+        cache.contains("pod-doomed").is_none(),
+        "the listing reseeded the cache"
+    );
+    assert!(cache.contains("pod-resumed").is_some());
+}
+
+/// The same freeze with few orphans, confirmed by GET: no proof of freshness is ever asked
+/// for, so the informer checks itself. Its watermark stays put for
+/// `CacheTuning::stall_check_after`; it reads the server's revision, does not reach it within
+/// `stall_grace`, and relists (`cache_relists_total{reason="stale"}`). The row the deletion
+/// orphaned is downgraded within a bounded number of sweeps; no live row is touched, and a
+/// row whose pod was created during the freeze is kept.
+#[tokio::test]
+async fn a_frozen_watch_is_found_by_the_informers_own_check() {
+    let (db, api) = seeded(20, 0).await;
+    api.set_bookmark_interval(Duration::from_millis(100));
+    db.insert("doomed", "suspended", "pod-doomed", minutes(120))
+        .await;
+    api.add_pod("agents", "pod-doomed", MANAGED);
+    db.insert("resumed", "suspended", "pod-resumed", minutes(120))
+        .await;
+    let settings = db.settings();
+    let metrics = Metrics::new(&settings);
+    let r = reconciler(settings, &api);
+    let ClusterSource::Api(cluster) = &r.source else {
+        unreachable!("an API reconciler")
+    };
+    let tuning = CacheTuning {
+        stall_check_after: Duration::from_millis(700),
+        stall_grace: Duration::from_millis(500),
+    };
+    let cache = ClusterCache::start_tuned(cluster, metrics.clone(), tuning);
+    assert!(cache.wait_synced(Duration::from_secs(10)).await);
+    metrics.observe_cache(cache.clone());
+    let r = r.with_cache(cache.clone());
+    api.inject(Fault::on_watch("/pods", FaultAction::FreezeWatch));
+    api.drop_watches();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.remove(Kind::Pod, "agents", "pod-doomed");
+    api.add_pod("agents", "pod-resumed", MANAGED);
+    let live_before: Vec<_> = db
+        .fingerprint()
+        .await
+        .into_iter()
+        .filter(|(k, _, _)| k.starts_with("live-"))
+        .collect();
+    let mut sweeps = 0;
+    while db.state("doomed").await != "gone" {
+        sweeps += 1;
+        assert!(sweeps <= 20, "not found within 20 sweeps");
+        let report = sweep_with(&r).await;
+        assert_eq!(report.result, SweepResult::Success, "{report:?}");
+        assert_eq!(db.state("resumed").await, "suspended", "{report:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let live_after: Vec<_> = db
+        .fingerprint()
+        .await
+        .into_iter()
+        .filter(|(k, _, _)| k.starts_with("live-"))
+        .collect();
+    assert_eq!(live_after, live_before);
+    assert_eq!(db.state("resumed").await, "suspended");
+    let m = metrics.render();
+    assert!(
+        metric(
+            &m,
+            "sandbox_reconciler_cache_relists_total{backend=\"pod\",reason=\"stale\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
+    );
 }

@@ -491,3 +491,35 @@ async fn the_migration_profile_still_refuses_what_looks_like_misconfiguration() 
     assert_eq!(code, Some(0), "{report}");
     assert_eq!(report["downgraded"], orphans.len() as u64);
 }
+
+/// The bare-pod profile on a cluster that runs the agent-sandbox controller: a paused
+/// Sandbox keeps no pod, so its row would look orphaned to the bare-pod backend alone. The
+/// sweep refuses before listing (exit 3, `sandboxes_unwatched`, naming the profiles to use)
+/// and writes nothing; with the CRD installed but no Sandbox, it goes ahead; the migration
+/// profile does the job.
+#[tokio::test]
+async fn the_bare_pod_profile_refuses_a_cluster_that_runs_sandboxes() {
+    let db = TestDb::migrated("").await;
+    let (api, keep, orphans) = migration_world(&db).await;
+    let before = db.fingerprint().await;
+    let (code, stdout, stderr) = run_profile(&db, &api, "centaur.toml", &["--once"], &[]).await;
+    assert_eq!(code, Some(3), "{stdout}{stderr}");
+    assert!(stdout.contains("sandboxes_unwatched"), "{stdout}");
+    assert!(stdout.contains("config/centaur-migration.toml"), "{stdout}");
+    assert_eq!(db.fingerprint().await, before);
+    assert_eq!(db.audit_count().await, 0);
+
+    let kept = untouchable(&db, &keep).await;
+    let (code, report) = once_json(&db, &api, "centaur-migration.toml", &[]).await;
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["downgraded"], orphans.len() as u64);
+    assert_eq!(untouchable(&db, &keep).await, kept);
+
+    // The CRD installed, no Sandbox in the namespace: the bare-pod profile proceeds.
+    let db = TestDb::migrated("").await;
+    let (api, _) = bare_pod_world(&db, 4).await;
+    api.register_sandbox_version("v1alpha1");
+    let (code, report) = once_json(&db, &api, "centaur.toml", &[]).await;
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["downgraded"], 4);
+}

@@ -417,3 +417,65 @@ async fn database_down_at_start_and_during_sweeps_daemon_recovers() {
     let m = d.metrics().await;
     assert_eq!(metric(&m, "sandbox_reconciler_leader"), Some(1.0));
 }
+
+/// A commit that outlives the client deadline (`database.client_deadline_seconds`; here a
+/// deferred constraint trigger on the audit table sleeps 3 s at COMMIT, the deadline is 1 s)
+/// may or may not have committed: the sweep fails, saying the batch's outcome is unknown (in
+/// its error and `outcome_unknown_batches`), never that nothing was written. The commit does
+/// go through on the server; the next sweep re-reads the rows, finds the row already gone
+/// (not a candidate), writes nothing more and succeeds: one downgrade, one audit record.
+///
+/// Fails on the code before the fix: the timed-out commit was reported like any other
+/// deadline ("no answer from PostgreSQL within 1s ... the connection is dropped"), which
+/// reads as a failed, rolled-back batch.
+#[tokio::test]
+async fn a_commit_that_outlives_the_deadline_is_reported_unknown_and_reconciled() {
+    let (db, api) = world(1).await;
+    let mut settings = db.settings();
+    settings.database.statement_timeout_seconds = 0;
+    settings.database.client_deadline_seconds = 1;
+    settings.validate().unwrap();
+    let mut conn = sandbox_reconciler::store::Database::new(&settings)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mapping = sandbox_reconciler::store::TableMapping::from_settings(&settings).unwrap();
+    sandbox_reconciler::store::migrate(&mut conn, &mapping)
+        .await
+        .unwrap();
+    drop(conn);
+    let sql = format!(
+        "CREATE FUNCTION {s}.slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON {a} \
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {s}.slow_commit()",
+        s = db.schema,
+        a = db.audit_table()
+    );
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let report = sweep(settings.clone(), &api, false).await;
+    assert_eq!(report.result, SweepResult::Failed, "{report:?}");
+    let error = report.error.clone().unwrap_or_default();
+    assert!(error.contains("outcome is unknown"), "{error}");
+    assert!(error.contains("client_deadline_seconds"), "{error}");
+    assert_eq!(report.outcome_unknown_batches, 1, "{report:?}");
+
+    // DROP TRIGGER waits for the committing transaction to end.
+    let sql = format!("DROP TRIGGER slow_commit ON {}", db.audit_table());
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let report = sweep(settings, &api, false).await;
+    assert_eq!(report.result, SweepResult::Success, "{:?}", report.error);
+    assert_eq!(db.state("orphan-0").await, "gone");
+    assert_eq!(db.audit_count().await, 1, "one downgrade, audited once");
+    for i in 0..5 {
+        assert_eq!(db.state(&format!("live-{i}")).await, "running");
+    }
+}

@@ -154,6 +154,43 @@ async fn rule2_confirming_get_forbidden_is_not_absence() {
     assert!(gets.iter().all(|r| r.status == Some(403)), "{gets:?}");
 }
 
+/// Only a 404 whose Status names the object is its absence (rule 2(a)). A 404 for a path the
+/// server does not serve names no object: the Status `the server could not find the requested
+/// resource` with empty details (a resource the group/version lacks), or the plain-text
+/// `404 page not found` of a group/version nobody serves. Either leaves its row alone
+/// (`confirm_failed`); a real orphan confirmed by a proper 404 is downgraded.
+#[tokio::test]
+async fn rule2_a_404_that_names_no_object_is_not_absence() {
+    let (db, api) = seeded(3, 1).await;
+    suspended(&db, "unserved", "pod-unserved").await;
+    suspended(&db, "mux", "pod-mux").await;
+    api.inject(Fault::on_get(
+        "/pods/pod-unserved",
+        FaultAction::UnknownResource,
+    ));
+    api.inject(Fault::on_get("/pods/pod-mux", FaultAction::PageNotFound));
+    let report = sweep(by_get(&db), &api, false).await;
+    assert_eq!(report.result, SweepResult::Success, "{report:?}");
+    assert_eq!(db.state("unserved").await, "suspended", "{report:?}");
+    assert_eq!(db.state("mux").await, "suspended", "{report:?}");
+    assert_eq!(audit_records_of(&db, "unserved").await, 0);
+    assert_eq!(audit_records_of(&db, "mux").await, 0);
+    assert_eq!(
+        report.skipped.get(&SkipReason::ConfirmFailed),
+        Some(&2),
+        "{report:?}"
+    );
+    // The job got done: the orphan whose GET answered a proper 404 went.
+    assert_eq!(db.state("orphan-0").await, "gone");
+    assert_eq!(report.downgraded, 1);
+    for name in ["pod-unserved", "pod-mux", "pod-gone-0"] {
+        assert!(
+            api.requests().iter().any(is_pod_get(name)),
+            "no confirming GET of {name}"
+        );
+    }
+}
+
 /// A confirming GET that never answers (timeout) is not a 404: the row is left alone.
 #[tokio::test]
 async fn rule2_confirming_get_timeout_is_not_absence() {

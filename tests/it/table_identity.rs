@@ -466,6 +466,88 @@ async fn enum_state_column_is_downgraded_and_undone() {
     .await;
 }
 
+/// A table with a `NOT NULL` domain column (besides the mapped ones): downgraded and undone,
+/// the cleared column restored and the domain column untouched.
+///
+/// Fails on the code before the fix: undo restored the cleared columns with
+/// `jsonb_populate_record(NULL::table, cleared)`, which builds a whole row of the table's type
+/// with every other column NULL, and PostgreSQL refuses it ("domain nonempty_text does not allow
+/// null values"), so no undo of such a table could run. Now the record is populated from the
+/// locked row itself.
+#[tokio::test]
+async fn a_not_null_domain_column_does_not_stop_undo() {
+    let db = TestDb::new().await;
+    let api = api().await;
+    let table = format!("{}.domain_sessions", db.schema);
+    exec(
+        &db,
+        &format!(
+            "CREATE DOMAIN {s}.nonempty_text AS text NOT NULL CHECK (VALUE <> ''); \
+             CREATE TABLE {table} (thread_key text PRIMARY KEY, sandbox_id text NOT NULL, \
+             state text NOT NULL, updated_at timestamptz NOT NULL, agent_thread_id text, \
+             owner {s}.nonempty_text); \
+             INSERT INTO {table} VALUES \
+             ('orphan', 'pod-domain-gone', 'suspended', now() - interval '1 hour', 'agent-orphan', 'team-x'), \
+             ('live', 'pod-domain-live', 'running', now() - interval '1 hour', 'agent-live', 'team-y')",
+            s = db.schema
+        ),
+    )
+    .await;
+    api.add_pod("agents", "pod-domain-live", MANAGED);
+    let row = |key: &'static str| {
+        let sql = format!(
+            "SELECT state, agent_thread_id, owner::text FROM {table} WHERE thread_key = $1"
+        );
+        let pool = db.pool.clone();
+        async move {
+            let r = sqlx::query(AssertSqlSafe(sql))
+                .bind(key)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            (
+                r.get::<String, _>(0),
+                r.get::<Option<String>, _>(1),
+                r.get::<String, _>(2),
+            )
+        }
+    };
+    let live = row("live").await;
+    let settings = settings_for(&db, &table);
+    let report = sweep(settings.clone(), &api, false).await;
+    assert_eq!(report.result, SweepResult::Success, "{:?}", report.error);
+    assert_eq!(report.downgraded, 1);
+    assert_eq!(row("orphan").await, ("gone".into(), None, "team-x".into()));
+
+    let undone = undo::run(
+        &Database::new(&settings).unwrap(),
+        &TableMapping::from_settings(&settings).unwrap(),
+        &UndoRequest {
+            sweep: Some(report.sweep_id),
+            session: None,
+            dry_run: false,
+        },
+        Duration::ZERO,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("undo failed: {e}"));
+    assert_eq!((undone.restored, undone.left_alone), (1, 0));
+    assert_eq!(
+        row("orphan").await,
+        (
+            "suspended".into(),
+            Some("agent-orphan".into()),
+            "team-x".into()
+        )
+    );
+    assert_eq!(row("live").await, live);
+    let records = audit_records(&db, &db.audit_table()).await;
+    assert_eq!(
+        records.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+        vec!["downgrade", "undo"]
+    );
+}
+
 /// An enum state column without the configured gone state is a configuration error at
 /// start-up (exit 2, naming the key), not a failure of every sweep at run time.
 #[tokio::test]
@@ -878,6 +960,8 @@ async fn naive_updated_at_is_read_and_written_in_the_configured_zone() {
         updated_at: read("old2"),
         backend: BackendKind::Pod,
     };
+    // A batch is written only by the session holding the writer lock.
+    assert!(store::try_writer_lock(&mut tokyo, &mapping).await.unwrap());
     let outcome = store::apply_batch(
         &mut tokyo,
         &mapping,
@@ -1209,6 +1293,7 @@ async fn skipped_changed_counts_rows_changed_meanwhile() {
             evidence: std::sync::Arc::new(serde_json::json!({"absence": "test"})),
         })
         .collect();
+    assert!(store::try_writer_lock(&mut conn, &mapping).await.unwrap());
     let outcome = store::apply_batch(&mut conn, &mapping, uuid::Uuid::new_v4(), &batch)
         .await
         .unwrap();
@@ -1258,6 +1343,7 @@ async fn a_batch_that_changes_more_rows_than_planned_is_rolled_back() {
         updated_at: read_at,
         backend: BackendKind::Pod,
     };
+    assert!(store::try_writer_lock(&mut conn, &mapping).await.unwrap());
     let err = store::apply_batch(
         &mut conn,
         &mapping,
@@ -1270,6 +1356,7 @@ async fn a_batch_that_changes_more_rows_than_planned_is_rolled_back() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("rolled back"), "{err}");
+    assert!(err.to_string().contains("locked 2 rows"), "{err}");
     drop(conn);
     let states: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT state FROM {table} ORDER BY agent_thread_id"

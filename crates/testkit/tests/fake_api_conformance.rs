@@ -362,17 +362,23 @@ async fn missing_objects_answer_not_found_status() {
         .items
         .is_empty());
 
-    // A version nobody serves, then the whole API gone.
+    // A version nobody serves, then the whole API gone: no handler for the group/version, so
+    // the mux's plain-text 404, which kube-client cannot parse as a Status.
     let beta: Api<DynamicObject> =
         Api::namespaced_with(server.client(), "default", &sandbox_resource("v1beta1"));
     let status = api_status(beta.list(&ListParams::default()).await.unwrap_err());
     assert_eq!(
         (status.code, status.message.as_str()),
-        (404, "the server could not find the requested resource")
+        (404, "404 page not found")
     );
+    assert_ne!(status.reason, "NotFound");
     server.disable_sandbox_api();
     let status = api_status(sb.list_metadata(&ListParams::default()).await.unwrap_err());
-    assert_eq!((status.code, status.reason.as_str()), (404, "NotFound"));
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (404, "404 page not found")
+    );
+    assert_ne!(status.reason, "NotFound");
 
     // Unknown paths and unsupported methods.
     let req = http::Request::get("/apis/apps/v1/deployments")
@@ -390,6 +396,165 @@ async fn missing_objects_answer_not_found_status() {
         (status.code, status.reason.as_str()),
         (405, "MethodNotAllowed")
     );
+}
+
+/// The three 404s of a real apiserver, which a client must tell apart (only the first says an
+/// object is absent): a missing object (a `NotFound` Status naming it: `details.name`,
+/// `details.kind` = the plural, `details.group`), a resource its served group/version lacks (a
+/// `NotFound` Status naming nothing: `the server could not find the requested resource`, empty
+/// `details`), and a path under no served group/version (the mux's plain-text
+/// `404 page not found`). The faults `UnknownResource` and `PageNotFound` answer the last two.
+#[tokio::test]
+async fn the_three_kinds_of_404_are_answered_as_the_apiserver_does() {
+    let server = FakeApiServer::start().await;
+    server.register_sandbox_version("v1alpha1");
+    let raw = |uri: &'static str| plain_get(&server, uri);
+    // A missing object.
+    let (code, content_type, body) = raw("/api/v1/namespaces/default/pods/gone").await;
+    assert_eq!((code, content_type.as_str()), (404, "application/json"));
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["reason"], "NotFound");
+    assert_eq!(status["details"], json!({"name": "gone", "kind": "pods"}));
+    let (_, _, body) =
+        raw("/apis/agents.x-k8s.io/v1alpha1/namespaces/default/sandboxes/gone").await;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        status["details"],
+        json!({"name": "gone", "group": "agents.x-k8s.io", "kind": "sandboxes"})
+    );
+    // A resource the group/version does not have.
+    for uri in [
+        "/api/v1/namespaces/default/sandboxes/gone",
+        "/apis/agents.x-k8s.io/v1alpha1/namespaces/default/sandboxs/gone",
+        "/apis/agents.x-k8s.io/v1alpha1/namespaces/default/sandboxs",
+    ] {
+        let (code, content_type, body) = raw(uri).await;
+        assert_eq!(
+            (code, content_type.as_str()),
+            (404, "application/json"),
+            "{uri}"
+        );
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(status["reason"], "NotFound", "{uri}");
+        assert_eq!(
+            status["message"], "the server could not find the requested resource",
+            "{uri}"
+        );
+        assert_eq!(status["details"], json!({}), "{uri}");
+    }
+    // No group/version: an unregistered group, a version not served, the API disabled.
+    for uri in [
+        "/apis/apps/v1/namespaces/default/deployments/x",
+        "/apis/agents.x-k8s.io/v1beta1/namespaces/default/sandboxes/gone",
+        "/api/v2/namespaces/default/pods/gone",
+    ] {
+        let (code, content_type, body) = raw(uri).await;
+        assert_eq!(
+            (code, content_type.as_str(), body.as_str()),
+            (404, "text/plain; charset=utf-8", "404 page not found\n"),
+            "{uri}"
+        );
+    }
+    server.disable_sandbox_api();
+    let (code, content_type, _) =
+        raw("/apis/agents.x-k8s.io/v1alpha1/namespaces/default/sandboxes/gone").await;
+    assert_eq!(
+        (code, content_type.as_str()),
+        (404, "text/plain; charset=utf-8")
+    );
+    let (code, content_type, _) = raw("/apis/agents.x-k8s.io").await;
+    assert_eq!(
+        (code, content_type.as_str()),
+        (404, "text/plain; charset=utf-8")
+    );
+
+    // The faults answer the same, for any path.
+    server.add_pod("default", "here", &[]);
+    server.inject(Fault::on_get("/pods/here", FaultAction::UnknownResource).once());
+    server.inject(Fault::on_get("/pods/here", FaultAction::PageNotFound).once());
+    let (code, _, body) = raw("/api/v1/namespaces/default/pods/here").await;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (code, status["message"].as_str(), &status["details"]),
+        (
+            404,
+            Some("the server could not find the requested resource"),
+            &json!({})
+        )
+    );
+    let (code, content_type, body) = raw("/api/v1/namespaces/default/pods/here").await;
+    assert_eq!(
+        (code, content_type.as_str(), body.as_str()),
+        (404, "text/plain; charset=utf-8", "404 page not found\n")
+    );
+    let (code, _, _) = raw("/api/v1/namespaces/default/pods/here").await;
+    assert_eq!(code, 200);
+    // kube-client's view: only the object's own 404 is `NotFound` with details.
+    let pods: Api<Pod> = Api::namespaced(server.client(), "default");
+    let status = api_status(pods.get("gone").await.unwrap_err());
+    assert_eq!(status.details.unwrap().name, "gone");
+    server.inject(Fault::on_get("/pods/here", FaultAction::PageNotFound).once());
+    let status = api_status(pods.get("here").await.unwrap_err());
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (404, "404 page not found")
+    );
+    assert!(status.details.is_none());
+}
+
+/// A plain HTTP GET: status code, content type, body.
+async fn plain_get(server: &FakeApiServer, uri: &str) -> (u16, String, String) {
+    let mut socket = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let request = format!("GET {uri} HTTP/1.1\r\nHost: fake\r\nConnection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    socket.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type: ")
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    (code, content_type, body.to_string())
+}
+
+/// A frozen watch (`FaultAction::FreezeWatch`) sends no event, only bookmarks at the revision
+/// it started from, however the store moves on; the next watch (the fault fired once) is normal.
+#[tokio::test]
+async fn a_frozen_watch_sends_bookmarks_at_a_frozen_revision() {
+    let server = FakeApiServer::start().await;
+    server.set_bookmark_interval(Duration::from_millis(100));
+    server.add_pod("default", "a", &[]);
+    let api: Api<Pod> = Api::namespaced(server.client(), "default");
+    let start = server.resource_version();
+    server.inject(Fault::on_watch("/pods", FaultAction::FreezeWatch).once());
+    let mut events = watch(&api, &wp(), start).await;
+    server.remove(Kind::Pod, "default", "a");
+    server.add_pod("default", "b", &[]);
+    for _ in 0..3 {
+        match next_item(&mut events).await {
+            Some(Ok(WatchEvent::Bookmark(b))) => {
+                assert_eq!(b.metadata.resource_version, start.to_string())
+            }
+            other => panic!("expected a frozen bookmark, got {other:?}"),
+        }
+    }
+    server.send_bookmarks();
+    match next_item(&mut events).await {
+        Some(Ok(WatchEvent::Bookmark(b))) => {
+            assert_eq!(b.metadata.resource_version, start.to_string())
+        }
+        other => panic!("expected a frozen bookmark, got {other:?}"),
+    }
+    assert!(server.resource_version() > start);
+    let mut normal = watch(&api, &wp(), start).await;
+    let changes = next_changes(&mut normal, 2).await;
+    assert_eq!(changes.len(), 2);
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use super::status::{bad_request, method_not_allowed, not_found_path, Reply};
+use super::status::{bad_request, method_not_allowed, page_not_found, Reply};
 use super::store::State;
 use super::{RecordedRequest, SANDBOX_GROUP};
 
@@ -113,7 +113,7 @@ pub(super) fn discovery(state: &State, req: &RecordedRequest) -> Reply {
                 "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": format!("{SANDBOX_GROUP}/{v}"),
                 "resources": [{ "name": "sandboxes", "singularName": "sandbox", "namespaced": true, "kind": "Sandbox", "verbs": ["get", "list", "watch"] }]
             }),
-            _ => return not_found_path(),
+            _ => return page_not_found(),
         },
     };
     if req.method != "GET" {

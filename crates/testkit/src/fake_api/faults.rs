@@ -9,7 +9,8 @@ use serde_json::{json, Map, Value};
 use super::listing::ContinueToken;
 use super::routing::{is_watch_param, param, parse_query, respond, RequestFacts, ResourcePath};
 use super::status::{
-    expired_continue, forbidden, not_found_path, object_not_found, status_reply, Reply, ReplyBody,
+    expired_continue, forbidden, not_found_path, object_not_found, page_not_found, status_reply,
+    Reply, ReplyBody,
 };
 use super::store::{lock, State};
 use super::watch::WatchFault;
@@ -98,6 +99,18 @@ pub enum FaultAction {
     /// `ERROR` event carrying a 410 `Expired` Status (`too old resource version: ...`), then
     /// end the stream, as the apiserver does for a compacted resourceVersion.
     ExpireWatch,
+    /// Watch requests only (other requests are not matched): start the watch normally, then
+    /// send no event at all while bookmarks keep coming (periodic, requested and before the
+    /// timeout, as usual), every one at the revision the watch started from: an apiserver
+    /// whose watch cache stopped following etcd. The stream ends at its timeout.
+    FreezeWatch,
+    /// 404 with the `Status` an apiserver answers for a resource its group/version does not
+    /// have: reason `NotFound`, message `the server could not find the requested resource`,
+    /// empty `details` (it names no object).
+    UnknownResource,
+    /// 404 with the plain-text body `404 page not found` (`text/plain`), as the apiserver's
+    /// HTTP mux answers a path under no group/version it serves (or a proxy in between).
+    PageNotFound,
 }
 
 impl Fault {
@@ -273,7 +286,9 @@ impl State {
                 && (rule.fault.action != FaultAction::ExpireContinue || req.has_continue)
                 && (!matches!(
                     rule.fault.action,
-                    FaultAction::CloseWatchAfter(_) | FaultAction::ExpireWatch
+                    FaultAction::CloseWatchAfter(_)
+                        | FaultAction::ExpireWatch
+                        | FaultAction::FreezeWatch
                 ) || req.is_watch);
             if !matches {
                 continue;
@@ -382,6 +397,11 @@ pub(super) async fn answer_with_fault(
         FaultAction::ExpireWatch => {
             respond(shared, req, params, path).with_watch_fault(WatchFault::Expire)
         }
+        FaultAction::FreezeWatch => {
+            respond(shared, req, params, path).with_watch_fault(WatchFault::Freeze)
+        }
+        FaultAction::UnknownResource => not_found_path(),
+        FaultAction::PageNotFound => page_not_found(),
         FaultAction::MalformedJson | FaultAction::WrongKind | FaultAction::ItemWithoutName
             if facts.is_watch =>
         {

@@ -28,6 +28,11 @@
 //! - content negotiation for `as=PartialObjectMetadataList` / `as=PartialObjectMetadata`
 //!   (lists, GETs and watch events alike);
 //! - `Status` error bodies with the real reasons and messages (404, 403, 400, 405, 406, 410);
+//!   like the apiserver, a path under a group/version nobody serves (an unregistered group, a
+//!   Sandbox version not registered, the Sandbox API disabled) answers its HTTP mux's
+//!   plain-text `404 page not found`, while a resource its served group/version lacks answers
+//!   a `NotFound` Status naming no object (`the server could not find the requested
+//!   resource`, empty `details`), and a missing object a `NotFound` Status naming it;
 //! - RBAC as seen by a client: `deny(verb, group, resource)` makes requests answer 403 and
 //!   `SelfSubjectAccessReview`s answer `allowed: false` (whatever the resource name). Like
 //!   the apiserver, a request for the Namespace `x` is authorized in namespace `x`, so its
@@ -74,6 +79,7 @@
 //! - [`drop_watches`] drops every open watch's connection abruptly (no terminating chunk);
 //!   faults act on watch requests too: [`FaultAction::CloseWatchAfter`] breaks a stream
 //!   after some events, [`FaultAction::ExpireWatch`] answers the 410 `ERROR` event,
+//!   [`FaultAction::FreezeWatch`] sends no event but bookmarks at a frozen revision,
 //!   `Status(410, _)` answers a plain HTTP 410, `CloseConnection` drops the request unanswered.
 //!   A watch is not a list: `on_list` rules never fire on watches and `on_get` rules neither;
 //!   [`Fault::on_watch`] and [`FaultMatch::is_watch`] target them.

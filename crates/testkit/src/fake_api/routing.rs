@@ -17,8 +17,8 @@ use super::faults::{answer_with_fault, FaultAction};
 use super::listing::{list, ContinueToken};
 use super::negotiation::negotiate;
 use super::status::{
-    forbidden, method_not_allowed, not_acceptable, not_found_path, object_not_found, Reply,
-    ServerBody,
+    forbidden, method_not_allowed, not_acceptable, not_found_path, object_not_found,
+    page_not_found, Reply, ServerBody,
 };
 use super::store::{api_version_of, lock, State};
 use super::watch::watch_request;
@@ -192,7 +192,12 @@ pub(super) fn respond(
             }
             return access_review(&state, &req.body);
         }
-        _ => return not_found_path(),
+        // A resource the group/version does not have: a Status naming no object.
+        (group, version, _) if state.serves_group_version(group, version) => {
+            return not_found_path()
+        }
+        // No handler for that group/version at all: the mux's plain-text 404.
+        _ => return page_not_found(),
     };
     if path.subresource.is_some() {
         return not_found_path();

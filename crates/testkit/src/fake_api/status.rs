@@ -27,6 +27,8 @@ pub(super) struct Reply {
 pub(super) enum ReplyBody {
     Json(Value),
     Raw(String),
+    /// A plain-text body (`text/plain; charset=utf-8`), as the apiserver's mux writes it.
+    Text(&'static str),
     Bytes(Bytes),
     /// A watch stream, produced by [`WatchTask::run`] once the response head is sent.
     Watch(Box<WatchSpec>),
@@ -62,15 +64,23 @@ impl Reply {
         shared: &Arc<Mutex<State>>,
         kill: &Arc<Notify>,
     ) -> Response<ServerBody> {
+        let content_type = match self.body {
+            ReplyBody::Text(_) => "text/plain; charset=utf-8",
+            _ => "application/json",
+        };
         let body = match self.body {
             ReplyBody::Json(v) => ServerBody::Full(Full::new(Bytes::from(v.to_string()))),
+            ReplyBody::Text(s) => ServerBody::Full(Full::new(Bytes::from_static(s.as_bytes()))),
             ReplyBody::Raw(s) => ServerBody::Full(Full::new(Bytes::from(s))),
             ReplyBody::Bytes(b) => ServerBody::Full(Full::new(b)),
             ReplyBody::Watch(spec) => ServerBody::Watch(start_watch(shared, kill, *spec)),
         };
         let mut builder = Response::builder()
             .status(self.code)
-            .header(http::header::CONTENT_TYPE, "application/json");
+            .header(http::header::CONTENT_TYPE, content_type);
+        if content_type.starts_with("text/") {
+            builder = builder.header("X-Content-Type-Options", "nosniff");
+        }
         if let Some(seconds) = self.retry_after {
             builder = builder.header(http::header::RETRY_AFTER, seconds.to_string());
         }
@@ -136,6 +146,19 @@ pub(super) fn status_reply(code: u16, reason: &str, message: &str, details: Valu
     Reply::json(code, body)
 }
 
+/// The apiserver's answer for a path under no group/version it serves (an unregistered
+/// group, a version no CRD serves, a CRD that is not installed): its HTTP mux has no handler
+/// and answers in plain text, not with a `Status`.
+pub(super) fn page_not_found() -> Reply {
+    Reply {
+        code: 404,
+        body: ReplyBody::Text("404 page not found\n"),
+        retry_after: None,
+    }
+}
+
+/// The apiserver's answer for a resource its group/version does not have (a wrong plural, a
+/// subresource it lacks): a `Status` that names no object (`details` empty).
 pub(super) fn not_found_path() -> Reply {
     status_reply(
         404,

@@ -281,6 +281,15 @@ impl State {
     pub(super) fn sandbox_version_served(&self, version: &str) -> bool {
         !self.sandbox_api_disabled && self.sandbox_versions.contains(version)
     }
+
+    /// Whether a group/version is served at all (`""` is the core group).
+    pub(super) fn serves_group_version(&self, group: &str, version: &str) -> bool {
+        match group {
+            "" | "authorization.k8s.io" => version == "v1",
+            SANDBOX_GROUP => self.sandbox_version_served(version),
+            _ => false,
+        }
+    }
 }
 
 pub(super) fn lock(shared: &Mutex<State>) -> MutexGuard<'_, State> {

@@ -55,6 +55,8 @@ pub(super) enum WatchFault {
     Malformed,
     WrongKind,
     ItemWithoutName,
+    /// No events; bookmarks keep coming, all at the revision the watch started from.
+    Freeze,
 }
 
 /// What one watch request asked for.
@@ -443,6 +445,7 @@ impl WatchTask {
                     return;
                 }
             }
+            WatchFault::Freeze => return self.frozen(deadline).await,
             WatchFault::None | WatchFault::CloseAfter(_) | WatchFault::ItemWithoutName => {}
         }
         let mut strip_name = self.spec.fault == WatchFault::ItemWithoutName;
@@ -478,6 +481,58 @@ impl WatchTask {
                     self.kill.notify_one();
                     return std::future::pending().await;
                 }
+            };
+            tokio::select! {
+                changed = self.changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = sleep_until(wake) => {}
+                _ = self.sender.closed() => return,
+            }
+        }
+    }
+
+    /// A frozen watch ([`FaultAction::FreezeWatch`](super::FaultAction::FreezeWatch)): no
+    /// event at all, but bookmarks as usual (periodic, requested, before the timeout), each at
+    /// the revision the watch started from; ends at the timeout, breaks on `drop_watches`.
+    async fn frozen(mut self, deadline: Option<Instant>) {
+        let rv = self.cursor.sent_rv.unwrap_or(self.cursor.current_rv);
+        loop {
+            self.changes.borrow_and_update();
+            let (interval, requested, dropped) = {
+                let state = lock(&self.shared);
+                let requested = state.bookmark_requests != self.cursor.bookmark_requests;
+                self.cursor.bookmark_requests = state.bookmark_requests;
+                (
+                    state.bookmark_interval,
+                    requested,
+                    state.drop_generation != self.cursor.drop_generation,
+                )
+            };
+            if dropped {
+                self.kill.notify_one();
+                return std::future::pending().await;
+            }
+            let now = Instant::now();
+            let timed_out = deadline.is_some_and(|d| now >= d);
+            let due = interval.is_some_and(|i| now >= self.cursor.last_bookmark + i);
+            if self.spec.bookmarks && (requested || due || (timed_out && interval.is_some())) {
+                if self.send(self.spec.bookmark_line(rv, false)).await.is_err() {
+                    return;
+                }
+                self.cursor.last_bookmark = now;
+            }
+            if timed_out {
+                return;
+            }
+            let next = interval
+                .filter(|_| self.spec.bookmarks)
+                .map(|i| self.cursor.last_bookmark + i);
+            let wake = match (next, deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             tokio::select! {
                 changed = self.changes.changed() => {
