@@ -195,6 +195,10 @@ def sync(*args):
         sys.exit(f"{ALERTS}: no top-level `groups:`")
     body = "".join(("  " + line) if line.strip() else line for line in text[start.start():].splitlines(True))
     write_if_changed(PROMETHEUS_RULE, PR_HEADER + body)
+    # The Helm chart's copies (Helm reads only files inside the chart).
+    for copy, original in sorted(CHART_COPIES.items()):
+        if os.path.exists(original):
+            write_if_changed(copy, read(original))
 
 
 # --- PrometheusRule <-> alerts.yaml ------------------------------------------------------
@@ -1056,9 +1060,9 @@ def chart_copies():
         if not os.path.exists(original):
             fail(f"{original} does not exist (the chart carries {copy}; the profile must exist in config/ too)")
         elif not os.path.exists(copy):
-            fail(f"{copy} is missing; run: cp {original} {copy}")
+            fail(f"{copy} is missing; run scripts/sync-deploy.sh")
         elif read(copy) != read(original):
-            fail(f"{copy} differs from {original}; run: cp {original} {copy}")
+            fail(f"{copy} differs from {original}; run scripts/sync-deploy.sh")
         else:
             print(f"  {copy} == {original}")
     finish()

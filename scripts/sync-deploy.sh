@@ -11,6 +11,9 @@
 #   - every runbook_url in deploy/prometheus/alerts.yaml and the expected ones in
 #     deploy/prometheus/alerts_test.yaml: <runbook address>#<alert name in lower case>
 #   - deploy/components/prometheus-operator/prometheusrule.yaml: the groups of alerts.yaml
+#   - the Helm chart's copies: deploy/helm/sandbox-reconciler/files/alerts.yaml (of
+#     deploy/prometheus/alerts.yaml) and files/config/*.toml (of config/default.toml and the
+#     centaur profiles)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 case "${1:-}" in
