@@ -407,20 +407,8 @@ async fn the_migration_profile_still_refuses_what_looks_like_misconfiguration() 
     let (api, _, orphans) = migration_world(&db).await;
     let before = db.fingerprint().await;
 
-    // A namespace that does not exist.
-    let (code, stdout, _) = run_profile(
-        &db,
-        &api,
-        "centaur-migration.toml",
-        &["--once"],
-        &[("SANDBOX_RECONCILER__CLUSTER__NAMESPACES", "agnets")],
-    )
-    .await;
-    assert_eq!(code, Some(3), "{stdout}");
-    assert!(stdout.contains("namespace_missing"), "{stdout}");
-
-    // A namespace that exists but is the wrong one: it holds only unrelated pods and
-    // Sandboxes.
+    // A namespace that exists but is the wrong one holds only unrelated pods and Sandboxes;
+    // another exists but is empty.
     api.add_namespace("agents-staging");
     api.add_pod("agents-staging", &centaur_name("staging:1"), MANAGED);
     api.add_sandbox(
@@ -429,59 +417,58 @@ async fn the_migration_profile_still_refuses_what_looks_like_misconfiguration() 
         &centaur_name("staging:2"),
         json!({"replicas": 0}),
     );
-    let (code, stdout, _) = run_profile(
-        &db,
-        &api,
-        "centaur-migration.toml",
-        &["--once"],
-        &[("SANDBOX_RECONCILER__CLUSTER__NAMESPACES", "agents-staging")],
-    )
-    .await;
-    assert_eq!(code, Some(3), "{stdout}");
-    assert!(stdout.contains("backend_listing_unrelated"), "{stdout}");
-
-    // A Sandbox label selector that selects nothing.
-    let (code, stdout, _) = run_profile(
-        &db,
-        &api,
-        "centaur-migration.toml",
-        &["--once"],
-        &[(
+    api.add_namespace("agents-empty");
+    let namespaces = "SANDBOX_RECONCILER__CLUSTER__NAMESPACES";
+    // (what, the setting that is wrong, its value, exit code, what the report names)
+    let mistakes = [
+        (
+            "a namespace that does not exist",
+            namespaces,
+            "agnets",
+            3,
+            "namespace_missing",
+        ),
+        (
+            "the wrong namespace",
+            namespaces,
+            "agents-staging",
+            3,
+            "backend_listing_unrelated",
+        ),
+        (
+            "a Sandbox selector that selects nothing",
             "SANDBOX_RECONCILER__BACKENDS__AGENT_SANDBOX__LABEL_SELECTOR",
             "app=wrong",
-        )],
-    )
-    .await;
-    assert_eq!(code, Some(3), "{stdout}");
-    assert!(stdout.contains("selector_matches_nothing"), "{stdout}");
-
-    // A wrong CRD version: a configuration error.
-    let (code, stdout, _) = run_profile(
-        &db,
-        &api,
-        "centaur-migration.toml",
-        &["--once"],
-        &[(
+            3,
+            "selector_matches_nothing",
+        ),
+        (
+            "a wrong CRD version",
             "SANDBOX_RECONCILER__BACKENDS__AGENT_SANDBOX__VERSION",
             "v1beta1",
-        )],
-    )
-    .await;
-    assert_eq!(code, Some(2), "{stdout}");
-    assert!(stdout.contains("does not serve"), "{stdout}");
-
-    // An empty listing while live rows exist.
-    api.add_namespace("agents-empty");
-    let (code, stdout, _) = run_profile(
-        &db,
-        &api,
-        "centaur-migration.toml",
-        &["--once"],
-        &[("SANDBOX_RECONCILER__CLUSTER__NAMESPACES", "agents-empty")],
-    )
-    .await;
-    assert_eq!(code, Some(3), "{stdout}");
-    assert!(stdout.contains("empty_listing"), "{stdout}");
+            2,
+            "does not serve",
+        ),
+        (
+            "an empty listing with live rows",
+            namespaces,
+            "agents-empty",
+            3,
+            "empty_listing",
+        ),
+    ];
+    for (what, key, value, exit, needle) in mistakes {
+        let (code, stdout, _) = run_profile(
+            &db,
+            &api,
+            "centaur-migration.toml",
+            &["--once"],
+            &[(key, value)],
+        )
+        .await;
+        assert_eq!(code, Some(exit), "{what}: {stdout}");
+        assert!(stdout.contains(needle), "{what}: {stdout}");
+    }
 
     assert_eq!(db.fingerprint().await, before, "a refusal wrote something");
     assert_eq!(db.audit_count().await, 0);
