@@ -12,7 +12,9 @@ mod kube_api;
 pub mod lean;
 
 pub use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot, NameMap, ObjectFacts};
-pub use kube_api::{Absence, KubeCluster, PageHook, RequestHook, ScopeVerdict};
+pub use kube_api::{
+    Absence, KubeCluster, LookupAnswer, ObjectLookup, PageHook, RequestHook, ScopeVerdict,
+};
 
 /// Why the cluster could not be listed or an absence confirmed. Any of these aborts the
 /// sweep before a write.
