@@ -22,8 +22,7 @@ use serde::Serialize;
 use crate::cluster::{dump, ClusterError, LookupAnswer, ObjectLookup, ScopeVerdict};
 use crate::history::{self, AuditRecord, HistoryFilter};
 use crate::plan::{
-    self, GuardVerdict, OrphanedRow, Planner, ReadRows, RefusalReason, RowOutcome, RowVerdict,
-    SessionRow,
+    self, GuardVerdict, Planner, ReadRows, RefusalReason, RowOutcome, RowVerdict, SessionRow,
 };
 use crate::store::{self, StoreError};
 use crate::sweep::{ClusterSource, Reconciler};
@@ -191,12 +190,12 @@ pub async fn run(reconciler: &Reconciler, key: &str) -> Result<Explanation, Expl
         None => store::read_row(&mut conn, &mapping, key).await?,
     };
     let verdict = mine.as_ref().map(|r| planner.verdict(r));
-    let orphans: Vec<OrphanedRow> = match &verdict {
+    let orphans: Vec<(DateTime<Utc>, String)> = match &verdict {
         Some(RowVerdict::Orphan { .. }) => rows
             .rows()
             .iter()
             .filter_map(|r| match planner.verdict(r) {
-                RowVerdict::Orphan { orphan } => Some(orphan),
+                RowVerdict::Orphan { updated_at, .. } => Some((updated_at, r.key.clone())),
                 _ => None,
             })
             .collect(),
@@ -213,12 +212,16 @@ pub async fn run(reconciler: &Reconciler, key: &str) -> Result<Explanation, Expl
     }
     let cap = policy.max_downgrades;
     let position = match &verdict {
-        Some(RowVerdict::Orphan { orphan }) => Some(plan::orphan_position(orphan, &orphans)),
+        Some(RowVerdict::Orphan { updated_at, .. }) => Some(plan::orphan_position(
+            *updated_at,
+            key,
+            orphans.iter().map(|(u, k)| (*u, k.as_str())),
+        )),
         _ => None,
     };
     let outcome = verdict
         .as_ref()
-        .map(|v| plan::outcome(&plan, v, position.unwrap_or(0), cap));
+        .map(|v| plan::outcome(&plan, v, key, position.unwrap_or(0), cap));
 
     // 4. The row's own trace.
     let row = mine.as_ref().map(|r| RowAsRead {
@@ -405,9 +408,8 @@ fn trace_row(
             updated_at.to_rfc3339(),
             cutoff.to_rfc3339()
         ),
-        RowVerdict::Orphan { orphan } => format!(
-            "absent from every backend's listing (complete, started after the rows were read); attributed to {}; older than the grace period: an orphan",
-            orphan.backend
+        RowVerdict::Orphan { backend, .. } => format!(
+            "absent from every backend's listing (complete, started after the rows were read); attributed to {backend}; older than the grace period: an orphan"
         ),
     };
     step("object", answer);

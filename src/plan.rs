@@ -284,8 +284,11 @@ pub enum RowVerdict {
         cutoff: DateTime<Utc>,
     },
     /// A suspended row without object, older than the cutoff: a downgrade candidate, subject to
-    /// the guards and the cap.
-    Orphan { orphan: OrphanedRow },
+    /// the guards and the cap (which take the oldest first: `updated_at`, then the key).
+    Orphan {
+        backend: BackendKind,
+        updated_at: DateTime<Utc>,
+    },
 }
 
 /// What a sweep does with one row once the whole table is planned: the verdict, the guards and
@@ -317,33 +320,39 @@ impl RowOutcome {
     }
 }
 
-/// The row's outcome in `plan`, given its verdict (from the same planner's snapshot and
-/// policy) and its place among the plan's orphans, oldest first (1-based; see
+/// The outcome of the row `key` in `plan`, given its verdict (from the same planner's snapshot
+/// and policy) and its place among the plan's orphans, oldest first (1-based; see
 /// [`orphan_position`]).
-pub fn outcome(plan: &Plan, verdict: &RowVerdict, position: u64, cap: usize) -> RowOutcome {
-    let RowVerdict::Orphan { orphan } = verdict else {
+pub fn outcome(
+    plan: &Plan,
+    verdict: &RowVerdict,
+    key: &str,
+    position: u64,
+    cap: usize,
+) -> RowOutcome {
+    if !matches!(verdict, RowVerdict::Orphan { .. }) {
         return RowOutcome::Kept;
-    };
+    }
     if let GuardVerdict::Refuse { reason, .. } = &plan.guard {
         return RowOutcome::Refused { reason: *reason };
     }
-    if plan.downgrades.iter().any(|d| d.key == orphan.key) {
+    if plan.downgrades.iter().any(|d| d.key == key) {
         RowOutcome::Downgrade
     } else {
         RowOutcome::Deferred { position, cap }
     }
 }
 
-/// The 1-based place of `orphan` among `orphans` in the cap's order (oldest `updated_at`
-/// first, ties by key): the cap keeps places `1..=max_downgrades`.
+/// The 1-based place of the orphan (`updated_at`, `key`) among `orphans` in the cap's order
+/// (oldest `updated_at` first, ties by key): the cap keeps places `1..=max_downgrades`.
 pub fn orphan_position<'o>(
-    orphan: &OrphanedRow,
-    orphans: impl IntoIterator<Item = &'o OrphanedRow>,
+    updated_at: DateTime<Utc>,
+    key: &str,
+    orphans: impl IntoIterator<Item = (DateTime<Utc>, &'o str)>,
 ) -> u64 {
-    let me = (orphan.updated_at, orphan.key.as_str());
     1 + orphans
         .into_iter()
-        .filter(|o| (o.updated_at, o.key.as_str()) < me)
+        .filter(|o| *o < (updated_at, key))
         .count() as u64
 }
 
@@ -452,13 +461,8 @@ fn decide_marking(
         };
     }
     RowVerdict::Orphan {
-        orphan: OrphanedRow {
-            key: row.key.clone(),
-            object: name.to_string(),
-            state: state.to_string(),
-            updated_at,
-            backend,
-        },
+        backend,
+        updated_at,
     }
 }
 
@@ -609,18 +613,28 @@ impl<'a> Planner<'a> {
                     .suspended_without_object += 1;
                 self.within_grace += 1;
             }
-            RowVerdict::Orphan { orphan } => {
-                let counts = self.backends.entry(orphan.backend).or_default();
+            RowVerdict::Orphan {
+                backend,
+                updated_at,
+            } => {
+                let counts = self.backends.entry(backend).or_default();
                 counts.suspended_without_object += 1;
                 counts.orphaned_suspended += 1;
                 self.orphans_found += 1;
                 let cap = self.policy.max_downgrades;
                 let older_than_kept =
-                    |kept: &OldestFirst| (orphan.updated_at, orphan.key.as_str()) < kept.order();
+                    |kept: &OldestFirst| (updated_at, row.key.as_str()) < kept.order();
                 if self.oldest.len() >= cap && !self.oldest.peek().is_some_and(older_than_kept) {
                     return;
                 }
-                self.oldest.push(OldestFirst(orphan));
+                // Allocated only for the orphans the heap keeps.
+                self.oldest.push(OldestFirst(OrphanedRow {
+                    key: row.key.clone(),
+                    object: row.object.clone().unwrap_or_default(),
+                    state: row.state.clone().unwrap_or_default(),
+                    updated_at,
+                    backend,
+                }));
                 if self.oldest.len() > cap {
                     self.oldest.pop();
                 }
@@ -1040,21 +1054,25 @@ mod tests {
         let plan = plan(&snap, &p, &rows);
         assert_eq!(plan.guard, GuardVerdict::Proceed, "{:?}", plan.guard);
         let verdicts: Vec<RowVerdict> = rows.iter().map(|r| decide(&snap, &p, cutoff, r)).collect();
-        let orphans: Vec<OrphanedRow> = verdicts
+        let orphans: Vec<(DateTime<Utc>, &str)> = rows
             .iter()
-            .filter_map(|v| match v {
-                RowVerdict::Orphan { orphan } => Some(orphan.clone()),
+            .zip(&verdicts)
+            .filter_map(|(r, v)| match v {
+                RowVerdict::Orphan { updated_at, .. } => Some((*updated_at, r.key.as_str())),
                 _ => None,
             })
             .collect();
-        let outcomes: Vec<RowOutcome> = verdicts
+        let outcomes: Vec<RowOutcome> = rows
             .iter()
-            .map(|v| {
+            .zip(&verdicts)
+            .map(|(r, v)| {
                 let position = match v {
-                    RowVerdict::Orphan { orphan } => orphan_position(orphan, &orphans),
+                    RowVerdict::Orphan { updated_at, .. } => {
+                        orphan_position(*updated_at, &r.key, orphans.iter().copied())
+                    }
                     _ => 0,
                 };
-                outcome(&plan, v, position, p.max_downgrades)
+                outcome(&plan, v, &r.key, position, p.max_downgrades)
             })
             .collect();
         let downgraded: Vec<&str> = rows
@@ -1119,12 +1137,15 @@ mod tests {
         strict.max_live_missing_ratio = 0.1;
         let refused = super::plan(&snap, &strict, &rows);
         assert_eq!(
-            outcome(&refused, &verdicts[13], 1, 2),
+            outcome(&refused, &verdicts[13], &rows[13].key, 1, 2),
             RowOutcome::Refused {
                 reason: RefusalReason::LiveRowsMissing
             }
         );
-        assert_eq!(outcome(&refused, &verdicts[0], 0, 2), RowOutcome::Kept);
+        assert_eq!(
+            outcome(&refused, &verdicts[0], &rows[0].key, 0, 2),
+            RowOutcome::Kept
+        );
     }
 
     #[test]
