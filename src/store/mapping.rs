@@ -222,16 +222,17 @@ impl TableMapping {
     }
 
     /// One row by its key (in the scope): key, state, object, updated_at, as
-    /// [`Self::select_rows_sql`] reads them. `$1` key, `$2` scope value.
+    /// [`Self::select_rows_sql`] reads them. The key is compared as text, as the sweep reports
+    /// it, so a key that is not of the column's type (a typo for a uuid key) finds no row
+    /// instead of failing. `$1` key, `$2` scope value.
     pub fn select_row_sql(&self) -> String {
         format!(
-            "SELECT {k}::text, {s}::text, {o}::text, {u} FROM {t} WHERE {k} = $1{kcast}{scope}",
+            "SELECT {k}::text, {s}::text, {o}::text, {u} FROM {t} WHERE {k}::text = $1{scope}",
             k = self.key,
             s = self.state,
             o = self.object,
             u = self.updated_at_expr(""),
             t = self.t(),
-            kcast = self.cast(Column::Key),
             scope = self.scope_clause("", 2)
         )
     }

@@ -107,10 +107,12 @@ async fn explain_agrees_with_a_dry_run_sweep_on_every_row_of_a_mixed_fixture() {
     let reconciler = reconciler(settings, &api);
     let mut outcomes = BTreeMap::new();
     let mut verdicts = BTreeMap::new();
+    let mut lookups = BTreeMap::new();
     for key in &keys {
         let e = explain::run(&reconciler, key)
             .await
             .unwrap_or_else(|e| panic!("{key}: {e}"));
+        lookups.insert(key.clone(), e.lookups.clone());
         assert!(e.row.is_some(), "{key}");
         assert!(!e.steps.is_empty());
         outcomes.insert(key.clone(), e.outcome.clone().unwrap());
@@ -187,6 +189,34 @@ async fn explain_agrees_with_a_dry_run_sweep_on_every_row_of_a_mixed_fixture() {
     assert_eq!(kept("bad-name"), "skipped (invalid_object_name)");
     assert_eq!(kept("gone"), "not in the suspended state");
     assert_eq!(kept("creating"), "not in the suspended state");
+    // The GETs, one per backend and namespace, say the same as the listing.
+    use sandbox_reconciler::cluster::LookupAnswer;
+    let answers =
+        |k: &str| -> Vec<LookupAnswer> { lookups[k].iter().map(|l| l.answer.clone()).collect() };
+    assert_eq!(
+        answers("paused"),
+        vec![
+            LookupAnswer::Absent,
+            LookupAnswer::Found {
+                namespace: Some("agents".into()),
+                paused: true,
+                terminating: false
+            }
+        ]
+    );
+    assert_eq!(
+        answers("terminating")[0],
+        LookupAnswer::Found {
+            namespace: Some("agents".into()),
+            paused: false,
+            terminating: true
+        }
+    );
+    assert_eq!(
+        answers("orphan-0"),
+        vec![LookupAnswer::Absent, LookupAnswer::Absent]
+    );
+    assert!(lookups["no-object"].is_empty() && lookups["bad-name"].is_empty());
     // Read-only: nothing changed, no audit table was created.
     assert_eq!(db.fingerprint().await, before);
     assert_eq!(db.audit_count().await, 0);

@@ -1514,3 +1514,58 @@ async fn a_deleted_row_is_inserted_back_in_its_own_scope_only() {
         ]
     );
 }
+
+/// A bigint key and an enum state: the deleted row is inserted back (the image's number read
+/// as the key, the old state cast to the enum), and `explain` of a key that is not a number
+/// finds no row instead of failing.
+#[tokio::test]
+async fn a_deleted_row_with_a_bigint_key_and_an_enum_state_is_inserted_back() {
+    let db = TestDb::new().await;
+    let api = api().await;
+    let table = format!("{}.typed_images", db.schema);
+    exec(
+        &db,
+        &format!(
+            "CREATE TYPE {s}.image_state AS ENUM ('running', 'suspended', 'gone'); \
+             CREATE TABLE {table} (thread_key bigint PRIMARY KEY, sandbox_id text NOT NULL, \
+             state {s}.image_state NOT NULL, updated_at timestamptz NOT NULL, agent_thread_id text); \
+             INSERT INTO {table} VALUES \
+             (9007199254740993, 'pod-typed-gone', 'suspended', now() - interval '1 hour', 'agent-big'), \
+             (41, 'pod-typed-live', 'running', now() - interval '1 hour', 'agent-live')",
+            s = db.schema
+        ),
+    )
+    .await;
+    api.add_pod("agents", "pod-typed-live", MANAGED);
+    let mut settings = settings_for(&db, &table);
+    settings.sessions.other_states = Vec::new();
+    settings.sessions.live_states = vec!["running".into()];
+    settings.validate().unwrap();
+    let report = sweep(settings.clone(), &api, false).await;
+    assert_eq!(report.downgraded, 1, "{:?}", report.error);
+    exec(&db, &format!("DELETE FROM {table} WHERE state = 'gone'")).await;
+    let undone = undo::run(
+        &Database::new(&settings).unwrap(),
+        &TableMapping::from_settings(&settings).unwrap(),
+        &UndoRequest {
+            sweep: Some(report.sweep_id),
+            session: None,
+            dry_run: false,
+        },
+        Duration::ZERO,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("undo failed: {e}"));
+    assert_eq!((undone.restored, undone.inserted), (1, 1), "{undone:?}");
+    let row: (String, Option<String>) = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT state::text, agent_thread_id FROM {table} WHERE thread_key = 9007199254740993"
+    )))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(row, ("suspended".into(), Some("agent-big".into())));
+    let e = sandbox_reconciler::explain::run(&reconciler(settings, &api), "not-a-number")
+        .await
+        .unwrap_or_else(|e| panic!("explain failed: {e}"));
+    assert!(e.row.is_none());
+}
