@@ -158,6 +158,30 @@ pub enum Command {
         #[arg(long, value_name = "KEY")]
         session: Option<String>,
     },
+    /// Why a sweep would (or would not) change this session, step by step: the row, each
+    /// backend's answer, the guards, the cap, the audit records. Read-only (no lock, no
+    /// write), so it runs beside the daemon. Exits 0 with an answer, 1 on a database or API
+    /// error, 2 on a configuration error.
+    Explain {
+        /// The session's key (sessions.key_column).
+        #[arg(long, value_name = "KEY")]
+        session: String,
+    },
+    /// The audit records (downgrades and undos, newest first) as a table or JSON. Read-only.
+    History {
+        /// Only records younger than this: 90m, 24h, 7d.
+        #[arg(long, value_name = "DURATION", value_parser = crate::history::parse_since)]
+        since: Option<chrono::Duration>,
+        /// Only this session's records.
+        #[arg(long, value_name = "KEY")]
+        session: Option<String>,
+        /// Only this sweep's (or undo's) records.
+        #[arg(long, value_name = "ID")]
+        sweep: Option<uuid::Uuid>,
+        /// At most this many records.
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        limit: i64,
+    },
 }
 
 /// Whether logs may carry colour: only on a terminal, never with `NO_COLOR` set (any
@@ -251,6 +275,23 @@ pub async fn run(cli: Cli) -> ExitCode {
                 dry_run: cli.dry_run,
             };
             return run_undo(&settings, &request, cli.output).await;
+        }
+        Some(Command::Explain { session }) => {
+            return run_explain(&cli, settings, session, cli.output).await;
+        }
+        Some(Command::History {
+            since,
+            session,
+            sweep,
+            limit,
+        }) => {
+            let filter = crate::history::HistoryFilter {
+                since: *since,
+                session: session.clone(),
+                sweep: *sweep,
+                limit: *limit,
+            };
+            return run_history(&settings, &filter, cli.output).await;
         }
         None => {}
     }
@@ -398,6 +439,90 @@ async fn run_undo(
                     serde_json::to_string_pretty(&report).unwrap_or_default()
                 ),
                 OutputFormat::Text => print!("{}", crate::undo::text(&report)),
+            }
+            Exit::Ok.into()
+        }
+        Err(e) => {
+            eprintln!(
+                "error: {}",
+                crate::store::redact(&e.to_string(), &settings.database.url)
+            );
+            if e.is_configuration() {
+                Exit::Config.into()
+            } else {
+                Exit::Failed.into()
+            }
+        }
+    }
+}
+
+async fn run_explain(
+    cli: &Cli,
+    settings: Settings,
+    session: &str,
+    output: OutputFormat,
+) -> ExitCode {
+    let url = settings.database.url.clone();
+    let reconciler = match build(cli, settings).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Exit::Config.into();
+        }
+    };
+    match crate::explain::run(&reconciler, session).await {
+        Ok(explanation) => {
+            match output {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&explanation).unwrap_or_default()
+                ),
+                OutputFormat::Text => print!("{}", crate::explain::text(&explanation)),
+            }
+            Exit::Ok.into()
+        }
+        Err(e) => {
+            eprintln!("error: {}", crate::store::redact(&e.to_string(), &url));
+            if e.is_configuration() {
+                Exit::Config.into()
+            } else {
+                Exit::Failed.into()
+            }
+        }
+    }
+}
+
+async fn run_history(
+    settings: &Settings,
+    filter: &crate::history::HistoryFilter,
+    output: OutputFormat,
+) -> ExitCode {
+    let prepared = TableMapping::from_settings(settings).and_then(|mapping| {
+        Database::new(settings)
+            .map(|db| (db, mapping))
+            .map_err(|e| e.to_string())
+    });
+    let (database, mapping) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Exit::Config.into();
+        }
+    };
+    let outcome = async {
+        let mut conn = database.connect().await?;
+        let mapping = crate::store::resolve(&mut conn, &mapping).await?;
+        crate::history::read(&mut conn, &mapping, filter).await
+    }
+    .await;
+    match outcome {
+        Ok(history) => {
+            match output {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&history).unwrap_or_default()
+                ),
+                OutputFormat::Text => print!("{}", crate::history::text(&history)),
             }
             Exit::Ok.into()
         }

@@ -11,6 +11,8 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod explain;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod permissions;

@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 
-use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot};
+use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot, ObjectFacts};
 
 /// One session row as read from the database. `None` is SQL NULL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,6 +254,218 @@ pub fn is_valid_object_name(name: &str) -> bool {
         && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
 }
 
+/// What a sweep decides about one row, before the guards and the cap (which need the whole
+/// table): the one decision, made by [`decide`]. [`Planner::observe`] counts it; `explain`
+/// prints it. Variants in the order [`decide`] checks them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum RowVerdict {
+    /// Passed over and counted under `reason` (NULL or unknown state, NULL or invalid object
+    /// name, NULL `updated_at`). `live`: the row is in a live state (it counts as live).
+    Skipped { reason: SkipReason, live: bool },
+    /// A state the sweep never changes (gone, or one of `sessions.other_states`): its object
+    /// only counts as referenced (and, outside the gone state, as evidence that the listing
+    /// looks in the right place).
+    OtherState { anchor: bool },
+    /// A suspended or live row whose object the listing holds: kept. `backend` is the first
+    /// enabled backend that has it; `paused`/`terminating` are its facts.
+    Protected {
+        backend: BackendKind,
+        live: bool,
+        paused: bool,
+        terminating: bool,
+    },
+    /// A live row without object: kept, and counted by the guards.
+    LiveWithoutObject { backend: BackendKind },
+    /// A suspended row without object, updated after the cutoff (listing start − grace).
+    WithinGrace {
+        backend: BackendKind,
+        updated_at: DateTime<Utc>,
+        cutoff: DateTime<Utc>,
+    },
+    /// A suspended row without object, older than the cutoff: a downgrade candidate, subject to
+    /// the guards and the cap (which take the oldest first: `updated_at`, then the key).
+    Orphan {
+        backend: BackendKind,
+        updated_at: DateTime<Utc>,
+    },
+}
+
+/// What a sweep does with one row once the whole table is planned: the verdict, the guards and
+/// the cap together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum RowOutcome {
+    /// Among the oldest `max_downgrades` orphans and the guards proceed: confirmed and
+    /// downgraded now.
+    Downgrade,
+    /// An orphan beyond the cap: waits for a later sweep. `position` is its 1-based place
+    /// among the orphans, oldest first.
+    Deferred { position: u64, cap: usize },
+    /// An orphan, but a guard refuses the whole sweep.
+    Refused { reason: RefusalReason },
+    /// Not a candidate: the verdict says why.
+    Kept,
+}
+
+impl RowOutcome {
+    /// A short label: `downgrade`, `deferred`, `refused`, `kept`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RowOutcome::Downgrade => "downgrade",
+            RowOutcome::Deferred { .. } => "deferred",
+            RowOutcome::Refused { .. } => "refused",
+            RowOutcome::Kept => "kept",
+        }
+    }
+}
+
+/// The outcome of the row `key` in `plan`, given its verdict (from the same planner's snapshot
+/// and policy) and its place among the plan's orphans, oldest first (1-based; see
+/// [`orphan_position`]).
+pub fn outcome(
+    plan: &Plan,
+    verdict: &RowVerdict,
+    key: &str,
+    position: u64,
+    cap: usize,
+) -> RowOutcome {
+    if !matches!(verdict, RowVerdict::Orphan { .. }) {
+        return RowOutcome::Kept;
+    }
+    if let GuardVerdict::Refuse { reason, .. } = &plan.guard {
+        return RowOutcome::Refused { reason: *reason };
+    }
+    if plan.downgrades.iter().any(|d| d.key == key) {
+        RowOutcome::Downgrade
+    } else {
+        RowOutcome::Deferred { position, cap }
+    }
+}
+
+/// The 1-based place of the orphan (`updated_at`, `key`) among `orphans` in the cap's order
+/// (oldest `updated_at` first, ties by key): the cap keeps places `1..=max_downgrades`.
+pub fn orphan_position<'o>(
+    updated_at: DateTime<Utc>,
+    key: &str,
+    orphans: impl IntoIterator<Item = (DateTime<Utc>, &'o str)>,
+) -> u64 {
+    1 + orphans
+        .into_iter()
+        .filter(|o| *o < (updated_at, key))
+        .count() as u64
+}
+
+/// The per-row decision of a sweep, a pure function of the row, the cluster view, the policy
+/// and the cutoff (`listing_started_at − grace`): which state class, whether an object of its
+/// name is listed by any backend (presence is by name), attribution of a missing object to a
+/// backend, and the grace period. The guards and the cap are decided over the whole table
+/// ([`Planner::finish`]).
+pub fn decide(
+    snapshot: &ClusterSnapshot,
+    policy: &Policy,
+    cutoff: DateTime<Utc>,
+    row: &SessionRow,
+) -> RowVerdict {
+    decide_marking(snapshot, policy, cutoff, row, |_, _| {})
+}
+
+/// [`decide`], calling `found(backend index, slot)` for every backend whose listing has an
+/// object of the row's name (each name is looked up once per backend: the planner marks the
+/// objects rows refer to from the same lookups).
+fn decide_marking(
+    snapshot: &ClusterSnapshot,
+    policy: &Policy,
+    cutoff: DateTime<Utc>,
+    row: &SessionRow,
+    mut found: impl FnMut(usize, usize),
+) -> RowVerdict {
+    let known = |s: &str| {
+        s == policy.suspended_state
+            || s == policy.gone_state
+            || policy.live_states.iter().any(|l| l == s)
+            || policy.other_states.iter().any(|o| o == s)
+    };
+    let state = match row.state.as_deref() {
+        None => {
+            return RowVerdict::Skipped {
+                reason: SkipReason::NullState,
+                live: false,
+            }
+        }
+        Some(s) if !known(s) => {
+            return RowVerdict::Skipped {
+                reason: SkipReason::UnknownState,
+                live: false,
+            }
+        }
+        Some(s) => s,
+    };
+    let suspended = state == policy.suspended_state;
+    let live = policy.live_states.iter().any(|l| l == state);
+    let object = row.object.as_deref().filter(|o| !o.is_empty());
+    // Every backend that lists the name; the first one's facts.
+    let mut lookup = |name: &str| {
+        let mut first: Option<(BackendKind, ObjectFacts)> = None;
+        for (i, b) in snapshot.backends.iter().enumerate() {
+            if let Some((slot, facts)) = b.entry(name) {
+                found(i, slot);
+                first.get_or_insert((b.kind, facts));
+            }
+        }
+        first
+    };
+    if !suspended && !live {
+        if let Some(name) = object {
+            lookup(name);
+        }
+        return RowVerdict::OtherState {
+            anchor: state != policy.gone_state,
+        };
+    }
+    let Some(name) = object else {
+        return RowVerdict::Skipped {
+            reason: SkipReason::NullObjectName,
+            live,
+        };
+    };
+    if !is_valid_object_name(name) {
+        return RowVerdict::Skipped {
+            reason: SkipReason::InvalidObjectName,
+            live,
+        };
+    }
+    if let Some((backend, facts)) = lookup(name) {
+        return RowVerdict::Protected {
+            backend,
+            live,
+            paused: facts.suspended,
+            terminating: facts.terminating,
+        };
+    }
+    let backend = attribute(&snapshot.backends, name);
+    if live {
+        return RowVerdict::LiveWithoutObject { backend };
+    }
+    let Some(updated_at) = row.updated_at else {
+        return RowVerdict::Skipped {
+            reason: SkipReason::NullUpdatedAt,
+            live: false,
+        };
+    };
+    if updated_at > cutoff {
+        return RowVerdict::WithinGrace {
+            backend,
+            updated_at,
+            cutoff,
+        };
+    }
+    RowVerdict::Orphan {
+        backend,
+        updated_at,
+    }
+}
+
 impl<'a> Planner<'a> {
     /// `snapshot.listing_started_at` is the clock: rows updated within the grace period
     /// before the listing started are never candidates.
@@ -332,95 +544,101 @@ impl<'a> Planner<'a> {
         attribute(&self.snapshot.backends, name)
     }
 
-    /// Marks every backend's object of that name as referenced by a row; a row outside the
-    /// gone state (`anchor`) also counts as evidence for each backend that listed it.
-    fn reference(&mut self, name: &str, anchor: bool) -> Option<usize> {
-        let mut first = None;
-        for (i, b) in self.snapshot.backends.iter().enumerate() {
-            if let Some(slot) = b.slot_of(name) {
-                self.referenced[i][slot] = true;
-                if anchor {
-                    self.anchors[i] += 1;
-                }
-                first.get_or_insert(i);
-            }
-        }
-        first
+    /// The decision about one row, without counting it: [`decide`] over this planner's
+    /// snapshot, policy and cutoff.
+    pub fn verdict(&self, row: &SessionRow) -> RowVerdict {
+        decide(self.snapshot, self.policy, self.cutoff, row)
     }
 
     /// Feeds one row. Rows are counted by state; suspended and live rows are matched
-    /// against the snapshot.
+    /// against the snapshot. The decision is [`decide`]'s; this only counts it.
     pub fn observe(&mut self, row: &SessionRow) {
         self.count_state(row.state.as_deref(), 1);
-        let Some(state) = row.state.as_deref().filter(|s| self.is_known(s)) else {
-            return;
-        };
-        let suspended = state == self.policy.suspended_state;
-        let live = self.policy.live_states.iter().any(|s| s == state);
+        // Mark the objects the row refers to from the decision's own lookups; a row outside
+        // the gone state also anchors each backend that lists its object.
+        let anchor = row.state.as_deref() != Some(self.policy.gone_state.as_str());
+        let (referenced, anchors) = (&mut self.referenced, &mut self.anchors);
+        let verdict = decide_marking(self.snapshot, self.policy, self.cutoff, row, |i, slot| {
+            referenced[i][slot] = true;
+            if anchor {
+                anchors[i] += 1;
+            }
+        });
+        let live = matches!(
+            verdict,
+            RowVerdict::Protected { live: true, .. }
+                | RowVerdict::LiveWithoutObject { .. }
+                | RowVerdict::Skipped { live: true, .. }
+        );
         if live {
             self.live_rows += 1;
         }
-        let object = row.object.as_deref().filter(|o| !o.is_empty());
-        if !suspended && !live {
-            // Other states only protect their objects from being counted as untracked (and,
-            // outside the gone state, show where a backend's objects are).
-            if let Some(name) = object {
-                let anchor = state != self.policy.gone_state;
-                self.reference(name, anchor);
+        match verdict {
+            RowVerdict::Skipped { reason, .. } => match reason {
+                // Counted by count_state already.
+                SkipReason::NullState | SkipReason::UnknownState => {}
+                SkipReason::NullUpdatedAt => {
+                    // A suspended row without object and without updated_at: missing all
+                    // the same.
+                    if let Some(name) = row.object.as_deref() {
+                        let backend = self.attribute(name);
+                        self.backends
+                            .entry(backend)
+                            .or_default()
+                            .suspended_without_object += 1;
+                    }
+                    self.skip(reason);
+                }
+                other => self.skip(other),
+            },
+            RowVerdict::OtherState { .. } => {}
+            RowVerdict::Protected { backend, live, .. } => {
+                let counts = self.backends.entry(backend).or_default();
+                if live {
+                    counts.live_with_object += 1;
+                } else {
+                    counts.suspended_with_object += 1;
+                }
             }
-            return;
-        }
-        let Some(name) = object else {
-            self.skip(SkipReason::NullObjectName);
-            return;
-        };
-        if !is_valid_object_name(name) {
-            self.skip(SkipReason::InvalidObjectName);
-            return;
-        }
-        if let Some(i) = self.reference(name, true) {
-            let counts = self
-                .backends
-                .entry(self.snapshot.backends[i].kind)
-                .or_default();
-            if suspended {
-                counts.suspended_with_object += 1;
-            } else {
-                counts.live_with_object += 1;
+            RowVerdict::LiveWithoutObject { backend } => {
+                self.backends
+                    .entry(backend)
+                    .or_default()
+                    .live_without_object += 1;
             }
-            return;
-        }
-        let backend = self.attribute(name);
-        let counts = self.backends.entry(backend).or_default();
-        if live {
-            counts.live_without_object += 1;
-            return;
-        }
-        counts.suspended_without_object += 1;
-        let Some(updated_at) = row.updated_at else {
-            self.skip(SkipReason::NullUpdatedAt);
-            return;
-        };
-        if updated_at > self.cutoff {
-            self.within_grace += 1;
-            return;
-        }
-        self.orphans_found += 1;
-        self.backends.entry(backend).or_default().orphaned_suspended += 1;
-        let cap = self.policy.max_downgrades;
-        let older_than_kept = |kept: &OldestFirst| (updated_at, row.key.as_str()) < kept.order();
-        if self.oldest.len() >= cap && !self.oldest.peek().is_some_and(older_than_kept) {
-            return;
-        }
-        self.oldest.push(OldestFirst(OrphanedRow {
-            key: row.key.clone(),
-            object: name.to_string(),
-            state: state.to_string(),
-            updated_at,
-            backend,
-        }));
-        if self.oldest.len() > cap {
-            self.oldest.pop();
+            RowVerdict::WithinGrace { backend, .. } => {
+                self.backends
+                    .entry(backend)
+                    .or_default()
+                    .suspended_without_object += 1;
+                self.within_grace += 1;
+            }
+            RowVerdict::Orphan {
+                backend,
+                updated_at,
+            } => {
+                let counts = self.backends.entry(backend).or_default();
+                counts.suspended_without_object += 1;
+                counts.orphaned_suspended += 1;
+                self.orphans_found += 1;
+                let cap = self.policy.max_downgrades;
+                let older_than_kept =
+                    |kept: &OldestFirst| (updated_at, row.key.as_str()) < kept.order();
+                if self.oldest.len() >= cap && !self.oldest.peek().is_some_and(older_than_kept) {
+                    return;
+                }
+                // Allocated only for the orphans the heap keeps.
+                self.oldest.push(OldestFirst(OrphanedRow {
+                    key: row.key.clone(),
+                    object: row.object.clone().unwrap_or_default(),
+                    state: row.state.clone().unwrap_or_default(),
+                    updated_at,
+                    backend,
+                }));
+                if self.oldest.len() > cap {
+                    self.oldest.pop();
+                }
+            }
         }
     }
 
@@ -689,6 +907,11 @@ impl ReadRows {
         self.rows.len()
     }
 
+    /// Every held row, in the order read.
+    pub fn rows(&self) -> &[SessionRow] {
+        &self.rows
+    }
+
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
@@ -710,7 +933,6 @@ pub fn plan<'r>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::ObjectFacts;
 
     fn policy() -> Policy {
         Policy {
@@ -781,6 +1003,149 @@ mod tests {
             1
         );
         assert_eq!(plan.backends[&BackendKind::Pod].suspended_with_object, 1);
+    }
+
+    /// One function decides: each row's verdict, with the guards and the cap applied by
+    /// [`outcome`], adds up to exactly the plan's counts, and the downgrades are the rows whose
+    /// outcome is `Downgrade`. Fails on the old code: there was no per-row verdict.
+    #[test]
+    fn each_rows_verdict_adds_up_to_the_plan() {
+        let mut snap = snapshot(&["live-1", "sus-present", "term"], &["sb-paused"]);
+        snap.backends[0].insert(
+            "term",
+            ObjectFacts {
+                terminating: true,
+                ..ObjectFacts::default()
+            },
+        );
+        let mut rows = vec![
+            row("a", "running", "live-1", 60),
+            row("b", "idle", "live-missing", 60),
+            row("c", "running", "live-1", 60),
+            row("d", "running", "live-1", 60),
+            row("e", "suspended", "sus-present", 60),
+            row("f", "suspended", "term", 60),
+            row("g", "suspended", "sb-paused", 60),
+            row("h", "suspended", "fresh", 5),
+            row("i", "weird", "x", 60),
+            row("j", "creating", "sb-paused", 60),
+            row("k", "suspended", "Bad_Name", 60),
+            SessionRow {
+                object: None,
+                ..row("l", "suspended", "", 60)
+            },
+            SessionRow {
+                updated_at: None,
+                ..row("m", "suspended", "no-time", 60)
+            },
+        ];
+        for i in 0..5 {
+            rows.push(row(
+                &format!("o{i}"),
+                "suspended",
+                &format!("gone-{i}"),
+                100 + i,
+            ));
+        }
+        let mut p = policy();
+        p.max_downgrades = 2;
+        p.max_suspended_missing_ratio = 1.0;
+        let cutoff = snap.listing_started_at - p.grace_period;
+        let plan = plan(&snap, &p, &rows);
+        assert_eq!(plan.guard, GuardVerdict::Proceed, "{:?}", plan.guard);
+        let verdicts: Vec<RowVerdict> = rows.iter().map(|r| decide(&snap, &p, cutoff, r)).collect();
+        let orphans: Vec<(DateTime<Utc>, &str)> = rows
+            .iter()
+            .zip(&verdicts)
+            .filter_map(|(r, v)| match v {
+                RowVerdict::Orphan { updated_at, .. } => Some((*updated_at, r.key.as_str())),
+                _ => None,
+            })
+            .collect();
+        let outcomes: Vec<RowOutcome> = rows
+            .iter()
+            .zip(&verdicts)
+            .map(|(r, v)| {
+                let position = match v {
+                    RowVerdict::Orphan { updated_at, .. } => {
+                        orphan_position(*updated_at, &r.key, orphans.iter().copied())
+                    }
+                    _ => 0,
+                };
+                outcome(&plan, v, &r.key, position, p.max_downgrades)
+            })
+            .collect();
+        let downgraded: Vec<&str> = rows
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| **o == RowOutcome::Downgrade)
+            .map(|(r, _)| r.key.as_str())
+            .collect();
+        assert_eq!(downgraded, vec!["o3", "o4"]);
+        let keys: Vec<&str> = plan.downgrades.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, vec!["o4", "o3"]);
+        let deferred: Vec<u64> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                RowOutcome::Deferred { position, .. } => Some(*position),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deferred, vec![5, 4, 3]);
+        assert_eq!(deferred.len() as u64, plan.deferred);
+        assert_eq!(orphans.len() as u64, plan.orphans_found);
+        let within = verdicts
+            .iter()
+            .filter(|v| matches!(v, RowVerdict::WithinGrace { .. }))
+            .count() as u64;
+        assert_eq!(within, plan.within_grace);
+        let mut skipped = BTreeMap::new();
+        for v in &verdicts {
+            if let RowVerdict::Skipped { reason, .. } = v {
+                *skipped.entry(*reason).or_insert(0u64) += 1;
+            }
+        }
+        assert_eq!(skipped, plan.skipped);
+        assert_eq!(
+            verdicts[5],
+            RowVerdict::Protected {
+                backend: BackendKind::Pod,
+                live: false,
+                paused: false,
+                terminating: true
+            }
+        );
+        assert_eq!(
+            verdicts[6],
+            RowVerdict::Protected {
+                backend: BackendKind::AgentSandbox,
+                live: false,
+                paused: true,
+                terminating: false
+            }
+        );
+        assert_eq!(
+            verdicts[1],
+            RowVerdict::LiveWithoutObject {
+                backend: BackendKind::Unknown
+            }
+        );
+        assert_eq!(plan.backends[&BackendKind::Unknown].live_without_object, 1);
+        assert_eq!(plan.live_rows, 4);
+        // A refusal is every orphan's outcome.
+        let mut strict = p.clone();
+        strict.max_live_missing_ratio = 0.1;
+        let refused = super::plan(&snap, &strict, &rows);
+        assert_eq!(
+            outcome(&refused, &verdicts[13], &rows[13].key, 1, 2),
+            RowOutcome::Refused {
+                reason: RefusalReason::LiveRowsMissing
+            }
+        );
+        assert_eq!(
+            outcome(&refused, &verdicts[0], &rows[0].key, 0, 2),
+            RowOutcome::Kept
+        );
     }
 
     #[test]

@@ -17,7 +17,8 @@ pub fn json(report: &SweepReport) -> String {
 pub const LAST_SWEEP_CHANGES: usize = 100;
 
 /// The same document as `--once --output json`, with the change list capped at `cap` rows and
-/// the cap stated (`changes_total`, `changes_cap`), for the daemon's `GET /last-sweep`.
+/// the cap stated (`changes_total`, `changes_cap`) and the command that shows the audit records
+/// the sweep wrote (`history`), for the daemon's `GET /last-sweep`.
 pub fn json_capped(report: &SweepReport, cap: usize) -> String {
     let total = report.changes.len();
     let mut value = serde_json::to_value(report).unwrap_or_default();
@@ -27,6 +28,11 @@ pub fn json_capped(report: &SweepReport, cap: usize) -> String {
     if let Some(object) = value.as_object_mut() {
         object.insert("changes_total".into(), total.into());
         object.insert("changes_cap".into(), cap.into());
+        // What to run for the audit records this sweep wrote.
+        object.insert(
+            "history".into(),
+            format!("sandbox-reconciler history --sweep {}", report.sweep_id).into(),
+        );
     }
     serde_json::to_string_pretty(&value).unwrap_or_default() + "\n"
 }

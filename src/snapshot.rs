@@ -143,6 +143,13 @@ impl BackendView {
         self.objects.get(name).map(|(slot, _)| *slot as usize)
     }
 
+    /// The slot and facts of the object named `name`, with one lookup.
+    pub fn entry(&self, name: &str) -> Option<(usize, ObjectFacts)> {
+        self.objects
+            .get(name)
+            .map(|(slot, facts)| (*slot as usize, *facts))
+    }
+
     pub fn facts(&self, name: &str) -> Option<ObjectFacts> {
         self.objects.get(name).map(|(_, facts)| *facts)
     }

@@ -8,6 +8,13 @@
 //! their full identity (key, scope, and the conditions above) and changed by the physical row
 //! the statement locked, so another scope's row with the same key is never touched.
 //!
+//! A row the application deleted since the downgrade (centaur deletes `gone` rows an hour
+//! after `updated_at`) is inserted back from the audit record's `row_image`, the whole row as
+//! the downgrade found it, with the old state and `updated_at` now, but only if no row with
+//! that key (and scope) exists and the image fits the table as it is now (the same columns,
+//! values of the columns' types); otherwise it is listed and left alone with the reason.
+//! Generated columns are recomputed; identity columns keep the image's value.
+//!
 //! A real undo takes the writer lock (waiting up to `database.writer_lock_wait_seconds` for a
 //! running daemon's sweep), runs in one transaction and is itself audited (`action = 'undo'`,
 //! `undoes` = the downgrade's audit id), so the same downgrade is never undone twice.
@@ -42,6 +49,10 @@ pub struct UndoLine {
     /// The row's state now (None: the row no longer exists).
     pub current_state: Option<String>,
     pub restored: bool,
+    /// The row had been deleted and is (or would be) inserted back from its row image.
+    pub inserted: bool,
+    /// Why it is left alone, when the reason is not simply that the row changed.
+    pub note: Option<String>,
 }
 
 /// The outcome of an undo.
@@ -51,6 +62,10 @@ pub struct UndoReport {
     pub dry_run: bool,
     pub restored: usize,
     pub left_alone: usize,
+    /// Of the restored: rows inserted back from their row image.
+    pub inserted: usize,
+    /// Of those left alone: deleted rows whose record has no usable row image.
+    pub unrestorable: usize,
     pub lines: Vec<UndoLine>,
 }
 
@@ -71,6 +86,8 @@ pub async fn run(
                 dry_run: true,
                 restored: 0,
                 left_alone: 0,
+                inserted: 0,
+                unrestorable: 0,
                 lines: Vec::new(),
             });
         }
@@ -86,7 +103,7 @@ pub async fn run(
         let candidates = store::preview_undo(&mut conn, mapping, selection).await?;
         let restorable = candidates
             .iter()
-            .filter(|c| c.restorable)
+            .filter(|c| c.restorable || c.insert)
             .map(|c| c.key.clone())
             .collect();
         (candidates, restorable)
@@ -96,12 +113,17 @@ pub async fn run(
     let restored: HashSet<String> = restored.into_iter().collect();
     let lines: Vec<UndoLine> = candidates
         .into_iter()
-        .map(|c| UndoLine {
-            restored: restored.contains(&c.key),
-            key: c.key,
-            object: c.object,
-            restore_to: c.restore_to,
-            current_state: c.current_state,
+        .map(|c| {
+            let done = restored.contains(&c.key);
+            UndoLine {
+                restored: done,
+                inserted: done && c.insert,
+                note: c.unrestorable.clone(),
+                key: c.key,
+                object: c.object,
+                restore_to: c.restore_to,
+                current_state: c.current_state,
+            }
         })
         .collect();
     for l in lines.iter().filter(|l| l.restored && !request.dry_run) {
@@ -112,6 +134,11 @@ pub async fn run(
         dry_run: request.dry_run,
         restored: lines.iter().filter(|l| l.restored).count(),
         left_alone: lines.iter().filter(|l| !l.restored).count(),
+        inserted: lines.iter().filter(|l| l.inserted).count(),
+        unrestorable: lines
+            .iter()
+            .filter(|l| !l.restored && l.note.is_some())
+            .count(),
         lines,
     })
 }
@@ -170,7 +197,7 @@ pub fn text(r: &UndoReport) -> String {
     };
     let _ = writeln!(
         out,
-        "undo {}{}: {} {verb}, {} left alone (changed since the downgrade)",
+        "undo {}{}: {} {verb}, {} left alone ({})",
         r.undo_id,
         if r.dry_run {
             " (dry run: nothing written)"
@@ -178,14 +205,30 @@ pub fn text(r: &UndoReport) -> String {
             ""
         },
         r.restored,
-        r.left_alone
+        r.left_alone,
+        if r.unrestorable > 0 {
+            format!(
+                "changed since the downgrade, or deleted without a usable row image: {}",
+                r.unrestorable
+            )
+        } else {
+            "changed since the downgrade".to_string()
+        }
     );
     for l in &r.lines {
         let now = l.current_state.as_deref().unwrap_or("row deleted");
         if l.restored {
-            let _ = writeln!(out, "  {verb:<13} {}  -> {}", l.key, l.restore_to);
+            let how = if l.inserted {
+                "  (the row had been deleted: inserted back from its row image)"
+            } else {
+                ""
+            };
+            let _ = writeln!(out, "  {verb:<13} {}  -> {}{how}", l.key, l.restore_to);
         } else {
             let _ = writeln!(out, "  left alone    {}  (now {now})", l.key);
+            if let Some(note) = &l.note {
+                let _ = writeln!(out, "                {note}");
+            }
         }
     }
     if r.restored > 0 && !r.dry_run {

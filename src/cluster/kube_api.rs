@@ -91,6 +91,34 @@ pub enum Absence {
     Present { evidence: String },
 }
 
+/// One request of [`KubeCluster::lookup`] and its answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ObjectLookup {
+    pub backend: BackendKind,
+    /// The namespace asked (`None`: all namespaces).
+    pub namespace: Option<String>,
+    /// The request, e.g. `GET pods agents/NAME`.
+    pub request: String,
+    pub answer: LookupAnswer,
+}
+
+/// What the API server said about one name in one backend and namespace.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum LookupAnswer {
+    /// The object exists (`paused`: a Sandbox paused on purpose; `terminating`: its
+    /// deletionTimestamp is set, so it is not absent yet).
+    Found {
+        namespace: Option<String>,
+        paused: bool,
+        terminating: bool,
+    },
+    /// 404 (or no item in a name-selected list): definitively absent here (rule 2(a)).
+    Absent,
+    /// No definitive answer: the object may exist.
+    Error { message: String },
+}
+
 /// The answer of [`KubeCluster::verify_scope`]: whether this is the intended cluster and
 /// every configured namespace exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -772,6 +800,134 @@ impl KubeCluster {
         })
     }
 
+    /// Looks the object named `name` up in every enabled backend and namespace, each with its
+    /// own request (a GET, or across all namespaces a LIST selected by `metadata.name`), and
+    /// returns every answer, errors included: `explain`'s evidence of rule 2(a). Only reads.
+    pub async fn lookup(&self, name: &str) -> Vec<ObjectLookup> {
+        let mut out = Vec::new();
+        for ns in self.scopes() {
+            let verb = if ns.is_some() { "get" } else { "list" };
+            let by_name = ListParams::default().fields(&format!("metadata.name={name}"));
+            if self.pod {
+                let api = self.pod_api(ns);
+                let answer = self
+                    .lookup_one("pods", ns, name, verb, || async {
+                        match ns {
+                            Some(_) => match api.get_metadata(name).await {
+                                Ok(o) => Ok(Some((o.metadata, false))),
+                                Err(kube::Error::Api(status))
+                                    if names_this_object(&status, name, &ResourceId::PODS) =>
+                                {
+                                    Ok(None)
+                                }
+                                Err(e) => Err(e),
+                            },
+                            None => {
+                                let list = api.list_metadata(&by_name).await?;
+                                Ok(list.items.into_iter().next().map(|m| (m.metadata, false)))
+                            }
+                        }
+                    })
+                    .await;
+                out.push(ObjectLookup {
+                    backend: BackendKind::Pod,
+                    namespace: ns.map(str::to_string),
+                    request: request_text(verb, "pods", ns, name),
+                    answer,
+                });
+            }
+            if let Some(sb) = &self.sandbox {
+                let api = self.sandbox_api(sb, ns);
+                let plural = sb.resource.plural.clone();
+                let id = ResourceId {
+                    group: &sb.resource.group,
+                    plural: &sb.resource.plural,
+                    kind: &sb.resource.kind,
+                };
+                let answer = self
+                    .lookup_one(&plural, ns, name, verb, || async {
+                        let found = match ns {
+                            // Absence decided as the confirming GET decides it.
+                            Some(_) => match api.get(name).await {
+                                Ok(o) => Some(o),
+                                Err(kube::Error::Api(status))
+                                    if names_this_object(&status, name, &id) =>
+                                {
+                                    None
+                                }
+                                Err(e) => return Err(e),
+                            },
+                            None => api.list(&by_name).await?.items.into_iter().next(),
+                        };
+                        Ok(found.map(|o| {
+                            let paused = sandbox_is_suspended(&o.data);
+                            (o.metadata, paused)
+                        }))
+                    })
+                    .await;
+                out.push(ObjectLookup {
+                    backend: BackendKind::AgentSandbox,
+                    namespace: ns.map(str::to_string),
+                    request: request_text(verb, &plural, ns, name),
+                    answer,
+                });
+            }
+        }
+        out
+    }
+
+    /// One request of [`KubeCluster::lookup`], with the retry policy and the deadline.
+    async fn lookup_one<Fut>(
+        &self,
+        resource: &str,
+        ns: Option<&str>,
+        name: &str,
+        verb: &'static str,
+        attempt: impl Fn() -> Fut,
+    ) -> LookupAnswer
+    where
+        Fut: std::future::Future<
+            Output = kube::Result<
+                Option<(
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+                    bool,
+                )>,
+            >,
+        >,
+    {
+        let what = format!(
+            "looking up {resource} {}{name}",
+            ns.map(|n| format!("{n}/")).unwrap_or_default()
+        );
+        match self.call(verb, attempt).await {
+            Err(_) => {
+                self.note(verb, Err(0));
+                LookupAnswer::Error {
+                    message: format!("{what}: no answer within {}s", self.timeout.as_secs()),
+                }
+            }
+            Ok(Err(e)) => {
+                let err = map_error(&what, verb, resource, e);
+                self.note(verb, Err(api_code(&err)));
+                LookupAnswer::Error {
+                    message: err.to_string(),
+                }
+            }
+            Ok(Ok(None)) => {
+                self.note(verb, if ns.is_some() { Err(404) } else { Ok(()) });
+                LookupAnswer::Absent
+            }
+            Ok(Ok(Some((meta, paused)))) => {
+                self.note(verb, Ok(()));
+                LookupAnswer::Found {
+                    namespace: meta.namespace.or(ns.map(str::to_string)),
+                    terminating: meta.deletion_timestamp.is_some(),
+                    paused,
+                }
+            }
+        }
+    }
+
     /// One probe: `Some(evidence)` when the object exists, `None` on a definitive absence:
     /// a 404 whose Status names this object ([`names_this_object`]), or, across all
     /// namespaces, a complete name-selected list without items. Any other answer is an error,
@@ -891,6 +1047,17 @@ fn terminating_note(
         " (terminating)"
     } else {
         ""
+    }
+}
+
+/// The request a lookup made, as an operator would type it.
+fn request_text(verb: &str, resource: &str, ns: Option<&str>, name: &str) -> String {
+    match ns {
+        Some(ns) => format!("{} {resource} {ns}/{name}", verb.to_uppercase()),
+        None => format!(
+            "{} {resource} --all-namespaces metadata.name={name}",
+            verb.to_uppercase()
+        ),
     }
 }
 

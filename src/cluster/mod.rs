@@ -13,7 +13,10 @@ pub mod lean;
 pub mod objects;
 
 pub use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot, NameMap, ObjectFacts};
-pub use kube_api::{Absence, KubeCluster, PageHook, RequestHook, ScopeVerdict, UndecodableHook};
+pub use kube_api::{
+    Absence, KubeCluster, LookupAnswer, ObjectLookup, PageHook, RequestHook, ScopeVerdict,
+    UndecodableHook,
+};
 
 /// Why the cluster could not be listed or an absence confirmed. Any of these aborts the
 /// sweep before a write.

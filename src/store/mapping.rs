@@ -114,6 +114,11 @@ impl TableMapping {
     }
 
     /// The table in SQL: canonical and quoted once resolved.
+    pub fn table_sql(&self) -> String {
+        self.t()
+    }
+
+    /// The table in SQL: canonical and quoted once resolved.
     fn t(&self) -> String {
         self.resolved
             .as_ref()
@@ -216,10 +221,27 @@ impl TableMapping {
         )
     }
 
+    /// One row by its key (in the scope): key, state, object, updated_at, as
+    /// [`Self::select_rows_sql`] reads them. The key is compared as text, as the sweep reports
+    /// it, so a key that is not of the column's type (a typo for a uuid key) finds no row
+    /// instead of failing. `$1` key, `$2` scope value.
+    pub fn select_row_sql(&self) -> String {
+        format!(
+            "SELECT {k}::text, {s}::text, {o}::text, {u} FROM {t} WHERE {k}::text = $1{scope}",
+            k = self.key,
+            s = self.state,
+            o = self.object,
+            u = self.updated_at_expr(""),
+            t = self.t(),
+            scope = self.scope_clause("", 2)
+        )
+    }
+
     /// One statement that locks the rows still exactly as read (skipping rows the
     /// application holds), downgrades exactly those rows (by the locked row's `tableoid` and
     /// `ctid`), clears the configured columns and writes one audit record per row with the old
-    /// values, only if this server session holds the writer lock. Returns one row: whether it
+    /// values and the whole row as it was (`row_image`, `to_jsonb` of the locked row before the
+    /// update), only if this server session holds the writer lock. Returns one row: whether it
     /// holds the lock, the number of rows locked, the number updated, and the keys audited
     /// (the caller checks that they agree before committing).
     ///
@@ -256,7 +278,7 @@ impl TableMapping {
                SELECT t.tableoid AS row_rel, t.ctid AS row_id, t.{k}::text AS key, \
                       t.{s}::text AS old_state, \
                       t.{o}::text AS object, {tu} AS old_updated_at, {cleared} AS cleared, \
-                      c.backend, c.evidence \
+                      to_jsonb(t) AS row_image, c.backend, c.evidence \
                FROM {t} t JOIN c ON t.{k} = c.key{kcast} \
                WHERE t.{s} = $6{scast} AND t.{o} = c.object{ocast} \
                  AND {tu} = c.updated_at{scope} AND (SELECT held FROM proof) \
@@ -265,13 +287,14 @@ impl TableMapping {
                UPDATE {t} t SET {set} FROM old \
                WHERE t.tableoid = old.row_rel AND t.ctid = old.row_id \
                RETURNING old.key, old.old_state, old.object, old.old_updated_at, old.cleared, \
-                         old.backend, old.evidence, {tu} AS new_updated_at \
+                         old.row_image, old.backend, old.evidence, {tu} AS new_updated_at \
              ), audited AS ( \
                INSERT INTO {a} (sweep_id, action, session_table, session_scope, session_key, \
                                 object_name, backend, old_state, new_state, old_updated_at, \
-                                new_updated_at, cleared, reason, evidence) \
+                                new_updated_at, cleared, reason, evidence, row_image) \
                SELECT $8, 'downgrade', $9, $10, key, object, backend, old_state, $7, \
-                      old_updated_at, new_updated_at, cleared, 'orphaned_suspended', evidence \
+                      old_updated_at, new_updated_at, cleared, 'orphaned_suspended', evidence, \
+                      row_image \
                FROM upd \
                RETURNING session_key \
              ) \
@@ -319,7 +342,8 @@ impl TableMapping {
         };
         format!(
             "SELECT DISTINCT ON (d.session_key) d.id, d.session_key, d.object_name, d.old_state, \
-                    d.new_state, d.new_updated_at, d.cleared \
+                    d.new_state, d.new_updated_at, d.cleared, \
+                    nullif(to_jsonb(d) -> 'row_image', 'null'::jsonb) AS row_image \
              FROM {a} d \
              WHERE d.action = 'downgrade' AND d.session_table = ANY({tables}) \
                AND ({sweep}::uuid IS NULL OR d.sweep_id = {sweep}) \
@@ -336,9 +360,18 @@ impl TableMapping {
     /// number of rows locked, the number updated, and the keys audited (the caller checks that
     /// they agree before committing).
     ///
+    /// A row the application deleted since is inserted back from its record's `row_image`
+    /// (the whole row as it was, with the old state, the cleared columns' old values and
+    /// `updated_at` now), only for the records in `$7` (checked by the caller: the image fits
+    /// the table as it is now) and only if no row with that key (and scope) exists (`ON
+    /// CONFLICT DO NOTHING` also for one inserted concurrently). `insert_columns` are the
+    /// table's columns an INSERT may name (not generated ones); identity columns take the
+    /// image's value (`OVERRIDING SYSTEM VALUE`). Returns, after the others, the keys inserted.
+    ///
     /// `$1` sweep id or NULL, `$2` session key or NULL, `$3` table names (text[]), `$4` undo
-    /// id, `$5` scope value (NULL when unscoped), `$6` the canonical table name.
-    pub fn undo_sql(&self, restore: &[Identifier]) -> String {
+    /// id, `$5` scope value (NULL when unscoped), `$6` the canonical table name, `$7` the
+    /// audit ids whose rows are inserted back (bigint[]).
+    pub fn undo_sql(&self, restore: &[Identifier], insert_columns: &[Identifier]) -> String {
         let untouched = UNTOUCHED_CLEARED;
         let mut set = vec![
             format!(
@@ -371,6 +404,16 @@ impl TableMapping {
                WHERE t.tableoid = cand.row_rel AND t.ctid = cand.row_id \
                RETURNING cand.id, cand.session_key, cand.object_name, cand.old_state, \
                          cand.new_state, cand.new_updated_at, {tu} AS restored_at \
+             ), ins AS ( \
+               INSERT INTO {t} AS t ({cols}) OVERRIDING SYSTEM VALUE \
+               SELECT {rcols} FROM a CROSS JOIN LATERAL jsonb_populate_record(NULL::{t}, \
+                 a.row_image || a.cleared || jsonb_build_object({sname}, a.old_state, \
+                 {uname}, to_jsonb({now}))) r \
+               WHERE a.id = ANY($7::bigint[]) AND jsonb_typeof(a.row_image) = 'object' \
+                 AND (SELECT held FROM proof) \
+                 AND NOT EXISTS (SELECT 1 FROM {t} x WHERE x.{k} = a.session_key{kcast}{xscope}) \
+               ON CONFLICT DO NOTHING \
+               RETURNING t.{k}::text AS session_key, {tu} AS restored_at \
              ), audited AS ( \
                INSERT INTO {a} (sweep_id, action, undoes, session_table, session_scope, \
                                 session_key, object_name, old_state, new_state, old_updated_at, \
@@ -379,11 +422,19 @@ impl TableMapping {
                       new_updated_at, restored_at, 'undo', \
                       jsonb_build_object('undoes_audit_id', id) \
                FROM upd \
+               UNION ALL \
+               SELECT $4, 'undo', a.id, $6, $5, a.session_key, a.object_name, 'deleted', \
+                      a.old_state, NULL, ins.restored_at, 'undo', \
+                      jsonb_build_object('undoes_audit_id', a.id, 'restored', \
+                        'inserted from the row image (the row had been deleted)') \
+               FROM ins JOIN a ON a.session_key = ins.session_key \
                RETURNING session_key \
              ) \
-             SELECT (SELECT held FROM proof), (SELECT count(*) FROM cand), \
-                    (SELECT count(*) FROM upd), \
-                    coalesce((SELECT array_agg(session_key) FROM audited), '{{}}'::text[])",
+             SELECT (SELECT held FROM proof), \
+                    (SELECT count(*) FROM cand) + (SELECT count(*) FROM ins), \
+                    (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins), \
+                    coalesce((SELECT array_agg(session_key) FROM audited), '{{}}'::text[]), \
+                    coalesce((SELECT array_agg(session_key) FROM ins), '{{}}'::text[])",
             records = self.undo_records("$1", "$2", "$3", "$5"),
             a = self.audit,
             t = self.t(),
@@ -396,7 +447,29 @@ impl TableMapping {
             ocast = self.cast(Column::Object),
             set = set.join(", "),
             scope = self.scope_clause("t.", 5),
+            xscope = self.scope_clause("x.", 5),
             held = self.writer_lock_held_sql(),
+            cols = if insert_columns.is_empty() {
+                self.key.to_string()
+            } else {
+                insert_columns
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            rcols = if insert_columns.is_empty() {
+                format!("r.{}", self.key)
+            } else {
+                insert_columns
+                    .iter()
+                    .map(|c| format!("r.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            sname = literal(self.state.name()),
+            uname = literal(self.updated_at.name()),
+            now = self.now_expr(),
         )
     }
 
@@ -411,7 +484,8 @@ impl TableMapping {
             "SELECT a.session_key, a.object_name, a.old_state, \
                     t.{s}::text AS current_state, t.{o}::text AS current_object, \
                     coalesce(t.{s} = a.new_state{scast} AND t.{o} = a.object_name{ocast} \
-                             AND {tu} = a.new_updated_at{untouched}, false) AS restorable \
+                             AND {tu} = a.new_updated_at{untouched}, false) AS restorable, \
+                    CASE WHEN t.{k} IS NULL THEN a.row_image END AS row_image, a.id \
              FROM ({records}) a LEFT JOIN {t} t ON t.{k} = a.session_key{kcast}{scope} \
              ORDER BY a.session_key",
             records = self.undo_records("$1", "$2", "$3", "$4"),
@@ -580,7 +654,7 @@ mod tests {
         assert!(sql.contains("t.\"cluster\" = $10::text"));
         assert!(sql.contains("WHERE t.tableoid = old.row_rel AND t.ctid = old.row_id"));
         assert!(m
-            .undo_sql(&m.clear)
+            .undo_sql(&m.clear, &[])
             .contains("WHERE t.tableoid = cand.row_rel AND t.ctid = cand.row_id"));
         assert!(!sql.contains("drop table"));
         assert_ne!(m.lock_key(), {

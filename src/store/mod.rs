@@ -382,7 +382,7 @@ async fn commit_writes(
 /// The audit table's migrations: version, description and SQL template. `{{audit}}` and the
 /// `{{..._idx}}` names are filled in from `audit.table`; the checksum is taken of the
 /// template, so it does not depend on how the table name was spelled.
-const MIGRATIONS: [(i64, &str, &str); 3] = [
+const MIGRATIONS: [(i64, &str, &str); 4] = [
     (
         1,
         "audit table",
@@ -397,6 +397,11 @@ const MIGRATIONS: [(i64, &str, &str); 3] = [
         3,
         "row scope",
         include_str!("../../migrations/0003_scope.sql"),
+    ),
+    (
+        4,
+        "row image",
+        include_str!("../../migrations/0004_row_image.sql"),
     ),
 ];
 
@@ -845,6 +850,33 @@ pub async fn read_rows(
     within(deadline, "ending the read transaction", tx.commit()).await
 }
 
+/// One row by its key (in the scope), in a READ ONLY transaction; `None` when there is none.
+pub async fn read_row(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+    key: &str,
+) -> Result<Option<SessionRow>, StoreError> {
+    let deadline = mapping.deadline;
+    let what = "reading the session row";
+    let mut tx = within(
+        deadline,
+        what,
+        conn.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+    )
+    .await?;
+    let row = within(
+        deadline,
+        what,
+        sqlx::query(AssertSqlSafe(mapping.select_row_sql()))
+            .bind(key)
+            .bind(mapping.scope_value())
+            .fetch_optional(&mut *tx),
+    )
+    .await?;
+    within(deadline, what, tx.commit()).await?;
+    Ok(row.as_ref().map(decode_row))
+}
+
 fn decode_row(row: &PgRow) -> SessionRow {
     SessionRow {
         key: row
@@ -1013,6 +1045,16 @@ pub struct UndoCandidate {
     /// The row is still exactly as the downgrade left it, so an undo restores it (unless the
     /// application holds it locked at that moment: an undo skips locked rows).
     pub restorable: bool,
+    /// The row no longer exists and its record's row image fits the table: an undo inserts it
+    /// back (unless a row with that key is inserted first).
+    pub insert: bool,
+    /// Why a deleted row cannot be inserted back (no row image, or an image that does not fit
+    /// the table as it is now); the candidate is listed and left alone.
+    pub unrestorable: Option<String>,
+    /// The downgrade's audit record id.
+    pub audit_id: i64,
+    /// The record's row image, read only for a row that no longer exists.
+    row_image: Option<serde_json::Value>,
 }
 
 async fn undo_candidates(
@@ -1031,7 +1073,8 @@ async fn undo_candidates(
             .fetch_all(&mut *conn),
     )
     .await?;
-    rows.iter()
+    let mut candidates = rows
+        .iter()
         .map(|r| {
             Ok(UndoCandidate {
                 key: r.try_get(0)?,
@@ -1039,10 +1082,126 @@ async fn undo_candidates(
                 restore_to: r.try_get(2)?,
                 current_state: r.try_get(3)?,
                 restorable: r.try_get(5)?,
+                row_image: r.try_get(6)?,
+                audit_id: r.try_get(7)?,
+                insert: false,
+                unrestorable: None,
             })
         })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(StoreError::query("reading the downgrades to undo"))
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(StoreError::query("reading the downgrades to undo"))?;
+    if candidates.iter().any(|c| c.current_state.is_none()) {
+        let columns = table_columns(conn, mapping).await?;
+        for c in candidates.iter_mut().filter(|c| c.current_state.is_none()) {
+            match image_fits(conn, mapping, &columns, c).await? {
+                Ok(()) => c.insert = true,
+                Err(why) => {
+                    tracing::warn!(key = %c.key, audit_id = c.audit_id, "left alone: {why}");
+                    c.unrestorable = Some(why);
+                }
+            }
+        }
+    }
+    Ok(candidates)
+}
+
+/// The session table's columns as the catalog has them now: (name, generated).
+async fn table_columns(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+) -> Result<Vec<(String, bool)>, StoreError> {
+    let oid = mapping.resolved.as_ref().map_or(0, |r| i64::from(r.oid));
+    within(
+        mapping.deadline,
+        "reading the session table's columns",
+        sqlx::query_as(
+            "SELECT attname::text, attgenerated <> '' FROM pg_attribute \
+             WHERE attrelid = $1::oid AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        )
+        .bind(oid)
+        .fetch_all(&mut *conn),
+    )
+    .await
+}
+
+/// Whether a deleted row can be inserted back from its record's image: the image is a JSON
+/// object with exactly the table's columns now (a column added or dropped since means the
+/// image no longer says what the row should be), it names the same key (and scope), and
+/// PostgreSQL reads every value as its column's type (checked by a SELECT inside a savepoint,
+/// so a bad image fails alone). `Err(why)` for the operator; the candidate is left alone.
+async fn image_fits(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+    columns: &[(String, bool)],
+    candidate: &UndoCandidate,
+) -> Result<Result<(), String>, StoreError> {
+    let Some(image) = &candidate.row_image else {
+        return Ok(Err(
+            "the row was deleted and its audit record keeps no row image (written before the row image was recorded): restore it by hand from the audit record".into(),
+        ));
+    };
+    let Some(fields) = image.as_object() else {
+        return Ok(Err(format!(
+            "the row was deleted and its audit record's row image is not a JSON object (audit id {}); restore it by hand",
+            candidate.audit_id
+        )));
+    };
+    let mut have: Vec<&str> = fields.keys().map(String::as_str).collect();
+    have.sort_unstable();
+    let mut want: Vec<&str> = columns.iter().map(|(c, _)| c.as_str()).collect();
+    want.sort_unstable();
+    if have != want {
+        let missing: Vec<&str> = want.iter().filter(|c| !have.contains(c)).copied().collect();
+        let extra: Vec<&str> = have.iter().filter(|c| !want.contains(c)).copied().collect();
+        return Ok(Err(format!(
+            "the row was deleted and the table's columns changed since the downgrade (image lacks [{}], has no longer existing [{}]); restore it by hand from the audit record's row_image (audit id {})",
+            missing.join(", "),
+            extra.join(", "),
+            candidate.audit_id
+        )));
+    }
+    let as_text = |v: Option<&serde_json::Value>| match v {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    if as_text(fields.get(mapping.key.name())).as_deref() != Some(candidate.key.as_str()) {
+        return Ok(Err(format!(
+            "the row image of audit id {} names another key; left alone",
+            candidate.audit_id
+        )));
+    }
+    if let Some((column, value)) = &mapping.scope {
+        if as_text(fields.get(column.name())).as_deref() != Some(value.as_str()) {
+            return Ok(Err(format!(
+                "the row image of audit id {} belongs to another scope; left alone",
+                candidate.audit_id
+            )));
+        }
+    }
+    let mut savepoint = within(mapping.deadline, "checking a row image", conn.begin()).await?;
+    let check = format!(
+        "SELECT 1 FROM jsonb_populate_record(NULL::{}, $1::jsonb)",
+        mapping.table_sql()
+    );
+    let read = tokio::time::timeout(
+        mapping.deadline,
+        sqlx::query(AssertSqlSafe(check))
+            .bind(image)
+            .execute(&mut *savepoint),
+    )
+    .await
+    .map_err(|_| StoreError::Deadline {
+        what: "checking a row image",
+        seconds: mapping.deadline.as_secs(),
+    })?;
+    rollback(savepoint, mapping.deadline).await;
+    Ok(read.map(|_| ()).map_err(|e| {
+        format!(
+            "the row was deleted and its row image (audit id {}) does not read as the table's row ({e}); restore it by hand",
+            candidate.audit_id
+        )
+    }))
 }
 
 /// The columns the selected downgrades cleared, from their audit records (not from today's
@@ -1118,7 +1277,8 @@ pub async fn preview_undo(
 }
 
 /// Undoes the selected downgrades in one transaction: rows still exactly as the downgrade
-/// left them are restored and audited (`action = 'undo'`, `undo_id` as the sweep id); the
+/// left them are restored, rows deleted since are inserted back from their row image (when it
+/// fits the table, and no row with the key exists), and each is audited (`action = 'undo'`, `undo_id` as the sweep id); the
 /// others are left alone. Returns every candidate and the keys restored.
 pub async fn apply_undo(
     conn: &mut PgConnection,
@@ -1137,19 +1297,41 @@ pub async fn apply_undo(
             return Err(e);
         }
     };
-    let (held, locked, updated, restored): (bool, i64, i64, Vec<String>) = within(
-        deadline,
-        what,
-        sqlx::query_as(AssertSqlSafe(mapping.undo_sql(&restore)))
-            .bind(selection.sweep)
-            .bind(selection.session)
-            .bind(mapping.table_names())
-            .bind(undo_id)
-            .bind(mapping.scope_value())
-            .bind(mapping.table_display())
-            .fetch_one(&mut *tx),
-    )
-    .await?;
+    let inserts: Vec<i64> = candidates
+        .iter()
+        .filter(|c| c.insert)
+        .map(|c| c.audit_id)
+        .collect();
+    let insert_columns: Vec<Identifier> = if inserts.is_empty() {
+        Vec::new()
+    } else {
+        table_columns(&mut tx, mapping)
+            .await?
+            .into_iter()
+            .filter(|(_, generated)| !generated)
+            .map(|(name, _)| {
+                Identifier::parse(&name).map_err(|e| StoreError::Unfit {
+                    table: mapping.table_display(),
+                    message: format!("column {name:?}: {e}"),
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let (held, locked, updated, restored, inserted): (bool, i64, i64, Vec<String>, Vec<String>) =
+        within(
+            deadline,
+            what,
+            sqlx::query_as(AssertSqlSafe(mapping.undo_sql(&restore, &insert_columns)))
+                .bind(selection.sweep)
+                .bind(selection.session)
+                .bind(mapping.table_names())
+                .bind(undo_id)
+                .bind(mapping.scope_value())
+                .bind(mapping.table_display())
+                .bind(&inserts)
+                .fetch_one(&mut *tx),
+        )
+        .await?;
     let planned: HashSet<&str> = candidates.iter().map(|c| c.key.as_str()).collect();
     let checked = writer_proof(what, mapping, held)
         .and_then(|()| check_written(what, &planned, locked, updated, &restored));
@@ -1158,6 +1340,11 @@ pub async fn apply_undo(
         return Err(e);
     }
     commit_writes(tx, deadline, "committing the undo", restored.len()).await?;
+    let mut candidates = candidates;
+    for c in &mut candidates {
+        // Inserted only if it was still missing when the statement ran.
+        c.insert = c.insert && inserted.contains(&c.key);
+    }
     Ok((candidates, restored))
 }
 

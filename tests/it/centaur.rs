@@ -510,3 +510,152 @@ async fn the_bare_pod_profile_refuses_a_cluster_that_runs_sandboxes() {
     assert_eq!(code, Some(0), "{report}");
     assert_eq!(report["downgraded"], 4);
 }
+
+/// Every column of a row as jsonb, without `updated_at` (an undo bumps it).
+async fn image_of(db: &TestDb, key: &str) -> Option<Value> {
+    let sql = format!(
+        "SELECT to_jsonb(t) - 'updated_at' FROM {} t WHERE thread_key = $1",
+        db.table()
+    );
+    sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(key)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// centaur deletes `gone` rows an hour after `updated_at`: a wrong downgrade must still be
+/// undoable. The audit record keeps the whole row image, and `undo --session KEY` inserts the
+/// deleted row back, every column as it was (jsonb, uuid, NOT NULL defaults), state suspended,
+/// with its own audit record; a key the platform has re-created meanwhile is listed and left
+/// alone, and a record without a usable image is listed, counted and left alone. Test fails
+/// on the old code: the undo found no row and restored nothing ("left alone (now row
+/// deleted)").
+#[tokio::test]
+async fn undo_inserts_back_a_row_centaur_deleted_after_the_downgrade() {
+    let db = TestDb::migrated("").await;
+    let (api, keep) = bare_pod_world(&db, 4).await;
+    let kept = untouchable(&db, &keep).await;
+    let rich = format!(
+        "UPDATE {} SET thread_name = 'incident', inflight_turn_input = '{{\"text\": \"hi\", \"n\": [1, 2]}}', \
+         inflight_attempts = 3, last_result = 'ok', wire_lease_id = 'lease-7' WHERE thread_key LIKE 'slack:C06:%'",
+        db.table()
+    );
+    sqlx::query(AssertSqlSafe(rich))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let before: Vec<Option<Value>> = {
+        let mut v = Vec::new();
+        for i in 0..4 {
+            v.push(image_of(&db, &format!("slack:C06:{i}")).await);
+        }
+        v
+    };
+    let (code, report) = once_json(&db, &api, "centaur.toml", &[]).await;
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["downgraded"], 4, "{report}");
+    // centaur's reconcile loop deletes the gone rows; then re-creates slack:C06:1 on a new
+    // message (a fresh row with the same key).
+    let sql = format!(
+        "DELETE FROM {t} WHERE state = 'gone'; \
+         INSERT INTO {t} (thread_key, sandbox_id, state) VALUES ('slack:C06:1', 'centaur-centaur-sandbox-new', 'creating'); \
+         UPDATE {a} SET row_image = NULL WHERE session_key = 'slack:C06:2'; \
+         UPDATE {a} SET row_image = row_image || '{{\"retired_column\": 1}}' WHERE session_key = 'slack:C06:3'",
+        t = db.table(),
+        a = db.audit_table()
+    );
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let recreated = image_of(&db, "slack:C06:1").await;
+    let audit_before = {
+        let sql = format!("SELECT count(*) FROM {}", db.audit_table());
+        sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+
+    // The dry run says what would happen and writes nothing.
+    let sweep_id = report["sweep_id"].as_str().unwrap().to_string();
+    let (code, stdout, stderr) = run_profile(
+        &db,
+        &api,
+        "centaur.toml",
+        &[
+            "undo",
+            "--sweep",
+            &sweep_id,
+            "--dry-run",
+            "--output",
+            "json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let dry: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (dry["restored"].as_u64(), dry["left_alone"].as_u64()),
+        (Some(1), Some(3)),
+        "{dry}"
+    );
+    assert_eq!(dry["unrestorable"], 2, "{dry}");
+    assert!(image_of(&db, "slack:C06:0").await.is_none());
+
+    let (code, stdout, stderr) = run_profile(
+        &db,
+        &api,
+        "centaur.toml",
+        &["undo", "--sweep", &sweep_id],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("1 restored, 3 left alone"), "{stdout}");
+    assert!(
+        stdout.contains("inserted back from its row image"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("keeps no row image"), "{stdout}");
+    assert!(stdout.contains("retired_column"), "{stdout}");
+    // Restored whole: every column as before the downgrade (updated_at is bumped).
+    assert_eq!(image_of(&db, "slack:C06:0").await, before[0]);
+    assert_eq!(db.state("slack:C06:0").await, "suspended");
+    // The re-created row is untouched; the others stay deleted.
+    assert_eq!(image_of(&db, "slack:C06:1").await, recreated);
+    assert!(image_of(&db, "slack:C06:2").await.is_none());
+    assert!(image_of(&db, "slack:C06:3").await.is_none());
+    assert_eq!(untouchable(&db, &keep).await, kept);
+    let sql = format!(
+        "SELECT session_key, old_state, new_state, evidence ->> 'restored' FROM {} WHERE action = 'undo'",
+        db.audit_table()
+    );
+    let undo_records: Vec<(String, String, String, Option<String>)> =
+        sqlx::query_as(AssertSqlSafe(sql))
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(undo_records.len(), 1, "{undo_records:?}");
+    assert_eq!(undo_records[0].0, "slack:C06:0");
+    assert_eq!(undo_records[0].2, "suspended");
+    assert!(undo_records[0].3.as_deref().unwrap().contains("row image"));
+    let sql = format!("SELECT count(*) FROM {}", db.audit_table());
+    let audit_after: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(audit_after, audit_before + 1);
+    // Undone once only.
+    let (_, stdout, _) = run_profile(
+        &db,
+        &api,
+        "centaur.toml",
+        &["undo", "--sweep", &sweep_id],
+        &[],
+    )
+    .await;
+    assert!(stdout.contains("0 restored, 3 left alone"), "{stdout}");
+}

@@ -12,6 +12,7 @@ mod cli;
 mod daemon;
 mod faults;
 mod misconfig;
+mod oncall;
 mod operator;
 mod partitions;
 mod plan_props;

@@ -116,7 +116,9 @@ async fn every_command_line_in_the_readme_runs_as_written() {
             && !line.contains("--version")
             && !line.contains(" check")
             && !line.contains(" permissions")
-            && !line.contains(" undo");
+            && !line.contains(" undo")
+            && !line.contains(" explain")
+            && !line.contains(" history");
         let wait = if daemon {
             Duration::from_secs(3)
         } else {
@@ -251,6 +253,24 @@ async fn the_daemon_serves_the_last_sweep() {
     assert!(doc["changes_total"].as_u64().unwrap() <= 3);
     assert!(doc["guard"]["verdict"].is_string(), "{doc}");
     assert!(!body.contains("postgres://"), "{body}");
+    // The command that shows what the sweep wrote, runnable as given.
+    let sweep_id = doc["sweep_id"].as_str().unwrap();
+    let history = doc["history"].as_str().unwrap();
+    assert_eq!(
+        history,
+        format!("sandbox-reconciler history --sweep {sweep_id}")
+    );
+    let config = db.write_config(dir.path(), "");
+    let mut args: Vec<&str> = history.split(' ').skip(1).collect();
+    args.extend(["--output", "json", "--config", config.to_str().unwrap()]);
+    let out = run_binary(dir.path(), None, &args, &[]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let records: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        records["records"].as_array().unwrap().len() as u64,
+        doc["changes_total"].as_u64().unwrap(),
+        "{records}"
+    );
     d.signal("TERM");
     assert_eq!(d.wait_exit(15).await, Some(0));
 }
