@@ -43,7 +43,7 @@ export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:543
 if [[ $# -gt 0 ]]; then
     files=("$@")
 else
-    files=(src/plan.rs src/store/mapping.rs src/store/mod.rs src/cluster/kube_api.rs src/sweep.rs)
+    files=(src/plan.rs src/store/mapping.rs src/store/mod.rs src/cluster/kube_api.rs src/sweep/*.rs)
 fi
 file_args=()
 for f in "${files[@]}"; do

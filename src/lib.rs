@@ -18,13 +18,15 @@ pub mod metrics;
 pub mod permissions;
 pub mod plan;
 pub mod progress;
-pub mod report;
 pub mod selector;
 pub mod snapshot;
 pub mod sql;
 pub mod store;
 pub mod sweep;
 pub mod undo;
+
+/// The sweep's report and its summaries, where they have always been found.
+pub use sweep::report;
 
 /// The git commit this binary was built from ("unknown" outside a git checkout; a build can
 /// set `SANDBOX_RECONCILER_REVISION` instead, e.g. in a container build).
