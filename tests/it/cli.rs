@@ -4,14 +4,6 @@ use crate::support::*;
 use serde_json::json;
 use sqlx::AssertSqlSafe;
 
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 /// Five live pods (three list pages of two) and one orphan.
 async fn setup() -> (TestDb, FakeApiServer, tempfile::TempDir) {
     let (db, api) = seeded(5, 0).await;

@@ -425,9 +425,9 @@ async fn database_down_at_start_and_during_sweeps_daemon_recovers() {
 /// go through on the server; the next sweep re-reads the rows, finds the row already gone
 /// (not a candidate), writes nothing more and succeeds: one downgrade, one audit record.
 ///
-/// Fails on the code before the fix: the timed-out commit was reported like any other
-/// deadline ("no answer from PostgreSQL within 1s ... the connection is dropped"), which
-/// reads as a failed, rolled-back batch.
+/// The timed-out commit is not reported like any other deadline ("no answer from PostgreSQL
+/// within 1s ... the connection is dropped"), which would read as a failed, rolled-back
+/// batch.
 #[tokio::test]
 async fn a_commit_that_outlives_the_deadline_is_reported_unknown_and_reconciled() {
     let (db, api) = world(1).await;

@@ -11,13 +11,6 @@ use sandbox_reconciler::sweep::SweepResult;
 use sandbox_reconciler::undo::{self, UndoRequest};
 use sqlx::{AssertSqlSafe, Row};
 
-async fn exec(db: &TestDb, sql: &str) {
-    sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
-        .execute(&db.pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
-
 /// (partition, ctid, state, agent_thread_id) of one row.
 async fn located(
     db: &TestDb,
@@ -44,11 +37,10 @@ async fn located(
 /// downgraded row is now at (0,2), which b's second row shares). b's rows are never changed
 /// and have no audit record; a's row is downgraded and restored.
 ///
-/// Fails on the code before the fix: the UPDATEs matched `t.ctid = old.row_id` alone, so the
-/// downgrade also changed b's row at (0,1); the post-statement check saw the key twice and
-/// rolled the batch back ("the statement changed 2 rows for 1 planned keys"), on every sweep.
-/// The undo (which had no such check) rewrote b's row at (0,2) to `suspended` with a's
-/// `agent_thread_id`.
+/// UPDATEs matching `t.ctid = old.row_id` alone would also change b's row at (0,1): the
+/// post-statement check would see the key twice and roll the batch back ("the statement
+/// changed 2 rows for 1 planned keys") on every sweep, and an undo without such a check would
+/// rewrite b's row at (0,2) to `suspended` with a's `agent_thread_id`.
 #[tokio::test]
 async fn a_partitioned_table_is_downgraded_and_undone_in_the_scopes_partition_only() {
     let db = TestDb::new().await;

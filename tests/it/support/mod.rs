@@ -241,9 +241,7 @@ pub const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
 /// with the Sandbox API served.
 pub async fn seeded(live: usize, orphans: usize) -> (TestDb, FakeApiServer) {
     let db = TestDb::new().await;
-    let api = FakeApiServer::start().await;
-    api.register_sandbox_version("v1alpha1");
-    api.add_namespace("agents");
+    let api = fake_api().await;
     for i in 0..live {
         api.add_pod("agents", &format!("pod-live-{i}"), MANAGED);
         db.insert(
@@ -308,4 +306,30 @@ pub async fn wait_for_blocked_batch(db: &TestDb) -> i32 {
 
 pub fn minutes(n: i64) -> Duration {
     Duration::minutes(n)
+}
+
+/// An API server with the namespace the test settings name and the Sandbox API served.
+pub async fn fake_api() -> FakeApiServer {
+    let api = FakeApiServer::start().await;
+    api.register_sandbox_version("v1alpha1");
+    api.add_namespace("agents");
+    api
+}
+
+/// Runs `sql` (one or more statements) in the test database; panics with the SQL on error.
+pub async fn exec(db: &TestDb, sql: &str) {
+    sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+        .execute(&db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// A process's standard output as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A process's standard error as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }

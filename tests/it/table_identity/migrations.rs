@@ -72,7 +72,7 @@ async fn migration_lock_holders(db: &TestDb, key: i64) -> i64 {
 #[tokio::test]
 async fn a_failed_migration_leaves_no_lock_and_can_be_retried() {
     let db = TestDb::new().await;
-    let api = api().await;
+    let api = fake_api().await;
     db.insert("x", "suspended", "pod-x", minutes(60)).await;
     exec(
         &db,

@@ -24,13 +24,6 @@ use sandbox_reconciler::sweep::SweepOptions;
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection, Row};
 
-pub(super) async fn exec(db: &TestDb, sql: &str) {
-    sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
-        .execute(&db.pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
-
 /// `database_url()` with one more query parameter.
 pub(super) fn url_with(param: &str) -> String {
     let url = database_url();
@@ -42,14 +35,6 @@ pub(super) fn url_with(param: &str) -> String {
 /// which sqlx's `PgConnectOptions` parses: `-c search_path=<schema>`).
 pub(super) fn search_path_url(schema: &str) -> String {
     url_with(&format!("options=-c%20search_path%3D{schema}"))
-}
-
-/// An API server with the namespace the settings name and the Sandbox API served.
-pub(super) async fn api() -> FakeApiServer {
-    let api = FakeApiServer::start().await;
-    api.register_sandbox_version("v1alpha1");
-    api.add_namespace("agents");
-    api
 }
 
 /// The test settings of `db` for another session table.

@@ -18,7 +18,7 @@ use super::*;
 #[tokio::test]
 async fn scoped_rows_with_the_same_key_are_downgraded_and_undone_by_scope_only() {
     let db = TestDb::new().await;
-    let api = api().await;
+    let api = fake_api().await;
     let table = shared_table(&db).await;
     exec(
         &db,

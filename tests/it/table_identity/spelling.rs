@@ -23,7 +23,7 @@ use super::*;
 #[tokio::test]
 async fn two_spellings_of_one_table_share_lock_audit_name_and_migrations() {
     let db = TestDb::new().await;
-    let api = api().await;
+    let api = fake_api().await;
     let schema = db.schema.clone();
     db.insert("x", "suspended", "pod-x", minutes(90)).await;
     db.insert("y", "suspended", "pod-y", minutes(60)).await;

@@ -25,7 +25,7 @@ use super::*;
 #[tokio::test]
 async fn naive_updated_at_is_read_and_written_in_the_configured_zone() {
     let db = TestDb::new().await;
-    let api = api().await;
+    let api = fake_api().await;
     let table = format!("{}.naive_sessions", db.schema);
     let ny = "now() AT TIME ZONE 'America/New_York'";
     exec(

@@ -99,7 +99,7 @@ async fn typed_roundtrip(
 #[tokio::test]
 async fn uuid_and_bigint_keys_are_downgraded_and_undone() {
     let db = TestDb::new().await;
-    let api = api().await;
+    let api = fake_api().await;
     typed_roundtrip(
         &db,
         &api,
@@ -131,7 +131,7 @@ async fn uuid_and_bigint_keys_are_downgraded_and_undone() {
 #[tokio::test]
 async fn enum_state_column_is_downgraded_and_undone() {
     let db = TestDb::new().await;
-    let api = api().await;
+    let api = fake_api().await;
     exec(
         &db,
         &format!(
@@ -164,7 +164,7 @@ async fn enum_state_column_is_downgraded_and_undone() {
 #[tokio::test]
 async fn a_not_null_domain_column_does_not_stop_undo() {
     let db = TestDb::new().await;
-    let api = api().await;
+    let api = fake_api().await;
     let table = format!("{}.domain_sessions", db.schema);
     exec(
         &db,

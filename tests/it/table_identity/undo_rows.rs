@@ -21,7 +21,7 @@ use super::*;
 #[tokio::test]
 async fn undo_beside_a_running_writer() {
     let db = TestDb::new().await;
-    let api = api().await;
+    let api = fake_api().await;
     db.insert("x", "suspended", "pod-x", minutes(60)).await;
     let settings = db.settings();
     let mapping = resolved(&settings).await;
@@ -111,12 +111,12 @@ async fn undo_beside_a_running_writer() {
 
 /// A deleted row is inserted back from its row image on a table with a NOT NULL domain column,
 /// a stored generated column (recomputed, never named in the INSERT) and an identity column
-/// GENERATED ALWAYS (the image's value kept). Test fails on the old code: the audit record kept
-/// no row image and the undo left the deleted row alone.
+/// GENERATED ALWAYS (the image's value kept): the audit record keeps the row image that makes
+/// this possible.
 #[tokio::test]
 async fn a_deleted_row_is_inserted_back_past_domain_generated_and_identity_columns() {
     let db = TestDb::new().await;
-    let api = api().await;
+    let api = fake_api().await;
     let table = format!("{}.image_sessions", db.schema);
     exec(
         &db,
@@ -181,7 +181,7 @@ async fn a_deleted_row_is_inserted_back_past_domain_generated_and_identity_colum
 #[tokio::test]
 async fn a_deleted_row_is_inserted_back_in_its_own_scope_only() {
     let db = TestDb::new().await;
-    let api = api().await;
+    let api = fake_api().await;
     let table = format!("{}.scoped_images", db.schema);
     exec(
         &db,
@@ -262,7 +262,7 @@ async fn a_deleted_row_is_inserted_back_in_its_own_scope_only() {
 #[tokio::test]
 async fn a_deleted_row_with_a_bigint_key_and_an_enum_state_is_inserted_back() {
     let db = TestDb::new().await;
-    let api = api().await;
+    let api = fake_api().await;
     let table = format!("{}.typed_images", db.schema);
     exec(
         &db,
