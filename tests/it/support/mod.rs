@@ -157,22 +157,9 @@ impl TestDb {
         s
     }
 
-    /// The same settings as a TOML file for the binary.
+    /// The same settings as a TOML file for the binary, `extra` appended.
     pub fn write_config(&self, dir: &Path, extra: &str) -> PathBuf {
-        let path = dir.join(format!("config-{}.toml", uuid::Uuid::new_v4().simple()));
-        let text = format!(
-            "[database]\nurl = \"{url}\"\n\
-             [sessions]\ntable = \"{table}\"\nclear_columns = [\"agent_thread_id\"]\n\
-             [audit]\ntable = \"{audit}\"\n\
-             [cluster]\nnamespaces = [\"agents\"]\npage_size = 2\nrequest_timeout_seconds = 5\n\
-             [backends.agent_sandbox]\nenabled = true\nobject_name_prefix = \"sb-\"\n\
-             [guard]\nmin_live_missing = 1\n{extra}\n",
-            url = database_url(),
-            table = self.table(),
-            audit = self.audit_table(),
-        );
-        std::fs::write(&path, text).unwrap();
-        path
+        write_settings(dir, &self.settings(), extra)
     }
 }
 
@@ -332,4 +319,49 @@ pub fn stdout(out: &Output) -> String {
 /// A process's standard error as text.
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `settings` as a configuration file for the binary, `extra` appended: the keys the tests
+/// set (see `TestDb::settings`) are written from the same values the in-process sweeps use,
+/// so the binary and the library see one configuration. The tables written are `[database]`,
+/// `[sessions]`, `[audit]`, `[cluster]`, `[backends.agent_sandbox]` and `[guard]`; `extra` may
+/// add any other (e.g. `[sweep]`).
+pub fn write_settings(dir: &Path, settings: &Settings, extra: &str) -> PathBuf {
+    let s = settings;
+    let mut sessions = format!(
+        "table = {:?}\nclear_columns = {:?}\n",
+        s.sessions.table, s.sessions.clear_columns
+    );
+    if !s.sessions.scope_column.is_empty() {
+        sessions += &format!(
+            "scope_column = {:?}\nscope_value = {:?}\n",
+            s.sessions.scope_column, s.sessions.scope_value
+        );
+    }
+    if !s.sessions.updated_at_time_zone.is_empty() {
+        sessions += &format!(
+            "updated_at_time_zone = {:?}\n",
+            s.sessions.updated_at_time_zone
+        );
+    }
+    let text = format!(
+        "[database]\nurl = {url:?}\n\
+         [sessions]\n{sessions}\
+         [audit]\ntable = {audit:?}\n\
+         [cluster]\nnamespaces = {namespaces:?}\npage_size = {page_size}\n\
+         request_timeout_seconds = {timeout}\n\
+         [backends.agent_sandbox]\nenabled = {sandbox}\nobject_name_prefix = {prefix:?}\n\
+         [guard]\nmin_live_missing = {min_live_missing}\n{extra}\n",
+        url = s.database.url,
+        audit = s.audit.table,
+        namespaces = s.cluster.namespaces,
+        page_size = s.cluster.page_size,
+        timeout = s.cluster.request_timeout_seconds,
+        sandbox = s.backends.agent_sandbox.enabled,
+        prefix = s.backends.agent_sandbox.object_name_prefix,
+        min_live_missing = s.guard.min_live_missing,
+    );
+    let path = dir.join(format!("config-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, text).unwrap();
+    path
 }

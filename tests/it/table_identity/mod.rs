@@ -14,8 +14,6 @@ mod timestamps;
 mod typed;
 mod undo_rows;
 
-use std::path::{Path, PathBuf};
-
 use crate::support::*;
 use chrono::{DateTime, Utc};
 use sandbox_reconciler::config::Settings;
@@ -43,29 +41,6 @@ pub(super) fn settings_for(db: &TestDb, table: &str) -> Settings {
     s.sessions.table = table.to_string();
     s.validate().expect("valid settings");
     s
-}
-
-/// A configuration file for the binary, like `TestDb::write_config` but for any table, URL
-/// and audit table, with extra lines in `[database]` and `[sessions]`.
-pub(super) fn write_config(
-    dir: &Path,
-    url: &str,
-    table: &str,
-    audit: &str,
-    database_extra: &str,
-    sessions_extra: &str,
-) -> PathBuf {
-    let path = dir.join(format!("config-{}.toml", uuid::Uuid::new_v4().simple()));
-    let text = format!(
-        "[database]\nurl = \"{url}\"\n{database_extra}\n\
-         [sessions]\ntable = \"{table}\"\nclear_columns = [\"agent_thread_id\"]\n{sessions_extra}\n\
-         [audit]\ntable = \"{audit}\"\n\
-         [cluster]\nnamespaces = [\"agents\"]\npage_size = 2\nrequest_timeout_seconds = 5\n\
-         [backends.agent_sandbox]\nenabled = true\nobject_name_prefix = \"sb-\"\n\
-         [guard]\nmin_live_missing = 1\n"
-    );
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 pub(super) fn output(out: &std::process::Output) -> String {

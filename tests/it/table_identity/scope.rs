@@ -34,14 +34,7 @@ async fn scoped_rows_with_the_same_key_are_downgraded_and_undone_by_scope_only()
 
     // Without a scope the key alone does not identify a row: a configuration error that
     // names the key to set, before anything is written.
-    let unscoped = write_config(
-        dir.path(),
-        &database_url(),
-        &table,
-        &db.audit_table(),
-        "",
-        "",
-    );
+    let unscoped = write_settings(dir.path(), &settings_for(&db, &table), "");
     let out = run_binary(
         dir.path(),
         Some(&api),
@@ -98,14 +91,7 @@ async fn scoped_rows_with_the_same_key_are_downgraded_and_undone_by_scope_only()
     )
     .await;
     let b_lookalike = shared_row(&db, &table, "b", "k1").await;
-    let scoped = write_config(
-        dir.path(),
-        &database_url(),
-        &table,
-        &db.audit_table(),
-        "",
-        "scope_column = \"cluster\"\nscope_value = \"a\"",
-    );
+    let scoped = write_settings(dir.path(), &settings, "");
     let sweep_id = report.sweep_id.to_string();
     let out = run_binary(
         dir.path(),

@@ -85,7 +85,7 @@ async fn two_spellings_of_one_table_share_lock_audit_name_and_migrations() {
     let before = db.fingerprint().await;
     let holder = hold_lock(a.lock_key()).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &url, &canonical, &db.audit_table(), "", "");
+    let config = write_settings(dir.path(), &qualified, "");
     let out = run_binary(
         dir.path(),
         Some(&api),

@@ -68,14 +68,7 @@ async fn naive_updated_at_is_read_and_written_in_the_configured_zone() {
     let dir = tempfile::tempdir().unwrap();
 
     // No zone configured: refused as a configuration error naming the key.
-    let config = write_config(
-        dir.path(),
-        &database_url(),
-        &table,
-        &db.audit_table(),
-        "",
-        "",
-    );
+    let config = write_settings(dir.path(), &settings_for(&db, &table), "");
     let out = run_binary(
         dir.path(),
         Some(&api),
@@ -94,14 +87,9 @@ async fn naive_updated_at_is_read_and_written_in_the_configured_zone() {
 
     // With the zone: the row written 5 minutes ago (local) is within the 600 s grace period,
     // the one written 3 hours ago is downgraded, and its new updated_at is local time.
-    let config = write_config(
-        dir.path(),
-        &database_url(),
-        &table,
-        &db.audit_table(),
-        "",
-        "updated_at_time_zone = \"America/New_York\"",
-    );
+    let mut zoned = settings_for(&db, &table);
+    zoned.sessions.updated_at_time_zone = "America/New_York".into();
+    let config = write_settings(dir.path(), &zoned, "");
     let out = run_binary(
         dir.path(),
         Some(&api),
