@@ -426,18 +426,7 @@ async fn history_lists_downgrades_and_undos_without_sql() {
 
     let report = sweep(db.settings(), &api, false).await;
     assert_eq!(report.downgraded, 2);
-    let undone = sandbox_reconciler::undo::run(
-        &Database::new(&db.settings()).unwrap(),
-        &TableMapping::from_settings(&db.settings()).unwrap(),
-        &sandbox_reconciler::undo::UndoRequest {
-            sweep: None,
-            session: Some("orphan-1".into()),
-            dry_run: false,
-        },
-        std::time::Duration::ZERO,
-    )
-    .await
-    .unwrap();
+    let undone = undo_session(&db.settings(), "orphan-1").await.unwrap();
     assert_eq!(undone.restored, 1);
 
     let (code, stdout, _) = run(args(&["--since", "90m", "--output", "json"])).await;

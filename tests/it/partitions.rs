@@ -3,12 +3,8 @@
 //! (`tableoid`) and `ctid` together, and another partition's row at the same `ctid` is never
 //! touched.
 
-use std::time::Duration;
-
 use crate::support::*;
-use sandbox_reconciler::store::{Database, TableMapping};
 use sandbox_reconciler::sweep::SweepResult;
-use sandbox_reconciler::undo::{self, UndoRequest};
 use sqlx::{AssertSqlSafe, Row};
 
 /// (partition, ctid, state, agent_thread_id) of one row.
@@ -94,18 +90,7 @@ async fn a_partitioned_table_is_downgraded_and_undone_in_the_scopes_partition_on
         "the downgraded row now shares b's second row's ctid"
     );
 
-    let undone = undo::run(
-        &Database::new(&settings).unwrap(),
-        &TableMapping::from_settings(&settings).unwrap(),
-        &UndoRequest {
-            sweep: Some(report.sweep_id),
-            session: None,
-            dry_run: false,
-        },
-        Duration::ZERO,
-    )
-    .await
-    .unwrap();
+    let undone = undo_sweep(&settings, report.sweep_id).await.unwrap();
     assert_eq!((undone.restored, undone.left_alone), (1, 0));
     let a_back = located(&db, &table, "a", "k1").await;
     assert_eq!(

@@ -10,8 +10,9 @@ use std::process::Output;
 use chrono::{DateTime, Duration, Utc};
 use sandbox_reconciler::cluster::KubeCluster;
 use sandbox_reconciler::config::Settings;
-use sandbox_reconciler::store::{Database, TableMapping};
+use sandbox_reconciler::store::{Database, StoreError, TableMapping};
 use sandbox_reconciler::sweep::{ClusterSource, Reconciler, SweepOptions, SweepReport};
+use sandbox_reconciler::undo::{self, UndoReport, UndoRequest};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
@@ -364,4 +365,34 @@ pub fn write_settings(dir: &Path, settings: &Settings, extra: &str) -> PathBuf {
     let path = dir.join(format!("config-{}.toml", uuid::Uuid::new_v4().simple()));
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// Undoes every downgrade of sweep `sweep` in-process, with the database and table of
+/// `settings` and no wait for the writer lock.
+pub async fn undo_sweep(settings: &Settings, sweep: uuid::Uuid) -> Result<UndoReport, StoreError> {
+    undo_in_process(settings, Some(sweep), None).await
+}
+
+/// Undoes the last downgrade of session `key` in-process, like `undo_sweep`.
+pub async fn undo_session(settings: &Settings, key: &str) -> Result<UndoReport, StoreError> {
+    undo_in_process(settings, None, Some(key.to_string())).await
+}
+
+async fn undo_in_process(
+    settings: &Settings,
+    sweep: Option<uuid::Uuid>,
+    session: Option<String>,
+) -> Result<UndoReport, StoreError> {
+    let request = UndoRequest {
+        sweep,
+        session,
+        dry_run: false,
+    };
+    undo::run(
+        &Database::new(settings).unwrap(),
+        &TableMapping::from_settings(settings).unwrap(),
+        &request,
+        std::time::Duration::ZERO,
+    )
+    .await
 }

@@ -1,13 +1,10 @@
 //! Typed keys and an enum state column: SQL typed from the catalog, so uuid and bigint keys
 //! keep their index and enum states are written and restored.
 
-use std::time::Duration;
-
 use crate::support::*;
 use chrono::Utc;
-use sandbox_reconciler::store::{self, Database, TableMapping};
+use sandbox_reconciler::store::{self, TableMapping};
 use sandbox_reconciler::sweep::SweepResult;
-use sandbox_reconciler::undo::{self, UndoRequest};
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Row};
 
@@ -71,18 +68,7 @@ async fn typed_roundtrip(
     assert_eq!(downgrades.len(), 1, "{records:?}");
     assert_eq!(downgrades[0].3, orphan_key);
 
-    let undone = undo::run(
-        &Database::new(&settings).unwrap(),
-        &TableMapping::from_settings(&settings).unwrap(),
-        &UndoRequest {
-            sweep: Some(report.sweep_id),
-            session: None,
-            dry_run: false,
-        },
-        Duration::ZERO,
-    )
-    .await
-    .unwrap();
+    let undone = undo_sweep(&settings, report.sweep_id).await.unwrap();
     assert_eq!((undone.restored, undone.left_alone), (1, 0), "{table}");
     assert_eq!(
         row(orphan_key).await,
@@ -206,18 +192,9 @@ async fn a_not_null_domain_column_does_not_stop_undo() {
     assert_eq!(report.downgraded, 1);
     assert_eq!(row("orphan").await, ("gone".into(), None, "team-x".into()));
 
-    let undone = undo::run(
-        &Database::new(&settings).unwrap(),
-        &TableMapping::from_settings(&settings).unwrap(),
-        &UndoRequest {
-            sweep: Some(report.sweep_id),
-            session: None,
-            dry_run: false,
-        },
-        Duration::ZERO,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("undo failed: {e}"));
+    let undone = undo_sweep(&settings, report.sweep_id)
+        .await
+        .unwrap_or_else(|e| panic!("undo failed: {e}"));
     assert_eq!((undone.restored, undone.left_alone), (1, 0));
     assert_eq!(
         row("orphan").await,

@@ -4,8 +4,6 @@
 use std::time::{Duration, Instant};
 
 use crate::support::*;
-use sandbox_reconciler::store::{Database, TableMapping};
-use sandbox_reconciler::undo::{self, UndoRequest};
 use sqlx::{AssertSqlSafe, Connection};
 
 use super::*;
@@ -154,18 +152,9 @@ async fn a_deleted_row_is_inserted_back_past_domain_generated_and_identity_colum
         &format!("DELETE FROM {table} WHERE thread_key = 'orphan'"),
     )
     .await;
-    let undone = undo::run(
-        &Database::new(&settings).unwrap(),
-        &TableMapping::from_settings(&settings).unwrap(),
-        &UndoRequest {
-            sweep: None,
-            session: Some("orphan".into()),
-            dry_run: false,
-        },
-        Duration::ZERO,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("undo failed: {e}"));
+    let undone = undo_session(&settings, "orphan")
+        .await
+        .unwrap_or_else(|e| panic!("undo failed: {e}"));
     assert_eq!((undone.restored, undone.inserted), (1, 1), "{undone:?}");
     // Every column as before, the cleared agent_thread_id included; state suspended.
     assert_eq!(image("orphan").await.unwrap(), before);
@@ -212,18 +201,9 @@ async fn a_deleted_row_is_inserted_back_in_its_own_scope_only() {
         ),
     )
     .await;
-    let undone = undo::run(
-        &Database::new(&settings).unwrap(),
-        &TableMapping::from_settings(&settings).unwrap(),
-        &UndoRequest {
-            sweep: Some(report.sweep_id),
-            session: None,
-            dry_run: false,
-        },
-        Duration::ZERO,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("undo failed: {e}"));
+    let undone = undo_sweep(&settings, report.sweep_id)
+        .await
+        .unwrap_or_else(|e| panic!("undo failed: {e}"));
     assert_eq!(
         (undone.restored, undone.inserted, undone.left_alone),
         (1, 1, 1),
@@ -285,18 +265,9 @@ async fn a_deleted_row_with_a_bigint_key_and_an_enum_state_is_inserted_back() {
     let report = sweep(settings.clone(), &api, false).await;
     assert_eq!(report.downgraded, 1, "{:?}", report.error);
     exec(&db, &format!("DELETE FROM {table} WHERE state = 'gone'")).await;
-    let undone = undo::run(
-        &Database::new(&settings).unwrap(),
-        &TableMapping::from_settings(&settings).unwrap(),
-        &UndoRequest {
-            sweep: Some(report.sweep_id),
-            session: None,
-            dry_run: false,
-        },
-        Duration::ZERO,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("undo failed: {e}"));
+    let undone = undo_sweep(&settings, report.sweep_id)
+        .await
+        .unwrap_or_else(|e| panic!("undo failed: {e}"));
     assert_eq!((undone.restored, undone.inserted), (1, 1), "{undone:?}");
     let row: (String, Option<String>) = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT state::text, agent_thread_id FROM {table} WHERE thread_key = 9007199254740993"
