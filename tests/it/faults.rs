@@ -264,13 +264,7 @@ async fn two_daemons_and_a_once_run_have_one_writer() {
     let a = Daemon::start(dir.path(), &db, &api, &[]).await;
     let b = Daemon::start(dir.path(), &db, &api, &[]).await;
     let config = db.write_config(dir.path(), "");
-    let once = run_binary(
-        dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
-        &[],
-    )
-    .await;
+    let once = run_once(dir.path(), &api, &config, &[]).await;
     let code = once.status.code();
     assert!(code == Some(0) || code == Some(1), "{once:?}");
     if code == Some(1) {

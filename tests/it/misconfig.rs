@@ -55,10 +55,10 @@ async fn namespace_typo_at_a_quiet_hour_refuses_and_names_the_key() {
 
     let dir = tempfile::tempdir().unwrap();
     let config = db.write_config(dir.path(), "");
-    let out = run_binary(
+    let out = run_once(
         dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
+        &api,
+        &config,
         &[("SANDBOX_RECONCILER__CLUSTER__NAMESPACES", "agnets")],
     )
     .await;
@@ -341,13 +341,7 @@ async fn an_api_error_is_logged_once() {
     api.inject(Fault::on_list("/pods", FaultAction::Status(500, None)));
     let dir = tempfile::tempdir().unwrap();
     let config = db.write_config(dir.path(), "");
-    let out = run_binary(
-        dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
-        &[],
-    )
-    .await;
+    let out = run_once(dir.path(), &api, &config, &[]).await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("failed with status"), "{stderr}");
@@ -395,23 +389,17 @@ async fn unsafe_configuration_is_refused_with_its_key() {
     ];
     for (key, value, named) in cases {
         let config = db.write_config(dir.path(), "");
-        let out = run_binary(
-            dir.path(),
-            Some(&api),
-            &["--once", "--config", config.to_str().unwrap()],
-            &[(key, value)],
-        )
-        .await;
+        let out = run_once(dir.path(), &api, &config, &[(key, value)]).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{key}={value}: {stderr}");
         assert!(stderr.contains(named), "{key}={value}: {stderr}");
     }
     // The scope column cannot be cleared either.
     let config = db.write_config(dir.path(), "");
-    let out = run_binary(
+    let out = run_once(
         dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
+        &api,
+        &config,
         &[
             ("SANDBOX_RECONCILER__SESSIONS__SCOPE_COLUMN", "harness"),
             ("SANDBOX_RECONCILER__SESSIONS__SCOPE_VALUE", "amp"),

@@ -326,13 +326,7 @@ async fn dry_run_in_the_configuration_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = db.write_config(dir.path(), "[sweep]\ndry_run = true\n");
     let before = db.fingerprint().await;
-    let out = run_binary(
-        dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
-        &[],
-    )
-    .await;
+    let out = run_once(dir.path(), &api, &config, &[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(db.fingerprint().await, before, "{}", stdout(&out));
     assert_eq!(db.audit_count().await, 0);

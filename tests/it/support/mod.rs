@@ -221,6 +221,22 @@ pub async fn run_binary(
         .expect("binary ran")
 }
 
+/// Runs the real binary once (`--once --config <config>`) against `api`, with extra env vars.
+pub async fn run_once(
+    dir: &Path,
+    api: &FakeApiServer,
+    config: &Path,
+    env: &[(&str, &str)],
+) -> Output {
+    run_binary(
+        dir,
+        Some(api),
+        &["--once", "--config", config.to_str().unwrap()],
+        env,
+    )
+    .await
+}
+
 /// Pods labelled the way the default backend selects them.
 pub const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
 
