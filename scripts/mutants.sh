@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mutation audit (issue 9): breaks the code that decides and writes, one small change at a
+# Mutation audit: breaks the code that decides and writes, one small change at a
 # time, with cargo-mutants, and reports which breakages the tests catch. Not part of
 # scripts/test.sh: a full run takes hours on a 2-core machine. docs/MUTATION.md explains the
 # results and how to read them.

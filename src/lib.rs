@@ -2,9 +2,9 @@
 //! Kubernetes cluster: it finds `suspended` session rows whose Pod or Sandbox no longer
 //! exists and downgrades them to `gone`, safely, with an audit record for each.
 //!
-//! See docs/DESIGN.md for the shape: `cluster` and `store` do the I/O, `snapshot` holds the
-//! values they exchange, `plan` decides, `sweep` runs one sweep in the safe order, `report`
-//! prints it.
+//! The module map is docs/DESIGN.md, "Shape" (one line per module). In short: `cluster` and
+//! `store` do the I/O, `snapshot` holds the values they exchange, `plan` decides, `sweep` runs
+//! one sweep in the safe order, `report` prints it.
 
 pub mod check;
 pub mod cli;

@@ -1007,7 +1007,7 @@ mod tests {
 
     /// One function decides: each row's verdict, with the guards and the cap applied by
     /// [`outcome`], adds up to exactly the plan's counts, and the downgrades are the rows whose
-    /// outcome is `Downgrade`. Fails on the old code: there was no per-row verdict.
+    /// outcome is `Downgrade`.
     #[test]
     fn each_rows_verdict_adds_up_to_the_plan() {
         let mut snap = snapshot(&["live-1", "sus-present", "term"], &["sb-paused"]);

@@ -39,7 +39,7 @@ fn scramble(j: u64) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum Shape {
-    /// The previous rounds' shape: the rest of the suspended share (`--suspended-pct`) are
+    /// The shape of the earlier reference runs: the rest of the suspended share (`--suspended-pct`) are
     /// rows without an object updated within the grace period (sessions paused in the last
     /// hours), which no sweep and no naive script touches.
     Fresh,

@@ -1,6 +1,6 @@
 //! The daemon's watch-fed cache against the fake API server: steady-state sweeps that cost the
 //! database read and the scope checks, confirmation by the cache proven fresh, and the faults
-//! of issue 12 (watch dropped, 410 on watch, no bookmarks, a cache that never syncs, an
+//! it must survive (watch dropped, 410 on watch, no bookmarks, a cache that never syncs, an
 //! object deleted and recreated, a row resumed behind a stale cache, changes that reach the
 //! cache only through a relist), each with nothing wrong written.
 

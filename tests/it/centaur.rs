@@ -528,9 +528,8 @@ async fn image_of(db: &TestDb, key: &str) -> Option<Value> {
 /// undoable. The audit record keeps the whole row image, and `undo --session KEY` inserts the
 /// deleted row back, every column as it was (jsonb, uuid, NOT NULL defaults), state suspended,
 /// with its own audit record; a key the platform has re-created meanwhile is listed and left
-/// alone, and a record without a usable image is listed, counted and left alone. Test fails
-/// on the old code: the undo found no row and restored nothing ("left alone (now row
-/// deleted)").
+/// alone, and a record without a usable image is listed, counted and left alone (not "left
+/// alone (now row deleted)" for the row that can be inserted back).
 #[tokio::test]
 async fn undo_inserts_back_a_row_centaur_deleted_after_the_downgrade() {
     let db = TestDb::migrated("").await;

@@ -4,14 +4,6 @@ use crate::support::*;
 use serde_json::json;
 use sqlx::AssertSqlSafe;
 
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 /// Five live pods (three list pages of two) and one orphan.
 async fn setup() -> (TestDb, FakeApiServer, tempfile::TempDir) {
     let (db, api) = seeded(5, 0).await;
@@ -61,13 +53,7 @@ async fn api_error_on_page_2_of_3_exits_1_and_writes_nothing() {
     ));
     let config = db.write_config(dir.path(), "");
     let before = db.fingerprint().await;
-    let out = run_binary(
-        dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
-        &[],
-    )
-    .await;
+    let out = run_once(dir.path(), &api, &config, &[]).await;
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(stdout(&out).contains("500"), "{}", stdout(&out));
     assert_eq!(db.fingerprint().await, before);
@@ -85,13 +71,7 @@ async fn guard_refusal_exits_3_and_writes_nothing() {
     api.add_pod("agents", "pod-unrelated", MANAGED);
     let config = db.write_config(dir.path(), "");
     let before = db.fingerprint().await;
-    let out = run_binary(
-        dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
-        &[],
-    )
-    .await;
+    let out = run_once(dir.path(), &api, &config, &[]).await;
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -221,10 +201,10 @@ async fn bad_config_key_exits_2_naming_the_key() {
 async fn missing_column_is_named_with_its_key() {
     let (db, api, dir) = setup().await;
     let config = db.write_config(dir.path(), "");
-    let out = run_binary(
+    let out = run_once(
         dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
+        &api,
+        &config,
         &[("SANDBOX_RECONCILER__SESSIONS__OBJECT_COLUMN", "sandbox_idd")],
     )
     .await;
@@ -253,13 +233,7 @@ async fn second_writer_is_refused_the_lock() {
         .await
         .unwrap();
     let before = db.fingerprint().await;
-    let out = run_binary(
-        dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
-        &[],
-    )
-    .await;
+    let out = run_once(dir.path(), &api, &config, &[]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stdout(&out).contains("holds the writer lock"),

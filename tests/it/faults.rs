@@ -264,13 +264,7 @@ async fn two_daemons_and_a_once_run_have_one_writer() {
     let a = Daemon::start(dir.path(), &db, &api, &[]).await;
     let b = Daemon::start(dir.path(), &db, &api, &[]).await;
     let config = db.write_config(dir.path(), "");
-    let once = run_binary(
-        dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
-        &[],
-    )
-    .await;
+    let once = run_once(dir.path(), &api, &config, &[]).await;
     let code = once.status.code();
     assert!(code == Some(0) || code == Some(1), "{once:?}");
     if code == Some(1) {
@@ -425,9 +419,9 @@ async fn database_down_at_start_and_during_sweeps_daemon_recovers() {
 /// go through on the server; the next sweep re-reads the rows, finds the row already gone
 /// (not a candidate), writes nothing more and succeeds: one downgrade, one audit record.
 ///
-/// Fails on the code before the fix: the timed-out commit was reported like any other
-/// deadline ("no answer from PostgreSQL within 1s ... the connection is dropped"), which
-/// reads as a failed, rolled-back batch.
+/// The timed-out commit is not reported like any other deadline ("no answer from PostgreSQL
+/// within 1s ... the connection is dropped"), which would read as a failed, rolled-back
+/// batch.
 #[tokio::test]
 async fn a_commit_that_outlives_the_deadline_is_reported_unknown_and_reconciled() {
     let (db, api) = world(1).await;

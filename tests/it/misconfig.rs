@@ -38,9 +38,9 @@ async fn quiet_hour() -> (TestDb, FakeApiServer) {
     (db, api)
 }
 
-/// Item 1: with a namespace that does not exist, every listing is empty and every GET
-/// answers 404; before, every paused Sandbox's row was downgraded. Now the sweep refuses
-/// before listing, names the namespace and the key, and exits 3.
+/// With a namespace that does not exist, every listing is empty and every GET answers 404,
+/// which would make every paused Sandbox's row look orphaned: the sweep refuses before
+/// listing, names the namespace and the key, and exits 3.
 #[tokio::test]
 async fn namespace_typo_at_a_quiet_hour_refuses_and_names_the_key() {
     let (db, api) = quiet_hour().await;
@@ -55,10 +55,10 @@ async fn namespace_typo_at_a_quiet_hour_refuses_and_names_the_key() {
 
     let dir = tempfile::tempdir().unwrap();
     let config = db.write_config(dir.path(), "");
-    let out = run_binary(
+    let out = run_once(
         dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
+        &api,
+        &config,
         &[("SANDBOX_RECONCILER__CLUSTER__NAMESPACES", "agnets")],
     )
     .await;
@@ -69,7 +69,7 @@ async fn namespace_typo_at_a_quiet_hour_refuses_and_names_the_key() {
     assert_eq!(db.fingerprint().await, before);
 }
 
-/// Item 1, the per-backend guard: a namespace that exists but is the wrong one (or a wrong
+/// The per-backend guard: a namespace that exists but is the wrong one (or a wrong
 /// kubeconfig context with the same namespace names) lists no Sandbox at all while every row
 /// is suspended, so no live-row guard can see it. The agent-sandbox backend refuses.
 #[tokio::test]
@@ -104,7 +104,7 @@ async fn wrong_but_existing_namespace_is_refused_by_the_sandbox_backend_guard() 
     assert_eq!(report.downgraded, 4);
 }
 
-/// Item 1: the cluster's identity is in every audit record and the cluster_info metric, and a
+/// The cluster's identity is in every audit record and the cluster_info metric, and a
 /// pinned identity that does not match refuses.
 #[tokio::test]
 async fn cluster_identity_is_recorded_and_can_be_pinned() {
@@ -146,7 +146,7 @@ async fn cluster_identity_is_recorded_and_can_be_pinned() {
     assert_eq!(db.state("orphan-late").await, "gone");
 }
 
-/// Item 4: a missing object is attributed only by a configured prefix; with both backends on
+/// A missing object is attributed only by a configured prefix; with both backends on
 /// and no prefixes it is "unknown" (in the audit record, the report and the metric label),
 /// never silently "pod"; with only the Sandbox backend enabled it is never "pod".
 #[tokio::test]
@@ -244,9 +244,9 @@ async fn pump(
     }
 }
 
-/// Item 6: a database that stops answering mid-connection (half-open TCP after a failover)
-/// makes the sweep fail within the client-side deadline instead of blocking for as long as
-/// the kernel keeps the socket: before, nothing bounded the wait.
+/// A database that stops answering mid-connection (half-open TCP after a failover) makes the
+/// sweep fail within the client-side deadline instead of blocking for as long as the kernel
+/// keeps the socket.
 #[tokio::test]
 async fn a_database_that_stops_answering_fails_the_sweep_within_the_deadline() {
     if !database_url().contains("127.0.0.1:5432") {
@@ -283,9 +283,9 @@ async fn a_database_that_stops_answering_fails_the_sweep_within_the_deadline() {
     assert_eq!(db.state("orphan-0").await, "suspended");
 }
 
-/// Item 10: right after a clean-up, `sessions{state}` shows the table as the sweep left it
-/// (before, the counts from before the writes: gone too low, suspended too high).
-/// Item 11: the apply phase is observed only when it wrote; `skipped_rows` is a gauge of the
+/// Right after a clean-up, `sessions{state}` shows the table as the sweep left it (not the
+/// counts from before the writes: gone too low, suspended too high).
+/// The apply phase is observed only when it wrote; `skipped_rows` is a gauge of the
 /// last sweep, not a counter that counts the same rows again each sweep.
 #[tokio::test]
 async fn metrics_show_the_table_as_the_sweep_left_it() {
@@ -333,7 +333,7 @@ async fn metrics_show_the_table_as_the_sweep_left_it() {
     );
 }
 
-/// Item 11: a failing API request is logged once, by the reconciler, not a second time by the
+/// A failing API request is logged once, by the reconciler, not a second time by the
 /// client library's own ERROR line.
 #[tokio::test]
 async fn an_api_error_is_logged_once() {
@@ -341,13 +341,7 @@ async fn an_api_error_is_logged_once() {
     api.inject(Fault::on_list("/pods", FaultAction::Status(500, None)));
     let dir = tempfile::tempdir().unwrap();
     let config = db.write_config(dir.path(), "");
-    let out = run_binary(
-        dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
-        &[],
-    )
-    .await;
+    let out = run_once(dir.path(), &api, &config, &[]).await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("failed with status"), "{stderr}");
@@ -355,7 +349,7 @@ async fn an_api_error_is_logged_once() {
     assert!(stdout.contains("500"), "{stdout}");
 }
 
-/// Item 12: configuration that could only end badly is refused with exit 2 and the key.
+/// Configuration that could only end badly is refused with exit 2 and the key.
 #[tokio::test]
 async fn unsafe_configuration_is_refused_with_its_key() {
     let db = TestDb::new().await;
@@ -395,23 +389,17 @@ async fn unsafe_configuration_is_refused_with_its_key() {
     ];
     for (key, value, named) in cases {
         let config = db.write_config(dir.path(), "");
-        let out = run_binary(
-            dir.path(),
-            Some(&api),
-            &["--once", "--config", config.to_str().unwrap()],
-            &[(key, value)],
-        )
-        .await;
+        let out = run_once(dir.path(), &api, &config, &[(key, value)]).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{key}={value}: {stderr}");
         assert!(stderr.contains(named), "{key}={value}: {stderr}");
     }
     // The scope column cannot be cleared either.
     let config = db.write_config(dir.path(), "");
-    let out = run_binary(
+    let out = run_once(
         dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
+        &api,
+        &config,
         &[
             ("SANDBOX_RECONCILER__SESSIONS__SCOPE_COLUMN", "harness"),
             ("SANDBOX_RECONCILER__SESSIONS__SCOPE_VALUE", "amp"),

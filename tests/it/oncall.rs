@@ -9,14 +9,6 @@ use sandbox_reconciler::explain;
 use sandbox_reconciler::plan::{RowOutcome, RowVerdict};
 use sandbox_reconciler::store::{self, Database, TableMapping};
 use serde_json::{json, Value};
-use sqlx::AssertSqlSafe;
-
-async fn exec(db: &TestDb, sql: &str) {
-    sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
-        .execute(&db.pool)
-        .await
-        .unwrap();
-}
 
 /// Every kind of row a sweep meets, and a cap smaller than the orphans. Returns the keys.
 async fn mixed_world() -> (TestDb, FakeApiServer, Vec<String>) {
@@ -90,8 +82,7 @@ async fn mixed_world() -> (TestDb, FakeApiServer, Vec<String>) {
 
 /// The sweep decides, explain prints that decision: for every row of a mixed fixture,
 /// explain's outcome (would downgrade now / deferred by the cap / kept, and why) is what a
-/// `--once --dry-run` sweep did with it. Test fails on the old code: there was no `explain`
-/// and no per-row verdict to print.
+/// `--once --dry-run` sweep did with it.
 #[tokio::test]
 async fn explain_agrees_with_a_dry_run_sweep_on_every_row_of_a_mixed_fixture() {
     let (db, api, keys) = mixed_world().await;
@@ -254,7 +245,7 @@ async fn explain_names_the_guard_that_refuses() {
 
 /// The binary's `explain --output json` for one key, beside a writer that holds the writer
 /// lock (a running daemon): it answers at once, takes no lock, writes nothing, and shows each
-/// backend's GET. Test fails on the old code: there was no `explain` subcommand.
+/// backend's GET.
 #[tokio::test]
 async fn explain_json_for_one_key_runs_beside_the_writer_and_writes_nothing() {
     let (db, api) = seeded(2, 1).await;
@@ -404,8 +395,7 @@ async fn explain_of_a_deleted_row_points_at_undo() {
 }
 
 /// `history`: the audit records without SQL, filtered by time, session and sweep, as a table
-/// or JSON; a missing audit table is an answer, not an error. Test fails on the old code: there
-/// was no `history` subcommand.
+/// or JSON; a missing audit table is an answer, not an error.
 #[tokio::test]
 async fn history_lists_downgrades_and_undos_without_sql() {
     let (db, api) = seeded(2, 2).await;
@@ -436,18 +426,7 @@ async fn history_lists_downgrades_and_undos_without_sql() {
 
     let report = sweep(db.settings(), &api, false).await;
     assert_eq!(report.downgraded, 2);
-    let undone = sandbox_reconciler::undo::run(
-        &Database::new(&db.settings()).unwrap(),
-        &TableMapping::from_settings(&db.settings()).unwrap(),
-        &sandbox_reconciler::undo::UndoRequest {
-            sweep: None,
-            session: Some("orphan-1".into()),
-            dry_run: false,
-        },
-        std::time::Duration::ZERO,
-    )
-    .await
-    .unwrap();
+    let undone = undo_session(&db.settings(), "orphan-1").await.unwrap();
     assert_eq!(undone.restored, 1);
 
     let (code, stdout, _) = run(args(&["--since", "90m", "--output", "json"])).await;

@@ -99,9 +99,8 @@ async fn run_line(
     }
 }
 
-/// Item 1: every command line the README shows is accepted as written (global options
-/// before and after the subcommand; before, `check --config FILE` was "unexpected argument")
-/// and does what it says.
+/// Every command line the README shows is accepted as written (global options before and
+/// after the subcommand, e.g. `check --config FILE`) and does what it says.
 #[tokio::test]
 async fn every_command_line_in_the_readme_runs_as_written() {
     let lines = readme_command_lines();
@@ -137,8 +136,7 @@ async fn every_command_line_in_the_readme_runs_as_written() {
     }
 }
 
-/// Item 2: logs on a pipe or in a file carry no ANSI escape codes (before, text logs always
-/// did); JSON logs never do.
+/// Logs on a pipe or in a file carry no ANSI escape codes, text logs as JSON ones.
 #[tokio::test]
 async fn logs_off_a_terminal_have_no_escape_codes() {
     let (db, api, dir) = world().await;
@@ -233,7 +231,7 @@ async fn on_a_terminal_progress_and_colour_follow_the_conventions() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("rows read"));
 }
 
-/// Item 4: the daemon serves the last sweep's summary at `GET /last-sweep`: the same document
+/// The daemon serves the last sweep's summary at `GET /last-sweep`: the same document
 /// as `--once --output json`, changes capped with the cap stated, no credentials.
 #[tokio::test]
 async fn the_daemon_serves_the_last_sweep() {
@@ -275,7 +273,7 @@ async fn the_daemon_serves_the_last_sweep() {
     assert_eq!(d.wait_exit(15).await, Some(0));
 }
 
-/// Item 5: `--version` names the commit the binary was built from, as `build_info` does.
+/// `--version` names the commit the binary was built from, as `build_info` does.
 #[tokio::test]
 async fn version_names_the_commit() {
     let out = std::process::Command::new(BIN)
@@ -312,7 +310,7 @@ async fn version_names_the_commit() {
     }
 }
 
-/// Item 6: the declared `rust-version` is at least every dependency's, so an older toolchain
+/// The declared `rust-version` is at least every dependency's, so an older toolchain
 /// gets cargo's own clear message instead of a dependency's compile error.
 #[test]
 fn rust_version_is_the_real_minimum() {

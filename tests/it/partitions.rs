@@ -3,20 +3,9 @@
 //! (`tableoid`) and `ctid` together, and another partition's row at the same `ctid` is never
 //! touched.
 
-use std::time::Duration;
-
 use crate::support::*;
-use sandbox_reconciler::store::{Database, TableMapping};
 use sandbox_reconciler::sweep::SweepResult;
-use sandbox_reconciler::undo::{self, UndoRequest};
 use sqlx::{AssertSqlSafe, Row};
-
-async fn exec(db: &TestDb, sql: &str) {
-    sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
-        .execute(&db.pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
 
 /// (partition, ctid, state, agent_thread_id) of one row.
 async fn located(
@@ -44,11 +33,10 @@ async fn located(
 /// downgraded row is now at (0,2), which b's second row shares). b's rows are never changed
 /// and have no audit record; a's row is downgraded and restored.
 ///
-/// Fails on the code before the fix: the UPDATEs matched `t.ctid = old.row_id` alone, so the
-/// downgrade also changed b's row at (0,1); the post-statement check saw the key twice and
-/// rolled the batch back ("the statement changed 2 rows for 1 planned keys"), on every sweep.
-/// The undo (which had no such check) rewrote b's row at (0,2) to `suspended` with a's
-/// `agent_thread_id`.
+/// UPDATEs matching `t.ctid = old.row_id` alone would also change b's row at (0,1): the
+/// post-statement check would see the key twice and roll the batch back ("the statement
+/// changed 2 rows for 1 planned keys") on every sweep, and an undo without such a check would
+/// rewrite b's row at (0,2) to `suspended` with a's `agent_thread_id`.
 #[tokio::test]
 async fn a_partitioned_table_is_downgraded_and_undone_in_the_scopes_partition_only() {
     let db = TestDb::new().await;
@@ -102,18 +90,7 @@ async fn a_partitioned_table_is_downgraded_and_undone_in_the_scopes_partition_on
         "the downgraded row now shares b's second row's ctid"
     );
 
-    let undone = undo::run(
-        &Database::new(&settings).unwrap(),
-        &TableMapping::from_settings(&settings).unwrap(),
-        &UndoRequest {
-            sweep: Some(report.sweep_id),
-            session: None,
-            dry_run: false,
-        },
-        Duration::ZERO,
-    )
-    .await
-    .unwrap();
+    let undone = undo_sweep(&settings, report.sweep_id).await.unwrap();
     assert_eq!((undone.restored, undone.left_alone), (1, 0));
     let a_back = located(&db, &table, "a", "k1").await;
     assert_eq!(

@@ -1,5 +1,5 @@
-//! Tests that guard each safety rule against a one-line breakage (the mutation audit of
-//! issue 9). Each test is named after the rule it guards; docs/MUTATION.md maps every
+//! Tests that guard each safety rule against a one-line breakage (the mutation audit,
+//! scripts/mutants.sh). Each test is named after the rule it guards; docs/MUTATION.md maps every
 //! breakage to the test that fails when it is applied. Real PostgreSQL, the real
 //! kube::Client against the fake API server on loopback, and the real binary where the rule
 //! lives on the command line.
@@ -115,14 +115,6 @@ async fn audit_records_of(db: &TestDb, key: &str) -> i64 {
         .fetch_one(&db.pool)
         .await
         .unwrap()
-}
-
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// A suspended row `key` whose pod `object` does not exist (yet), old enough to be a candidate.
@@ -334,13 +326,7 @@ async fn dry_run_in_the_configuration_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = db.write_config(dir.path(), "[sweep]\ndry_run = true\n");
     let before = db.fingerprint().await;
-    let out = run_binary(
-        dir.path(),
-        Some(&api),
-        &["--once", "--config", config.to_str().unwrap()],
-        &[],
-    )
-    .await;
+    let out = run_once(dir.path(), &api, &config, &[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(db.fingerprint().await, before, "{}", stdout(&out));
     assert_eq!(db.audit_count().await, 0);

@@ -5,10 +5,6 @@ use sandbox_reconciler::store::{Database, TableMapping};
 use sandbox_reconciler::undo::{self, UndoRequest};
 use sqlx::AssertSqlSafe;
 
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test]
 async fn undo_restores_rows_as_the_sweep_left_them_and_is_audited() {
     let db = TestDb::new().await;
@@ -154,9 +150,9 @@ async fn undo_one_session() {
 /// that would be restored, as a real undo would restore it once the lock is gone. The real
 /// undo afterwards restores both rows, and the trigger sees exactly those two updates.
 ///
-/// Fails on the code before the fix: the dry run ran the real UPDATE (FOR UPDATE SKIP LOCKED,
-/// then rolled back): the trigger fired for the unlocked row (the sequence advanced) and the
-/// locked row was reported as "left alone".
+/// A dry run that ran the real UPDATE (FOR UPDATE SKIP LOCKED, then rolled back) would fire
+/// the trigger for the unlocked row (the sequence advances) and report the locked row as
+/// "left alone".
 #[tokio::test]
 async fn undo_dry_run_only_reads_and_waits_for_no_row_lock() {
     let db = TestDb::new().await;

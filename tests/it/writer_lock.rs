@@ -13,13 +13,6 @@ use sandbox_reconciler::sweep::SweepResult;
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Row};
 
-async fn exec(db: &TestDb, sql: &str) {
-    sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
-        .execute(&db.pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
-
 /// A table whose key is unique on its own and which also has a scope column, so that both a
 /// scoped and an unscoped configuration fit it: a's orphan `ka`, b's orphan `kb`.
 async fn scoped_table(db: &TestDb) -> String {
@@ -95,9 +88,9 @@ fn orphan(key: &str, read_at: DateTime<Utc>) -> OrphanedRow {
 /// the row; an undo is refused without the lock and restores the row with it. A second attempt to take the lock on a server session that already holds it (a
 /// pooler handing one server session to two clients) is refused too.
 ///
-/// Fails on the code before the fix: `apply_batch` wrote whatever connection it was given
-/// (the row went to `gone` without any lock), and taking the lock twice on one session
-/// succeeded (advisory locks are re-entrant).
+/// An `apply_batch` that wrote whatever connection it was given would send the row to `gone`
+/// without any lock; and advisory locks are re-entrant, so taking the lock twice on one
+/// session succeeds unless the reconciler checks for it.
 #[tokio::test]
 async fn a_batch_on_a_connection_without_the_writer_lock_writes_nothing() {
     let db = TestDb::new().await;
@@ -205,9 +198,9 @@ async fn release((mut conn, mapping): (PgConnection, TableMapping)) {
 /// either order, and the one kept out writes nothing; two scopes do sweep side by side, each
 /// its own rows; once the holder lets go, the waiting configuration sweeps.
 ///
-/// Fails on the code before the fix: the unscoped lock key (table) and the scoped one
-/// (table + scope) were unrelated advisory locks, so the unscoped sweep ran while scope a's
-/// writer held its lock and downgraded a's row under it.
+/// Were the unscoped lock key (table) and the scoped one (table + scope) unrelated advisory
+/// locks, the unscoped sweep would run while scope a's writer held its lock and downgrade a's
+/// row under it.
 #[tokio::test]
 async fn scoped_and_unscoped_reconcilers_exclude_each_other_and_scopes_do_not() {
     let db = TestDb::new().await;

@@ -10,8 +10,9 @@ use std::process::Output;
 use chrono::{DateTime, Duration, Utc};
 use sandbox_reconciler::cluster::KubeCluster;
 use sandbox_reconciler::config::Settings;
-use sandbox_reconciler::store::{Database, TableMapping};
+use sandbox_reconciler::store::{Database, StoreError, TableMapping};
 use sandbox_reconciler::sweep::{ClusterSource, Reconciler, SweepOptions, SweepReport};
+use sandbox_reconciler::undo::{self, UndoReport, UndoRequest};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
@@ -157,22 +158,9 @@ impl TestDb {
         s
     }
 
-    /// The same settings as a TOML file for the binary.
+    /// The same settings as a TOML file for the binary, `extra` appended.
     pub fn write_config(&self, dir: &Path, extra: &str) -> PathBuf {
-        let path = dir.join(format!("config-{}.toml", uuid::Uuid::new_v4().simple()));
-        let text = format!(
-            "[database]\nurl = \"{url}\"\n\
-             [sessions]\ntable = \"{table}\"\nclear_columns = [\"agent_thread_id\"]\n\
-             [audit]\ntable = \"{audit}\"\n\
-             [cluster]\nnamespaces = [\"agents\"]\npage_size = 2\nrequest_timeout_seconds = 5\n\
-             [backends.agent_sandbox]\nenabled = true\nobject_name_prefix = \"sb-\"\n\
-             [guard]\nmin_live_missing = 1\n{extra}\n",
-            url = database_url(),
-            table = self.table(),
-            audit = self.audit_table(),
-        );
-        std::fs::write(&path, text).unwrap();
-        path
+        write_settings(dir, &self.settings(), extra)
     }
 }
 
@@ -233,6 +221,22 @@ pub async fn run_binary(
         .expect("binary ran")
 }
 
+/// Runs the real binary once (`--once --config <config>`) against `api`, with extra env vars.
+pub async fn run_once(
+    dir: &Path,
+    api: &FakeApiServer,
+    config: &Path,
+    env: &[(&str, &str)],
+) -> Output {
+    run_binary(
+        dir,
+        Some(api),
+        &["--once", "--config", config.to_str().unwrap()],
+        env,
+    )
+    .await
+}
+
 /// Pods labelled the way the default backend selects them.
 pub const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
 
@@ -241,9 +245,7 @@ pub const MANAGED: &[(&str, &str)] = &[("centaur.ai/managed", "true")];
 /// with the Sandbox API served.
 pub async fn seeded(live: usize, orphans: usize) -> (TestDb, FakeApiServer) {
     let db = TestDb::new().await;
-    let api = FakeApiServer::start().await;
-    api.register_sandbox_version("v1alpha1");
-    api.add_namespace("agents");
+    let api = fake_api().await;
     for i in 0..live {
         api.add_pod("agents", &format!("pod-live-{i}"), MANAGED);
         db.insert(
@@ -308,4 +310,105 @@ pub async fn wait_for_blocked_batch(db: &TestDb) -> i32 {
 
 pub fn minutes(n: i64) -> Duration {
     Duration::minutes(n)
+}
+
+/// An API server with the namespace the test settings name and the Sandbox API served.
+pub async fn fake_api() -> FakeApiServer {
+    let api = FakeApiServer::start().await;
+    api.register_sandbox_version("v1alpha1");
+    api.add_namespace("agents");
+    api
+}
+
+/// Runs `sql` (one or more statements) in the test database; panics with the SQL on error.
+pub async fn exec(db: &TestDb, sql: &str) {
+    sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+        .execute(&db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// A process's standard output as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A process's standard error as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `settings` as a configuration file for the binary, `extra` appended: the keys the tests
+/// set (see `TestDb::settings`) are written from the same values the in-process sweeps use,
+/// so the binary and the library see one configuration. The tables written are `[database]`,
+/// `[sessions]`, `[audit]`, `[cluster]`, `[backends.agent_sandbox]` and `[guard]`; `extra` may
+/// add any other (e.g. `[sweep]`).
+pub fn write_settings(dir: &Path, settings: &Settings, extra: &str) -> PathBuf {
+    let s = settings;
+    let mut sessions = format!(
+        "table = {:?}\nclear_columns = {:?}\n",
+        s.sessions.table, s.sessions.clear_columns
+    );
+    if !s.sessions.scope_column.is_empty() {
+        sessions += &format!(
+            "scope_column = {:?}\nscope_value = {:?}\n",
+            s.sessions.scope_column, s.sessions.scope_value
+        );
+    }
+    if !s.sessions.updated_at_time_zone.is_empty() {
+        sessions += &format!(
+            "updated_at_time_zone = {:?}\n",
+            s.sessions.updated_at_time_zone
+        );
+    }
+    let text = format!(
+        "[database]\nurl = {url:?}\n\
+         [sessions]\n{sessions}\
+         [audit]\ntable = {audit:?}\n\
+         [cluster]\nnamespaces = {namespaces:?}\npage_size = {page_size}\n\
+         request_timeout_seconds = {timeout}\n\
+         [backends.agent_sandbox]\nenabled = {sandbox}\nobject_name_prefix = {prefix:?}\n\
+         [guard]\nmin_live_missing = {min_live_missing}\n{extra}\n",
+        url = s.database.url,
+        audit = s.audit.table,
+        namespaces = s.cluster.namespaces,
+        page_size = s.cluster.page_size,
+        timeout = s.cluster.request_timeout_seconds,
+        sandbox = s.backends.agent_sandbox.enabled,
+        prefix = s.backends.agent_sandbox.object_name_prefix,
+        min_live_missing = s.guard.min_live_missing,
+    );
+    let path = dir.join(format!("config-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Undoes every downgrade of sweep `sweep` in-process, with the database and table of
+/// `settings` and no wait for the writer lock.
+pub async fn undo_sweep(settings: &Settings, sweep: uuid::Uuid) -> Result<UndoReport, StoreError> {
+    undo_in_process(settings, Some(sweep), None).await
+}
+
+/// Undoes the last downgrade of session `key` in-process, like `undo_sweep`.
+pub async fn undo_session(settings: &Settings, key: &str) -> Result<UndoReport, StoreError> {
+    undo_in_process(settings, None, Some(key.to_string())).await
+}
+
+async fn undo_in_process(
+    settings: &Settings,
+    sweep: Option<uuid::Uuid>,
+    session: Option<String>,
+) -> Result<UndoReport, StoreError> {
+    let request = UndoRequest {
+        sweep,
+        session,
+        dry_run: false,
+    };
+    undo::run(
+        &Database::new(settings).unwrap(),
+        &TableMapping::from_settings(settings).unwrap(),
+        &request,
+        std::time::Duration::ZERO,
+    )
+    .await
 }
