@@ -431,23 +431,37 @@ async fn run_undo(
     if let Some(spinner) = spinner {
         spinner.finish_and_clear();
     }
+    answer(
+        outcome.map_err(|e| (e.is_configuration(), e.to_string())),
+        output,
+        crate::undo::text,
+        &settings.database.url,
+    )
+}
+
+/// Prints a read command's answer (JSON, or its text rendering) and returns its exit status:
+/// 0 answered, 2 a configuration error, 1 any other error (redacted of the database URL's
+/// secrets).
+fn answer<T: serde::Serialize>(
+    outcome: Result<T, (bool, String)>,
+    output: OutputFormat,
+    text: impl Fn(&T) -> String,
+    database_url: &str,
+) -> ExitCode {
     match outcome {
-        Ok(report) => {
+        Ok(value) => {
             match output {
                 OutputFormat::Json => println!(
                     "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
                 ),
-                OutputFormat::Text => print!("{}", crate::undo::text(&report)),
+                OutputFormat::Text => print!("{}", text(&value)),
             }
             Exit::Ok.into()
         }
-        Err(e) => {
-            eprintln!(
-                "error: {}",
-                crate::store::redact(&e.to_string(), &settings.database.url)
-            );
-            if e.is_configuration() {
+        Err((configuration, message)) => {
+            eprintln!("error: {}", crate::store::redact(&message, database_url));
+            if configuration {
                 Exit::Config.into()
             } else {
                 Exit::Failed.into()
@@ -470,26 +484,13 @@ async fn run_explain(
             return Exit::Config.into();
         }
     };
-    match crate::explain::run(&reconciler, session).await {
-        Ok(explanation) => {
-            match output {
-                OutputFormat::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&explanation).unwrap_or_default()
-                ),
-                OutputFormat::Text => print!("{}", crate::explain::text(&explanation)),
-            }
-            Exit::Ok.into()
-        }
-        Err(e) => {
-            eprintln!("error: {}", crate::store::redact(&e.to_string(), &url));
-            if e.is_configuration() {
-                Exit::Config.into()
-            } else {
-                Exit::Failed.into()
-            }
-        }
-    }
+    let outcome = crate::explain::run(&reconciler, session).await;
+    answer(
+        outcome.map_err(|e| (e.is_configuration(), e.to_string())),
+        output,
+        crate::explain::text,
+        &url,
+    )
 }
 
 async fn run_history(
@@ -515,29 +516,12 @@ async fn run_history(
         crate::history::read(&mut conn, &mapping, filter).await
     }
     .await;
-    match outcome {
-        Ok(history) => {
-            match output {
-                OutputFormat::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&history).unwrap_or_default()
-                ),
-                OutputFormat::Text => print!("{}", crate::history::text(&history)),
-            }
-            Exit::Ok.into()
-        }
-        Err(e) => {
-            eprintln!(
-                "error: {}",
-                crate::store::redact(&e.to_string(), &settings.database.url)
-            );
-            if e.is_configuration() {
-                Exit::Config.into()
-            } else {
-                Exit::Failed.into()
-            }
-        }
-    }
+    answer(
+        outcome.map_err(|e| (e.is_configuration(), e.to_string())),
+        output,
+        crate::history::text,
+        &settings.database.url,
+    )
 }
 
 async fn run_check(settings: &Settings, mode: Mode) -> ExitCode {

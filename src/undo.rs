@@ -80,7 +80,7 @@ pub async fn run(
     let mapping = &store::resolve(&mut conn, configured).await?;
     let undo_id = uuid::Uuid::new_v4();
     if request.dry_run {
-        if !audit_exists(&mut conn, mapping).await? {
+        if !crate::history::audit_table_exists(&mut conn, mapping).await? {
             return Ok(UndoReport {
                 undo_id,
                 dry_run: true,
@@ -141,21 +141,6 @@ pub async fn run(
             .count(),
         lines,
     })
-}
-
-/// Whether the audit table exists (a dry run creates nothing).
-async fn audit_exists(
-    conn: &mut sqlx::PgConnection,
-    mapping: &TableMapping,
-) -> Result<bool, StoreError> {
-    store::within(
-        mapping.deadline,
-        "looking for the audit table",
-        sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(mapping.audit.to_string())
-            .fetch_one(conn),
-    )
-    .await
 }
 
 /// Takes the writer lock, waiting up to `wait` for a running sweep to finish.
