@@ -17,6 +17,10 @@ use crate::snapshot::BackendKind;
 pub trait SweepProgress: Send + Sync {
     /// Rows read from the database so far.
     fn rows_read(&self, _total: u64) {}
+    /// Every row is read: `total` in all.
+    fn rows_done(&self, total: u64) {
+        self.rows_read(total);
+    }
     /// One more page of a backend's listing, with the objects on it.
     fn page_listed(&self, _backend: BackendKind, _objects: u64) {}
     /// One more orphan's absence settled (confirmed or not), of `of`.
@@ -92,6 +96,13 @@ impl Default for TerminalProgress {
 impl SweepProgress for TerminalProgress {
     fn rows_read(&self, total: u64) {
         self.rows.set_position(total);
+    }
+
+    /// Drawn whatever the draw rate allows: a small table is read between two ticks, and its
+    /// line would otherwise never show before the display is cleared.
+    fn rows_done(&self, total: u64) {
+        self.rows.set_position(total);
+        self.rows.finish();
     }
 
     fn page_listed(&self, backend: BackendKind, objects: u64) {

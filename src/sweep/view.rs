@@ -269,9 +269,15 @@ impl<'s, S: RowSink> CountingSink<'s, S> {
         }
     }
 
-    fn done(&self) {
+    fn progress(&self) {
         if let Some(p) = self.progress {
             p.rows_read(self.rows);
+        }
+    }
+
+    fn done(&self) {
+        if let Some(p) = self.progress {
+            p.rows_done(self.rows);
         }
     }
 }
@@ -285,7 +291,7 @@ impl<S: RowSink> RowSink for CountingSink<'_, S> {
         self.inner.observe(row);
         self.rows += 1;
         if self.rows.is_multiple_of(10_000) {
-            self.done();
+            self.progress();
         }
     }
 }

@@ -197,9 +197,8 @@ async fn on_a_terminal(
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Items 2 and 3: on a terminal a one-off run shows progress on standard error and colours
-/// its logs; `NO_COLOR` turns colour off; `--output json` draws no progress. (Before, there
-/// was no progress at all.)
+/// On a terminal a one-off run shows progress on standard error and colours its logs;
+/// `NO_COLOR` turns colour off; `--output json` draws no progress.
 #[tokio::test]
 async fn on_a_terminal_progress_and_colour_follow_the_conventions() {
     let (db, api, dir) = world().await;
