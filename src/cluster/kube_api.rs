@@ -293,29 +293,15 @@ impl KubeCluster {
         for ns in self.scopes() {
             let api = self.sandbox_api(probe, ns);
             let lp = ListParams::default().limit(1);
-            match self.call("list", || api.list_metadata(&lp)).await {
-                Err(_) => {
-                    self.note("list", Err(0));
-                    return Err(ClusterError::Timeout {
-                        what,
-                        seconds: self.timeout.as_secs(),
-                    });
-                }
-                Ok(Err(e)) => {
-                    let err = map_error(&what, "list", &resource, e);
-                    self.note("list", Err(api_code(&err)));
-                    return Err(err);
-                }
-                Ok(Ok(list)) => {
-                    self.note("list", Ok(()));
-                    if let Some(item) = list.items.first() {
-                        return Ok(Some(format!(
-                            "Sandbox {}/{}",
-                            item.metadata.namespace.as_deref().or(ns).unwrap_or("?"),
-                            item.metadata.name.as_deref().unwrap_or("?")
-                        )));
-                    }
-                }
+            let list = self
+                .counted("list", &what, &resource, || api.list_metadata(&lp))
+                .await?;
+            if let Some(item) = list.items.first() {
+                return Ok(Some(format!(
+                    "Sandbox {}/{}",
+                    item.metadata.namespace.as_deref().or(ns).unwrap_or("?"),
+                    item.metadata.name.as_deref().unwrap_or("?")
+                )));
             }
         }
         Ok(None)
@@ -700,27 +686,41 @@ impl KubeCluster {
             what: what.to_string(),
             message: e.to_string(),
         })?;
-        let answer = self
-            .call("list", || {
-                self.client.request::<LeanList>(clone_request(&built))
-            })
-            .await;
-        match answer {
+        self.counted("list", what, &target.resource, || {
+            self.client.request::<LeanList>(clone_request(&built))
+        })
+        .await
+    }
+
+    /// One request with the retry policy and the deadline ([`Self::call`]), its outcome
+    /// counted in the request hook and its failure mapped to a [`ClusterError`] naming `what`
+    /// and, for a 403 or a 404 on a listing, `verb` on `resource`.
+    async fn counted<T, Fut>(
+        &self,
+        verb: &'static str,
+        what: &str,
+        resource: &str,
+        attempt: impl Fn() -> Fut,
+    ) -> Result<T, ClusterError>
+    where
+        Fut: std::future::Future<Output = kube::Result<T>>,
+    {
+        match self.call(verb, attempt).await {
             Err(_) => {
-                self.note("list", Err(0));
+                self.note(verb, Err(0));
                 Err(ClusterError::Timeout {
                     what: what.to_string(),
                     seconds: self.timeout.as_secs(),
                 })
             }
             Ok(Err(e)) => {
-                let err = map_error(what, "list", &target.resource, e);
-                self.note("list", Err(api_code(&err)));
+                let err = map_error(what, verb, resource, e);
+                self.note(verb, Err(api_code(&err)));
                 Err(err)
             }
-            Ok(Ok(page)) => {
-                self.note("list", Ok(()));
-                Ok(page)
+            Ok(Ok(value)) => {
+                self.note(verb, Ok(()));
+                Ok(value)
             }
         }
     }
