@@ -408,22 +408,29 @@ pub fn print_metrics(output: OutputFormat) -> String {
     }
 }
 
+/// The database and the table mapping a read or undo command needs; a configuration error
+/// is printed and ends the command with exit 2.
+fn database_and_mapping(settings: &Settings) -> Result<(Database, TableMapping), ExitCode> {
+    TableMapping::from_settings(settings)
+        .and_then(|mapping| {
+            Database::new(settings)
+                .map(|db| (db, mapping))
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            Exit::Config.into()
+        })
+}
+
 async fn run_undo(
     settings: &Settings,
     request: &crate::undo::UndoRequest,
     output: OutputFormat,
 ) -> ExitCode {
-    let prepared = TableMapping::from_settings(settings).and_then(|mapping| {
-        Database::new(settings)
-            .map(|db| (db, mapping))
-            .map_err(|e| e.to_string())
-    });
-    let (database, mapping) = match prepared {
+    let (database, mapping) = match database_and_mapping(settings) {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Exit::Config.into();
-        }
+        Err(exit) => return exit,
     };
     let lock_wait = std::time::Duration::from_secs(settings.database.writer_lock_wait_seconds);
     let spinner = show_progress(output).then(TerminalProgress::undo);
@@ -498,17 +505,9 @@ async fn run_history(
     filter: &crate::history::HistoryFilter,
     output: OutputFormat,
 ) -> ExitCode {
-    let prepared = TableMapping::from_settings(settings).and_then(|mapping| {
-        Database::new(settings)
-            .map(|db| (db, mapping))
-            .map_err(|e| e.to_string())
-    });
-    let (database, mapping) = match prepared {
+    let (database, mapping) = match database_and_mapping(settings) {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Exit::Config.into();
-        }
+        Err(exit) => return exit,
     };
     let outcome = async {
         let mut conn = database.connect().await?;
