@@ -148,7 +148,7 @@ pub async fn run(reconciler: &Reconciler, key: &str) -> Result<Explanation, Expl
     let mut snapshot = match &reconciler.source {
         ClusterSource::Api(cluster) => {
             let mut s = cluster.snapshot().await?;
-            s.listing_started_at = clock;
+            s.database_clock = clock;
             s.cluster_uid = cluster_uid.clone();
             s
         }
@@ -157,7 +157,7 @@ pub async fn run(reconciler: &Reconciler, key: &str) -> Result<Explanation, Expl
     if snapshot.cluster_uid.is_none() {
         snapshot.cluster_uid = cluster_uid.clone();
     }
-    let cutoff = snapshot.listing_started_at - policy.grace_period;
+    let cutoff = snapshot.database_clock - policy.grace_period;
     step(
         "clock",
         format!(

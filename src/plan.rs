@@ -357,7 +357,7 @@ pub fn orphan_position<'o>(
 }
 
 /// The per-row decision of a sweep, a pure function of the row, the cluster view, the policy
-/// and the cutoff (`listing_started_at − grace`): which state class, whether an object of its
+/// and the cutoff (`database_clock − grace`): which state class, whether an object of its
 /// name is listed by any backend (presence is by name), attribution of a missing object to a
 /// backend, and the grace period. The guards and the cap are decided over the whole table
 /// ([`Planner::finish`]).
@@ -467,7 +467,7 @@ fn decide_marking(
 }
 
 impl<'a> Planner<'a> {
-    /// `snapshot.listing_started_at` is the clock: rows updated within the grace period
+    /// `snapshot.database_clock` is the clock: rows updated within the grace period
     /// before the listing started are never candidates.
     pub fn new(snapshot: &'a ClusterSnapshot, policy: &'a Policy) -> Planner<'a> {
         let mut backends = BTreeMap::new();
@@ -483,7 +483,7 @@ impl<'a> Planner<'a> {
         Planner {
             snapshot,
             policy,
-            cutoff: snapshot.listing_started_at - policy.grace_period,
+            cutoff: snapshot.database_clock - policy.grace_period,
             referenced: snapshot
                 .backends
                 .iter()
@@ -1050,7 +1050,7 @@ mod tests {
         let mut p = policy();
         p.max_downgrades = 2;
         p.max_suspended_missing_ratio = 1.0;
-        let cutoff = snap.listing_started_at - p.grace_period;
+        let cutoff = snap.database_clock - p.grace_period;
         let plan = plan(&snap, &p, &rows);
         assert_eq!(plan.guard, GuardVerdict::Proceed, "{:?}", plan.guard);
         let verdicts: Vec<RowVerdict> = rows.iter().map(|r| decide(&snap, &p, cutoff, r)).collect();

@@ -178,10 +178,13 @@ impl BackendView {
     }
 }
 
-/// A complete view of every enabled backend, taken at `listing_started_at`.
+/// A complete view of every enabled backend.
 #[derive(Debug, Clone)]
 pub struct ClusterSnapshot {
-    pub listing_started_at: DateTime<Utc>,
+    /// The database's clock (`now()`), read before the view was taken: the base of the
+    /// grace-period cutoff, and the `listing_started_at` of the evidence. A time of the
+    /// database's clock, never this host's.
+    pub database_clock: DateTime<Utc>,
     pub backends: Vec<BackendView>,
     /// Where the view came from ("api" or the dump file's path).
     pub source: String,
@@ -190,9 +193,9 @@ pub struct ClusterSnapshot {
 }
 
 impl ClusterSnapshot {
-    pub fn new(listing_started_at: DateTime<Utc>) -> ClusterSnapshot {
+    pub fn new(database_clock: DateTime<Utc>) -> ClusterSnapshot {
         ClusterSnapshot {
-            listing_started_at,
+            database_clock,
             backends: Vec::new(),
             source: "api".into(),
             cluster_uid: None,

@@ -213,7 +213,7 @@ impl Reconciler {
 
     /// Confirms each selected orphan; returns those definitively absent, with evidence, or
     /// that the daemon's cache could not be proven fresh and the sweep must list afresh.
-    pub(super) async fn confirm<'p>(
+    pub(super) async fn prove_absence<'p>(
         &self,
         orphans: &'p [OrphanedRow],
         snapshot: &ClusterSnapshot,
@@ -227,10 +227,10 @@ impl Reconciler {
         let confirmed = match (by, &self.source, &self.cache) {
             (ConfirmBy::Nothing, ..) => Confirmed::Rows(Vec::new()),
             (ConfirmBy::Gets, ClusterSource::Api(cluster), _) => {
-                self.confirm_by_get(cluster, orphans, &base, report).await
+                self.prove_by_gets(cluster, orphans, &base, report).await
             }
             (ConfirmBy::ProvenCache, ClusterSource::Api(cluster), Some(cache)) => {
-                self.confirm_many(cluster, cache, orphans, &base, report)
+                self.prove_by_fresh_cache(cluster, cache, orphans, &base, report)
                     .await
             }
             (ConfirmBy::Gets | ConfirmBy::ProvenCache, ..) => {
@@ -252,14 +252,14 @@ impl Reconciler {
     }
 
     /// A few orphans, or `sweep.confirmation = "get"`: a GET per orphan (rule 2(a)).
-    async fn confirm_by_get<'p>(
+    async fn prove_by_gets<'p>(
         &self,
         cluster: &KubeCluster,
         orphans: &'p [OrphanedRow],
         base: &(dyn Fn(&str) -> serde_json::Value + Sync),
         report: &mut SweepReport,
     ) -> Confirmed<'p> {
-        let answers = confirm_all(
+        let answers = get_each_orphan(
             cluster,
             orphans,
             self.settings.cluster.confirm_concurrency,
@@ -296,7 +296,7 @@ impl Reconciler {
     /// against it. If that proof does not come in time the cache may be stale in both
     /// directions (missing new orphans as well as showing old ones): the sweep lists afresh
     /// ([`Confirmed::ListAfresh`], [`Reconciler::replan_from_listing`]).
-    async fn confirm_many<'p>(
+    async fn prove_by_fresh_cache<'p>(
         &self,
         cluster: &KubeCluster,
         cache: &ClusterCache,
@@ -398,7 +398,9 @@ impl Reconciler {
             "cluster_uid": snapshot.cluster_uid,
             "api_server": server,
             "table": mapping.table_display(),
-            "listing_started_at": snapshot.listing_started_at,
+            // The database's clock when the view was taken (the audit records' key since
+            // their first version).
+            "listing_started_at": snapshot.database_clock,
             "grace_period_seconds": self.settings.sweep.grace_period_seconds,
         })
     }
@@ -420,7 +422,7 @@ fn all_with<'p>(
 
 /// Confirms every orphan's absence with at most `concurrency` requests in flight; answers
 /// come back in the orphans' order.
-async fn confirm_all(
+async fn get_each_orphan(
     cluster: &KubeCluster,
     orphans: &[OrphanedRow],
     concurrency: usize,

@@ -278,7 +278,7 @@ impl Reconciler {
         }
         let replanned;
         let confirmed = match self
-            .confirm(&plan.downgrades, &snapshot, &mapping, report)
+            .prove_absence(&plan.downgrades, &snapshot, &mapping, report)
             .await
         {
             Confirmed::Rows(rows) => rows,

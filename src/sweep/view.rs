@@ -93,7 +93,7 @@ impl Reconciler {
                 let t = Instant::now();
                 let mut snapshot = self.cached_view(cluster, cache, report).await?;
                 report.timings.list_cluster = t.elapsed().as_secs_f64();
-                snapshot.listing_started_at = clock;
+                snapshot.database_clock = clock;
                 snapshot.cluster_uid = report.cluster_uid.clone();
                 let plan = self
                     .plan_streaming(conn, mapping, &snapshot, policy, report)
@@ -111,7 +111,7 @@ impl Reconciler {
                 let mut snapshot = cluster.snapshot().await?;
                 report.timings.list_cluster = t.elapsed().as_secs_f64();
                 report.cluster_view = "listing".into();
-                snapshot.listing_started_at = clock;
+                snapshot.database_clock = clock;
                 snapshot.cluster_uid = report.cluster_uid.clone();
                 let plan = replay(rows, &snapshot, policy);
                 Ok((snapshot, plan))
@@ -233,7 +233,7 @@ impl Reconciler {
             }
         };
         report.confirmation_requests += listing.backends.iter().map(|b| b.requests).sum::<u64>();
-        listing.listing_started_at = database_clock;
+        listing.database_clock = database_clock;
         listing.cluster_uid = report.cluster_uid.clone();
         let plan = replay(rows, &listing, policy);
         // The report describes the view the sweep acts on: the listing's.

@@ -56,14 +56,14 @@
 //!    existed throughout the sweep (from before the listing started to the apply), so both
 //!    the listing and the confirming GET must have seen it;
 //! 5. the overwritten version was younger than the grace period at the listing start
-//!    (`evidence.listing_started_at`).
+//!    (`evidence.listing_started_at`, a time of the database's clock, like `updated_at`).
 //!
 //! Each rule is one function of [`oracle`] (`rule1_suspended_to_gone`,
 //! `rule2_overwrote_a_suspended_version`, `rule3_no_newer_version_committed`,
 //! `rule4_object_absent`, `rule5_outside_the_grace_period`).
 //!
-//! Clocks: the database's clock is compared with this host's (and the daemons', which run
-//! here) through an offset measured at the start, bounded by a round trip; every comparison
+//! Clocks: the database's clock is compared with this host's (the simulator's record of
+//! objects and writes) through an offset measured at the start, bounded by a round trip; every comparison
 //! takes the bound that makes the claim certain.
 //!
 //! Also checked: the apply transactions of two sweeps never interleave (one writer), and every

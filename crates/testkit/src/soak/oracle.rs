@@ -87,7 +87,7 @@ fn judge_downgrade(
         listing_started_at,
         races,
     ));
-    reasons.extend(rule5_outside_the_grace_period(d, listing_started_at, clock));
+    reasons.extend(rule5_outside_the_grace_period(d, listing_started_at));
     if !reasons.is_empty() {
         report.wrong.push(WrongDowngrade {
             audit_id: d.id,
@@ -215,7 +215,7 @@ fn rule4_object_absent(
             life.show(&d.object)
         ));
     }
-    if listing_started_at.is_some_and(|start| life.existed_at_local(start)) {
+    if listing_started_at.is_some_and(|start| life.existed_at_db(start, clock)) {
         *races
             .entry("object_removed_during_the_sweep".into())
             .or_default() += 1;
@@ -224,12 +224,12 @@ fn rule4_object_absent(
 }
 
 /// Rule 5: the overwritten version was older than the grace period when the listing started
-/// (`evidence.listing_started_at`, the daemon's clock, which is this host's), and the listing
-/// started before the downgrade's transaction.
+/// (`evidence.listing_started_at`, a time of the database's clock, as `updated_at` and the
+/// downgrade's transaction time are), and the listing started before the downgrade's
+/// transaction.
 fn rule5_outside_the_grace_period(
     d: &AuditDowngrade,
     listing_started_at: Option<DateTime<Utc>>,
-    clock: &ClockOffset,
 ) -> Vec<String> {
     let grace = d.evidence["grace_period_seconds"].as_i64();
     let (Some(start), Some(grace), Some(old)) = (listing_started_at, grace, d.old_updated_at)
@@ -240,13 +240,13 @@ fn rule5_outside_the_grace_period(
         )];
     };
     let mut reasons = Vec::new();
-    // `start` is the daemon's clock (this host's), `old` the database's.
-    if old > clock.latest_db(start) - chrono::Duration::seconds(grace) {
+    // `start`, `old` and `d.at` are all times of the database's clock.
+    if old > start - chrono::Duration::seconds(grace) {
         reasons.push(format!(
             "the row was within the grace period: updated_at {old}, listing started {start}, grace {grace}s"
         ));
     }
-    if clock.earliest_db(start) > d.at {
+    if start > d.at {
         reasons.push(format!(
             "the listing started ({start}) after the downgrade's transaction ({})",
             d.at

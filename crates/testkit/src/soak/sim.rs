@@ -114,11 +114,6 @@ impl ObjectLife {
                 .is_none_or(|r| t + chrono::Duration::microseconds(1) <= clock.earliest_db(r))
     }
 
-    /// Whether the object certainly existed at `t`, a time of this host's clock.
-    pub(crate) fn existed_at_local(&self, t: DateTime<Utc>) -> bool {
-        self.created_after <= t && self.removed_before.is_none_or(|r| t < r)
-    }
-
     pub(crate) fn show(&self, name: &str) -> String {
         let ts = |t: &DateTime<Utc>| t.format("%H:%M:%S%.6f").to_string();
         format!(
