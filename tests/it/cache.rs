@@ -60,6 +60,15 @@ async fn cached_with_paused(
     (w, r, metrics, cache)
 }
 
+/// Settings that confirm more than `confirm_get_max` orphans by the cache proven fresh and
+/// wait at most a second for that proof.
+fn proof_waited_for_a_second(confirm_get_max: usize) -> impl FnOnce(&mut Settings) {
+    move |s| {
+        s.cluster.confirm_get_max = confirm_get_max;
+        s.cluster.cache_fresh_wait_seconds = 1;
+    }
+}
+
 /// The rows of the live sessions (`live-i`), for "left alone" assertions.
 async fn live_rows(db: &TestDb) -> Vec<(String, String, Option<String>)> {
     db.fingerprint()
@@ -183,7 +192,9 @@ async fn the_watch_brings_later_changes_into_the_cache() {
 /// name no single backend claims is asked of every backend.
 #[tokio::test]
 async fn a_confirming_get_asks_only_the_backend_the_name_belongs_to() {
-    let World { db, api, settings, .. } = World::seeded(20, 1)
+    let World {
+        db, api, settings, ..
+    } = World::seeded(20, 1)
         .await
         .row("sandbox-orphan", "suspended", "sb-gone", minutes(90))
         .row("nobodys-orphan", "suspended", "x-gone", minutes(95))
@@ -259,12 +270,11 @@ async fn many_orphans_are_confirmed_by_the_cache_proven_fresh() {
 /// wait the sweep lists afresh (rule 2(b)) and still confirms correctly.
 #[tokio::test]
 async fn without_bookmarks_the_sweep_falls_back_to_a_fresh_listing() {
-    let World { db, api, settings, .. } = World::seeded(6, 4)
+    let World {
+        db, api, settings, ..
+    } = World::seeded(6, 4)
         .await
-        .settings(|s| {
-            s.cluster.confirm_get_max = 1;
-            s.cluster.cache_fresh_wait_seconds = 1;
-        })
+        .settings(proof_waited_for_a_second(1))
         .build()
         .await;
     let (r, _) = cached(settings, &api).await;
@@ -314,7 +324,9 @@ async fn dropped_and_expired_watches_recover_without_a_wrong_write() {
 /// that fails too, it fails with nothing written.
 #[tokio::test]
 async fn a_cache_that_never_syncs_is_never_the_cluster() {
-    let World { db, api, settings, .. } = World::seeded(4, 2)
+    let World {
+        db, api, settings, ..
+    } = World::seeded(4, 2)
         .await
         .settings(|s| s.cluster.cache_sync_wait_seconds = 1)
         .build()
@@ -362,13 +374,12 @@ async fn an_object_deleted_and_recreated_stays_present() {
 /// (many orphans). Nothing is written either way.
 #[tokio::test]
 async fn a_row_resumed_behind_a_stale_cache_is_left_alone() {
-    let World { db, api, settings, .. } = World::seeded(20, 0)
+    let World {
+        db, api, settings, ..
+    } = World::seeded(20, 0)
         .await
         .row("resumed", "suspended", "pod-resumed", minutes(120))
-        .settings(|s| {
-            s.cluster.confirm_get_max = 0;
-            s.cluster.cache_fresh_wait_seconds = 1;
-        })
+        .settings(proof_waited_for_a_second(0))
         .build()
         .await;
     let (by_get, _) = cached(db.settings(), &api).await;
@@ -453,13 +464,12 @@ async fn changes_compacted_away_arrive_through_the_relist() {
 /// bare-pod backend, but does hold up a name no backend claims (then a fresh listing confirms).
 #[tokio::test]
 async fn the_proof_of_freshness_covers_the_orphans_backends() {
-    let World { db, api, settings, .. } = World::seeded(20, 4)
+    let World {
+        db, api, settings, ..
+    } = World::seeded(20, 4)
         .await
-        .settings(|s| {
-            s.backends.pod.object_name_prefix = "pod-".into();
-            s.cluster.confirm_get_max = 0;
-            s.cluster.cache_fresh_wait_seconds = 1;
-        })
+        .settings(|s| s.backends.pod.object_name_prefix = "pod-".into())
+        .settings(proof_waited_for_a_second(0))
         .build()
         .await;
     api.set_bookmark_interval(Duration::from_millis(100));
@@ -497,7 +507,9 @@ async fn the_proof_of_freshness_covers_the_orphans_backends() {
 /// fresh, the evidence (rule 2(c)); the real orphans are downgraded.
 #[tokio::test]
 async fn all_namespaces_cache_keeps_a_name_that_lives_on_in_another_namespace() {
-    let World { db, api, settings, .. } = World::seeded(6, 3)
+    let World {
+        db, api, settings, ..
+    } = World::seeded(6, 3)
         .await
         .row("twin", "suspended", "pod-twin", minutes(120))
         .settings(|s| {
@@ -630,7 +642,9 @@ async fn sandboxes_with_fields_of_the_wrong_type_do_not_stop_the_sweep() {
 /// counted under its own reason. Once permitted again the cache works and the orphan goes.
 #[tokio::test]
 async fn a_forbidden_watch_is_counted_and_its_relists_are_counted_by_reason() {
-    let World { db, api, settings, .. } = World::seeded(4, 1).await.build().await;
+    let World {
+        db, api, settings, ..
+    } = World::seeded(4, 1).await.build().await;
     let metrics = Metrics::new(&settings);
     let mut r = reconciler(settings, &api);
     let cluster = api_cluster(&mut r);
@@ -695,12 +709,11 @@ async fn doomed_and_resumed(orphans: usize) -> WorldBuilder {
 /// freeze, and every live row, are left alone.
 #[tokio::test]
 async fn a_frozen_watch_is_overtaken_by_the_fallback_listing_which_reseeds_the_cache() {
-    let World { db, api, settings, .. } = doomed_and_resumed(3)
+    let World {
+        db, api, settings, ..
+    } = doomed_and_resumed(3)
         .await
-        .settings(|s| {
-            s.cluster.confirm_get_max = 0;
-            s.cluster.cache_fresh_wait_seconds = 1;
-        })
+        .settings(proof_waited_for_a_second(0))
         .build()
         .await;
     let (r, _) = cached(settings, &api).await;
@@ -737,7 +750,9 @@ async fn a_frozen_watch_is_overtaken_by_the_fallback_listing_which_reseeds_the_c
 /// row whose pod was created during the freeze is kept.
 #[tokio::test]
 async fn a_frozen_watch_is_found_by_the_informers_own_check() {
-    let World { db, api, settings, .. } = doomed_and_resumed(0).await.build().await;
+    let World {
+        db, api, settings, ..
+    } = doomed_and_resumed(0).await.build().await;
     let metrics = Metrics::new(&settings);
     let mut r = reconciler(settings, &api);
     let cluster = api_cluster(&mut r);

@@ -37,12 +37,12 @@ pub struct WorldBuilder {
     settings: Settings,
     sql: Vec<String>,
     rows: Vec<(String, String, String, Duration)>,
-    config_extra: String,
 }
 
 impl World {
     /// The test table (`TestDb::new`) and an API server with namespace "agents" and the
     /// Sandbox API (`fake_api`), the test settings (`TestDb::settings`).
+    #[allow(clippy::new_ret_no_self)] // a world starts as its builder
     pub async fn new() -> WorldBuilder {
         WorldBuilder::of(TestDb::new().await, fake_api().await)
     }
@@ -76,7 +76,6 @@ impl WorldBuilder {
             settings,
             sql: Vec::new(),
             rows: Vec::new(),
-            config_extra: String::new(),
         }
     }
 
@@ -137,12 +136,6 @@ impl WorldBuilder {
         self.settings(|s| s.sessions.table = table.to_string())
     }
 
-    /// Appended to the written configuration file (`write_settings`' `extra`).
-    pub fn config_extra(mut self, extra: &str) -> Self {
-        self.config_extra.push_str(extra);
-        self
-    }
-
     /// Runs the SQL, inserts the rows, validates the settings and writes them as the
     /// configuration file.
     pub async fn build(self) -> World {
@@ -154,7 +147,7 @@ impl WorldBuilder {
         }
         self.settings.validate().expect("test settings are valid");
         let dir = tempfile::tempdir().unwrap();
-        let config = write_settings(dir.path(), &self.settings, &self.config_extra);
+        let config = write_settings(dir.path(), &self.settings, "");
         World {
             db: self.db,
             api: self.api,

@@ -154,7 +154,9 @@ async fn a_deleted_row_is_inserted_back_past_domain_generated_and_identity_colum
 #[tokio::test]
 async fn a_deleted_row_is_inserted_back_in_its_own_scope_only() {
     let (w, table) = world_with_table("scoped_images").await;
-    let World { db, api, settings, .. } = w
+    let World {
+        db, api, settings, ..
+    } = w
         .sql(format!(
             "CREATE TABLE {table} (cluster text NOT NULL, thread_key text NOT NULL, \
              sandbox_id text NOT NULL, state text NOT NULL, updated_at timestamptz NOT NULL, \
