@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use sandbox_reconciler::cluster::cache::{CacheTuning, ClusterCache};
+use sandbox_reconciler::cluster::KubeCluster;
+use sandbox_reconciler::config::Settings;
 use sandbox_reconciler::metrics::Metrics;
 use sandbox_reconciler::sweep::{
     ClusterSource, Confirmation, Reconciler, SweepOptions, SweepReport, SweepResult,
@@ -18,16 +20,19 @@ use sandbox_reconciler::sweep::{
 use crate::support::daemon::metric;
 use crate::support::*;
 
-/// A reconciler whose sweeps read a started, synced cache.
-async fn cached(
-    settings: sandbox_reconciler::config::Settings,
-    api: &FakeApiServer,
-) -> (Reconciler, Arc<Metrics>) {
-    let metrics = Metrics::new(&settings);
-    let mut r = reconciler(settings, api);
+/// The cluster an in-process reconciler (`support::reconciler`) talks to.
+fn api_cluster(r: &mut Reconciler) -> &mut KubeCluster {
     let ClusterSource::Api(cluster) = &mut r.source else {
         unreachable!("an API reconciler")
     };
+    cluster
+}
+
+/// A reconciler whose sweeps read a started, synced cache.
+async fn cached(settings: Settings, api: &FakeApiServer) -> (Reconciler, Arc<Metrics>) {
+    let metrics = Metrics::new(&settings);
+    let mut r = reconciler(settings, api);
+    let cluster = api_cluster(&mut r);
     metrics.observe_cluster(cluster);
     let cache = ClusterCache::start(cluster, metrics.clone());
     assert!(
@@ -36,6 +41,54 @@ async fn cached(
     );
     metrics.observe_cache(cache.clone());
     (r.with_cache(cache), metrics)
+}
+
+/// `cached` over a world of `seeded(live, orphans)` with `paused`, a suspended row whose pod
+/// exists, and the cache it reads.
+async fn cached_with_paused(
+    live: usize,
+    orphans: usize,
+) -> (World, Reconciler, Arc<Metrics>, Arc<ClusterCache>) {
+    let w = World::seeded(live, orphans)
+        .await
+        .row("paused", "suspended", "pod-paused", minutes(120))
+        .pod("pod-paused")
+        .build()
+        .await;
+    let (r, metrics) = cached(w.settings.clone(), &w.api).await;
+    let cache = r.cache().unwrap().clone();
+    (w, r, metrics, cache)
+}
+
+/// Settings that confirm more than `confirm_get_max` orphans by the cache proven fresh and
+/// wait at most a second for that proof.
+fn proof_waited_for_a_second(confirm_get_max: usize) -> impl FnOnce(&mut Settings) {
+    move |s| {
+        s.cluster.confirm_get_max = confirm_get_max;
+        s.cluster.cache_fresh_wait_seconds = 1;
+    }
+}
+
+/// The rows of the live sessions (`live-i`), for "left alone" assertions.
+async fn live_rows(db: &TestDb) -> Vec<(String, String, Option<String>)> {
+    db.fingerprint()
+        .await
+        .into_iter()
+        .filter(|(k, _, _)| k.starts_with("live-"))
+        .collect()
+}
+
+/// The metrics text once `pred` holds of it, or after 5 s (metrics follow events).
+async fn rendered_when(metrics: &Metrics, pred: impl Fn(&str) -> bool) -> String {
+    let mut m = metrics.render();
+    for _ in 0..200 {
+        if pred(&m) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        m = metrics.render();
+    }
+    m
 }
 
 async fn sweep_with(r: &Reconciler) -> SweepReport {
@@ -113,11 +166,12 @@ async fn a_steady_state_sweep_reads_the_cache_and_makes_only_the_scope_checks() 
 /// suspended row an orphan (confirmed by GET, few orphans), a pod created later protects its row.
 #[tokio::test]
 async fn the_watch_brings_later_changes_into_the_cache() {
-    let (db, api) = seeded(4, 0).await;
-    db.insert("paused", "suspended", "pod-paused", minutes(120))
-        .await;
-    api.add_pod("agents", "pod-paused", MANAGED);
-    db.insert("late", "suspended", "pod-late", minutes(120))
+    let World { db, api, .. } = World::seeded(4, 0)
+        .await
+        .row("paused", "suspended", "pod-paused", minutes(120))
+        .pod("pod-paused")
+        .row("late", "suspended", "pod-late", minutes(120))
+        .build()
         .await;
     let (r, _) = cached(db.settings(), &api).await;
     api.remove(Kind::Pod, "agents", "pod-paused");
@@ -138,14 +192,16 @@ async fn the_watch_brings_later_changes_into_the_cache() {
 /// name no single backend claims is asked of every backend.
 #[tokio::test]
 async fn a_confirming_get_asks_only_the_backend_the_name_belongs_to() {
-    let (db, api) = seeded(20, 1).await;
-    db.insert("sandbox-orphan", "suspended", "sb-gone", minutes(90))
-        .await;
-    db.insert("nobodys-orphan", "suspended", "x-gone", minutes(95))
+    let World {
+        db, api, settings, ..
+    } = World::seeded(20, 1)
+        .await
+        .row("sandbox-orphan", "suspended", "sb-gone", minutes(90))
+        .row("nobodys-orphan", "suspended", "x-gone", minutes(95))
+        .settings(|s| s.backends.pod.object_name_prefix = "pod-".into())
+        .build()
         .await;
     add_sandboxes(&db, &api).await;
-    let mut settings = db.settings();
-    settings.backends.pod.object_name_prefix = "pod-".into();
     let (r, _) = cached(settings, &api).await;
     api.clear_requests();
     let report = sweep_with(&r).await;
@@ -186,10 +242,12 @@ async fn a_confirming_get_asks_only_the_backend_the_name_belongs_to() {
 /// read (rule 2(c)) confirms them, with a revision read per informer and no GET per orphan.
 #[tokio::test]
 async fn many_orphans_are_confirmed_by_the_cache_proven_fresh() {
-    let (db, api) = seeded(6, 5).await;
+    let World { api, settings, .. } = World::seeded(6, 5)
+        .await
+        .settings(|s| s.cluster.confirm_get_max = 2)
+        .build()
+        .await;
     api.set_bookmark_interval(Duration::from_millis(100));
-    let mut settings = db.settings();
-    settings.cluster.confirm_get_max = 2;
     let (r, _) = cached(settings, &api).await;
     api.clear_requests();
     let report = sweep_with(&r).await;
@@ -212,10 +270,13 @@ async fn many_orphans_are_confirmed_by_the_cache_proven_fresh() {
 /// wait the sweep lists afresh (rule 2(b)) and still confirms correctly.
 #[tokio::test]
 async fn without_bookmarks_the_sweep_falls_back_to_a_fresh_listing() {
-    let (db, api) = seeded(6, 4).await;
-    let mut settings = db.settings();
-    settings.cluster.confirm_get_max = 1;
-    settings.cluster.cache_fresh_wait_seconds = 1;
+    let World {
+        db, api, settings, ..
+    } = World::seeded(6, 4)
+        .await
+        .settings(proof_waited_for_a_second(1))
+        .build()
+        .await;
     let (r, _) = cached(settings, &api).await;
     api.stop_bookmarks();
     // One orphan's pod comes back meanwhile: the fresh listing must see it.
@@ -235,12 +296,7 @@ async fn without_bookmarks_the_sweep_falls_back_to_a_fresh_listing() {
 /// made while it was down; a 410 on the watch relists. Nothing wrong is written.
 #[tokio::test]
 async fn dropped_and_expired_watches_recover_without_a_wrong_write() {
-    let (db, api) = seeded(4, 0).await;
-    db.insert("paused", "suspended", "pod-paused", minutes(120))
-        .await;
-    api.add_pod("agents", "pod-paused", MANAGED);
-    let (r, metrics) = cached(db.settings(), &api).await;
-    let cache = r.cache().unwrap().clone();
+    let (World { db, api, .. }, r, metrics, cache) = cached_with_paused(4, 0).await;
     api.drop_watches();
     api.add_pod("agents", "pod-new", MANAGED);
     eventually(
@@ -268,16 +324,17 @@ async fn dropped_and_expired_watches_recover_without_a_wrong_write() {
 /// that fails too, it fails with nothing written.
 #[tokio::test]
 async fn a_cache_that_never_syncs_is_never_the_cluster() {
-    let (db, api) = seeded(4, 2).await;
+    let World {
+        db, api, settings, ..
+    } = World::seeded(4, 2)
+        .await
+        .settings(|s| s.cluster.cache_sync_wait_seconds = 1)
+        .build()
+        .await;
     api.inject(Fault::on_list("/pods", FaultAction::Status(500, None)));
-    let mut settings = db.settings();
-    settings.cluster.cache_sync_wait_seconds = 1;
     let metrics = Metrics::new(&settings);
-    let r = reconciler(settings, &api);
-    let ClusterSource::Api(cluster) = &r.source else {
-        unreachable!()
-    };
-    let cache = ClusterCache::start(cluster, metrics);
+    let mut r = reconciler(settings, &api);
+    let cache = ClusterCache::start(api_cluster(&mut r), metrics);
     let r = r.with_cache(cache.clone());
     let before = db.fingerprint().await;
     let report = sweep_with(&r).await;
@@ -296,15 +353,10 @@ async fn a_cache_that_never_syncs_is_never_the_cluster() {
 /// present in the cache: its row is never an orphan.
 #[tokio::test]
 async fn an_object_deleted_and_recreated_stays_present() {
-    let (db, api) = seeded(4, 0).await;
-    db.insert("paused", "suspended", "pod-paused", minutes(120))
-        .await;
-    api.add_pod("agents", "pod-paused", MANAGED);
-    let (r, _) = cached(db.settings(), &api).await;
+    let (World { db, api, .. }, r, _, cache) = cached_with_paused(4, 0).await;
     api.remove(Kind::Pod, "agents", "pod-paused");
     api.add_pod("agents", "pod-paused", MANAGED);
     api.add_pod("agents", "pod-marker", MANAGED);
-    let cache = r.cache().unwrap().clone();
     eventually("the marker arrives after both events", || {
         cache.contains("pod-marker").is_some()
     })
@@ -322,13 +374,15 @@ async fn an_object_deleted_and_recreated_stays_present() {
 /// (many orphans). Nothing is written either way.
 #[tokio::test]
 async fn a_row_resumed_behind_a_stale_cache_is_left_alone() {
-    let (db, api) = seeded(20, 0).await;
-    db.insert("resumed", "suspended", "pod-resumed", minutes(120))
+    let World {
+        db, api, settings, ..
+    } = World::seeded(20, 0)
+        .await
+        .row("resumed", "suspended", "pod-resumed", minutes(120))
+        .settings(proof_waited_for_a_second(0))
+        .build()
         .await;
     let (by_get, _) = cached(db.settings(), &api).await;
-    let mut settings = db.settings();
-    settings.cluster.confirm_get_max = 0;
-    settings.cluster.cache_fresh_wait_seconds = 1;
     let (by_proof, _) = cached(settings, &api).await;
     // Every watch from now on hangs before its first event: both caches stop learning.
     api.inject(Fault::on_watch(
@@ -376,11 +430,12 @@ async fn a_row_resumed_behind_a_stale_cache_is_left_alone() {
 /// contents, it does not merge into them. Nothing wrong is written meanwhile.
 #[tokio::test]
 async fn changes_compacted_away_arrive_through_the_relist() {
-    let (db, api) = seeded(20, 0).await;
-    db.insert("paused", "suspended", "pod-paused", minutes(120))
+    let World { db, api, .. } = World::seeded(20, 0)
+        .await
+        .row("paused", "suspended", "pod-paused", minutes(120))
+        .pods(&["pod-paused", "pod-doomed"])
+        .build()
         .await;
-    api.add_pod("agents", "pod-paused", MANAGED);
-    api.add_pod("agents", "pod-doomed", MANAGED);
     let (r, metrics) = cached(db.settings(), &api).await;
     let cache = r.cache().unwrap().clone();
     assert!(cache.contains("pod-doomed").is_some());
@@ -409,13 +464,16 @@ async fn changes_compacted_away_arrive_through_the_relist() {
 /// bare-pod backend, but does hold up a name no backend claims (then a fresh listing confirms).
 #[tokio::test]
 async fn the_proof_of_freshness_covers_the_orphans_backends() {
-    let (db, api) = seeded(20, 4).await;
+    let World {
+        db, api, settings, ..
+    } = World::seeded(20, 4)
+        .await
+        .settings(|s| s.backends.pod.object_name_prefix = "pod-".into())
+        .settings(proof_waited_for_a_second(0))
+        .build()
+        .await;
     api.set_bookmark_interval(Duration::from_millis(100));
     add_sandboxes(&db, &api).await;
-    let mut settings = db.settings();
-    settings.backends.pod.object_name_prefix = "pod-".into();
-    settings.cluster.confirm_get_max = 0;
-    settings.cluster.cache_fresh_wait_seconds = 1;
     let (r, _) = cached(settings, &api).await;
     // The Sandbox informer's watch hangs from now on: its watermark stops.
     api.inject(Fault::on_watch(
@@ -449,15 +507,20 @@ async fn the_proof_of_freshness_covers_the_orphans_backends() {
 /// fresh, the evidence (rule 2(c)); the real orphans are downgraded.
 #[tokio::test]
 async fn all_namespaces_cache_keeps_a_name_that_lives_on_in_another_namespace() {
-    let (db, api) = seeded(6, 3).await;
+    let World {
+        db, api, settings, ..
+    } = World::seeded(6, 3)
+        .await
+        .row("twin", "suspended", "pod-twin", minutes(120))
+        .settings(|s| {
+            s.cluster.namespaces = vec!["*".into()];
+            s.cluster.confirm_get_max = 1;
+        })
+        .build()
+        .await;
     api.set_bookmark_interval(Duration::from_millis(100));
     api.add_pod("ns-a", "pod-twin", MANAGED);
     api.add_pod("ns-b", "pod-twin", MANAGED);
-    db.insert("twin", "suspended", "pod-twin", minutes(120))
-        .await;
-    let mut settings = db.settings();
-    settings.cluster.namespaces = vec!["*".into()];
-    settings.cluster.confirm_get_max = 1;
     let (r, _) = cached(settings, &api).await;
     let cache = r.cache().unwrap().clone();
     api.remove(Kind::Pod, "ns-a", "pod-twin");
@@ -507,10 +570,7 @@ async fn sandboxes_with_fields_of_the_wrong_type_do_not_stop_the_sweep() {
     // One-off: the listing completes and is the proof.
     let once_metrics = Metrics::new(&db.settings());
     let mut once = reconciler(db.settings(), &api);
-    let ClusterSource::Api(cluster) = &mut once.source else {
-        unreachable!("an API reconciler")
-    };
-    once_metrics.observe_cluster(cluster);
+    once_metrics.observe_cluster(api_cluster(&mut once));
     let report = sweep_with(&once).await;
     assert_eq!(report.result, SweepResult::Success, "{report:?}");
     assert_eq!(report.downgraded, 3, "{report:?}");
@@ -565,14 +625,7 @@ async fn sandboxes_with_fields_of_the_wrong_type_do_not_stop_the_sweep() {
         .unwrap_or(0.0)
             >= 1.0
     };
-    let mut m = metrics.render();
-    for _ in 0..200 {
-        if relisted(&m) && cache.synced() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        m = metrics.render();
-    }
+    let m = rendered_when(&metrics, |m| relisted(m) && cache.synced()).await;
     assert!(relisted(&m), "{m}");
     assert_eq!(undecodable(&m, "spec.replicas"), Some(2.0), "{m}");
     assert_eq!(undecodable(&m, "spec.operatingMode"), Some(1.0), "{m}");
@@ -589,13 +642,12 @@ async fn sandboxes_with_fields_of_the_wrong_type_do_not_stop_the_sweep() {
 /// counted under its own reason. Once permitted again the cache works and the orphan goes.
 #[tokio::test]
 async fn a_forbidden_watch_is_counted_and_its_relists_are_counted_by_reason() {
-    let (db, api) = seeded(4, 1).await;
-    let settings = db.settings();
+    let World {
+        db, api, settings, ..
+    } = World::seeded(4, 1).await.build().await;
     let metrics = Metrics::new(&settings);
     let mut r = reconciler(settings, &api);
-    let ClusterSource::Api(cluster) = &mut r.source else {
-        unreachable!("an API reconciler")
-    };
+    let cluster = api_cluster(&mut r);
     let m = metrics.clone();
     cluster.set_request_hook(Arc::new(move |verb, code| m.kube_request(verb, code)));
     let cache = ClusterCache::start(cluster, metrics.clone());
@@ -618,14 +670,7 @@ async fn a_forbidden_watch_is_counted_and_its_relists_are_counted_by_reason() {
             .unwrap_or(0.0)
                 >= 1.0
     };
-    let mut m = metrics.render();
-    for _ in 0..200 {
-        if counted(&m) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        m = metrics.render();
-    }
+    let m = rendered_when(&metrics, counted).await;
     assert!(counted(&m), "{m}");
     assert!(
         metric(
@@ -644,6 +689,18 @@ async fn a_forbidden_watch_is_counted_and_its_relists_are_counted_by_reason() {
     assert_eq!(report.downgraded, 1);
 }
 
+/// `seeded(20, orphans)` with bookmarks every 100 ms, `doomed` (a suspended row whose pod
+/// exists, to be deleted under a frozen watch) and `resumed` (a suspended row whose pod is to
+/// be created under it).
+async fn doomed_and_resumed(orphans: usize) -> WorldBuilder {
+    World::seeded(20, orphans)
+        .await
+        .bookmark_interval(Duration::from_millis(100))
+        .row("doomed", "suspended", "pod-doomed", minutes(120))
+        .pod("pod-doomed")
+        .row("resumed", "suspended", "pod-resumed", minutes(120))
+}
+
 /// A watch that stops following the store (an apiserver whose watch cache froze: no events,
 /// bookmarks at a frozen revision) while an object is deleted. Many orphans: the proof of
 /// freshness cannot come, so the sweep lists afresh and that listing is its whole view; it
@@ -652,16 +709,13 @@ async fn a_forbidden_watch_is_counted_and_its_relists_are_counted_by_reason() {
 /// freeze, and every live row, are left alone.
 #[tokio::test]
 async fn a_frozen_watch_is_overtaken_by_the_fallback_listing_which_reseeds_the_cache() {
-    let (db, api) = seeded(20, 3).await;
-    api.set_bookmark_interval(Duration::from_millis(100));
-    db.insert("doomed", "suspended", "pod-doomed", minutes(120))
+    let World {
+        db, api, settings, ..
+    } = doomed_and_resumed(3)
+        .await
+        .settings(proof_waited_for_a_second(0))
+        .build()
         .await;
-    api.add_pod("agents", "pod-doomed", MANAGED);
-    db.insert("resumed", "suspended", "pod-resumed", minutes(120))
-        .await;
-    let mut settings = db.settings();
-    settings.cluster.confirm_get_max = 0;
-    settings.cluster.cache_fresh_wait_seconds = 1;
     let (r, _) = cached(settings, &api).await;
     let cache = r.cache().unwrap().clone();
     api.inject(Fault::on_watch("/pods", FaultAction::FreezeWatch));
@@ -671,12 +725,7 @@ async fn a_frozen_watch_is_overtaken_by_the_fallback_listing_which_reseeds_the_c
     api.add_pod("agents", "pod-resumed", MANAGED);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(cache.contains("pod-doomed").is_some(), "the frozen cache");
-    let live_before: Vec<_> = db
-        .fingerprint()
-        .await
-        .into_iter()
-        .filter(|(k, _, _)| k.starts_with("live-"))
-        .collect();
+    let live_before = live_rows(&db).await;
 
     let report = sweep_with(&r).await;
     assert_eq!(report.result, SweepResult::Success, "{report:?}");
@@ -684,12 +733,7 @@ async fn a_frozen_watch_is_overtaken_by_the_fallback_listing_which_reseeds_the_c
     assert_eq!(db.state("doomed").await, "gone", "{report:?}");
     assert_eq!(db.state("resumed").await, "suspended");
     assert_eq!(report.downgraded, 4, "{report:?}");
-    let live_after: Vec<_> = db
-        .fingerprint()
-        .await
-        .into_iter()
-        .filter(|(k, _, _)| k.starts_with("live-"))
-        .collect();
+    let live_after = live_rows(&db).await;
     assert_eq!(live_after, live_before);
     assert!(
         cache.contains("pod-doomed").is_none(),
@@ -706,19 +750,12 @@ async fn a_frozen_watch_is_overtaken_by_the_fallback_listing_which_reseeds_the_c
 /// row whose pod was created during the freeze is kept.
 #[tokio::test]
 async fn a_frozen_watch_is_found_by_the_informers_own_check() {
-    let (db, api) = seeded(20, 0).await;
-    api.set_bookmark_interval(Duration::from_millis(100));
-    db.insert("doomed", "suspended", "pod-doomed", minutes(120))
-        .await;
-    api.add_pod("agents", "pod-doomed", MANAGED);
-    db.insert("resumed", "suspended", "pod-resumed", minutes(120))
-        .await;
-    let settings = db.settings();
+    let World {
+        db, api, settings, ..
+    } = doomed_and_resumed(0).await.build().await;
     let metrics = Metrics::new(&settings);
-    let r = reconciler(settings, &api);
-    let ClusterSource::Api(cluster) = &r.source else {
-        unreachable!("an API reconciler")
-    };
+    let mut r = reconciler(settings, &api);
+    let cluster = api_cluster(&mut r);
     let tuning = CacheTuning {
         stall_check_after: Duration::from_millis(700),
         stall_grace: Duration::from_millis(500),
@@ -732,12 +769,7 @@ async fn a_frozen_watch_is_found_by_the_informers_own_check() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     api.remove(Kind::Pod, "agents", "pod-doomed");
     api.add_pod("agents", "pod-resumed", MANAGED);
-    let live_before: Vec<_> = db
-        .fingerprint()
-        .await
-        .into_iter()
-        .filter(|(k, _, _)| k.starts_with("live-"))
-        .collect();
+    let live_before = live_rows(&db).await;
     let mut sweeps = 0;
     while db.state("doomed").await != "gone" {
         sweeps += 1;
@@ -747,12 +779,7 @@ async fn a_frozen_watch_is_found_by_the_informers_own_check() {
         assert_eq!(db.state("resumed").await, "suspended", "{report:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let live_after: Vec<_> = db
-        .fingerprint()
-        .await
-        .into_iter()
-        .filter(|(k, _, _)| k.starts_with("live-"))
-        .collect();
+    let live_after = live_rows(&db).await;
     assert_eq!(live_after, live_before);
     assert_eq!(db.state("resumed").await, "suspended");
     let m = metrics.render();

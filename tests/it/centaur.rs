@@ -101,51 +101,42 @@ async fn untouchable(db: &TestDb, keys: &[String]) -> Vec<(String, Option<String
     out
 }
 
-/// centaur's bare-pod controller (its default): one pod per live session, pause deletes the
-/// pod, no Sandbox CRD installed. The backlog: `orphans` suspended rows whose pods are gone.
-/// Returns the keys that must stay as they are (live with pods, fresh, suspended with a pod).
-async fn bare_pod_world(db: &TestDb, orphans: usize) -> (FakeApiServer, Vec<String>) {
-    let api = FakeApiServer::start().await;
-    api.add_namespace("agents");
+/// A row keyed `key`, updated `age_minutes` ago, whose object has centaur's name for it.
+fn centaur_row(w: WorldBuilder, key: &str, state: &str, age_minutes: i64) -> WorldBuilder {
+    w.row(key, state, &centaur_name(key), minutes(age_minutes))
+}
+
+/// centaur's bare-pod controller (its default) on centaur's migrated table: one pod per live
+/// session, pause deletes the pod, no Sandbox CRD installed. The backlog: `orphans` suspended
+/// rows whose pods are gone. Returns the keys that must stay as they are (live with pods,
+/// fresh, suspended with a pod).
+async fn bare_pod_world(orphans: usize) -> (World, Vec<String>) {
+    let mut w = World::migrated_bare_pods("").await;
     let mut keep = Vec::new();
     for (state, n) in [("running", 4), ("idle", 2), ("delivering", 1)] {
         for i in 0..n {
             let key = format!("slack:{state}:{i}");
-            api.add_pod("agents", &centaur_name(&key), MANAGED);
-            db.insert(&key, state, &centaur_name(&key), minutes(30))
-                .await;
+            w = centaur_row(w.pod(&centaur_name(&key)), &key, state, 30);
             keep.push(key);
         }
     }
     for i in 0..orphans {
-        let key = format!("slack:C06:{i}");
-        db.insert(
-            &key,
-            "suspended",
-            &centaur_name(&key),
-            minutes(2000 + i as i64),
-        )
-        .await;
+        w = centaur_row(w, &format!("slack:C06:{i}"), "suspended", 2000 + i as i64);
     }
     // Suspended a moment ago: inside the grace period.
     for i in 0..3 {
         let key = format!("slack:fresh:{i}");
-        db.insert(&key, "suspended", &centaur_name(&key), minutes(2))
-            .await;
+        w = centaur_row(w, &key, "suspended", 2);
         keep.push(key);
     }
     // Suspended while its pod still exists (pause not finished): present, kept.
     let key = "slack:pausing:0".to_string();
-    api.add_pod("agents", &centaur_name(&key), MANAGED);
-    db.insert(&key, "suspended", &centaur_name(&key), minutes(600))
-        .await;
+    w = centaur_row(w.pod(&centaur_name(&key)), &key, "suspended", 600);
     keep.push(key);
     for i in 0..5 {
-        let key = format!("slack:old:{i}");
-        db.insert(&key, "gone", &centaur_name(&key), minutes(90_000))
-            .await;
+        w = centaur_row(w, &format!("slack:old:{i}"), "gone", 90_000);
     }
-    (api, keep)
+    (w.build().await, keep)
 }
 
 /// The issue the project exists for, as a new centaur operator meets it: the README's centaur
@@ -155,8 +146,7 @@ async fn bare_pod_world(db: &TestDb, orphans: usize) -> (FakeApiServer, Vec<Stri
 /// agent-sandbox backend and every sweep failed ("does not serve sandboxes.agents.x-k8s.io").
 #[tokio::test]
 async fn the_bare_pod_profile_clears_the_backlog_on_centaurs_table() {
-    let db = TestDb::migrated("").await;
-    let (api, keep) = bare_pod_world(&db, 40).await;
+    let (World { db, api, .. }, keep) = bare_pod_world(40).await;
     let kept = untouchable(&db, &keep).await;
 
     let mut downgraded = 0;
@@ -230,8 +220,7 @@ async fn the_bare_pod_profile_clears_the_backlog_on_centaurs_table() {
 /// write nothing. Before, `--once` exited 1 and the daemon failed every sweep forever.
 #[tokio::test]
 async fn a_backend_the_api_server_does_not_serve_is_a_configuration_error() {
-    let db = TestDb::migrated("").await;
-    let (api, _) = bare_pod_world(&db, 5).await;
+    let (World { db, api, .. }, _) = bare_pod_world(5).await;
     let before = db.fingerprint().await;
     for profile_name in ["centaur-migration.toml", "centaur-agent-sandbox.toml"] {
         let (code, report) = once_json(&db, &api, profile_name, &[]).await;
@@ -289,64 +278,51 @@ async fn a_backend_the_api_server_does_not_serve_is_a_configuration_error() {
 /// pod-era orphans, a few Sandboxes deleted by hand, paused Sandboxes and live sessions of
 /// both kinds. The orphans of both eras are cleared with no override; paused Sandboxes' rows
 /// and live rows stay. Before: "6 of 8 suspended rows ... have no Sandbox", exit 3.
-async fn migration_world(db: &TestDb) -> (FakeApiServer, Vec<String>, Vec<String>) {
-    let api = FakeApiServer::start().await;
-    api.register_sandbox_version("v1alpha1");
-    api.add_namespace("agents");
+async fn migration_world(extra_sql: &str) -> (World, Vec<String>, Vec<String>) {
+    let mut w = World::migrated(extra_sql).await;
     let mut keep = Vec::new();
     let mut orphans = Vec::new();
     for i in 0..3 {
         let key = format!("slack:pod-live:{i}");
-        api.add_pod("agents", &centaur_name(&key), MANAGED);
-        db.insert(&key, "running", &centaur_name(&key), minutes(30))
-            .await;
+        w = centaur_row(w.pod(&centaur_name(&key)), &key, "running", 30);
         keep.push(key);
     }
     for i in 0..2 {
         // A running Sandbox and the pod its controller made, of the same name.
         let key = format!("slack:sbx-live:{i}");
-        api.add_sandbox(
-            "v1alpha1",
-            "agents",
-            &centaur_name(&key),
-            json!({"replicas": 1}),
-        );
-        api.add_pod("agents", &centaur_name(&key), &[]);
-        db.insert(&key, "running", &centaur_name(&key), minutes(30))
-            .await;
+        let name = centaur_name(&key);
+        w = w
+            .sandbox(&name, json!({"replicas": 1}))
+            .pod_labelled(&name, &[]);
+        w = centaur_row(w, &key, "running", 30);
         keep.push(key);
     }
     for i in 0..2 {
         let key = format!("slack:sbx-paused:{i}");
-        api.add_sandbox(
-            "v1alpha1",
-            "agents",
-            &centaur_name(&key),
-            json!({"replicas": 0}),
+        w = centaur_row(
+            w.sandbox(&centaur_name(&key), json!({"replicas": 0})),
+            &key,
+            "suspended",
+            3000,
         );
-        db.insert(&key, "suspended", &centaur_name(&key), minutes(3000))
-            .await;
         keep.push(key);
     }
     for i in 0..6 {
         let key = format!("slack:pod-era:{i}");
-        db.insert(&key, "suspended", &centaur_name(&key), minutes(5000 + i))
-            .await;
+        w = centaur_row(w, &key, "suspended", 5000 + i);
         orphans.push(key);
     }
     for i in 0..2 {
         let key = format!("slack:sbx-deleted:{i}");
-        db.insert(&key, "suspended", &centaur_name(&key), minutes(4000 + i))
-            .await;
+        w = centaur_row(w, &key, "suspended", 4000 + i);
         orphans.push(key);
     }
-    (api, keep, orphans)
+    (w.build().await, keep, orphans)
 }
 
 #[tokio::test]
 async fn the_migration_profile_clears_the_orphans_of_both_eras() {
-    let db = TestDb::migrated("").await;
-    let (api, keep, orphans) = migration_world(&db).await;
+    let (World { db, api, .. }, keep, orphans) = migration_world("").await;
     let kept = untouchable(&db, &keep).await;
     let (code, report) = once_json(&db, &api, "centaur-migration.toml", &[]).await;
     assert_eq!(code, Some(0), "{report}");
@@ -373,8 +349,7 @@ async fn the_migration_profile_works_on_a_scoped_table_and_a_uuid_key() {
             }
             _ => "",
         };
-        let db = TestDb::migrated(extra).await;
-        let (api, keep, orphans) = migration_world(&db).await;
+        let (World { db, api, .. }, keep, orphans) = migration_world(extra).await;
         let kept = untouchable(&db, &keep).await;
         let mut settings = Settings::load(&[profile("centaur-migration.toml")]).unwrap();
         settings.database.url = database_url();
@@ -403,8 +378,7 @@ async fn the_migration_profile_works_on_a_scoped_table_and_a_uuid_key() {
 /// error), each with nothing written; then the right configuration does the job.
 #[tokio::test]
 async fn the_migration_profile_still_refuses_what_looks_like_misconfiguration() {
-    let db = TestDb::migrated("").await;
-    let (api, _, orphans) = migration_world(&db).await;
+    let (World { db, api, .. }, _, orphans) = migration_world("").await;
     let before = db.fingerprint().await;
 
     // A namespace that exists but is the wrong one holds only unrelated pods and Sandboxes;
@@ -486,8 +460,7 @@ async fn the_migration_profile_still_refuses_what_looks_like_misconfiguration() 
 /// profile does the job.
 #[tokio::test]
 async fn the_bare_pod_profile_refuses_a_cluster_that_runs_sandboxes() {
-    let db = TestDb::migrated("").await;
-    let (api, keep, orphans) = migration_world(&db).await;
+    let (World { db, api, .. }, keep, orphans) = migration_world("").await;
     let before = db.fingerprint().await;
     let (code, stdout, stderr) = run_profile(&db, &api, "centaur.toml", &["--once"], &[]).await;
     assert_eq!(code, Some(3), "{stdout}{stderr}");
@@ -503,8 +476,7 @@ async fn the_bare_pod_profile_refuses_a_cluster_that_runs_sandboxes() {
     assert_eq!(untouchable(&db, &keep).await, kept);
 
     // The CRD installed, no Sandbox in the namespace: the bare-pod profile proceeds.
-    let db = TestDb::migrated("").await;
-    let (api, _) = bare_pod_world(&db, 4).await;
+    let (World { db, api, .. }, _) = bare_pod_world(4).await;
     api.register_sandbox_version("v1alpha1");
     let (code, report) = once_json(&db, &api, "centaur.toml", &[]).await;
     assert_eq!(code, Some(0), "{report}");
@@ -532,8 +504,7 @@ async fn image_of(db: &TestDb, key: &str) -> Option<Value> {
 /// alone (now row deleted)" for the row that can be inserted back).
 #[tokio::test]
 async fn undo_inserts_back_a_row_centaur_deleted_after_the_downgrade() {
-    let db = TestDb::migrated("").await;
-    let (api, keep) = bare_pod_world(&db, 4).await;
+    let (World { db, api, .. }, keep) = bare_pod_world(4).await;
     let kept = untouchable(&db, &keep).await;
     let rich = format!(
         "UPDATE {} SET thread_name = 'incident', inflight_turn_input = '{{\"text\": \"hi\", \"n\": [1, 2]}}', \

@@ -3,6 +3,9 @@
 //! only PostgreSQL, the network or a fake cluster is in `testkit`.
 
 pub mod daemon;
+mod world;
+
+pub use world::{World, WorldBuilder};
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

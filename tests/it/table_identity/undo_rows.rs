@@ -18,26 +18,38 @@ use super::*;
 /// neither waits nor names sweep.dry_run.
 #[tokio::test]
 async fn undo_beside_a_running_writer() {
-    let db = TestDb::new().await;
-    let api = fake_api().await;
-    db.insert("x", "suspended", "pod-x", minutes(60)).await;
-    let settings = db.settings();
+    let World {
+        db,
+        api,
+        settings,
+        dir,
+        config,
+    } = World::new()
+        .await
+        .row("x", "suspended", "pod-x", minutes(60))
+        .build()
+        .await;
     let mapping = resolved(&settings).await;
     let migrations = format!("{}_migrations", db.audit_table());
-    let dir = tempfile::tempdir().unwrap();
-    let config = db.write_config(dir.path(), "");
     let cfg = config.to_str().unwrap();
+    let undo = |args: &'static [&'static str], sweep: String, env| {
+        let dir = dir.path().to_path_buf();
+        async move {
+            let mut all = vec!["--config", cfg, "undo"];
+            all.extend_from_slice(args);
+            all.extend(["--sweep", sweep.as_str()]);
+            run_binary(&dir, None, &all, env).await
+        }
+    };
+    let lock_wait = &[(
+        "SANDBOX_RECONCILER__DATABASE__WRITER_LOCK_WAIT_SECONDS",
+        "1",
+    )];
 
     // No audit table yet: the dry run creates none.
     let holder = hold_lock(mapping.lock_key()).await;
     let any_sweep = uuid::Uuid::new_v4().to_string();
-    let out = run_binary(
-        dir.path(),
-        None,
-        &["--config", cfg, "undo", "--dry-run", "--sweep", &any_sweep],
-        &[],
-    )
-    .await;
+    let out = undo(&["--dry-run"], any_sweep, &[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", output(&out));
     assert!(!exists(&db, &db.audit_table()).await, "a dry run ran DDL");
     assert!(!exists(&db, &migrations).await, "a dry run ran DDL");
@@ -51,13 +63,7 @@ async fn undo_beside_a_running_writer() {
     let before = db.fingerprint().await;
     let audit_before = db.audit_count().await;
 
-    let out = run_binary(
-        dir.path(),
-        None,
-        &["--config", cfg, "undo", "--dry-run", "--sweep", &sweep_id],
-        &[],
-    )
-    .await;
+    let out = undo(&["--dry-run"], sweep_id.clone(), &[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", output(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("1 would restore"),
@@ -68,16 +74,7 @@ async fn undo_beside_a_running_writer() {
     assert_eq!(db.audit_count().await, audit_before);
 
     let started = Instant::now();
-    let out = run_binary(
-        dir.path(),
-        None,
-        &["--config", cfg, "undo", "--sweep", &sweep_id],
-        &[(
-            "SANDBOX_RECONCILER__DATABASE__WRITER_LOCK_WAIT_SECONDS",
-            "1",
-        )],
-    )
-    .await;
+    let out = undo(&[], sweep_id.clone(), lock_wait).await;
     let waited = started.elapsed();
     assert_eq!(out.status.code(), Some(1), "{}", output(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -93,16 +90,7 @@ async fn undo_beside_a_running_writer() {
 
     // Once the daemon lets go, the same undo goes through.
     holder.close().await.unwrap();
-    let out = run_binary(
-        dir.path(),
-        None,
-        &["--config", cfg, "undo", "--sweep", &sweep_id],
-        &[(
-            "SANDBOX_RECONCILER__DATABASE__WRITER_LOCK_WAIT_SECONDS",
-            "1",
-        )],
-    )
-    .await;
+    let out = undo(&[], sweep_id.clone(), lock_wait).await;
     assert_eq!(out.status.code(), Some(0), "{}", output(&out));
     assert_eq!(db.state("x").await, "suspended");
 }
@@ -113,12 +101,9 @@ async fn undo_beside_a_running_writer() {
 /// this possible.
 #[tokio::test]
 async fn a_deleted_row_is_inserted_back_past_domain_generated_and_identity_columns() {
-    let db = TestDb::new().await;
-    let api = fake_api().await;
-    let table = format!("{}.image_sessions", db.schema);
-    exec(
-        &db,
-        &format!(
+    let (w, table) = world_with_table("image_sessions").await;
+    let World { db, api, settings, .. } = w
+        .sql(format!(
             "CREATE DOMAIN {s}.owner_text AS text NOT NULL CHECK (VALUE <> ''); \
              CREATE TABLE {table} (seq bigint GENERATED ALWAYS AS IDENTITY, \
              thread_key text PRIMARY KEY, sandbox_id text NOT NULL, \
@@ -127,11 +112,11 @@ async fn a_deleted_row_is_inserted_back_past_domain_generated_and_identity_colum
              INSERT INTO {table} (thread_key, sandbox_id, state, updated_at, agent_thread_id, owner) VALUES \
              ('orphan', 'pod-image-gone', 'suspended', now() - interval '1 hour', 'agent-orphan', 'team-x'), \
              ('live', 'pod-image-live', 'running', now() - interval '1 hour', 'agent-live', 'team-y')",
-            s = db.schema
-        ),
-    )
-    .await;
-    api.add_pod("agents", "pod-image-live", MANAGED);
+            s = table.rsplit_once('.').unwrap().0
+        ))
+        .pod("pod-image-live")
+        .build()
+        .await;
     let image = |key: &'static str| {
         let sql = format!("SELECT to_jsonb(t) - 'updated_at' FROM {table} t WHERE thread_key = $1");
         let pool = db.pool.clone();
@@ -144,7 +129,6 @@ async fn a_deleted_row_is_inserted_back_past_domain_generated_and_identity_colum
         }
     };
     let before = image("orphan").await.unwrap();
-    let settings = settings_for(&db, &table);
     let report = sweep(settings.clone(), &api, false).await;
     assert_eq!(report.downgraded, 1, "{:?}", report.error);
     exec(
@@ -169,12 +153,11 @@ async fn a_deleted_row_is_inserted_back_past_domain_generated_and_identity_colum
 /// key; a row re-created in scope a meanwhile is left alone.
 #[tokio::test]
 async fn a_deleted_row_is_inserted_back_in_its_own_scope_only() {
-    let db = TestDb::new().await;
-    let api = fake_api().await;
-    let table = format!("{}.scoped_images", db.schema);
-    exec(
-        &db,
-        &format!(
+    let (w, table) = world_with_table("scoped_images").await;
+    let World {
+        db, api, settings, ..
+    } = w
+        .sql(format!(
             "CREATE TABLE {table} (cluster text NOT NULL, thread_key text NOT NULL, \
              sandbox_id text NOT NULL, state text NOT NULL, updated_at timestamptz NOT NULL, \
              agent_thread_id text, PRIMARY KEY (cluster, thread_key)); \
@@ -183,14 +166,14 @@ async fn a_deleted_row_is_inserted_back_in_its_own_scope_only() {
              ('a', 'k2', 'pod-k2', 'suspended', now() - interval '1 hour', 'agent-a2'), \
              ('b', 'k1', 'pod-k1', 'suspended', now() - interval '1 hour', 'agent-b1'), \
              ('a', 'live', 'pod-scoped-live', 'running', now() - interval '1 hour', NULL)"
-        ),
-    )
-    .await;
-    api.add_pod("agents", "pod-scoped-live", MANAGED);
-    let mut settings = settings_for(&db, &table);
-    settings.sessions.scope_column = "cluster".into();
-    settings.sessions.scope_value = "a".into();
-    settings.validate().unwrap();
+        ))
+        .pod("pod-scoped-live")
+        .settings(|s| {
+            s.sessions.scope_column = "cluster".into();
+            s.sessions.scope_value = "a".into();
+        })
+        .build()
+        .await;
     let report = sweep(settings.clone(), &api, false).await;
     assert_eq!(report.downgraded, 2, "{:?}", report.error);
     exec(
@@ -241,27 +224,24 @@ async fn a_deleted_row_is_inserted_back_in_its_own_scope_only() {
 /// finds no row instead of failing.
 #[tokio::test]
 async fn a_deleted_row_with_a_bigint_key_and_an_enum_state_is_inserted_back() {
-    let db = TestDb::new().await;
-    let api = fake_api().await;
-    let table = format!("{}.typed_images", db.schema);
-    exec(
-        &db,
-        &format!(
+    let (w, table) = world_with_table("typed_images").await;
+    let World { db, api, settings, .. } = w
+        .sql(format!(
             "CREATE TYPE {s}.image_state AS ENUM ('running', 'suspended', 'gone'); \
              CREATE TABLE {table} (thread_key bigint PRIMARY KEY, sandbox_id text NOT NULL, \
              state {s}.image_state NOT NULL, updated_at timestamptz NOT NULL, agent_thread_id text); \
              INSERT INTO {table} VALUES \
              (9007199254740993, 'pod-typed-gone', 'suspended', now() - interval '1 hour', 'agent-big'), \
              (41, 'pod-typed-live', 'running', now() - interval '1 hour', 'agent-live')",
-            s = db.schema
-        ),
-    )
-    .await;
-    api.add_pod("agents", "pod-typed-live", MANAGED);
-    let mut settings = settings_for(&db, &table);
-    settings.sessions.other_states = Vec::new();
-    settings.sessions.live_states = vec!["running".into()];
-    settings.validate().unwrap();
+            s = table.rsplit_once('.').unwrap().0
+        ))
+        .pod("pod-typed-live")
+        .settings(|s| {
+            s.sessions.other_states = Vec::new();
+            s.sessions.live_states = vec!["running".into()];
+        })
+        .build()
+        .await;
     let report = sweep(settings.clone(), &api, false).await;
     assert_eq!(report.downgraded, 1, "{:?}", report.error);
     exec(&db, &format!("DELETE FROM {table} WHERE state = 'gone'")).await;
@@ -280,4 +260,12 @@ async fn a_deleted_row_with_a_bigint_key_and_an_enum_state_is_inserted_back() {
         .await
         .unwrap_or_else(|e| panic!("explain failed: {e}"));
     assert!(e.row.is_none());
+}
+
+/// A world whose settings name the table `name` of the test schema (made by the test's SQL),
+/// and that table's qualified name.
+async fn world_with_table(name: &str) -> (WorldBuilder, String) {
+    let w = World::new().await;
+    let table = format!("{}.{name}", w.db().schema);
+    (w.table(&table), table)
 }
