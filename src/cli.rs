@@ -4,14 +4,18 @@
 //! or another reconciler holds the writer lock; nothing partial is left behind); 2 usage or
 //! configuration error; 3 a guard refused to act.
 
+use std::net::{AddrParseError, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::cluster::KubeCluster;
 use crate::config::Settings;
+use crate::daemon::DaemonError;
 use crate::metrics::Metrics;
 use crate::permissions::Mode;
 use crate::progress::{SweepProgress, TerminalProgress};
@@ -21,7 +25,6 @@ use crate::sweep::{ClusterSource, Reconciler, SweepOptions, SweepReport, SweepRe
 
 /// The error kind of a backend the API server does not serve (`ClusterError::kind`).
 const NOT_SERVED: &str = "not_served";
-use std::sync::Arc;
 
 /// The exit status of every command, in one place (README, "Exit codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,9 +258,25 @@ pub async fn run(cli: Cli) -> ExitCode {
             return Exit::Config.into();
         }
     };
-    match &cli.command {
-        Some(Command::Check { mode }) => return run_check(&settings, *mode).await,
-        Some(Command::Permissions { mode, all_backends }) => {
+    if let Some(command) = &cli.command {
+        return run_command(&cli, command, settings).await;
+    }
+    let (reconciler, metrics, options) = match prepare_sweeps(&cli, settings).await {
+        Ok(prepared) => prepared,
+        Err(exit) => return exit,
+    };
+    if !cli.once && cli.cluster_snapshot.is_none() {
+        run_daemon(reconciler, options, metrics).await
+    } else {
+        run_once(reconciler, &options, cli.output).await
+    }
+}
+
+/// Runs a subcommand.
+async fn run_command(cli: &Cli, command: &Command, settings: Settings) -> ExitCode {
+    match command {
+        Command::Check { mode } => run_check(&settings, *mode).await,
+        Command::Permissions { mode, all_backends } => {
             let rules = crate::permissions::required(&settings, *mode, *all_backends);
             match cli.output {
                 OutputFormat::Json => println!(
@@ -266,43 +285,47 @@ pub async fn run(cli: Cli) -> ExitCode {
                 ),
                 OutputFormat::Text => print!("{}", crate::permissions::text(&rules)),
             }
-            return Exit::Ok.into();
+            Exit::Ok.into()
         }
-        Some(Command::Undo { sweep, session }) => {
+        Command::Undo { sweep, session } => {
             let request = crate::undo::UndoRequest {
                 sweep: *sweep,
                 session: session.clone(),
                 dry_run: cli.dry_run,
             };
-            return run_undo(&settings, &request, cli.output).await;
+            run_undo(&settings, &request, cli.output).await
         }
-        Some(Command::Explain { session }) => {
-            return run_explain(&cli, settings, session, cli.output).await;
-        }
-        Some(Command::History {
+        Command::Explain { session } => run_explain(cli, settings, session, cli.output).await,
+        Command::History {
             since,
             session,
             sweep,
             limit,
-        }) => {
+        } => {
             let filter = crate::history::HistoryFilter {
                 since: *since,
                 session: session.clone(),
                 sweep: *sweep,
                 limit: *limit,
             };
-            return run_history(&settings, &filter, cli.output).await;
+            run_history(&settings, &filter, cli.output).await
         }
-        None => {}
     }
+}
+
+/// Builds the reconciler and its metrics for sweeping (the daemon or `--once`), and resolves
+/// the table and runs the audit migrations once, before any sweep: a table that does not fit
+/// the configuration is a configuration error (exit 2). A database that does not answer yet
+/// is not: the sweep reports it (and the daemon retries).
+async fn prepare_sweeps(
+    cli: &Cli,
+    settings: Settings,
+) -> Result<(Reconciler, Arc<Metrics>, SweepOptions), ExitCode> {
     let metrics = Metrics::new(&settings);
-    let mut reconciler = match build(&cli, settings).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Exit::Config.into();
-        }
-    };
+    let mut reconciler = build(cli, settings).await.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(Exit::Config)
+    })?;
     if let ClusterSource::Api(cluster) = &mut reconciler.source {
         metrics.observe_cluster(cluster);
     }
@@ -310,42 +333,78 @@ pub async fn run(cli: Cli) -> ExitCode {
         dry_run: cli.dry_run,
         max_downgrades: cli.max_downgrades,
     };
-    // Resolve the table and run the audit migrations once, before any sweep: a table that
-    // does not fit the configuration is a configuration error (exit 2). A database that does
-    // not answer yet is not: the sweep reports it (and the daemon retries).
     let dry_run = reconciler.is_dry_run(&options);
     if let Err(e) = reconciler.prepare_at_start(!dry_run).await {
         let message = crate::store::redact(&e.to_string(), &reconciler.settings.database.url);
         if e.is_configuration() {
             eprintln!("error: {message}");
-            return Exit::Config.into();
+            return Err(Exit::Config.into());
         }
         tracing::warn!("preparing the session table failed (retried by the sweep): {message}");
     }
-    if !cli.once && cli.cluster_snapshot.is_none() {
-        // An enabled backend the API server does not serve would fail every sweep: a
-        // configuration error at start-up. An API server that does not answer yet is not
-        // (the sweeps retry and report it).
-        if let ClusterSource::Api(cluster) = &reconciler.source {
-            match cluster.verify_served().await {
-                Err(e) if e.is_configuration() => {
-                    eprintln!("error: {e}");
-                    return Exit::Config.into();
-                }
-                Err(e) => tracing::warn!(
-                    "checking the backends' resources failed (retried by the sweep): {e}"
-                ),
-                Ok(()) => {}
-            }
-        }
-        return match crate::daemon::run(reconciler, options, metrics).await {
-            Ok(()) => Exit::Ok.into(),
-            Err(e) => {
+    Ok((reconciler, metrics, options))
+}
+
+/// The daemon: checks the backends' resources, binds `server.listen` and runs until
+/// SIGTERM/SIGINT.
+async fn run_daemon(
+    reconciler: Reconciler,
+    options: SweepOptions,
+    metrics: Arc<Metrics>,
+) -> ExitCode {
+    // An enabled backend the API server does not serve would fail every sweep: a
+    // configuration error at start-up. An API server that does not answer yet is not (the
+    // sweeps retry and report it).
+    if let ClusterSource::Api(cluster) = &reconciler.source {
+        match cluster.verify_served().await {
+            Err(e) if e.is_configuration() => {
                 eprintln!("error: {e}");
-                Exit::Config.into()
+                return Exit::Config.into();
             }
-        };
+            Err(e) => {
+                tracing::warn!(
+                    "checking the backends' resources failed (retried by the sweep): {e}"
+                )
+            }
+            Ok(()) => {}
+        }
     }
+    let started = match listen(&reconciler.settings.server.listen).await {
+        Ok(listener) => {
+            let shutdown = crate::daemon::wait_for_signal();
+            crate::daemon::run(reconciler, options, metrics, listener, shutdown).await
+        }
+        Err(e) => Err(e),
+    };
+    match started {
+        Ok(()) => Exit::Ok.into(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Exit::Config.into()
+        }
+    }
+}
+
+/// Binds `server.listen` (so a bad address fails at start-up).
+async fn listen(addr: &str) -> Result<TcpListener, DaemonError> {
+    let error = |message: String| DaemonError::Listen {
+        addr: addr.to_string(),
+        message,
+    };
+    let parsed: SocketAddr = addr
+        .parse()
+        .map_err(|e: AddrParseError| error(e.to_string()))?;
+    TcpListener::bind(parsed)
+        .await
+        .map_err(|e| error(e.to_string()))
+}
+
+/// `--once` (or a cluster snapshot): one sweep, its summary on standard output.
+async fn run_once(
+    mut reconciler: Reconciler,
+    options: &SweepOptions,
+    output: OutputFormat,
+) -> ExitCode {
     // SIGTERM/SIGINT: finish or roll back the batch in flight, start no other.
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
@@ -357,7 +416,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         std::process::exit(130);
     });
     // Signs of life on a terminal (never in JSON output or when standard error is a file).
-    let progress = show_progress(cli.output).then(|| Arc::new(TerminalProgress::new()));
+    let progress = show_progress(output).then(|| Arc::new(TerminalProgress::new()));
     if let Some(progress) = &progress {
         if let ClusterSource::Api(cluster) = &mut reconciler.source {
             let p = progress.clone();
@@ -367,11 +426,11 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
         reconciler = reconciler.with_progress(progress.clone());
     }
-    let report = reconciler.sweep(&options, &stopped).await;
+    let report = reconciler.sweep(options, &stopped).await;
     if let Some(progress) = &progress {
         progress.finish();
     }
-    match cli.output {
+    match output {
         OutputFormat::Json => println!("{}", report::json(&report)),
         OutputFormat::Text => print!("{}", report::text(&report)),
     }

@@ -20,22 +20,25 @@
 //! `server.liveness_sweep_periods` periods. A business-hours schedule is therefore healthy
 //! all night.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 use sqlx::PgConnection;
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::cluster::cache::ClusterCache;
+use crate::config::Settings;
 use crate::config::{parse_schedule, schedule_period};
-use crate::http::{self, HealthState, LastSweep};
+use crate::http::{self, HealthState};
 use crate::metrics::Metrics;
 use crate::store;
 use crate::store::TableMapping;
-use crate::sweep::{Reconciler, SweepOptions, SweepReport, SweepResult};
+use crate::sweep::{ClusterSource, Reconciler, SweepOptions, SweepReport, SweepResult};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -82,123 +85,152 @@ impl Leadership {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT; returns when shut down.
+/// Runs the daemon: serves HTTP on `listener` (already bound, so the caller owns the address
+/// and its errors) and sweeps on the schedule until `shutdown` resolves; returns when shut
+/// down. The binary passes SIGTERM/SIGINT as `shutdown`.
 pub async fn run(
     reconciler: Reconciler,
     options: SweepOptions,
     metrics: Arc<Metrics>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let settings = reconciler.settings.clone();
-    let cron = parse_schedule(&settings.sweep.schedule).map_err(DaemonError::Schedule)?;
-    let period = schedule_period(&cron);
-    metrics.sweep_interval_seconds.set(period.as_secs_f64());
-    metrics
-        .dry_run
-        .set(i64::from(options.dry_run || settings.sweep.dry_run));
-
-    let health = Arc::new(HealthState::default());
-    health.worker_alive.store(true, Ordering::Relaxed);
-    health
-        .tick_slack_seconds
-        .store(60 + settings.sweep.jitter_seconds as i64, Ordering::Relaxed);
-    health.max_sweep_seconds.store(
-        (settings.server.liveness_sweep_periods * period.as_secs().max(1)) as i64,
-        Ordering::Relaxed,
-    );
-    let schedule = Schedule {
-        cron: cron.clone(),
-        metrics: metrics.clone(),
-        health: health.clone(),
-    };
+    let schedule = Schedule::from_settings(&settings, metrics.clone())?;
+    let dry_run = options.dry_run || settings.sweep.dry_run;
+    metrics.dry_run.set(i64::from(dry_run));
     schedule.ticked();
-
-    let addr: std::net::SocketAddr =
-        settings
-            .server
-            .listen
-            .parse()
-            .map_err(|e: std::net::AddrParseError| DaemonError::Listen {
-                addr: settings.server.listen.clone(),
-                message: e.to_string(),
-            })?;
-    let listener = http::bind(addr).await.map_err(|e| DaemonError::Listen {
-        addr: settings.server.listen.clone(),
-        message: e.to_string(),
-    })?;
+    let listen = listener
+        .local_addr()
+        .map_or_else(|_| settings.server.listen.clone(), |a| a.to_string());
     tracing::info!(
-        listen = %addr,
+        listen = %listen,
         schedule = %settings.sweep.schedule,
-        period_seconds = period.as_secs(),
-        dry_run = options.dry_run || settings.sweep.dry_run,
+        period_seconds = schedule.period.as_secs(),
+        dry_run,
         "sandbox-reconciler daemon started"
     );
+    let running = Running::start(reconciler, options, metrics, listener, schedule).await?;
+    shutdown.await;
+    running.stop(&settings).await;
+    Ok(())
+}
 
-    // List once, then watch: sweeps read the cluster from the cache (sweep.rs).
-    let reconciler = match &reconciler.source {
-        crate::sweep::ClusterSource::Api(cluster) => {
+/// The daemon's tasks while it runs: the HTTP server, the scheduler, the sweep worker.
+struct Running {
+    stop_tx: watch::Sender<bool>,
+    cache: Option<Arc<ClusterCache>>,
+    scheduler: JobScheduler,
+    worker: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts the watch cache (API source), the HTTP server, the scheduler and the worker.
+    async fn start(
+        reconciler: Reconciler,
+        options: SweepOptions,
+        metrics: Arc<Metrics>,
+        listener: TcpListener,
+        schedule: Schedule,
+    ) -> Result<Running, DaemonError> {
+        let reconciler = with_watch_cache(reconciler, &metrics);
+        let cache = reconciler.cache().cloned();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let health = schedule.health.clone();
+        let server = tokio::spawn(http::serve(
+            listener,
+            metrics.clone(),
+            health.clone(),
+            stop_rx.clone(),
+        ));
+        // Ticks: capacity one, and a tick that finds a sweep running is dropped and counted.
+        let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
+        let running = Arc::new(AtomicBool::new(false));
+        let expression = reconciler.settings.sweep.schedule.clone();
+        let scheduler = start_scheduler(&expression, tick_tx, running.clone(), schedule).await?;
+        let worker = tokio::spawn(
+            Worker {
+                reconciler,
+                options,
+                metrics,
+                health,
+                running,
+            }
+            .run(tick_rx, stop_rx),
+        );
+        Ok(Running {
+            stop_tx,
+            cache,
+            scheduler,
+            worker,
+            server,
+        })
+    }
+
+    /// Starts no new sweep, gives the one in flight `shutdown.timeout_seconds` to finish, and
+    /// stops serving.
+    async fn stop(mut self, settings: &Settings) {
+        tracing::info!(
+            "shutting down: no new sweeps; an apply batch in flight may take up to {}s",
+            settings.shutdown.timeout_seconds
+        );
+        let _ = self.stop_tx.send(true);
+        if let Some(cache) = &self.cache {
+            cache.stop();
+        }
+        let _ = self.scheduler.shutdown().await;
+        let grace = Duration::from_secs(settings.shutdown.timeout_seconds);
+        match tokio::time::timeout(grace, self.worker).await {
+            Ok(_) => tracing::info!("sweep worker stopped"),
+            Err(_) => tracing::warn!(
+                "the sweep did not stop within shutdown.timeout_seconds; its open batch rolls back as the connection closes"
+            ),
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.server).await;
+    }
+}
+
+/// List once, then watch: with the API as source, sweeps read the cluster from the cache.
+fn with_watch_cache(reconciler: Reconciler, metrics: &Arc<Metrics>) -> Reconciler {
+    match &reconciler.source {
+        ClusterSource::Api(cluster) => {
             let cache = ClusterCache::start(cluster, metrics.clone());
             metrics.observe_cache(cache.clone());
             reconciler.with_cache(cache)
         }
-        crate::sweep::ClusterSource::Dump(_) => reconciler,
-    };
-
-    let cache = reconciler.cache().cloned();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(http::serve(
-        listener,
-        metrics.clone(),
-        health.clone(),
-        stop_rx.clone(),
-    ));
-
-    // Ticks: capacity one, and a tick that finds a sweep running is dropped and counted.
-    let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
-    let running = Arc::new(AtomicBool::new(false));
-    let scheduler =
-        start_scheduler(&settings.sweep.schedule, tick_tx, running.clone(), schedule).await?;
-
-    let worker = tokio::spawn(worker(
-        reconciler,
-        options,
-        metrics.clone(),
-        health.clone(),
-        tick_rx,
-        running,
-        stop_rx.clone(),
-    ));
-
-    wait_for_signal().await;
-    tracing::info!(
-        "shutting down: no new sweeps; an apply batch in flight may take up to {}s",
-        settings.shutdown.timeout_seconds
-    );
-    let _ = stop_tx.send(true);
-    if let Some(cache) = &cache {
-        cache.stop();
+        ClusterSource::Dump(_) => reconciler,
     }
-    let mut scheduler = scheduler;
-    let _ = scheduler.shutdown().await;
-    let grace = Duration::from_secs(settings.shutdown.timeout_seconds);
-    match tokio::time::timeout(grace, worker).await {
-        Ok(_) => tracing::info!("sweep worker stopped"),
-        Err(_) => tracing::warn!(
-            "the sweep did not stop within shutdown.timeout_seconds; its open batch rolls back as the connection closes"
-        ),
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-    Ok(())
 }
 
 /// The schedule's clock: when the next tick is due, for the metric and for liveness.
 #[derive(Clone)]
 struct Schedule {
     cron: croner::Cron,
+    period: Duration,
     metrics: Arc<Metrics>,
     health: Arc<HealthState>,
 }
 
 impl Schedule {
+    /// Parses `sweep.schedule`, exports its period and sets liveness: a tick may be a minute
+    /// (plus the jitter) late, a sweep may run `server.liveness_sweep_periods` periods.
+    fn from_settings(settings: &Settings, metrics: Arc<Metrics>) -> Result<Schedule, DaemonError> {
+        let cron = parse_schedule(&settings.sweep.schedule).map_err(DaemonError::Schedule)?;
+        let period = schedule_period(&cron);
+        metrics.sweep_interval_seconds.set(period.as_secs_f64());
+        let health = Arc::new(HealthState::new(
+            60 + settings.sweep.jitter_seconds as i64,
+            (settings.server.liveness_sweep_periods * period.as_secs().max(1)) as i64,
+        ));
+        Ok(Schedule {
+            cron,
+            period,
+            metrics,
+            health,
+        })
+    }
+
     /// Records a tick (or the start): the next one is due at the schedule's next occurrence.
     fn ticked(&self) {
         let now = chrono::Utc::now();
@@ -208,7 +240,7 @@ impl Schedule {
             .map(|t| t.timestamp())
             .unwrap_or(i64::MAX);
         self.metrics.next_sweep_timestamp_seconds.set(next as f64);
-        self.health.next_tick.store(next, Ordering::Relaxed);
+        self.health.tick_scheduled(next);
     }
 }
 
@@ -244,73 +276,70 @@ struct AliveGuard(Arc<HealthState>);
 
 impl Drop for AliveGuard {
     fn drop(&mut self) {
-        self.0.worker_alive.store(false, Ordering::Relaxed);
+        self.0.worker_stopped();
     }
 }
 
-async fn worker(
+/// The one task that runs sweeps, one at a time: one at start-up, then one per tick.
+struct Worker {
     reconciler: Reconciler,
     options: SweepOptions,
     metrics: Arc<Metrics>,
     health: Arc<HealthState>,
-    mut ticks: mpsc::Receiver<()>,
+    /// Set while a sweep runs, so that the scheduler skips the ticks that find one running.
     running: Arc<AtomicBool>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let _guard = AliveGuard(health.clone());
-    let mut leadership = Leadership {
-        conn: None,
-        mapping: None,
-    };
-    let jitter = reconciler.settings.sweep.jitter_seconds;
-    let mut first = true;
-    loop {
-        if !first {
-            tokio::select! {
-                tick = ticks.recv() => if tick.is_none() { return },
-                _ = stop.changed() => return,
-            }
-            if jitter > 0 {
-                let delay = rand::rng().random_range(0..=jitter * 1000);
+}
+
+impl Worker {
+    async fn run(self, mut ticks: mpsc::Receiver<()>, mut stop: watch::Receiver<bool>) {
+        let _guard = AliveGuard(self.health.clone());
+        let mut leadership = Leadership {
+            conn: None,
+            mapping: None,
+        };
+        let jitter = self.reconciler.settings.sweep.jitter_seconds;
+        let mut first = true;
+        loop {
+            if !first {
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                    tick = ticks.recv() => if tick.is_none() { return },
                     _ = stop.changed() => return,
                 }
+                if jitter > 0 {
+                    let delay = rand::rng().random_range(0..=jitter * 1000);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
             }
+            first = false;
+            if *stop.borrow() {
+                return;
+            }
+            self.sweep(&mut leadership, &stop).await;
         }
-        first = false;
-        if *stop.borrow() {
-            return;
-        }
-        running.store(true, Ordering::Release);
-        health.sweep_started(true);
-        let report = sweep_once(&reconciler, &options, &mut leadership, &stop).await;
-        health.sweep_started(false);
-        running.store(false, Ordering::Release);
-        metrics.record(&report);
-        metrics.leader.set(i64::from(leadership.conn.is_some()));
-        health
-            .leader
-            .store(leadership.conn.is_some(), Ordering::Relaxed);
-        if let Ok(mut last) = health.last_sweep.lock() {
-            *last = Some(LastSweep {
-                result: report.result.as_str(),
-                at: report.started_at,
-                sweep_id: report.sweep_id.to_string(),
-            });
-        }
-        if let Ok(mut last) = health.last_report.lock() {
-            *last = Some(crate::report::json_capped(
-                &report,
-                crate::report::LAST_SWEEP_CHANGES,
-            ));
-        }
-        health.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Runs one scheduled sweep and records what it did.
+    async fn sweep(&self, leadership: &mut Leadership, stop: &watch::Receiver<bool>) {
+        self.running.store(true, Ordering::Release);
+        self.health.sweep_started();
+        let report = scheduled_sweep(&self.reconciler, &self.options, leadership, stop).await;
+        self.running.store(false, Ordering::Release);
+        self.metrics.record(&report);
+        let leader = leadership.conn.is_some();
+        self.metrics.leader.set(i64::from(leader));
+        self.health.leadership_changed(leader);
+        self.health.sweep_finished(&report);
         log_summary(&report);
     }
 }
 
-async fn sweep_once(
+/// One scheduled sweep of the daemon: a dry run sweeps without the lock; otherwise this
+/// replica first makes sure it holds the writer lock (a standby reports a skipped sweep) and
+/// sweeps on the connection that holds it.
+async fn scheduled_sweep(
     reconciler: &Reconciler,
     options: &SweepOptions,
     leadership: &mut Leadership,

@@ -9,7 +9,6 @@
 //! deadline and fit a small buffer; only GET and HEAD are served.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,31 +24,30 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use crate::sweep::SweepReport;
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head accepted.
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-/// What /healthz and /readyz report; shared with the daemon loop.
-#[derive(Default)]
+/// What /healthz and /readyz report; shared with the daemon loop, which tells it what
+/// happened (a tick was scheduled, a sweep started or finished, leadership changed, the worker
+/// stopped) and never sets a field itself.
 pub struct HealthState {
-    /// Set once configuration is loaded and the first sweep attempt finished.
-    pub ready: AtomicBool,
     /// Unix seconds when the next schedule tick is due.
-    pub next_tick: AtomicI64,
+    next_tick: AtomicI64,
     /// How late a tick may be before the scheduler counts as dead.
-    pub tick_slack_seconds: AtomicI64,
+    tick_slack_seconds: i64,
     /// Unix seconds when the running sweep started; 0 when none runs.
-    pub sweep_started_at: AtomicI64,
+    sweep_started_at: AtomicI64,
     /// A sweep running longer than this makes the daemon unhealthy (0 = no limit).
-    pub max_sweep_seconds: AtomicI64,
+    max_sweep_seconds: i64,
     /// Cleared when the sweep worker exits.
-    pub worker_alive: AtomicBool,
-    pub leader: AtomicBool,
-    pub last_sweep: Mutex<Option<LastSweep>>,
-    /// The last sweep's summary as JSON (`GET /last-sweep`).
-    pub last_report: Mutex<Option<String>>,
+    worker_alive: AtomicBool,
+    leader: AtomicBool,
+    /// The last finished sweep; `None` until the first sweep attempt finished.
+    finished: Mutex<Option<FinishedSweep>>,
 }
 
 /// The last sweep, for /healthz.
@@ -60,15 +58,85 @@ pub struct LastSweep {
     pub sweep_id: String,
 }
 
+/// The last finished sweep: its /healthz summary and its `GET /last-sweep` document, kept
+/// together so that the two never describe different sweeps.
+struct FinishedSweep {
+    summary: LastSweep,
+    document: String,
+}
+
 impl HealthState {
-    /// Marks a sweep as started (`true`) or finished (`false`).
-    pub fn sweep_started(&self, running: bool) {
-        let at = if running {
-            chrono::Utc::now().timestamp()
-        } else {
-            0
+    /// A running worker whose first tick is not yet scheduled: `tick_slack_seconds` is how
+    /// late a tick may be, `max_sweep_seconds` how long one sweep may run (0 = no limit).
+    pub fn new(tick_slack_seconds: i64, max_sweep_seconds: i64) -> HealthState {
+        HealthState {
+            next_tick: AtomicI64::new(0),
+            tick_slack_seconds,
+            sweep_started_at: AtomicI64::new(0),
+            max_sweep_seconds,
+            worker_alive: AtomicBool::new(true),
+            leader: AtomicBool::new(false),
+            finished: Mutex::new(None),
+        }
+    }
+
+    /// The schedule's next tick is due at `unix_seconds`.
+    pub fn tick_scheduled(&self, unix_seconds: i64) {
+        self.next_tick.store(unix_seconds, Ordering::Relaxed);
+    }
+
+    /// A sweep started now.
+    pub fn sweep_started(&self) {
+        self.sweep_started_at
+            .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+    }
+
+    /// A sweep finished with this report: no sweep runs, and the report is the last sweep.
+    pub fn sweep_finished(&self, report: &SweepReport) {
+        self.sweep_started_at.store(0, Ordering::Relaxed);
+        let finished = FinishedSweep {
+            summary: LastSweep {
+                result: report.result.as_str(),
+                at: report.started_at,
+                sweep_id: report.sweep_id.to_string(),
+            },
+            document: crate::report::json_capped(report, crate::report::LAST_SWEEP_CHANGES),
         };
-        self.sweep_started_at.store(at, Ordering::Relaxed);
+        if let Ok(mut last) = self.finished.lock() {
+            *last = Some(finished);
+        }
+    }
+
+    /// This replica now holds (`true`) or does not hold the writer lock.
+    pub fn leadership_changed(&self, leader: bool) {
+        self.leader.store(leader, Ordering::Relaxed);
+    }
+
+    /// The sweep worker exited.
+    pub fn worker_stopped(&self) {
+        self.worker_alive.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether this replica holds the writer lock.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Relaxed)
+    }
+
+    /// Ready once configuration is loaded and the first sweep attempt finished.
+    pub fn is_ready(&self) -> bool {
+        self.finished.lock().is_ok_and(|last| last.is_some())
+    }
+
+    /// The last finished sweep's summary, for /healthz.
+    pub fn last_sweep(&self) -> Option<LastSweep> {
+        let last = self.finished.lock().ok()?;
+        last.as_ref().map(|f| f.summary.clone())
+    }
+
+    /// The last finished sweep's JSON document (`GET /last-sweep`).
+    pub fn last_report(&self) -> Option<String> {
+        let last = self.finished.lock().ok()?;
+        last.as_ref().map(|f| f.document.clone())
     }
 
     /// Why the daemon is not healthy, or `None` when it is: the worker exited, the schedule's
@@ -79,15 +147,14 @@ impl HealthState {
             return Some("the sweep worker stopped".into());
         }
         let due = self.next_tick.load(Ordering::Relaxed);
-        let slack = self.tick_slack_seconds.load(Ordering::Relaxed);
-        if now > due.saturating_add(slack) {
+        if now > due.saturating_add(self.tick_slack_seconds) {
             return Some(format!(
                 "the schedule tick due {}s ago did not happen",
                 now - due
             ));
         }
         let started = self.sweep_started_at.load(Ordering::Relaxed);
-        let limit = self.max_sweep_seconds.load(Ordering::Relaxed);
+        let limit = self.max_sweep_seconds;
         if started > 0 && limit > 0 && now - started > limit {
             return Some(format!(
                 "the running sweep started {}s ago, longer than server.liveness_sweep_periods schedule periods ({limit}s)",
@@ -140,11 +207,11 @@ fn route(
         "/healthz" => {
             let problem = health.unhealthy();
             let alive = problem.is_none();
-            let last = health.last_sweep.lock().map(|l| l.clone()).unwrap_or(None);
+            let last = health.last_sweep();
             let body = serde_json::json!({
                 "status": if alive { "ok" } else { "stalled" },
                 "problem": problem,
-                "leader": health.leader.load(Ordering::Relaxed),
+                "leader": health.is_leader(),
                 "version": env!("CARGO_PKG_VERSION"),
                 "last_sweep": last,
             });
@@ -155,19 +222,16 @@ fn route(
             };
             response(status, "application/json", format!("{body}\n"))
         }
-        "/last-sweep" => {
-            let last = health.last_report.lock().map(|l| l.clone()).unwrap_or(None);
-            match last {
-                Some(document) => response(StatusCode::OK, "application/json", document),
-                None => response(
-                    StatusCode::NOT_FOUND,
-                    "application/json",
-                    "{\"error\": \"no sweep has finished yet\"}\n".into(),
-                ),
-            }
-        }
+        "/last-sweep" => match health.last_report() {
+            Some(document) => response(StatusCode::OK, "application/json", document),
+            None => response(
+                StatusCode::NOT_FOUND,
+                "application/json",
+                "{\"error\": \"no sweep has finished yet\"}\n".into(),
+            ),
+        },
         _ => {
-            if health.ready.load(Ordering::Relaxed) {
+            if health.is_ready() {
                 response(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
                 response(
@@ -182,11 +246,6 @@ fn route(
         *res.body_mut() = Full::new(Bytes::new());
     }
     res
-}
-
-/// Binds the listener (so a bad `server.listen` fails at start-up).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 /// Serves until `shutdown` turns true.
@@ -233,14 +292,8 @@ mod tests {
     use super::*;
 
     fn health(next_tick_in: i64, max_sweep: i64) -> HealthState {
-        let h = HealthState::default();
-        h.worker_alive.store(true, Ordering::Relaxed);
-        h.tick_slack_seconds.store(60, Ordering::Relaxed);
-        h.max_sweep_seconds.store(max_sweep, Ordering::Relaxed);
-        h.next_tick.store(
-            chrono::Utc::now().timestamp() + next_tick_in,
-            Ordering::Relaxed,
-        );
+        let h = HealthState::new(60, max_sweep);
+        h.tick_scheduled(chrono::Utc::now().timestamp() + next_tick_in);
         h
     }
 
@@ -265,21 +318,21 @@ mod tests {
     #[test]
     fn a_hung_sweep_is_unhealthy() {
         let h = health(300, 900);
-        h.sweep_started(true);
+        h.sweep_started();
         assert!(h.is_alive());
         h.sweep_started_at
             .store(chrono::Utc::now().timestamp() - 901, Ordering::Relaxed);
         assert!(h
             .unhealthy()
             .is_some_and(|p| p.contains("liveness_sweep_periods")));
-        h.sweep_started(false);
+        h.sweep_started_at.store(0, Ordering::Relaxed);
         assert!(h.is_alive());
     }
 
     #[test]
     fn a_stopped_worker_is_unhealthy() {
         let h = health(300, 900);
-        h.worker_alive.store(false, Ordering::Relaxed);
+        h.worker_stopped();
         assert!(!h.is_alive());
     }
 }
