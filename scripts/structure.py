@@ -35,59 +35,59 @@ def module_path(path):
     return rel
 
 
+def code_lines(lines):
+    """Each line's code: strings and comments blanked, the inside of a raw string that spans
+    lines left empty."""
+    out = []
+    in_raw = False
+    for line in lines:
+        if in_raw:
+            in_raw = '"#' not in line
+            out.append("")
+            continue
+        if re.search(r'r#+"', line) and not re.search(r'r#+".*"#', line):
+            in_raw = True
+            line = line.split("r#", 1)[0]
+        out.append(strip_strings(line))
+    return out
+
+
+def body_end(codes, i):
+    """The index of the line closing the function that starts at line `i`, or None for a
+    declaration without a body."""
+    d = 0
+    opened = False
+    for j in range(i, len(codes)):
+        c = codes[j]
+        if not opened and ";" in c and "{" not in c:
+            return None
+        for ch in c:
+            if ch == "{":
+                d += 1
+                opened = True
+            elif ch == "}":
+                d -= 1
+        if opened and d == 0:
+            return j
+    return None
+
+
 def long_functions(path, limit):
     lines = open(path, encoding="utf-8").read().split("\n")
+    codes = code_lines(lines)
     out = []
     skip_depth = None
     depth = 0
     pending_test = False
-    i = 0
-    in_raw = False
-    while i < len(lines):
-        raw = lines[i]
-        if in_raw:
-            if '"#' in raw:
-                in_raw = False
-            i += 1
-            continue
-        if re.search(r'r#+"', raw) and not re.search(r'r#+".*"#', raw):
-            in_raw = True
-        code = strip_strings(raw)
+    for i, code in enumerate(codes):
         if "#[cfg(test)]" in code:
             pending_test = True
         m = FN.match(code)
         if skip_depth is None and m and not pending_test:
             marker = any("structure: sql-text" in lines[j] for j in range(max(0, i - 12), i))
-            # find the body and its end
-            d = 0
-            opened = False
-            j = i
-            raw_j = False
-            while j < len(lines):
-                c = lines[j]
-                if raw_j:
-                    if '"#' in c:
-                        raw_j = False
-                    j += 1
-                    continue
-                if re.search(r'r#+"', c) and not re.search(r'r#+".*"#', c):
-                    raw_j = True
-                    c = c.split('r#', 1)[0]
-                c = strip_strings(c)
-                if not opened and ";" in c and "{" not in c:
-                    break  # a declaration without a body
-                for ch in c:
-                    if ch == "{":
-                        d += 1
-                        opened = True
-                    elif ch == "}":
-                        d -= 1
-                if opened and d == 0:
-                    break
-                j += 1
-            n = j - i + 1
-            if opened and n > limit and not marker:
-                out.append((n, m.group(7), i + 1))
+            end = body_end(codes, i)
+            if end is not None and end - i + 1 > limit and not marker:
+                out.append((end - i + 1, m.group(7), i + 1))
         opens = code.count("{")
         closes = code.count("}")
         if pending_test and opens:
@@ -97,7 +97,6 @@ def long_functions(path, limit):
         depth += opens - closes
         if skip_depth is not None and depth <= skip_depth:
             skip_depth = None
-        i += 1
     return out
 
 
