@@ -62,7 +62,7 @@ fn configuration_warnings(settings: &Settings) -> Vec<CheckLine> {
             "both backends are enabled with the same object_name_prefix, so a row whose object is missing cannot be attributed: it is reported as backend \"unknown\", asks both backends' listings to be anchored, and counts in no backend's missing-share (centaur names pods and Sandboxes alike, so this is expected during a migration); set distinct prefixes where the names allow",
         ));
     }
-    if settings.cluster.expected_uid.is_empty() {
+    if settings.cluster.expected_uid.is_none() {
         out.push(warn(
             "cluster pin",
             "cluster.expected_uid is empty: a wrong kubeconfig context with the same namespaces would be swept; pin the cluster (see the cluster identity line)",
@@ -215,8 +215,8 @@ async fn cluster_checks(settings: &Settings, mode: Mode, client: Client) -> Vec<
 /// The cluster's identity and the configured namespaces, as a sweep checks them.
 async fn scope_checks(settings: &Settings, client: Client) -> Vec<CheckLine> {
     let cluster = crate::cluster::KubeCluster::with_client(client, settings);
-    let expected = Some(settings.cluster.expected_uid.trim()).filter(|u| !u.is_empty());
-    match cluster.verify_scope(expected).await {
+    let expected = settings.cluster.expected_uid.map(|u| u.to_string());
+    match cluster.verify_scope(expected.as_deref()).await {
         Ok(crate::cluster::ScopeVerdict::Proceed { cluster_uid }) => vec![
             line(
                 "cluster identity",

@@ -4,7 +4,7 @@
 //! or another reconciler holds the writer lock; nothing partial is left behind); 2 usage or
 //! configuration error; 3 a guard refused to act.
 
-use std::net::{AddrParseError, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -258,6 +258,9 @@ pub async fn run(cli: Cli) -> ExitCode {
             return Exit::Config.into();
         }
     };
+    for (key, instead) in settings.deprecated_keys() {
+        tracing::warn!("config key {key} is deprecated; use {instead}");
+    }
     if let Some(command) = &cli.command {
         return run_command(&cli, command, settings).await;
     }
@@ -369,7 +372,7 @@ async fn run_daemon(
             Ok(()) => {}
         }
     }
-    let started = match listen(&reconciler.settings.server.listen).await {
+    let started = match listen(reconciler.settings.server.listen).await {
         Ok(listener) => {
             let shutdown = crate::daemon::wait_for_signal();
             crate::daemon::run(reconciler, options, metrics, listener, shutdown).await
@@ -386,17 +389,13 @@ async fn run_daemon(
 }
 
 /// Binds `server.listen` (so a bad address fails at start-up).
-async fn listen(addr: &str) -> Result<TcpListener, DaemonError> {
-    let error = |message: String| DaemonError::Listen {
-        addr: addr.to_string(),
-        message,
-    };
-    let parsed: SocketAddr = addr
-        .parse()
-        .map_err(|e: AddrParseError| error(e.to_string()))?;
-    TcpListener::bind(parsed)
+async fn listen(addr: SocketAddr) -> Result<TcpListener, DaemonError> {
+    TcpListener::bind(addr)
         .await
-        .map_err(|e| error(e.to_string()))
+        .map_err(|e| DaemonError::Listen {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        })
 }
 
 /// `--once` (or a cluster snapshot): one sweep, its summary on standard output.

@@ -33,7 +33,6 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::cluster::cache::ClusterCache;
 use crate::config::Settings;
-use crate::config::{parse_schedule, schedule_period};
 use crate::http::{self, HealthState};
 use crate::metrics::Metrics;
 use crate::store;
@@ -102,7 +101,7 @@ pub async fn run(
     schedule.ticked();
     let listen = listener
         .local_addr()
-        .map_or_else(|_| settings.server.listen.clone(), |a| a.to_string());
+        .map_or_else(|_| settings.server.listen.to_string(), |a| a.to_string());
     tracing::info!(
         listen = %listen,
         schedule = %settings.sweep.schedule,
@@ -147,7 +146,7 @@ impl Running {
         // Ticks: capacity one, and a tick that finds a sweep running is dropped and counted.
         let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
         let running = Arc::new(AtomicBool::new(false));
-        let expression = reconciler.settings.sweep.schedule.clone();
+        let expression = reconciler.settings.sweep.schedule.expression().to_string();
         let scheduler = start_scheduler(&expression, tick_tx, running.clone(), schedule).await?;
         let worker = tokio::spawn(
             Worker {
@@ -206,7 +205,7 @@ fn with_watch_cache(reconciler: Reconciler, metrics: &Arc<Metrics>) -> Reconcile
 /// The schedule's clock: when the next tick is due, for the metric and for liveness.
 #[derive(Clone)]
 struct Schedule {
-    cron: croner::Cron,
+    cron: crate::config::Schedule,
     period: Duration,
     metrics: Arc<Metrics>,
     health: Arc<HealthState>,
@@ -216,8 +215,8 @@ impl Schedule {
     /// Parses `sweep.schedule`, exports its period and sets liveness: a tick may be a minute
     /// (plus the jitter) late, a sweep may run `server.liveness_sweep_periods` periods.
     fn from_settings(settings: &Settings, metrics: Arc<Metrics>) -> Result<Schedule, DaemonError> {
-        let cron = parse_schedule(&settings.sweep.schedule).map_err(DaemonError::Schedule)?;
-        let period = schedule_period(&cron);
+        let cron = settings.sweep.schedule.clone();
+        let period = cron.period();
         metrics.sweep_interval_seconds.set(period.as_secs_f64());
         let health = Arc::new(HealthState::new(
             60 + settings.sweep.jitter_seconds as i64,
@@ -236,7 +235,7 @@ impl Schedule {
         let now = chrono::Utc::now();
         let next = self
             .cron
-            .find_next_occurrence(&now, false)
+            .next_after(&now)
             .map(|t| t.timestamp())
             .unwrap_or(i64::MAX);
         self.metrics.next_sweep_timestamp_seconds.set(next as f64);

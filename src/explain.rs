@@ -115,8 +115,8 @@ pub async fn run(reconciler: &Reconciler, key: &str) -> Result<Explanation, Expl
     let mut cluster_uid = None;
     match &reconciler.source {
         ClusterSource::Api(cluster) => {
-            let expected = Some(settings.cluster.expected_uid.trim()).filter(|u| !u.is_empty());
-            match cluster.verify_scope(expected).await? {
+            let expected = settings.cluster.expected_uid.map(|u| u.to_string());
+            match cluster.verify_scope(expected.as_deref()).await? {
                 ScopeVerdict::Proceed { cluster_uid: uid } => {
                     step(
                         "scope",

@@ -14,7 +14,6 @@ use serde::Deserialize;
 use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot, ObjectFacts};
 use crate::cluster::kube_api::sandbox_is_suspended;
 use crate::config::Settings;
-use crate::selector::LabelSelector;
 
 #[derive(Deserialize)]
 struct DumpList {
@@ -66,8 +65,8 @@ pub fn parse(
     }
     let b = &settings.backends;
     let namespaces = settings.namespaces();
-    let pod_selector = LabelSelector::parse(&b.pod.label_selector)?;
-    let sb_selector = LabelSelector::parse(&b.agent_sandbox.label_selector)?;
+    let pod_selector = &b.pod.label_selector;
+    let sb_selector = &b.agent_sandbox.label_selector;
     let sb_api_group = format!("{}/", b.agent_sandbox.group);
     let mut pods = BackendView::new(BackendKind::Pod, &b.pod.object_name_prefix);
     let mut sandboxes = BackendView::new(

@@ -351,8 +351,6 @@ impl KubeCluster {
     /// Uses an existing client (in-process callers).
     pub fn with_client(client: Client, settings: &Settings) -> KubeCluster {
         let b = &settings.backends;
-        // Validated at start-up; an unparsable selector cannot reach here.
-        let selector = |text: &str| LabelSelector::parse(text.trim()).unwrap_or_default();
         let s = &b.agent_sandbox;
         let sandbox_resource = || SandboxBackend {
             resource: ApiResource {
@@ -374,7 +372,7 @@ impl KubeCluster {
                 plural: "pods".into(),
                 list_kind: "PartialObjectMetadataList".into(),
                 metadata_only: true,
-                selector: selector(&b.pod.label_selector),
+                selector: b.pod.label_selector.clone(),
                 prefix: b.pod.object_name_prefix.clone(),
             });
         }
@@ -386,7 +384,7 @@ impl KubeCluster {
                 plural: s.plural.clone(),
                 list_kind: format!("{}List", s.kind),
                 metadata_only: false,
-                selector: selector(&s.label_selector),
+                selector: s.label_selector.clone(),
                 prefix: s.object_name_prefix.clone(),
             });
         }

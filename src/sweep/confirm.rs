@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::cache::ClusterCache;
 use crate::cluster::{Absence, BackendKind, ClusterError, ClusterSnapshot, KubeCluster};
-use crate::config::SweepSettings;
+use crate::config::Confirm;
 use crate::plan::{OrphanedRow, Plan, SkipReason};
 use crate::progress::SweepProgress;
 use crate::store::{Downgrade, TableMapping};
@@ -31,7 +31,7 @@ pub enum ConfirmBy {
     Nothing,
     /// The view is a snapshot file (always a dry run): absence from it is not confirmed.
     SnapshotFile,
-    /// A one-off sweep with `sweep.confirm_absence = false`: absence from its view, not
+    /// A one-off sweep with `sweep.confirmation = "none"`: absence from its view, not
     /// confirmed further.
     ListingOnly,
     /// A one-off sweep: the complete listing, started after the rows were read, that the plan
@@ -56,39 +56,21 @@ pub enum Source {
     SnapshotFile,
 }
 
-/// The settings that decide how absence is confirmed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConfirmSetting {
-    /// `sweep.confirm_absence`: a one-off sweep confirms what its listing shows.
-    pub confirm_absence: bool,
-    /// `sweep.confirmation = "get"`: a GET per orphan, always.
-    pub always_get: bool,
-}
-
-impl ConfirmSetting {
-    pub fn of(sweep: &SweepSettings) -> ConfirmSetting {
-        ConfirmSetting {
-            confirm_absence: sweep.confirm_absence,
-            always_get: sweep.confirmation == "get",
-        }
-    }
-}
-
 /// The way the absence of `orphans` selected orphans is proven. `cached`: the view is the
 /// daemon's watch cache, which may lag the cluster, so its orphans are always confirmed;
 /// `get_max`: `cluster.confirm_get_max`, the most orphans the daemon confirms by GETs.
 pub fn choose(
     source: Source,
     cached: bool,
-    setting: ConfirmSetting,
+    setting: Confirm,
     orphans: usize,
     get_max: usize,
 ) -> ConfirmBy {
     match source {
         Source::SnapshotFile => ConfirmBy::SnapshotFile,
-        Source::Api if !setting.confirm_absence && !cached => ConfirmBy::ListingOnly,
+        Source::Api if setting == Confirm::None && !cached => ConfirmBy::ListingOnly,
         Source::Api if orphans == 0 => ConfirmBy::Nothing,
-        Source::Api if setting.always_get => ConfirmBy::Gets,
+        Source::Api if setting == Confirm::Get => ConfirmBy::Gets,
         Source::Api if !cached => ConfirmBy::CompleteListing,
         Source::Api if orphans > get_max => ConfirmBy::ProvenCache,
         Source::Api => ConfirmBy::Gets,
@@ -139,7 +121,7 @@ impl ConfirmBy {
             ConfirmBy::Nothing | ConfirmBy::Gets => None,
             ConfirmBy::SnapshotFile => Some("absent from the snapshot file (not confirmed)"),
             ConfirmBy::ListingOnly => {
-                Some("absent from the sweep's view (sweep.confirm_absence = false)")
+                Some("absent from the sweep's view (sweep.confirmation = \"none\")")
             }
             ConfirmBy::CompleteListing | ConfirmBy::FreshListing => Some(LISTING_ABSENCE),
             ConfirmBy::ProvenCache => Some(
@@ -163,7 +145,7 @@ impl ConfirmBy {
                 "{} confirmed absent by the watch cache proven fresh ({} requests, {:.2}s waiting for it)",
                 r.confirmed, r.confirmation_requests, r.timings.confirm_wait
             ),
-            ConfirmBy::ListingOnly => "not confirmed (sweep.confirm_absence = false)".to_string(),
+            ConfirmBy::ListingOnly => "not confirmed (sweep.confirmation = \"none\")".to_string(),
             ConfirmBy::SnapshotFile => "not confirmed (snapshot file)".to_string(),
         }
     }
@@ -205,7 +187,7 @@ impl Reconciler {
         choose(
             source,
             self.cache.is_some(),
-            ConfirmSetting::of(&self.settings.sweep),
+            self.settings.sweep.confirmation,
             orphans,
             self.settings.cluster.confirm_get_max,
         )
@@ -462,18 +444,9 @@ async fn get_each_orphan(
 mod tests {
     use super::*;
 
-    const AUTO: ConfirmSetting = ConfirmSetting {
-        confirm_absence: true,
-        always_get: false,
-    };
-    const GET: ConfirmSetting = ConfirmSetting {
-        confirm_absence: true,
-        always_get: true,
-    };
-    const UNCONFIRMED: ConfirmSetting = ConfirmSetting {
-        confirm_absence: false,
-        always_get: false,
-    };
+    const AUTO: Confirm = Confirm::Auto;
+    const GET: Confirm = Confirm::Get;
+    const UNCONFIRMED: Confirm = Confirm::None;
 
     #[test]
     fn a_one_off_listing_is_the_proof() {
@@ -495,7 +468,7 @@ mod tests {
     }
 
     #[test]
-    fn confirm_absence_false_leaves_a_one_off_sweep_unconfirmed() {
+    fn confirmation_none_leaves_a_one_off_sweep_unconfirmed() {
         assert_eq!(
             choose(Source::Api, false, UNCONFIRMED, 10, 100),
             ConfirmBy::ListingOnly
@@ -509,7 +482,7 @@ mod tests {
 
     #[test]
     fn the_daemons_cache_is_always_confirmed() {
-        // confirm_absence = false does not apply to a cache, which may lag the cluster.
+        // confirmation = "none" does not apply to a cache, which may lag the cluster.
         assert_eq!(
             choose(Source::Api, true, UNCONFIRMED, 10, 100),
             ConfirmBy::Gets
@@ -561,22 +534,6 @@ mod tests {
             choose(Source::Api, false, GET, 100_000, 100),
             ConfirmBy::Gets
         );
-    }
-
-    #[test]
-    fn the_setting_is_read_from_the_sweep_section() {
-        let mut settings = crate::config::Settings::default();
-        settings.sweep.confirm_absence = false;
-        settings.sweep.confirmation = "get".into();
-        assert_eq!(
-            ConfirmSetting::of(&settings.sweep),
-            ConfirmSetting {
-                confirm_absence: false,
-                always_get: true
-            }
-        );
-        settings.sweep.confirmation = "auto".into();
-        assert!(!ConfirmSetting::of(&settings.sweep).always_get);
     }
 
     #[test]
@@ -638,7 +595,7 @@ mod tests {
         );
         assert_eq!(
             ConfirmBy::ListingOnly.evidence(),
-            Some("absent from the sweep's view (sweep.confirm_absence = false)")
+            Some("absent from the sweep's view (sweep.confirmation = \"none\")")
         );
         assert_eq!(ConfirmBy::CompleteListing.evidence(), Some(LISTING_ABSENCE));
         assert_eq!(
@@ -666,7 +623,7 @@ mod tests {
         );
         assert_eq!(
             summary(ConfirmBy::ListingOnly),
-            "not confirmed (sweep.confirm_absence = false)"
+            "not confirmed (sweep.confirmation = \"none\")"
         );
         assert_eq!(
             summary(ConfirmBy::SnapshotFile),

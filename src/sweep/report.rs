@@ -49,7 +49,7 @@ pub enum Confirmation {
     /// (c) Missing from the watch cache, proven at least as fresh as a revision taken after
     /// the rows were read.
     WatchCache,
-    /// Only the complete listing (sweep.confirm_absence = false).
+    /// Only the complete listing (sweep.confirmation = "none").
     ListingOnly,
     /// Only the snapshot file.
     SnapshotFile,

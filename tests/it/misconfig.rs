@@ -135,12 +135,12 @@ async fn cluster_identity_is_recorded_and_can_be_pinned() {
     db.insert("orphan-late", "suspended", "pod-gone-late", minutes(90))
         .await;
     let mut pinned = db.settings();
-    pinned.cluster.expected_uid = uuid::Uuid::new_v4().to_string();
+    pinned.cluster.expected_uid = Some(uuid::Uuid::new_v4());
     let report = sweep(pinned, &api, false).await;
     assert_eq!(refusal(&report), Some(RefusalReason::ClusterMismatch));
     assert_eq!(db.state("orphan-late").await, "suspended");
     let mut right = db.settings();
-    right.cluster.expected_uid = uid;
+    right.cluster.expected_uid = Some(uid.parse().unwrap());
     let report = sweep(right, &api, false).await;
     assert_eq!(report.result, SweepResult::Success, "{report:?}");
     assert_eq!(db.state("orphan-late").await, "gone");

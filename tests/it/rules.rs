@@ -76,7 +76,7 @@ where
 /// takes for a few orphans; one-off sweeps otherwise rely on their complete listing.
 fn by_get(db: &TestDb) -> Settings {
     let mut s = db.settings();
-    s.sweep.confirmation = "get".into();
+    s.sweep.confirmation = sandbox_reconciler::config::Confirm::Get;
     s.validate().expect("settings confirming by GET are valid");
     s
 }
@@ -537,7 +537,7 @@ async fn rule1_expired_continue_token_restarts_the_listing_from_the_first_page()
         ..Fault::on_list_page("/pods", 1, FaultAction::ExpireContinue)
     });
     let mut settings = guard_off(&db);
-    settings.sweep.confirm_absence = false;
+    settings.sweep.confirmation = sandbox_reconciler::config::Confirm::None;
     let report = sweep(settings, &api, false).await;
     assert_eq!(report.result, SweepResult::Success, "{:?}", report.error);
     assert_eq!(db.state("keeper").await, "suspended");

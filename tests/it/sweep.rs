@@ -14,7 +14,7 @@ use sqlx::{AssertSqlSafe, Row};
 fn get_confirmation(
     mut settings: sandbox_reconciler::config::Settings,
 ) -> sandbox_reconciler::config::Settings {
-    settings.sweep.confirmation = "get".into();
+    settings.sweep.confirmation = sandbox_reconciler::config::Confirm::Get;
     settings
 }
 

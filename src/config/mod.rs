@@ -7,12 +7,16 @@
 //! in a safety setting must not fall back to a default. [`Settings::validate`] checks every
 //! value and names the key and the fix in its error.
 
+mod values;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
 use crate::selector::LabelSelector;
 use crate::sql::Identifier;
+pub use values::{parse_expected_uid, parse_listen, Confirm, Schedule};
 
 /// Everything that can be wrong with the configuration. Each message names the key.
 #[derive(Debug, thiserror::Error)]
@@ -108,8 +112,9 @@ pub struct ClusterSettings {
     /// Concurrent confirming GETs.
     pub confirm_concurrency: usize,
     /// The cluster's identity (the kube-system Namespace's UID) this reconciler may act on;
-    /// empty = any cluster (its identity is still recorded).
-    pub expected_uid: String,
+    /// empty (`None`) = any cluster (its identity is still recorded).
+    #[serde(deserialize_with = "values::expected_uid")]
+    pub expected_uid: Option<uuid::Uuid>,
     /// Daemon: at most this many orphans are confirmed by direct GETs (as the pod garbage
     /// collector does); more are confirmed by the watch cache proven fresh, else a listing.
     pub confirm_get_max: usize,
@@ -133,7 +138,8 @@ pub struct BackendSettings {
 #[serde(deny_unknown_fields)]
 pub struct PodBackendSettings {
     pub enabled: bool,
-    pub label_selector: String,
+    #[serde(deserialize_with = "values::pod_selector")]
+    pub label_selector: LabelSelector,
     /// Rows whose object name starts with this prefix are counted under this backend when
     /// their object is missing (empty matches every name).
     pub object_name_prefix: String,
@@ -147,7 +153,8 @@ pub struct SandboxBackendSettings {
     pub version: String,
     pub plural: String,
     pub kind: String,
-    pub label_selector: String,
+    #[serde(deserialize_with = "values::sandbox_selector")]
+    pub label_selector: LabelSelector,
     pub object_name_prefix: String,
 }
 
@@ -155,21 +162,23 @@ pub struct SandboxBackendSettings {
 #[serde(deny_unknown_fields)]
 pub struct SweepSettings {
     /// Cron expression with a seconds field, UTC (daemon mode).
-    pub schedule: String,
+    #[serde(deserialize_with = "values::schedule")]
+    pub schedule: Schedule,
     /// Random delay in seconds added to each scheduled sweep (daemon mode).
     pub jitter_seconds: u64,
     /// Rows updated more recently than this (before the listing started) are never candidates.
     pub grace_period_seconds: u64,
     pub max_downgrades_per_sweep: usize,
-    /// Confirm each orphan with a direct GET that answers 404 before downgrading it.
-    pub confirm_absence: bool,
+    /// Deprecated: `false` is `confirmation = "none"`, `true` changes nothing. Read only to
+    /// keep old files working ([`Settings::deprecated_keys`] names it for a warning).
+    #[serde(default, rename = "confirm_absence")]
+    pub(crate) deprecated_confirm_absence: Option<bool>,
     /// Rows per apply transaction.
     pub batch_size: usize,
     pub dry_run: bool,
-    /// How an orphan's absence is established: "auto" (one-off: the complete listing that
-    /// started after the rows were read; daemon: GETs for a few, the watch cache or a fresh
-    /// listing for many) or "get" (a direct GET per orphan, always).
-    pub confirmation: String,
+    /// How an orphan's absence is established: see [`Confirm`].
+    #[serde(deserialize_with = "values::confirmation")]
+    pub confirmation: Confirm,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -188,7 +197,8 @@ pub struct GuardSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSettings {
-    pub listen: String,
+    #[serde(deserialize_with = "values::listen")]
+    pub listen: SocketAddr,
     /// /healthz fails when a sweep has been running longer than this many schedule periods.
     pub liveness_sweep_periods: u64,
 }
@@ -201,7 +211,7 @@ pub struct ShutdownSettings {
 
 /// Every key with its default: `config/default.toml`, embedded as the first layer, so the
 /// file is the one place a default is written (a unit test parses it).
-pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
+pub const DEFAULTS_TOML: &str = include_str!("../../config/default.toml");
 
 impl Default for Settings {
     /// The defaults of `config/default.toml`, unvalidated (its `database.url` is a local
@@ -273,9 +283,38 @@ impl Settings {
                 .map_err(|e| ConfigError::Parse(e.to_string()))?;
         }
         let raw = builder.build().map_err(|e| file_error(files, e))?;
-        let settings: Settings = raw.try_deserialize().map_err(|e| file_error(files, e))?;
+        let mut settings: Settings = raw.try_deserialize().map_err(|e| file_error(files, e))?;
+        settings.absorb_deprecated()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Folds deprecated keys into the settings that replaced them.
+    fn absorb_deprecated(&mut self) -> Result<(), ConfigError> {
+        if self.sweep.deprecated_confirm_absence == Some(false) {
+            match self.sweep.confirmation {
+                Confirm::Auto | Confirm::None => self.sweep.confirmation = Confirm::None,
+                Confirm::Get => {
+                    return Err(invalid(
+                        "sweep.confirm_absence",
+                        "is deprecated, and false contradicts sweep.confirmation = \"get\"; remove sweep.confirm_absence (sweep.confirmation = \"none\" is what false meant)",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deprecated keys the configuration set, each with what replaces it, for a warning.
+    pub fn deprecated_keys(&self) -> Vec<(&'static str, &'static str)> {
+        let mut keys = Vec::new();
+        if self.sweep.deprecated_confirm_absence.is_some() {
+            keys.push((
+                "sweep.confirm_absence",
+                "sweep.confirmation (\"none\" is what false meant; true is the default \"auto\")",
+            ));
+        }
+        keys
     }
 
     /// Checks every value, section by section; the error names the key and what to do.
@@ -450,16 +489,6 @@ impl Settings {
                 "must be at least 1 (API servers send a bookmark about once a minute: 90 is typical)",
             ));
         }
-        if !c.expected_uid.is_empty() && uuid::Uuid::parse_str(c.expected_uid.trim()).is_err() {
-            return Err(invalid(
-                "cluster.expected_uid",
-                format!(
-                    "{:?} is not a UID; use the kube-system Namespace's metadata.uid (kubectl get namespace kube-system -o jsonpath='{{.metadata.uid}}'), or leave it empty",
-                    c.expected_uid
-                ),
-            ));
-        }
-
         Ok(())
     }
 
@@ -472,10 +501,6 @@ impl Settings {
                 "no backend is enabled; set backends.pod.enabled or backends.agent_sandbox.enabled to true",
             ));
         }
-        LabelSelector::parse(&b.pod.label_selector)
-            .map_err(|e| invalid("backends.pod.label_selector", e))?;
-        LabelSelector::parse(&b.agent_sandbox.label_selector)
-            .map_err(|e| invalid("backends.agent_sandbox.label_selector", e))?;
         for (key, value) in [
             ("backends.agent_sandbox.group", &b.agent_sandbox.group),
             ("backends.agent_sandbox.version", &b.agent_sandbox.version),
@@ -493,13 +518,6 @@ impl Settings {
     /// `[sweep]`: schedule, grace period, batches.
     fn validate_sweep(&self) -> Result<(), ConfigError> {
         let w = &self.sweep;
-        parse_schedule(&w.schedule).map_err(|e| invalid("sweep.schedule", e))?;
-        if !matches!(w.confirmation.as_str(), "auto" | "get") {
-            return Err(invalid(
-                "sweep.confirmation",
-                format!("{:?} is not one of \"auto\", \"get\"", w.confirmation),
-            ));
-        }
         if w.grace_period_seconds > MAX_GRACE_PERIOD_SECONDS {
             return Err(invalid(
                 "sweep.grace_period_seconds",
@@ -575,15 +593,6 @@ impl Settings {
                 "is empty; set DATABASE_URL or SANDBOX_RECONCILER__DATABASE__URL",
             ));
         }
-        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid(
-                "server.listen",
-                format!(
-                    "{:?} is not an address:port such as 0.0.0.0:9090",
-                    self.server.listen
-                ),
-            ));
-        }
         Ok(())
     }
 
@@ -601,39 +610,20 @@ const MAX_AUDIT_NAME: usize = 63 - "_session_idx".len();
 /// The longest grace period: long enough for any policy, short enough for date arithmetic.
 pub const MAX_GRACE_PERIOD_SECONDS: u64 = 100 * 365 * 24 * 3600;
 
-/// Parses a cron expression the way the scheduler does (seconds field required, UTC).
-pub fn parse_schedule(expr: &str) -> Result<croner::Cron, String> {
-    croner::parser::CronParser::builder()
-        .seconds(croner::parser::Seconds::Required)
-        .dom_and_dow(true)
-        .build()
-        .parse(expr)
-        .map_err(|e| {
-            format!("{expr:?} is not a cron expression with a seconds field ({e}); e.g. \"0 */5 * * * *\" for every 5 minutes")
-        })
-}
-
-/// The nominal period of a schedule: the longest gap between its next occurrences.
-pub fn schedule_period(cron: &croner::Cron) -> std::time::Duration {
-    let mut longest = std::time::Duration::ZERO;
-    // Whole seconds: occurrences are whole seconds too.
-    let now = chrono::Utc::now().timestamp();
-    let mut prev = chrono::DateTime::from_timestamp(now, 0).unwrap_or_default();
-    for _ in 0..12 {
-        let Ok(next) = cron.find_next_occurrence(&prev, false) else {
-            break;
-        };
-        if let Ok(gap) = (next - prev).to_std() {
-            longest = longest.max(gap);
-        }
-        prev = next;
-    }
-    longest
-}
-
 /// Turns a `config` crate error into one that says which file and key.
 fn file_error(files: &[PathBuf], e: config::ConfigError) -> ConfigError {
     let text = e.to_string();
+    // A value that failed to parse into its type already names its key.
+    if let Some(at) = text.find(values::KEYED) {
+        let keyed = &text[at + values::KEYED.len()..];
+        if let Some((key, message)) = keyed.split_once(": ") {
+            // The config crate appends the key it was reading; the message already names it.
+            let message = message
+                .rsplit_once(" for key `")
+                .map_or(message, |(head, _)| head);
+            return invalid(key, message.trim_end());
+        }
+    }
     let hint = if text.contains("unknown field") {
         "; remove or correct the key (see config/default.toml for every key)"
     } else {
@@ -713,7 +703,7 @@ mod tests {
     /// source of every default: each key is documented there, with the same default.
     #[test]
     fn the_readme_documents_every_key_with_its_default() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         let mut documented = std::collections::BTreeMap::new();
         for line in readme
             .lines()
@@ -829,10 +819,94 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("sweep.schedule"), "{err}");
-        let cron = parse_schedule("0 */5 * * * *").unwrap();
-        assert_eq!(schedule_period(&cron).as_secs(), 300);
-        let every_second = parse_schedule("*/1 * * * * *").unwrap();
-        assert_eq!(schedule_period(&every_second).as_secs(), 1);
+    }
+
+    /// A value parsed into its type reports like every validation error: the key, the value
+    /// and what to write instead.
+    #[test]
+    fn typed_values_name_their_key() {
+        for (var, value, expected) in [
+            (
+                "SANDBOX_RECONCILER__SERVER__LISTEN",
+                "nowhere",
+                "config key server.listen: \"nowhere\" is not an address:port such as 0.0.0.0:9090",
+            ),
+            (
+                "SANDBOX_RECONCILER__SWEEP__CONFIRMATION",
+                "always",
+                "config key sweep.confirmation: \"always\" is not one of",
+            ),
+            (
+                "SANDBOX_RECONCILER__CLUSTER__EXPECTED_UID",
+                "prod-cluster",
+                "config key cluster.expected_uid: \"prod-cluster\" is not a UID",
+            ),
+            (
+                "SANDBOX_RECONCILER__BACKENDS__AGENT_SANDBOX__LABEL_SELECTOR",
+                "a in (b",
+                "config key backends.agent_sandbox.label_selector: ",
+            ),
+            (
+                "SANDBOX_RECONCILER__SWEEP__SCHEDULE",
+                "*/5 * * *",
+                "config key sweep.schedule: \"*/5 * * *\" is not a cron expression",
+            ),
+        ] {
+            let err = Settings::load_from(&[], &env(&[(var, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(expected), "{var}={value}: {err}");
+            assert!(!err.contains(" for key `"), "the key is named once: {err}");
+        }
+        let s = Settings::load_from(
+            &[],
+            &env(&[
+                ("SANDBOX_RECONCILER__SERVER__LISTEN", "127.0.0.1:9191"),
+                (
+                    "SANDBOX_RECONCILER__CLUSTER__EXPECTED_UID",
+                    "0B9C1F2E-3D4A-4B5C-8D6E-7F8091A2B3C4",
+                ),
+                ("SANDBOX_RECONCILER__SWEEP__CONFIRMATION", "get"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.server.listen.port(), 9191);
+        assert_eq!(
+            s.cluster.expected_uid.map(|u| u.to_string()).as_deref(),
+            Some("0b9c1f2e-3d4a-4b5c-8d6e-7f8091a2b3c4")
+        );
+        assert_eq!(s.sweep.confirmation, Confirm::Get);
+        assert!(s.deprecated_keys().is_empty());
+    }
+
+    /// `sweep.confirm_absence` is still read: false is `confirmation = "none"`, true changes
+    /// nothing, and false beside `confirmation = "get"` is a contradiction named by key.
+    #[test]
+    fn the_deprecated_confirm_absence_key_is_absorbed() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, text).unwrap();
+            Settings::load_from(&[path], &[])
+        };
+        let off = load("[sweep]\nconfirm_absence = false\n").unwrap();
+        assert_eq!(off.sweep.confirmation, Confirm::None);
+        assert_eq!(off.deprecated_keys()[0].0, "sweep.confirm_absence");
+        let on = load("[sweep]\nconfirm_absence = true\n").unwrap();
+        assert_eq!(on.sweep.confirmation, Confirm::Auto);
+        assert_eq!(on.deprecated_keys().len(), 1);
+        let err = load("[sweep]\nconfirm_absence = false\nconfirmation = \"get\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config key sweep.confirm_absence: "),
+            "{err}"
+        );
+        assert_eq!(
+            Settings::default().sweep.confirmation,
+            Confirm::Auto,
+            "the default"
+        );
     }
 
     #[test]
