@@ -19,7 +19,9 @@ use std::fmt::Write;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::cluster::{dump, ClusterError, LookupAnswer, ObjectLookup, ScopeVerdict};
+use crate::cluster::{
+    dump, ClusterError, ClusterSnapshot, LookupAnswer, ObjectLookup, ScopeVerdict,
+};
 use crate::history::{self, AuditRecord, HistoryFilter};
 use crate::plan::{
     self, GuardVerdict, Planner, ReadRows, RefusalReason, RowOutcome, RowVerdict, SessionRow,
@@ -100,6 +102,31 @@ pub struct Explanation {
     pub summary: String,
 }
 
+/// The trace as it is written, step by step.
+#[derive(Default)]
+struct Trace(Vec<Step>);
+
+impl Trace {
+    fn step(&mut self, step: &'static str, answer: String) {
+        self.0.push(Step { step, answer });
+    }
+}
+
+/// What the scope check found: the cluster's identity and the refusal, if any.
+#[derive(Default)]
+struct Scope {
+    cluster_uid: Option<String>,
+    refusal: Option<(RefusalReason, String)>,
+}
+
+/// The whole table's plan and this row's place in it.
+struct RowPlan {
+    verdict: Option<RowVerdict>,
+    plan: plan::Plan,
+    position: Option<u64>,
+    outcome: Option<RowOutcome>,
+}
+
 /// Explains what a one-off sweep would do with the row `key` now.
 pub async fn run(reconciler: &Reconciler, key: &str) -> Result<Explanation, ExplainError> {
     let settings = &reconciler.settings;
@@ -107,58 +134,148 @@ pub async fn run(reconciler: &Reconciler, key: &str) -> Result<Explanation, Expl
     // Resolve through the catalog only: no migration.
     let mapping = reconciler.prepare(&mut conn, false).await?;
     let policy = reconciler.policy(None);
-    let mut steps = Vec::new();
-    let mut step = |step: &'static str, answer: String| steps.push(Step { step, answer });
+    let mut trace = Trace::default();
 
     // 1. Scope (rule 10), as the sweep checks it before anything else.
-    let mut scope_refusal: Option<(RefusalReason, String)> = None;
-    let mut cluster_uid = None;
-    match &reconciler.source {
-        ClusterSource::Api(cluster) => {
-            let expected = settings.cluster.expected_uid.map(|u| u.to_string());
-            match cluster.verify_scope(expected.as_deref()).await? {
-                ScopeVerdict::Proceed { cluster_uid: uid } => {
-                    step(
-                        "scope",
-                        format!("cluster {uid}; every configured namespace exists"),
-                    );
-                    cluster_uid = Some(uid);
-                }
-                ScopeVerdict::Refuse {
-                    reason,
-                    detail,
-                    cluster_uid: uid,
-                } => {
-                    step("scope", format!("REFUSED ({}): {detail}", reason.as_str()));
-                    cluster_uid = Some(uid);
-                    scope_refusal = Some((reason, detail));
-                }
-            }
-        }
-        ClusterSource::Dump(path) => step(
-            "scope",
-            format!("cluster snapshot file {} (no scope check)", path.display()),
-        ),
-    }
-
+    let scope = check_scope(reconciler, &mut trace).await?;
     // 2. The clock, then the rows, then one complete listing (rule 2(b)).
     let clock = store::database_now(&mut conn, &mapping).await?;
     let mut rows = ReadRows::default();
     store::read_rows(&mut conn, &mapping, &mut rows).await?;
+    let snapshot = list(reconciler, clock, &scope).await?;
+    let cutoff = snapshot.database_clock - policy.grace_period;
+    trace_view(&mut trace, settings, &rows, &snapshot, (clock, cutoff));
+    // 3. The plan of the whole table, exactly as the sweep plans it.
+    let mine: Option<SessionRow> = match rows.rows().iter().find(|r| r.key == key) {
+        Some(r) => Some(r.clone()),
+        // Gone rows are only counted by the sweep; read this one for the trace.
+        None => store::read_row(&mut conn, &mapping, key).await?,
+    };
+    let planned = plan_row(&snapshot, &policy, &rows, mine.as_ref(), &scope);
+    // 4. The row's own trace.
+    match (&mine, &planned.verdict) {
+        (Some(r), Some(v)) => trace_row(&mut |s, a| trace.step(s, a), r, v, &policy, clock),
+        _ => trace.step(
+            "row",
+            format!("no row with key {key:?} in {}", mapping.table_display()),
+        ),
+    }
+    trace_guard_and_cap(&mut trace, &planned, policy.max_downgrades);
+    // 5. The GETs of rule 2(a), as extra evidence.
+    let lookups = look_up(reconciler, mine.as_ref()).await;
+    for l in &lookups {
+        trace.step("get", lookup_text(l));
+    }
+    // 6. The audit records of the key.
+    let filter = HistoryFilter {
+        session: Some(key.to_string()),
+        limit: AUDIT_RECORDS,
+        ..HistoryFilter::default()
+    };
+    let audit = history::read(&mut conn, &mapping, &filter).await?;
+    trace_audit(&mut trace, &audit);
+    let gone = mine.as_ref().and_then(|r| r.state.as_deref()) == Some(policy.gone_state.as_str());
+    let summary = summarise(key, &planned, &audit.records, gone);
+    trace.step("outcome", summary.clone());
+    Ok(Explanation {
+        session: key.to_string(),
+        table: mapping.table_display(),
+        database_clock: clock,
+        grace_period_seconds: settings.sweep.grace_period_seconds,
+        cutoff,
+        cluster_uid: scope.cluster_uid,
+        row: mine.as_ref().map(|r| RowAsRead {
+            state: r.state.clone(),
+            object: r.object.clone(),
+            updated_at: r.updated_at,
+            age_seconds: r.updated_at.map(|u| (clock - u).num_seconds()),
+        }),
+        verdict: planned.verdict,
+        guard: planned.plan.guard.clone(),
+        orphans_found: planned.plan.orphans_found,
+        cap: policy.max_downgrades,
+        cap_position: planned.position,
+        outcome: planned.outcome,
+        lookups,
+        audit_table_exists: audit.audit_table_exists,
+        audit: audit.records,
+        steps: trace.0,
+        summary,
+    })
+}
+
+/// The scope checks of rule 10, as the sweep runs them (a snapshot file has none).
+async fn check_scope(reconciler: &Reconciler, trace: &mut Trace) -> Result<Scope, ExplainError> {
+    let cluster = match &reconciler.source {
+        ClusterSource::Api(cluster) => cluster,
+        ClusterSource::Dump(path) => {
+            trace.step(
+                "scope",
+                format!("cluster snapshot file {} (no scope check)", path.display()),
+            );
+            return Ok(Scope::default());
+        }
+    };
+    let expected = reconciler
+        .settings
+        .cluster
+        .expected_uid
+        .map(|u| u.to_string());
+    Ok(match cluster.verify_scope(expected.as_deref()).await? {
+        ScopeVerdict::Proceed { cluster_uid } => {
+            trace.step(
+                "scope",
+                format!("cluster {cluster_uid}; every configured namespace exists"),
+            );
+            Scope {
+                cluster_uid: Some(cluster_uid),
+                refusal: None,
+            }
+        }
+        ScopeVerdict::Refuse {
+            reason,
+            detail,
+            cluster_uid,
+        } => {
+            trace.step("scope", format!("REFUSED ({}): {detail}", reason.as_str()));
+            Scope {
+                cluster_uid: Some(cluster_uid),
+                refusal: Some((reason, detail)),
+            }
+        }
+    })
+}
+
+/// One complete listing of every backend (or the snapshot file), stamped with the clock.
+async fn list(
+    reconciler: &Reconciler,
+    clock: DateTime<Utc>,
+    scope: &Scope,
+) -> Result<ClusterSnapshot, ExplainError> {
     let mut snapshot = match &reconciler.source {
         ClusterSource::Api(cluster) => {
             let mut s = cluster.snapshot().await?;
             s.database_clock = clock;
-            s.cluster_uid = cluster_uid.clone();
+            s.cluster_uid = scope.cluster_uid.clone();
             s
         }
-        ClusterSource::Dump(path) => dump::load(path, settings)?,
+        ClusterSource::Dump(path) => dump::load(path, &reconciler.settings)?,
     };
     if snapshot.cluster_uid.is_none() {
-        snapshot.cluster_uid = cluster_uid.clone();
+        snapshot.cluster_uid = scope.cluster_uid.clone();
     }
-    let cutoff = snapshot.database_clock - policy.grace_period;
-    step(
+    Ok(snapshot)
+}
+
+/// The clock and view steps.
+fn trace_view(
+    trace: &mut Trace,
+    settings: &crate::config::Settings,
+    rows: &ReadRows,
+    snapshot: &ClusterSnapshot,
+    (clock, cutoff): (DateTime<Utc>, DateTime<Utc>),
+) {
+    trace.step(
         "clock",
         format!(
             "database clock {}; grace period {}s, so rows updated after {} are left alone",
@@ -172,7 +289,7 @@ pub async fn run(reconciler: &Reconciler, key: &str) -> Result<Explanation, Expl
         .iter()
         .map(|b| format!("{} {} objects", b.kind, b.len()))
         .collect();
-    step(
+    trace.step(
         "view",
         format!(
             "{} rows read (outside the gone state), then a complete listing: {}",
@@ -180,29 +297,40 @@ pub async fn run(reconciler: &Reconciler, key: &str) -> Result<Explanation, Expl
             listed.join(", ")
         ),
     );
+}
 
-    // 3. The plan of the whole table, exactly as the sweep plans it.
-    let mut planner = Planner::new(&snapshot, &policy);
+/// Plans the whole table as the sweep does and places `mine` in it: its verdict, its
+/// position in the cap's order (orphans only) and what a sweep would do with it.
+fn plan_row(
+    snapshot: &ClusterSnapshot,
+    policy: &plan::Policy,
+    rows: &ReadRows,
+    mine: Option<&SessionRow>,
+    scope: &Scope,
+) -> RowPlan {
+    let mut planner = Planner::new(snapshot, policy);
     rows.replay(&mut planner);
-    let mine: Option<SessionRow> = match rows.rows().iter().find(|r| r.key == key) {
-        Some(r) => Some(r.clone()),
-        // Gone rows are only counted by the sweep; read this one for the trace.
-        None => store::read_row(&mut conn, &mapping, key).await?,
-    };
-    let verdict = mine.as_ref().map(|r| planner.verdict(r));
-    let orphans: Vec<(DateTime<Utc>, String)> = match &verdict {
-        Some(RowVerdict::Orphan { .. }) => rows
-            .rows()
-            .iter()
-            .filter_map(|r| match planner.verdict(r) {
-                RowVerdict::Orphan { updated_at, .. } => Some((updated_at, r.key.clone())),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
+    let verdict = mine.map(|r| planner.verdict(r));
+    let position = match (&verdict, mine) {
+        (Some(RowVerdict::Orphan { updated_at, .. }), Some(row)) => {
+            let orphans: Vec<(DateTime<Utc>, String)> = rows
+                .rows()
+                .iter()
+                .filter_map(|r| match planner.verdict(r) {
+                    RowVerdict::Orphan { updated_at, .. } => Some((updated_at, r.key.clone())),
+                    _ => None,
+                })
+                .collect();
+            Some(plan::orphan_position(
+                *updated_at,
+                &row.key,
+                orphans.iter().map(|(u, k)| (*u, k.as_str())),
+            ))
+        }
+        _ => None,
     };
     let mut plan = planner.finish();
-    if let Some((reason, detail)) = &scope_refusal {
+    if let Some((reason, detail)) = &scope.refusal {
         // The sweep stops at the scope check: nothing is planned.
         plan.guard = GuardVerdict::Refuse {
             reason: *reason,
@@ -210,102 +338,78 @@ pub async fn run(reconciler: &Reconciler, key: &str) -> Result<Explanation, Expl
         };
         plan.downgrades.clear();
     }
-    let cap = policy.max_downgrades;
-    let position = match &verdict {
-        Some(RowVerdict::Orphan { updated_at, .. }) => Some(plan::orphan_position(
-            *updated_at,
-            key,
-            orphans.iter().map(|(u, k)| (*u, k.as_str())),
-        )),
-        _ => None,
-    };
-    let outcome = verdict
-        .as_ref()
-        .map(|v| plan::outcome(&plan, v, key, position.unwrap_or(0), cap));
-
-    // 4. The row's own trace.
-    let row = mine.as_ref().map(|r| RowAsRead {
-        state: r.state.clone(),
-        object: r.object.clone(),
-        updated_at: r.updated_at,
-        age_seconds: r.updated_at.map(|u| (clock - u).num_seconds()),
+    let outcome = verdict.as_ref().zip(mine).map(|(v, row)| {
+        plan::outcome(
+            &plan,
+            v,
+            &row.key,
+            position.unwrap_or(0),
+            policy.max_downgrades,
+        )
     });
-    match (&mine, &verdict) {
-        (Some(r), Some(v)) => trace_row(&mut step, r, v, &policy, clock),
-        _ => step(
-            "row",
-            format!("no row with key {key:?} in {}", mapping.table_display()),
-        ),
+    RowPlan {
+        verdict,
+        plan,
+        position,
+        outcome,
     }
-    if verdict.is_some() {
-        step("guard", guard_text(&plan.guard));
-        step(
-            "cap",
-            match position {
-                Some(p) => format!(
-                    "orphan {p} of {} in the cap's order (oldest updated_at first); the cap takes {cap} per sweep",
-                    plan.orphans_found
-                ),
-                None => format!(
-                    "not an orphan; {} orphans in the table, the cap takes {cap} per sweep",
-                    plan.orphans_found
-                ),
-            },
-        );
-    }
+}
 
-    // 5. The GETs of rule 2(a), as extra evidence.
+/// The guard and cap steps, for a row that exists.
+fn trace_guard_and_cap(trace: &mut Trace, planned: &RowPlan, cap: usize) {
+    if planned.verdict.is_none() {
+        return;
+    }
+    trace.step("guard", guard_text(&planned.plan.guard));
+    let found = planned.plan.orphans_found;
+    trace.step(
+        "cap",
+        match planned.position {
+            Some(p) => format!(
+                "orphan {p} of {found} in the cap's order (oldest updated_at first); the cap takes {cap} per sweep"
+            ),
+            None => format!(
+                "not an orphan; {found} orphans in the table, the cap takes {cap} per sweep"
+            ),
+        },
+    );
+}
+
+/// The GETs of the row's object in every enabled backend and namespace.
+async fn look_up(reconciler: &Reconciler, mine: Option<&SessionRow>) -> Vec<ObjectLookup> {
     let name = mine
-        .as_ref()
         .and_then(|r| r.object.as_deref())
         .filter(|n| plan::is_valid_object_name(n));
-    let lookups = match (&reconciler.source, name) {
+    match (&reconciler.source, name) {
         (ClusterSource::Api(cluster), Some(name)) => cluster.lookup(name).await,
         _ => Vec::new(),
-    };
-    for l in &lookups {
-        step("get", lookup_text(l));
     }
+}
 
-    // 6. The audit records of the key.
-    let audit = history::read(
-        &mut conn,
-        &mapping,
-        &HistoryFilter {
-            session: Some(key.to_string()),
-            limit: AUDIT_RECORDS,
-            ..HistoryFilter::default()
-        },
-    )
-    .await?;
-    if !audit.audit_table_exists {
-        step(
-            "audit",
-            format!(
-                "the audit table {} does not exist: no sweep has written yet",
-                audit.audit_table
-            ),
-        );
+/// The audit step.
+fn trace_audit(trace: &mut Trace, audit: &history::History) {
+    let answer = if !audit.audit_table_exists {
+        format!(
+            "the audit table {} does not exist: no sweep has written yet",
+            audit.audit_table
+        )
     } else if audit.records.is_empty() {
-        step("audit", "no audit records for this key".into());
+        "no audit records for this key".into()
     } else {
-        step(
-            "audit",
-            format!("{} record(s), newest first (below)", audit.records.len()),
-        );
-    }
-    let mut outcome_text = match (&outcome, &verdict) {
-        (Some(o), Some(v)) => outcome_sentence(o, v, &plan.guard),
-        _ => missing_sentence(key, &audit.records),
+        format!("{} record(s), newest first (below)", audit.records.len())
     };
-    let gone = mine.as_ref().and_then(|r| r.state.as_deref()) == Some(policy.gone_state.as_str());
-    if let Some(last) = audit
-        .records
-        .first()
-        .filter(|r| gone && r.action == "downgrade")
-    {
+    trace.step("audit", answer);
+}
+
+/// One sentence: what a sweep would do now and why, and how to undo a past downgrade.
+fn summarise(key: &str, planned: &RowPlan, records: &[AuditRecord], gone: bool) -> String {
+    let mut text = match (&planned.outcome, &planned.verdict) {
+        (Some(o), Some(v)) => outcome_sentence(o, v, &planned.plan.guard),
+        _ => missing_sentence(key, records),
+    };
+    if let Some(last) = records.first().filter(|r| gone && r.action == "downgrade") {
         let _ = write!(
-            outcome_text,
+            text,
             "; downgraded at {} by sweep {}: `undo --session {key}` restores it",
             last.at
                 .map(|a| a.to_rfc3339())
@@ -313,27 +417,7 @@ pub async fn run(reconciler: &Reconciler, key: &str) -> Result<Explanation, Expl
             last.sweep_id.as_deref().unwrap_or("?")
         );
     }
-    step("outcome", outcome_text.clone());
-    Ok(Explanation {
-        session: key.to_string(),
-        table: mapping.table_display(),
-        database_clock: clock,
-        grace_period_seconds: settings.sweep.grace_period_seconds,
-        cutoff,
-        cluster_uid,
-        row,
-        verdict,
-        guard: plan.guard.clone(),
-        orphans_found: plan.orphans_found,
-        cap,
-        cap_position: position,
-        outcome,
-        lookups,
-        audit_table_exists: audit.audit_table_exists,
-        audit: audit.records,
-        steps,
-        summary: outcome_text,
-    })
+    text
 }
 
 /// The row's steps: state, object per backend, attribution, grace.
