@@ -380,26 +380,9 @@ fn decide_marking(
     row: &SessionRow,
     mut found: impl FnMut(usize, usize),
 ) -> RowVerdict {
-    let known = |s: &str| {
-        s == policy.suspended_state
-            || s == policy.gone_state
-            || policy.live_states.iter().any(|l| l == s)
-            || policy.other_states.iter().any(|o| o == s)
-    };
-    let state = match row.state.as_deref() {
-        None => {
-            return RowVerdict::Skipped {
-                reason: SkipReason::NullState,
-                live: false,
-            }
-        }
-        Some(s) if !known(s) => {
-            return RowVerdict::Skipped {
-                reason: SkipReason::UnknownState,
-                live: false,
-            }
-        }
-        Some(s) => s,
+    let state = match known_state(policy, row) {
+        Ok(state) => state,
+        Err(skipped) => return skipped,
     };
     let suspended = state == policy.suspended_state;
     let live = policy.live_states.iter().any(|l| l == state);
@@ -447,6 +430,32 @@ fn decide_marking(
     if live {
         return RowVerdict::LiveWithoutObject { backend };
     }
+    decide_missing(backend, cutoff, row)
+}
+
+/// The row's state when the policy knows it, else the verdict that skips the row.
+fn known_state<'r>(policy: &Policy, row: &'r SessionRow) -> Result<&'r str, RowVerdict> {
+    let known = |s: &str| {
+        s == policy.suspended_state
+            || s == policy.gone_state
+            || policy.live_states.iter().any(|l| l == s)
+            || policy.other_states.iter().any(|o| o == s)
+    };
+    match row.state.as_deref() {
+        None => Err(RowVerdict::Skipped {
+            reason: SkipReason::NullState,
+            live: false,
+        }),
+        Some(s) if !known(s) => Err(RowVerdict::Skipped {
+            reason: SkipReason::UnknownState,
+            live: false,
+        }),
+        Some(s) => Ok(s),
+    }
+}
+
+/// A suspended row whose object no backend lists: within the grace period, or an orphan.
+fn decide_missing(backend: BackendKind, cutoff: DateTime<Utc>, row: &SessionRow) -> RowVerdict {
     let Some(updated_at) = row.updated_at else {
         return RowVerdict::Skipped {
             reason: SkipReason::NullUpdatedAt,
@@ -573,6 +582,11 @@ impl<'a> Planner<'a> {
         if live {
             self.live_rows += 1;
         }
+        self.count_verdict(row, verdict);
+    }
+
+    /// Counts one row's verdict under its backend; an orphan may be kept for the cap.
+    fn count_verdict(&mut self, row: &SessionRow, verdict: RowVerdict) {
         match verdict {
             RowVerdict::Skipped { reason, .. } => match reason {
                 // Counted by count_state already.
@@ -621,112 +635,157 @@ impl<'a> Planner<'a> {
                 counts.suspended_without_object += 1;
                 counts.orphaned_suspended += 1;
                 self.orphans_found += 1;
-                let cap = self.policy.max_downgrades;
-                let older_than_kept =
-                    |kept: &OldestFirst| (updated_at, row.key.as_str()) < kept.order();
-                if self.oldest.len() >= cap && !self.oldest.peek().is_some_and(older_than_kept) {
-                    return;
-                }
-                // Allocated only for the orphans the heap keeps.
-                self.oldest.push(OldestFirst(OrphanedRow {
-                    key: row.key.clone(),
-                    object: row.object.clone().unwrap_or_default(),
-                    state: row.state.clone().unwrap_or_default(),
-                    updated_at,
-                    backend,
-                }));
-                if self.oldest.len() > cap {
-                    self.oldest.pop();
-                }
+                self.keep_if_among_oldest(row, backend, updated_at);
             }
+        }
+    }
+
+    /// Keeps the orphan when it is among the `max_downgrades` oldest seen so far (oldest
+    /// `updated_at` first, then key): the heap holds at most the cap.
+    fn keep_if_among_oldest(
+        &mut self,
+        row: &SessionRow,
+        backend: BackendKind,
+        updated_at: DateTime<Utc>,
+    ) {
+        let cap = self.policy.max_downgrades;
+        let older_than_kept = |kept: &OldestFirst| (updated_at, row.key.as_str()) < kept.order();
+        if self.oldest.len() >= cap && !self.oldest.peek().is_some_and(older_than_kept) {
+            return;
+        }
+        // Allocated only for the orphans the heap keeps.
+        self.oldest.push(OldestFirst(OrphanedRow {
+            key: row.key.clone(),
+            object: row.object.clone().unwrap_or_default(),
+            state: row.state.clone().unwrap_or_default(),
+            updated_at,
+            backend,
+        }));
+        if self.oldest.len() > cap {
+            self.oldest.pop();
         }
     }
 
     /// The guards' verdict over the counts of a whole snapshot (see the module comment).
     fn guard(&self) -> GuardVerdict {
-        let p = self.policy;
+        self.refuse_empty_listing()
+            .or_else(|| {
+                self.snapshot
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, view)| self.refuse_backend(i, view))
+            })
+            .or_else(|| self.refuse_live_rows_missing())
+            .or_else(|| self.refuse_suspended_objects_missing())
+            .unwrap_or(GuardVerdict::Proceed)
+    }
+
+    /// Whether the agent-sandbox backend's suspended-rows guard is on (a ratio of 1 is off).
+    fn sandbox_suspended_guard(&self) -> bool {
+        self.policy.max_suspended_missing_ratio < 1.0
+    }
+
+    /// An empty cluster listing while rows are live.
+    fn refuse_empty_listing(&self) -> Option<GuardVerdict> {
         let total_objects: usize = self.snapshot.backends.iter().map(BackendView::len).sum();
-        if total_objects == 0 && self.live_rows > 0 {
-            return refuse(
+        (total_objects == 0 && self.live_rows > 0).then(|| {
+            refuse(
                 RefusalReason::EmptyListing,
                 format!(
                     "the cluster listing is empty but {} rows are in live states; check cluster.namespaces, the backends' label selectors and RBAC",
                     self.live_rows
                 ),
-            );
-        }
+            )
+        })
+    }
+
+    /// One backend looking in the wrong place: no row refers to what it listed while rows
+    /// that could be its own miss their object, or its selector selects none of them.
+    fn refuse_backend(&self, i: usize, view: &BackendView) -> Option<GuardVerdict> {
         let unknown = self
             .backends
             .get(&BackendKind::Unknown)
             .cloned()
             .unwrap_or_default();
-        let sandbox_suspended_guard = p.max_suspended_missing_ratio < 1.0;
-        for (i, view) in self.snapshot.backends.iter().enumerate() {
-            let own = self.backends.get(&view.kind).cloned().unwrap_or_default();
-            // Rows whose object is missing and that could belong to this backend.
-            let live_missing = own.live_without_object + unknown.live_without_object;
-            let suspended_missing = own.suspended_without_object + unknown.suspended_without_object;
-            let signal = match view.kind {
-                BackendKind::AgentSandbox if sandbox_suspended_guard => {
-                    live_missing + suspended_missing
-                }
-                _ => live_missing,
+        let sandbox_suspended_guard = self.sandbox_suspended_guard();
+        let own = self.backends.get(&view.kind).cloned().unwrap_or_default();
+        // Rows whose object is missing and that could belong to this backend.
+        let live_missing = own.live_without_object + unknown.live_without_object;
+        let suspended_missing = own.suspended_without_object + unknown.suspended_without_object;
+        let signal = match view.kind {
+            BackendKind::AgentSandbox if sandbox_suspended_guard => {
+                live_missing + suspended_missing
+            }
+            _ => live_missing,
+        };
+        let anchored = self.anchors[i] > 0;
+        if !anchored && signal > 0 {
+            let (reason, what) = if view.is_empty() {
+                (
+                    RefusalReason::BackendEmptyListing,
+                    "listed no objects".to_string(),
+                )
+            } else {
+                (
+                    RefusalReason::BackendListingUnrelated,
+                    format!(
+                        "listed {} objects, none of which a session row refers to,",
+                        view.len()
+                    ),
+                )
             };
-            let anchored = self.anchors[i] > 0;
-            if !anchored && signal > 0 {
-                let (reason, what) = if view.is_empty() {
-                    (
-                        RefusalReason::BackendEmptyListing,
-                        "listed no objects".to_string(),
-                    )
-                } else {
-                    (
-                        RefusalReason::BackendListingUnrelated,
-                        format!(
-                            "listed {} objects, none of which a session row refers to,",
-                            view.len()
-                        ),
-                    )
-                };
-                return refuse(
-                    reason,
-                    format!(
-                        "the {} backend {what} but {signal} rows that could belong to it have no object; it is probably looking in the wrong place: check cluster.namespaces, its label selector, its API version and RBAC{}",
-                        view.kind,
-                        match view.kind {
-                            BackendKind::AgentSandbox => " (on a cluster without Sandboxes yet, use the bare-pod profile, config/centaur.toml)",
-                            _ => "",
-                        }
-                    ),
-                );
-            }
-            if anchored && view.count(|f| f.managed) == 0 {
-                return refuse(
-                    RefusalReason::SelectorMatchesNothing,
-                    format!(
-                        "the {} backend's label selector selects none of the {} objects it listed, though {} rows refer to them; fix backends.{}.label_selector (or set it to \"\")",
-                        view.kind,
-                        view.len(),
-                        self.anchors[i],
-                        view.kind.config_section()
-                    ),
-                );
-            }
+            return Some(refuse(
+                reason,
+                format!(
+                    "the {} backend {what} but {signal} rows that could belong to it have no object; it is probably looking in the wrong place: check cluster.namespaces, its label selector, its API version and RBAC{}",
+                    view.kind,
+                    match view.kind {
+                        BackendKind::AgentSandbox => " (on a cluster without Sandboxes yet, use the bare-pod profile, config/centaur.toml)",
+                        _ => "",
+                    }
+                ),
+            ));
         }
+        if anchored && view.count(|f| f.managed) == 0 {
+            return Some(refuse(
+                RefusalReason::SelectorMatchesNothing,
+                format!(
+                    "the {} backend's label selector selects none of the {} objects it listed, though {} rows refer to them; fix backends.{}.label_selector (or set it to \"\")",
+                    view.kind,
+                    view.len(),
+                    self.anchors[i],
+                    view.kind.config_section()
+                ),
+            ));
+        }
+        None
+    }
+
+    /// More live rows without an object than the ratio allows.
+    fn refuse_live_rows_missing(&self) -> Option<GuardVerdict> {
+        let p = self.policy;
         let live_missing: u64 = self.backends.values().map(|c| c.live_without_object).sum();
         if live_missing >= p.min_live_missing.max(1)
             && live_missing as f64 > p.max_live_missing_ratio * self.live_rows as f64
         {
-            return refuse(
+            return Some(refuse(
                 RefusalReason::LiveRowsMissing,
                 format!(
                     "{live_missing} of {} live rows have no object either (more than {:.0}%); the namespace, label selector or RBAC is probably wrong",
                     self.live_rows,
                     p.max_live_missing_ratio * 100.0
                 ),
-            );
+            ));
         }
-        if sandbox_suspended_guard
+        None
+    }
+
+    /// More of the agent-sandbox backend's suspended rows without a Sandbox than the ratio
+    /// allows (pausing keeps the Sandbox).
+    fn refuse_suspended_objects_missing(&self) -> Option<GuardVerdict> {
+        let p = self.policy;
+        if self.sandbox_suspended_guard()
             && self
                 .snapshot
                 .backends
@@ -745,16 +804,16 @@ impl<'a> Planner<'a> {
             if missing >= p.min_suspended_missing.max(1)
                 && missing as f64 > p.max_suspended_missing_ratio * all as f64
             {
-                return refuse(
+                return Some(refuse(
                     RefusalReason::SuspendedObjectsMissing,
                     format!(
                         "{missing} of {all} suspended rows of the agent-sandbox backend have no Sandbox (more than {:.0}%); pausing keeps the Sandbox, so the listing is probably looking in the wrong place (namespace, label selector, API version). If the Sandboxes really were deleted, run once with guard.max_suspended_missing_ratio = 1",
                         p.max_suspended_missing_ratio * 100.0
                     ),
-                );
+                ));
             }
         }
-        GuardVerdict::Proceed
+        None
     }
 
     /// Applies the guard and the cap and returns the plan.
