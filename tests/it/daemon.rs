@@ -1,4 +1,5 @@
-//! Daemon mode, spawned as a process against real PostgreSQL and the fake API server.
+//! Daemon mode against real PostgreSQL and the fake API server: in process on a bound
+//! listener, and as a process where signals and exit codes are the subject.
 
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ async fn cluster_and_rows() -> (TestDb, FakeApiServer) {
 async fn scheduled_sweeps_and_metrics_match_the_database() {
     let (db, api) = cluster_and_rows().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path(), &db, &api, &[]).await;
+    let d = InProcessDaemon::start(&db, &api).await;
     let m = d
         .wait_metrics(30, "two successful sweeps", |m| successes(m) >= 2.0)
         .await;
@@ -120,8 +121,7 @@ async fn scheduled_sweeps_and_metrics_match_the_database() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    d.signal("TERM");
-    assert_eq!(d.wait_exit(15).await, Some(0));
+    d.stop(15).await.expect("a clean shutdown");
 }
 
 /// promtool, when installed; the test command installs it, and then requires it.
@@ -178,9 +178,8 @@ async fn healthz_stays_up_while_the_api_fails() {
 #[tokio::test]
 async fn two_daemons_one_writer_and_takeover() {
     let (db, api) = cluster_and_rows().await;
-    let dir = tempfile::tempdir().unwrap();
-    let a = Daemon::start(dir.path(), &db, &api, &[]).await;
-    let mut b = Daemon::start(dir.path(), &db, &api, &[]).await;
+    let a = InProcessDaemon::start(&db, &api).await;
+    let mut b = InProcessDaemon::start(&db, &api).await;
     let leader = |m: &str| metric(m, "sandbox_reconciler_leader");
     let skipped =
         |m: &str| metric(m, "sandbox_reconciler_sweeps_total{result=\"skipped\"}").unwrap_or(0.0);
@@ -208,9 +207,7 @@ async fn two_daemons_one_writer_and_takeover() {
     assert_eq!(db.audit_count().await, 4, "each orphan downgraded once");
 
     // The writer dies: the standby takes over within a schedule period or two.
-    let mut writer = writer;
-    writer.child.kill().await.unwrap();
-    let _ = writer.child.wait().await;
+    writer.kill().await;
     db.insert("late-orphan", "suspended", "pod-late", minutes(60))
         .await;
     standby
@@ -317,14 +314,7 @@ async fn check_names_a_missing_column_and_a_forbidden_resource() {
 async fn a_quiet_watch_outlives_the_request_timeout() {
     let (db, api) = cluster_and_rows().await;
     api.stop_bookmarks();
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(
-        dir.path(),
-        &db,
-        &api,
-        &[("SANDBOX_RECONCILER__CLUSTER__REQUEST_TIMEOUT_SECONDS", "1")],
-    )
-    .await;
+    let d = InProcessDaemon::start_with(&db, &api, |s| s.cluster.request_timeout_seconds = 1).await;
     d.wait_metrics(30, "a successful sweep", |m| successes(m) >= 1.0)
         .await;
     let churn = |m: &str| {
@@ -453,8 +443,7 @@ async fn the_daemon_runs_with_exactly_the_rbac_the_manifests_grant() {
             }
         }
     }
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &db, &api, &[]).await;
+    let d = InProcessDaemon::start(&db, &api).await;
     let m = d
         .wait_metrics(40, "a synced cache and two successful sweeps", |m| {
             metric(m, "sandbox_reconciler_cache_synced") == Some(1.0) && successes(m) >= 2.0

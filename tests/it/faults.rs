@@ -261,8 +261,8 @@ async fn sigkill_during_apply_leaves_whole_batches_only() {
 async fn two_daemons_and_a_once_run_have_one_writer() {
     let (db, api) = world(8).await;
     let dir = tempfile::tempdir().unwrap();
-    let a = Daemon::start(dir.path(), &db, &api, &[]).await;
-    let b = Daemon::start(dir.path(), &db, &api, &[]).await;
+    let a = InProcessDaemon::start(&db, &api).await;
+    let b = InProcessDaemon::start(&db, &api).await;
     let config = db.write_config(dir.path(), "");
     let once = run_once(dir.path(), &api, &config, &[]).await;
     let code = once.status.code();

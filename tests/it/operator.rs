@@ -236,7 +236,7 @@ async fn on_a_terminal_progress_and_colour_follow_the_conventions() {
 async fn the_daemon_serves_the_last_sweep() {
     let (db, api) = seeded(2, 3).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path(), &db, &api, &[]).await;
+    let d = InProcessDaemon::start(&db, &api).await;
     d.wait_metrics(30, "a successful sweep", |m| {
         metric(m, "sandbox_reconciler_sweeps_total{result=\"success\"}").unwrap_or(0.0) >= 1.0
     })
@@ -268,8 +268,7 @@ async fn the_daemon_serves_the_last_sweep() {
         doc["changes_total"].as_u64().unwrap(),
         "{records}"
     );
-    d.signal("TERM");
-    assert_eq!(d.wait_exit(15).await, Some(0));
+    d.stop(15).await.expect("a clean shutdown");
 }
 
 /// `--version` names the commit the binary was built from, as `build_info` does.

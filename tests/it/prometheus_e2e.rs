@@ -57,7 +57,7 @@ async fn prometheus_scrapes_the_daemon_and_loads_the_rules() {
     db.insert("orphan", "suspended", "pod-gone", minutes(60))
         .await;
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &db, &api, &[]).await;
+    let daemon = InProcessDaemon::start(&db, &api).await;
     let scrape = daemon
         .wait_metrics(30, "a successful sweep", |m| {
             metric(m, "sandbox_reconciler_sweeps_total{result=\"success\"}").unwrap_or(0.0) >= 1.0
