@@ -13,7 +13,7 @@ mod values;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::selector::LabelSelector;
 pub use values::{parse_expected_uid, parse_listen, Confirm, Schedule};
@@ -36,7 +36,7 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub database: DatabaseSettings,
@@ -50,7 +50,7 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     /// PostgreSQL URL. Prefer the `DATABASE_URL` environment variable for real credentials.
@@ -68,7 +68,7 @@ pub struct DatabaseSettings {
     pub client_deadline_seconds: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionSettings {
     /// Session table, optionally schema-qualified (`schema.table`).
@@ -93,14 +93,14 @@ pub struct SessionSettings {
     pub updated_at_time_zone: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditSettings {
     /// The reconciler's own audit table (created by its migrations).
     pub table: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSettings {
     /// Namespaces to list; `["*"]` means all namespaces.
@@ -113,7 +113,10 @@ pub struct ClusterSettings {
     pub confirm_concurrency: usize,
     /// The cluster's identity (the kube-system Namespace's UID) this reconciler may act on;
     /// empty (`None`) = any cluster (its identity is still recorded).
-    #[serde(deserialize_with = "values::expected_uid")]
+    #[serde(
+        deserialize_with = "values::expected_uid",
+        serialize_with = "values::serialize_expected_uid"
+    )]
     pub expected_uid: Option<uuid::Uuid>,
     /// Daemon: at most this many orphans are confirmed by direct GETs (as the pod garbage
     /// collector does); more are confirmed by the watch cache proven fresh, else a listing.
@@ -127,14 +130,14 @@ pub struct ClusterSettings {
     pub retries: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSettings {
     pub pod: PodBackendSettings,
     pub agent_sandbox: SandboxBackendSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PodBackendSettings {
     pub enabled: bool,
@@ -145,7 +148,7 @@ pub struct PodBackendSettings {
     pub object_name_prefix: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxBackendSettings {
     pub enabled: bool,
@@ -158,7 +161,7 @@ pub struct SandboxBackendSettings {
     pub object_name_prefix: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SweepSettings {
     /// Cron expression with a seconds field, UTC (daemon mode).
@@ -171,7 +174,7 @@ pub struct SweepSettings {
     pub max_downgrades_per_sweep: usize,
     /// Deprecated: `false` is `confirmation = "none"`, `true` changes nothing. Read only to
     /// keep old files working ([`Settings::deprecated_keys`] names it for a warning).
-    #[serde(default, rename = "confirm_absence")]
+    #[serde(default, rename = "confirm_absence", skip_serializing)]
     pub(crate) deprecated_confirm_absence: Option<bool>,
     /// Rows per apply transaction.
     pub batch_size: usize,
@@ -181,7 +184,7 @@ pub struct SweepSettings {
     pub confirmation: Confirm,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuardSettings {
     /// Refuse to act when more than this fraction of live rows have no object.
@@ -194,7 +197,7 @@ pub struct GuardSettings {
     pub min_suspended_missing: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSettings {
     #[serde(deserialize_with = "values::listen")]
@@ -203,7 +206,7 @@ pub struct ServerSettings {
     pub liveness_sweep_periods: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
     pub timeout_seconds: u64,
@@ -389,8 +392,8 @@ mod tests {
         Settings::default().validate().unwrap();
     }
 
-    /// Every key of the embedded defaults, flattened to `section.key` (nested tables joined).
-    fn default_keys() -> Vec<(String, serde_json::Value)> {
+    /// A settings document flattened to `section.key` (nested tables joined), sorted.
+    fn flatten(value: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
         fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
             match v.as_object() {
                 Some(map) => {
@@ -406,6 +409,14 @@ mod tests {
                 None => out.push((prefix.to_string(), v.clone())),
             }
         }
+        let mut out = Vec::new();
+        walk("", value, &mut out);
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Every key of the embedded defaults with its value.
+    fn default_keys() -> Vec<(String, serde_json::Value)> {
         let value: serde_json::Value = config::Config::builder()
             .add_source(config::File::from_str(
                 DEFAULTS_TOML,
@@ -415,9 +426,15 @@ mod tests {
             .unwrap()
             .try_deserialize()
             .unwrap();
-        let mut out = Vec::new();
-        walk("", &value, &mut out);
-        out
+        flatten(&value)
+    }
+
+    /// Settings serialize to the keys and values they were read from: the defaults written
+    /// back are config/default.toml's, key for key (tests write configuration files this way).
+    #[test]
+    fn settings_serialize_to_the_keys_they_read() {
+        let written = serde_json::to_value(Settings::default()).unwrap();
+        assert_eq!(flatten(&written), default_keys());
     }
 
     /// The README's configuration table is checked against config/default.toml, the one

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::de::{Deserializer, Error as _};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::selector::LabelSelector;
 
@@ -183,6 +183,35 @@ pub(super) fn sandbox_selector<'de, D: Deserializer<'de>>(d: D) -> Result<LabelS
         "backends.agent_sandbox.label_selector",
         LabelSelector::parse,
     )
+}
+
+// Written back as the text they were read from, so a `Settings` serializes to a file that
+// reads back the same.
+
+impl Serialize for Schedule {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.expression)
+    }
+}
+
+impl Serialize for Confirm {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl Serialize for LabelSelector {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// `cluster.expected_uid` as written: empty for any cluster.
+pub(super) fn serialize_expected_uid<S: Serializer>(
+    uid: &Option<uuid::Uuid>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&uid.map(|u| u.to_string()).unwrap_or_default())
 }
 
 #[cfg(test)]

@@ -5,30 +5,18 @@ use serde_json::json;
 use sqlx::AssertSqlSafe;
 
 /// Five live pods (three list pages of two) and one orphan.
-async fn setup() -> (TestDb, FakeApiServer, tempfile::TempDir) {
-    let (db, api) = seeded(5, 0).await;
-    db.insert("orphan", "suspended", "pod-deleted", minutes(120))
-        .await;
-    (db, api, tempfile::tempdir().unwrap())
+async fn setup() -> World {
+    World::seeded(5, 0)
+        .await
+        .row("orphan", "suspended", "pod-deleted", minutes(120))
+        .build()
+        .await
 }
 
 #[tokio::test]
 async fn once_downgrades_and_exits_0_with_json_summary() {
-    let (db, api, dir) = setup().await;
-    let config = db.write_config(dir.path(), "");
-    let out = run_binary(
-        dir.path(),
-        Some(&api),
-        &[
-            "--once",
-            "--output",
-            "json",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &[],
-    )
-    .await;
+    let w = setup().await;
+    let (db, out) = (&w.db, w.run(&["--once", "--output", "json"], &[]).await);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(report["result"], "success");
@@ -44,16 +32,16 @@ async fn once_downgrades_and_exits_0_with_json_summary() {
 
 #[tokio::test]
 async fn api_error_on_page_2_of_3_exits_1_and_writes_nothing() {
-    let (db, api, dir) = setup().await;
+    let w = setup().await;
+    let (db, api) = (&w.db, &w.api);
     // 5 pods, page size 2: three pages; the second fails.
     api.inject(Fault::on_list_page(
         "/pods",
         1,
         FaultAction::Status(500, None),
     ));
-    let config = db.write_config(dir.path(), "");
     let before = db.fingerprint().await;
-    let out = run_once(dir.path(), &api, &config, &[]).await;
+    let out = w.once(&[]).await;
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(stdout(&out).contains("500"), "{}", stdout(&out));
     assert_eq!(db.fingerprint().await, before);
@@ -62,16 +50,16 @@ async fn api_error_on_page_2_of_3_exits_1_and_writes_nothing() {
 
 #[tokio::test]
 async fn guard_refusal_exits_3_and_writes_nothing() {
-    let (db, api, dir) = setup().await;
+    let w = setup().await;
+    let (db, api) = (&w.db, &w.api);
     // The live rows' pods vanish (deleted behind the platform's back, or a wrong context):
     // most live rows have no object, so the sweep refuses.
     for i in 0..5 {
         api.remove(Kind::Pod, "agents", &format!("pod-live-{i}"));
     }
     api.add_pod("agents", "pod-unrelated", MANAGED);
-    let config = db.write_config(dir.path(), "");
     let before = db.fingerprint().await;
-    let out = run_once(dir.path(), &api, &config, &[]).await;
+    let out = w.once(&[]).await;
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -90,7 +78,7 @@ async fn guard_refusal_exits_3_and_writes_nothing() {
 /// ahead and reported every pod as not the platform's.
 #[tokio::test]
 async fn a_wrong_label_selector_is_refused_and_a_lost_label_never_makes_an_object_absent() {
-    let (db, api, dir) = setup().await;
+    let World { db, api, dir, .. } = setup().await;
     let before = db.fingerprint().await;
     let config = db.write_config(
         dir.path(),
@@ -199,15 +187,10 @@ async fn bad_config_key_exits_2_naming_the_key() {
 
 #[tokio::test]
 async fn missing_column_is_named_with_its_key() {
-    let (db, api, dir) = setup().await;
-    let config = db.write_config(dir.path(), "");
-    let out = run_once(
-        dir.path(),
-        &api,
-        &config,
-        &[("SANDBOX_RECONCILER__SESSIONS__OBJECT_COLUMN", "sandbox_idd")],
-    )
-    .await;
+    let w = setup().await;
+    let out = w
+        .once(&[("SANDBOX_RECONCILER__SESSIONS__OBJECT_COLUMN", "sandbox_idd")])
+        .await;
     // A table that does not fit the configuration is a configuration error, refused before
     // any sweep (exit 2), with the key to change.
     assert_eq!(out.status.code(), Some(2), "{out:?}");
@@ -220,7 +203,7 @@ async fn missing_column_is_named_with_its_key() {
 
 #[tokio::test]
 async fn second_writer_is_refused_the_lock() {
-    let (db, api, dir) = setup().await;
+    let World { db, api, dir, .. } = setup().await;
     let config = db.write_config(dir.path(), "");
     let settings = db.settings();
     let key = sandbox_reconciler::store::TableMapping::from_settings(&settings)
@@ -250,7 +233,7 @@ async fn second_writer_is_refused_the_lock() {
 
 #[tokio::test]
 async fn snapshot_mode_reads_a_dump_and_never_writes() {
-    let (db, _api, dir) = setup().await;
+    let World { db, dir, .. } = setup().await;
     let mut items: Vec<serde_json::Value> = (0..5)
         .map(|i| {
             json!({"apiVersion": "v1", "kind": "Pod",

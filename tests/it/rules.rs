@@ -302,17 +302,10 @@ async fn rule4_row_whose_object_changed_is_left_alone() {
 /// `--once --dry-run` on the command line writes nothing, not even the audit table.
 #[tokio::test]
 async fn dry_run_flag_on_the_command_line_writes_nothing() {
-    let (db, api) = seeded(3, 2).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = db.write_config(dir.path(), "");
+    let w = World::seeded(3, 2).await.build().await;
+    let db = &w.db;
     let before = db.fingerprint().await;
-    let out = run_binary(
-        dir.path(),
-        Some(&api),
-        &["--once", "--dry-run", "--config", config.to_str().unwrap()],
-        &[],
-    )
-    .await;
+    let out = w.run(&["--once", "--dry-run"], &[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(db.fingerprint().await, before, "{}", stdout(&out));
     assert_eq!(db.audit_count().await, 0);
@@ -322,11 +315,14 @@ async fn dry_run_flag_on_the_command_line_writes_nothing() {
 /// `sweep.dry_run = true` in the configuration file writes nothing.
 #[tokio::test]
 async fn dry_run_in_the_configuration_writes_nothing() {
-    let (db, api) = seeded(3, 2).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = db.write_config(dir.path(), "[sweep]\ndry_run = true\n");
+    let w = World::seeded(3, 2)
+        .await
+        .settings(|s| s.sweep.dry_run = true)
+        .build()
+        .await;
+    let db = &w.db;
     let before = db.fingerprint().await;
-    let out = run_once(dir.path(), &api, &config, &[]).await;
+    let out = w.once(&[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(db.fingerprint().await, before, "{}", stdout(&out));
     assert_eq!(db.audit_count().await, 0);
@@ -336,24 +332,14 @@ async fn dry_run_in_the_configuration_writes_nothing() {
 #[tokio::test]
 async fn rule6_max_downgrades_flag_caps_the_run() {
     // orphan-2 is the oldest.
-    let (db, api) = seeded(3, 3).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = db.write_config(dir.path(), "");
-    let out = run_binary(
-        dir.path(),
-        Some(&api),
-        &[
-            "--once",
-            "--max-downgrades",
-            "1",
-            "--output",
-            "json",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &[],
-    )
-    .await;
+    let w = World::seeded(3, 3).await.build().await;
+    let db = &w.db;
+    let out = w
+        .run(
+            &["--once", "--max-downgrades", "1", "--output", "json"],
+            &[],
+        )
+        .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(db.state("orphan-2").await, "gone");
     assert_eq!(db.state("orphan-1").await, "suspended");

@@ -341,49 +341,56 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// `settings` as a configuration file for the binary, `extra` appended: the keys the tests
-/// set (see `TestDb::settings`) are written from the same values the in-process sweeps use,
-/// so the binary and the library see one configuration. The tables written are `[database]`,
-/// `[sessions]`, `[audit]`, `[cluster]`, `[backends.agent_sandbox]` and `[guard]`; `extra` may
-/// add any other (e.g. `[sweep]`).
+/// Writes `settings`, every key of them, as a configuration file in `dir`, with `extra` (TOML)
+/// laid over it key by key; returns its path. The binary reads back what the in-process sweeps
+/// use.
 pub fn write_settings(dir: &Path, settings: &Settings, extra: &str) -> PathBuf {
-    let s = settings;
-    let mut sessions = format!(
-        "table = {:?}\nclear_columns = {:?}\n",
-        s.sessions.table, s.sessions.clear_columns
-    );
-    if !s.sessions.scope_column.is_empty() {
-        sessions += &format!(
-            "scope_column = {:?}\nscope_value = {:?}\n",
-            s.sessions.scope_column, s.sessions.scope_value
-        );
+    let mut doc = serde_json::to_value(settings).unwrap();
+    if !extra.trim().is_empty() {
+        let over: serde_json::Value = config::Config::builder()
+            .add_source(config::File::from_str(extra, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .unwrap_or_else(|e| panic!("extra configuration {extra:?}: {e}"));
+        lay_over(&mut doc, over);
     }
-    if !s.sessions.updated_at_time_zone.is_empty() {
-        sessions += &format!(
-            "updated_at_time_zone = {:?}\n",
-            s.sessions.updated_at_time_zone
-        );
-    }
-    let text = format!(
-        "[database]\nurl = {url:?}\n\
-         [sessions]\n{sessions}\
-         [audit]\ntable = {audit:?}\n\
-         [cluster]\nnamespaces = {namespaces:?}\npage_size = {page_size}\n\
-         request_timeout_seconds = {timeout}\n\
-         [backends.agent_sandbox]\nenabled = {sandbox}\nobject_name_prefix = {prefix:?}\n\
-         [guard]\nmin_live_missing = {min_live_missing}\n{extra}\n",
-        url = s.database.url,
-        audit = s.audit.table,
-        namespaces = s.cluster.namespaces,
-        page_size = s.cluster.page_size,
-        timeout = s.cluster.request_timeout_seconds,
-        sandbox = s.backends.agent_sandbox.enabled,
-        prefix = s.backends.agent_sandbox.object_name_prefix,
-        min_live_missing = s.guard.min_live_missing,
-    );
+    let mut text = String::new();
+    write_toml_table(&mut text, "", &doc);
     let path = dir.join(format!("config-{}.toml", uuid::Uuid::new_v4().simple()));
     std::fs::write(&path, text).unwrap();
     path
+}
+
+fn lay_over(base: &mut serde_json::Value, over: serde_json::Value) {
+    match (base, over) {
+        (serde_json::Value::Object(base), serde_json::Value::Object(over)) => {
+            for (k, v) in over {
+                lay_over(base.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (base, over) => *base = over,
+    }
+}
+
+/// A JSON object as TOML: its scalars and arrays under `[path]`, then its tables. JSON's
+/// strings, numbers, booleans and arrays of them are TOML's too.
+fn write_toml_table(out: &mut String, path: &str, table: &serde_json::Value) {
+    let map = table.as_object().expect("settings are tables of values");
+    let (tables, values): (Vec<_>, Vec<_>) = map.iter().partition(|(_, v)| v.is_object());
+    if !path.is_empty() {
+        out.push_str(&format!("[{path}]\n"));
+    }
+    for (k, v) in values {
+        out.push_str(&format!("{k} = {v}\n"));
+    }
+    for (k, v) in tables {
+        let sub = if path.is_empty() {
+            k.clone()
+        } else {
+            format!("{path}.{k}")
+        };
+        write_toml_table(out, &sub, v);
+    }
 }
 
 /// Undoes every downgrade of sweep `sweep` in-process, with the database and table of

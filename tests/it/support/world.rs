@@ -13,12 +13,13 @@
 //! ```
 
 use std::path::PathBuf;
+use std::process::Output;
 
 use chrono::Duration;
 use sandbox_reconciler::config::Settings;
 use serde_json::Value;
 
-use super::{exec, fake_api, seeded, write_settings, FakeApiServer, TestDb, MANAGED};
+use super::{exec, fake_api, run_binary, seeded, write_settings, FakeApiServer, TestDb, MANAGED};
 
 /// A built world. `dir` holds `config` (and is where the binary's HOME and kubeconfig go);
 /// it lives as long as the world.
@@ -155,5 +156,20 @@ impl WorldBuilder {
             dir,
             config,
         }
+    }
+}
+
+impl World {
+    /// Runs the binary with `args` and `--config` naming this world's file, a kubeconfig for
+    /// its API server and extra environment variables.
+    pub async fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut all = args.to_vec();
+        all.extend(["--config", self.config.to_str().unwrap()]);
+        run_binary(self.dir.path(), Some(&self.api), &all, env).await
+    }
+
+    /// `--once` with this world's configuration.
+    pub async fn once(&self, env: &[(&str, &str)]) -> Output {
+        self.run(&["--once"], env).await
     }
 }
