@@ -21,9 +21,70 @@ pub async fn resolve(
     mapping: &TableMapping,
 ) -> Result<TableMapping, StoreError> {
     let deadline = mapping.deadline;
-    let configured = mapping.table_display();
-    let table: Option<(i64, String, String, String)> = within(
-        deadline,
+    let table = find_table(conn, mapping).await?;
+    let columns = read_columns(conn, deadline, &table).await?;
+    let types = mapped_column_types(mapping, &table, &columns)?;
+    check_state_and_object_types(conn, mapping, &table, &types).await?;
+    let naive_updated_at = updated_at_is_naive(mapping, &table, &types.updated)?;
+    if naive_updated_at {
+        check_time_zone(conn, mapping, &table).await?;
+    }
+    check_key_is_unique(conn, mapping, &table).await?;
+    check_one_server_session(conn, deadline, &table).await?;
+    let mut resolved = mapping.clone();
+    resolved.resolved = Some(ResolvedTable {
+        oid: u32::try_from(table.oid).unwrap_or_default(),
+        canonical: Identifier::from_catalog(&table.schema, &table.name),
+        key_type: types.key,
+        state_type: types.state,
+        object_type: types.object,
+        scope_type: types.scope,
+        naive_updated_at,
+    });
+    Ok(resolved)
+}
+
+/// The session table as the catalog names it.
+struct CatalogTable {
+    oid: i64,
+    schema: String,
+    name: String,
+}
+
+impl CatalogTable {
+    fn display(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    /// The table does not fit the configuration: `message` names the key to change.
+    fn unfit(&self, message: String) -> StoreError {
+        StoreError::Unfit {
+            table: self.display(),
+            message,
+        }
+    }
+}
+
+/// The mapped columns' types: `regtype` text, and for the state and object columns the
+/// type's class (typtype and category, see [`read_columns`]).
+struct MappedTypes {
+    key: String,
+    state: String,
+    state_class: String,
+    object: String,
+    object_class: String,
+    updated: String,
+    scope: Option<String>,
+}
+
+/// The configured table, found by `to_regclass` (so the search path and quoting apply as in
+/// the application's own statements); it must be a table, plain or partitioned.
+async fn find_table(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+) -> Result<CatalogTable, StoreError> {
+    let found: Option<(i64, String, String, String)> = within(
+        mapping.deadline,
         "resolving the session table",
         sqlx::query_as(
             "SELECT c.oid::bigint, n.nspname::text, c.relname::text, c.relkind::text \
@@ -34,21 +95,29 @@ pub async fn resolve(
         .fetch_optional(&mut *conn),
     )
     .await?;
-    let Some((oid, schema, name, kind)) = table else {
-        return Err(StoreError::MissingTable { table: configured });
+    let Some((oid, schema, name, kind)) = found else {
+        return Err(StoreError::MissingTable {
+            table: mapping.table_display(),
+        });
     };
-    let canonical = Identifier::from_catalog(&schema, &name);
-    let unfit = |message: String| StoreError::Unfit {
-        table: format!("{schema}.{name}"),
-        message,
-    };
+    let table = CatalogTable { oid, schema, name };
     if kind != "r" && kind != "p" {
-        return Err(unfit(
+        return Err(table.unfit(
             "is not a table (a view or another relation); set sessions.table to the table itself"
                 .into(),
         ));
     }
-    let columns: Vec<(String, String, String)> = within(
+    Ok(table)
+}
+
+/// Every column of the table: name, type (`regtype` text) and class (typtype followed by the
+/// type's category, a domain's taken from its base type).
+async fn read_columns(
+    conn: &mut PgConnection,
+    deadline: Duration,
+    table: &CatalogTable,
+) -> Result<Vec<(String, String, String)>, StoreError> {
+    within(
         deadline,
         "reading the session table's columns",
         sqlx::query_as(
@@ -58,115 +127,173 @@ pub async fn resolve(
              LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype \
              WHERE a.attrelid = $1::oid AND a.attnum > 0 AND NOT a.attisdropped",
         )
-        .bind(oid)
+        .bind(table.oid)
         .fetch_all(&mut *conn),
     )
-    .await?;
+    .await
+}
+
+/// Every configured column must be a column of the table; returns the mapped ones' types.
+fn mapped_column_types(
+    mapping: &TableMapping,
+    table: &CatalogTable,
+    columns: &[(String, String, String)],
+) -> Result<MappedTypes, StoreError> {
     let column = |key: &str, column: &Identifier| {
         columns
             .iter()
             .find(|(n, _, _)| n == column.name())
             .map(|(_, ty, class)| (ty.clone(), class.clone()))
             .ok_or_else(|| StoreError::MissingColumn {
-                table: format!("{schema}.{name}"),
+                table: table.display(),
                 column: column.name().to_string(),
                 key: key.to_string(),
             })
     };
     for (key, c) in mapping.columns_with_keys() {
-        column(&key, &Identifier::parse(c).map_err(unfit)?)?;
+        column(&key, &Identifier::parse(c).map_err(|m| table.unfit(m))?)?;
     }
-    let (key_type, _) = column("sessions.key_column", &mapping.key)?;
-    let (state_type, state_class) = column("sessions.state_column", &mapping.state)?;
-    let (object_type, object_class) = column("sessions.object_column", &mapping.object)?;
-    let (updated_type, _) = column("sessions.updated_at_column", &mapping.updated_at)?;
-    let scope_type = match &mapping.scope {
+    let (key, _) = column("sessions.key_column", &mapping.key)?;
+    let (state, state_class) = column("sessions.state_column", &mapping.state)?;
+    let (object, object_class) = column("sessions.object_column", &mapping.object)?;
+    let (updated, _) = column("sessions.updated_at_column", &mapping.updated_at)?;
+    let scope = match &mapping.scope {
         Some((c, _)) => Some(column("sessions.scope_column", c)?.0),
         None => None,
     };
+    Ok(MappedTypes {
+        key,
+        state,
+        state_class,
+        object,
+        object_class,
+        updated,
+        scope,
+    })
+}
+
+/// The state column must be text (or varchar, or a domain over them) or an enum that has the
+/// configured states among its labels; the object column must be text.
+async fn check_state_and_object_types(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+    table: &CatalogTable,
+    types: &MappedTypes,
+) -> Result<(), StoreError> {
     // typtype 'e' = enum; category 'S' = string (text, varchar, char, and domains over them).
-    if !(state_class.starts_with('e') || state_class.ends_with('S')) {
-        return Err(unfit(format!(
-            "column {} is of type {state_type}; sessions.state_column must be text, varchar or an enum",
-            mapping.state.name()
+    let state_is_enum = types.state_class.starts_with('e');
+    if !(state_is_enum || types.state_class.ends_with('S')) {
+        return Err(table.unfit(format!(
+            "column {} is of type {}; sessions.state_column must be text, varchar or an enum",
+            mapping.state.name(),
+            types.state
         )));
     }
-    if !object_class.ends_with('S') {
-        return Err(unfit(format!(
-            "column {} is of type {object_type}; sessions.object_column must be text or varchar",
-            mapping.object.name()
+    if !types.object_class.ends_with('S') {
+        return Err(table.unfit(format!(
+            "column {} is of type {}; sessions.object_column must be text or varchar",
+            mapping.object.name(),
+            types.object
         )));
     }
-    if state_class.starts_with('e') {
-        enum_has_states(conn, deadline, &state_type, mapping)
+    if state_is_enum {
+        enum_has_states(conn, mapping.deadline, &types.state, mapping)
             .await
             .map_err(|e| match e {
-                StoreError::Unfit { message, .. } => unfit(message),
+                StoreError::Unfit { message, .. } => table.unfit(message),
                 other => other,
             })?;
     }
-    let naive_updated_at = match updated_type.as_str() {
+    Ok(())
+}
+
+/// Whether `updated_at` is a `timestamp without time zone` (read in
+/// `sessions.updated_at_time_zone`, which it then needs); any type but the two timestamps is
+/// refused.
+fn updated_at_is_naive(
+    mapping: &TableMapping,
+    table: &CatalogTable,
+    updated_type: &str,
+) -> Result<bool, StoreError> {
+    let naive = match updated_type {
         "timestamp with time zone" => false,
         "timestamp without time zone" => true,
         other => {
-            return Err(unfit(format!(
+            return Err(table.unfit(format!(
                 "column {} is of type {other}; sessions.updated_at_column must be timestamptz or timestamp",
                 mapping.updated_at.name()
             )))
         }
     };
-    if naive_updated_at {
-        let Some(zone) = &mapping.updated_at_zone else {
-            return Err(unfit(format!(
-                "column {} is a timestamp without time zone, so its values mean nothing without the zone the application writes them in; set sessions.updated_at_time_zone (e.g. \"UTC\" or \"America/New_York\"), or migrate the column to timestamptz",
-                mapping.updated_at.name()
-            )));
-        };
-        let known: bool = within(
-            deadline,
-            "checking sessions.updated_at_time_zone",
-            sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = $1) \
-                 OR EXISTS (SELECT 1 FROM pg_timezone_abbrevs WHERE abbrev = $1)",
-            )
-            .bind(zone)
-            .fetch_one(&mut *conn),
-        )
-        .await?;
-        if !known {
-            return Err(unfit(format!(
-                "sessions.updated_at_time_zone {zone:?} is not a time zone PostgreSQL knows (see pg_timezone_names)"
-            )));
-        }
+    if naive && mapping.updated_at_zone.is_none() {
+        return Err(table.unfit(format!(
+            "column {} is a timestamp without time zone, so its values mean nothing without the zone the application writes them in; set sessions.updated_at_time_zone (e.g. \"UTC\" or \"America/New_York\"), or migrate the column to timestamptz",
+            mapping.updated_at.name()
+        )));
     }
+    Ok(naive)
+}
+
+/// `sessions.updated_at_time_zone` must be a zone name or abbreviation PostgreSQL knows.
+async fn check_time_zone(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+    table: &CatalogTable,
+) -> Result<(), StoreError> {
+    let zone = mapping.updated_at_zone.as_deref().unwrap_or_default();
+    let known: bool = within(
+        mapping.deadline,
+        "checking sessions.updated_at_time_zone",
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = $1) \
+             OR EXISTS (SELECT 1 FROM pg_timezone_abbrevs WHERE abbrev = $1)",
+        )
+        .bind(zone)
+        .fetch_one(&mut *conn),
+    )
+    .await?;
+    if !known {
+        return Err(table.unfit(format!(
+            "sessions.updated_at_time_zone {zone:?} is not a time zone PostgreSQL knows (see pg_timezone_names)"
+        )));
+    }
+    Ok(())
+}
+
+/// A row must be identified by its key (plus the scope column, when scoped): some unique
+/// index or the primary key must cover it.
+async fn check_key_is_unique(
+    conn: &mut PgConnection,
+    mapping: &TableMapping,
+    table: &CatalogTable,
+) -> Result<(), StoreError> {
     let mut identity = vec![mapping.key.name().to_string()];
     if let Some((c, _)) = &mapping.scope {
         identity.push(c.name().to_string());
     }
-    if !key_is_unique(conn, deadline, oid, &identity).await? {
-        return Err(unfit(format!(
+    if !key_is_unique(conn, mapping.deadline, table.oid, &identity).await? {
+        return Err(table.unfit(format!(
             "no unique index or primary key covers {}; a row must be identified by sessions.key_column{} alone. If the table holds several clusters' rows (a key unique per cluster), set sessions.scope_column and sessions.scope_value",
             identity.join(" + "),
             if mapping.scope.is_some() { " (+ sessions.scope_column)" } else { "" }
         )));
     }
+    Ok(())
+}
+
+/// The connection must keep one server session: a transaction-mode pooler cannot hold the
+/// writer lock.
+async fn check_one_server_session(
+    conn: &mut PgConnection,
+    deadline: Duration,
+    table: &CatalogTable,
+) -> Result<(), StoreError> {
     if behind_transaction_pooler(conn, deadline).await? {
-        return Err(StoreError::Unfit {
-            table: format!("{schema}.{name}"),
-            message: "database.url reaches PostgreSQL through a transaction-mode pooler (the server session changes between statements), which cannot hold the writer lock; connect directly or through session pooling".into(),
-        });
+        return Err(table.unfit(
+            "database.url reaches PostgreSQL through a transaction-mode pooler (the server session changes between statements), which cannot hold the writer lock; connect directly or through session pooling".into(),
+        ));
     }
-    let mut resolved = mapping.clone();
-    resolved.resolved = Some(ResolvedTable {
-        oid: u32::try_from(oid).unwrap_or_default(),
-        canonical,
-        key_type,
-        state_type,
-        object_type,
-        scope_type,
-        naive_updated_at,
-    });
-    Ok(resolved)
+    Ok(())
 }
 
 /// An enum state column must have the suspended and gone states among its labels, or every
