@@ -46,11 +46,11 @@ use std::time::Duration;
 pub use catalog::resolve;
 pub use connect::{database_now, ping, redact, Database};
 pub use lock::{holds_writer_lock, release_writer_lock, try_writer_lock, wait_for_writer_lock};
-pub use mapping::{ResolvedTable, TableMapping};
+pub use mapping::{ResolvedTable, Statement, TableMapping, UndoSelection};
 pub use migrate::{migrate, migrations_lock_key};
 pub use rows::{
     apply_batch, apply_undo, check_written, preview_undo, read_row, read_rows, BatchOutcome,
-    Downgrade, UndoCandidate, UndoSelection,
+    Downgrade, UndoCandidate,
 };
 
 /// Why a database step failed. Messages never contain the connection password.

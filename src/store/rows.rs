@@ -4,12 +4,12 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use sqlx::postgres::{PgConnection, PgRow};
-use sqlx::{AssertSqlSafe, Connection, Row};
+use sqlx::{AssertSqlSafe, Connection, FromRow, Row};
 
 use super::catalog::table_columns;
+use super::mapping::{DowngradeBatch, UndoSelection};
 use super::{within, StoreError, TableMapping};
 use crate::plan::{OrphanedRow, RowSink, SessionRow};
 use crate::sql::Identifier;
@@ -56,19 +56,15 @@ pub async fn read_rows(
     let gone: i64 = within(
         deadline,
         "counting gone rows",
-        sqlx::query_scalar(AssertSqlSafe(mapping.count_gone_sql()))
-            .bind(&mapping.gone_state)
-            .bind(mapping.scope_value())
+        mapping
+            .count_gone()
+            .try_map(|row: PgRow| row.try_get(0))
             .fetch_one(&mut *tx),
     )
     .await?;
     planner.count_state(Some(&mapping.gone_state), gone as u64);
 
-    let select_sql = mapping.select_rows_sql();
-    let mut stream = sqlx::query(AssertSqlSafe(select_sql))
-        .bind(&mapping.gone_state)
-        .bind(mapping.scope_value())
-        .fetch(&mut *tx);
+    let mut stream = mapping.select_rows().fetch(&mut *tx);
     // The deadline applies to each wait for the next row: a long table streams for as long
     // as rows keep coming, a connection that stops answering fails.
     while let Some(row) = within(deadline, "reading session rows", stream.try_next()).await? {
@@ -95,10 +91,7 @@ pub async fn read_row(
     let row = within(
         deadline,
         what,
-        sqlx::query(AssertSqlSafe(mapping.select_row_sql()))
-            .bind(key)
-            .bind(mapping.scope_value())
-            .fetch_optional(&mut *tx),
+        mapping.select_row(key).fetch_optional(&mut *tx),
     )
     .await?;
     within(deadline, what, tx.commit()).await?;
@@ -189,6 +182,29 @@ pub struct BatchOutcome {
     pub skipped_changed: usize,
 }
 
+/// The batch as the downgrade statement takes it: one array per column, and each distinct
+/// evidence document once (rows confirmed together share one) with, per row, its 1-based index.
+fn batch_columns<'a>(sweep_id: uuid::Uuid, batch: &'a [Downgrade<'_>]) -> DowngradeBatch<'a> {
+    let mut documents: Vec<String> = Vec::new();
+    let mut evidence_of: Vec<i32> = Vec::with_capacity(batch.len());
+    for (i, d) in batch.iter().enumerate() {
+        let shared = i > 0 && std::sync::Arc::ptr_eq(&batch[i - 1].evidence, &d.evidence);
+        if !shared {
+            documents.push(d.evidence.to_string());
+        }
+        evidence_of.push(documents.len() as i32);
+    }
+    DowngradeBatch {
+        keys: batch.iter().map(|d| d.row.key.as_str()).collect(),
+        objects: batch.iter().map(|d| d.row.object.as_str()).collect(),
+        updated_at: batch.iter().map(|d| d.row.updated_at).collect(),
+        backends: batch.iter().map(|d| d.row.backend.as_str()).collect(),
+        evidence_of,
+        documents,
+        sweep_id,
+    }
+}
+
 /// Downgrades one batch in one transaction: only rows still exactly as read are changed,
 /// each with its audit record.
 pub async fn apply_batch(
@@ -197,43 +213,19 @@ pub async fn apply_batch(
     sweep_id: uuid::Uuid,
     batch: &[Downgrade<'_>],
 ) -> Result<BatchOutcome, StoreError> {
-    let keys: Vec<&str> = batch.iter().map(|d| d.row.key.as_str()).collect();
-    let objects: Vec<&str> = batch.iter().map(|d| d.row.object.as_str()).collect();
-    let updated: Vec<DateTime<Utc>> = batch.iter().map(|d| d.row.updated_at).collect();
-    let backends: Vec<&str> = batch.iter().map(|d| d.row.backend.as_str()).collect();
-    // Each distinct evidence document once (rows confirmed together share one), and per row
-    // its 1-based index.
-    let mut documents: Vec<String> = Vec::new();
-    let mut doc_of: Vec<i32> = Vec::with_capacity(batch.len());
-    for (i, d) in batch.iter().enumerate() {
-        let shared = i > 0 && std::sync::Arc::ptr_eq(&batch[i - 1].evidence, &d.evidence);
-        if !shared {
-            documents.push(d.evidence.to_string());
-        }
-        doc_of.push(documents.len() as i32);
-    }
+    let columns = batch_columns(sweep_id, batch);
     let deadline = mapping.deadline;
     let mut tx = within(deadline, "starting the apply transaction", conn.begin()).await?;
-    let sql = mapping.downgrade_sql();
     let (held, locked, updated, downgraded): (bool, i64, i64, Vec<String>) = within(
         deadline,
         "downgrading a batch",
-        sqlx::query_as(AssertSqlSafe(sql))
-            .bind(&keys)
-            .bind(&objects)
-            .bind(&updated)
-            .bind(&backends)
-            .bind(&doc_of)
-            .bind(&mapping.suspended_state)
-            .bind(&mapping.gone_state)
-            .bind(sweep_id)
-            .bind(mapping.table_display())
-            .bind(mapping.scope_value())
-            .bind(&documents)
+        mapping
+            .downgrade(&columns)
+            .try_map(|row: PgRow| FromRow::from_row(&row))
             .fetch_one(&mut *tx),
     )
     .await?;
-    let planned: HashSet<&str> = keys.iter().copied().collect();
+    let planned: HashSet<&str> = columns.keys.iter().copied().collect();
     let checked = writer_proof("downgrading a batch", mapping, held).and_then(|()| {
         check_written(
             "downgrading a batch",
@@ -252,13 +244,6 @@ pub async fn apply_batch(
         skipped_changed: batch.len().saturating_sub(downgraded.len()),
         downgraded,
     })
-}
-
-/// Which downgrades an undo considers: those of one sweep, of one session, or both.
-#[derive(Debug, Clone, Copy)]
-pub struct UndoSelection<'a> {
-    pub sweep: Option<uuid::Uuid>,
-    pub session: Option<&'a str>,
 }
 
 /// One downgrade an undo considers, with its row as it is now.
@@ -293,12 +278,7 @@ async fn undo_candidates(
     let rows = within(
         mapping.deadline,
         "reading the downgrades to undo",
-        sqlx::query(AssertSqlSafe(mapping.undo_candidates_sql()))
-            .bind(selection.sweep)
-            .bind(selection.session)
-            .bind(mapping.table_names())
-            .bind(mapping.scope_value())
-            .fetch_all(&mut *conn),
+        mapping.undo_candidates(selection).fetch_all(&mut *conn),
     )
     .await?;
     let mut candidates = rows
@@ -425,11 +405,9 @@ async fn cleared_columns(
     let names: Vec<String> = within(
         mapping.deadline,
         what,
-        sqlx::query_scalar(AssertSqlSafe(mapping.cleared_columns_sql()))
-            .bind(selection.sweep)
-            .bind(selection.session)
-            .bind(mapping.table_names())
-            .bind(mapping.scope_value())
+        mapping
+            .cleared_columns(selection)
+            .try_map(|row: PgRow| row.try_get(0))
             .fetch_all(&mut *conn),
     )
     .await?;
@@ -530,14 +508,9 @@ pub async fn apply_undo(
         within(
             deadline,
             what,
-            sqlx::query_as(AssertSqlSafe(mapping.undo_sql(&restore, &insert_columns)))
-                .bind(selection.sweep)
-                .bind(selection.session)
-                .bind(mapping.table_names())
-                .bind(undo_id)
-                .bind(mapping.scope_value())
-                .bind(mapping.table_display())
-                .bind(&inserts)
+            mapping
+                .undo(&restore, &insert_columns, selection, undo_id, &inserts)
+                .try_map(|row: PgRow| FromRow::from_row(&row))
                 .fetch_one(&mut *tx),
         )
         .await?;
