@@ -31,6 +31,9 @@ use serde::Serialize;
 
 use crate::store::{self, Database, StoreError, TableMapping};
 
+/// What an undo that finds the writer lock held says to do, after the table's name.
+const BUSY_HINT: &str = " (a daemon's writer holds it; pause it first: set sweep.dry_run = true and roll it out, or scale it to 0 replicas; or raise database.writer_lock_wait_seconds)";
+
 /// What to undo.
 #[derive(Debug, Clone)]
 pub struct UndoRequest {
@@ -92,7 +95,7 @@ pub async fn run(
             });
         }
     } else {
-        take_lock(&mut conn, mapping, lock_wait).await?;
+        store::wait_for_writer_lock(&mut conn, mapping, lock_wait, BUSY_HINT).await?;
         store::migrate(&mut conn, mapping).await?;
     }
     let selection = store::UndoSelection {
@@ -141,35 +144,6 @@ pub async fn run(
             .count(),
         lines,
     })
-}
-
-/// Takes the writer lock, waiting up to `wait` for a running sweep to finish.
-async fn take_lock(
-    conn: &mut sqlx::PgConnection,
-    mapping: &TableMapping,
-    wait: std::time::Duration,
-) -> Result<(), StoreError> {
-    let deadline = std::time::Instant::now() + wait;
-    let mut announced = false;
-    while !store::try_writer_lock(conn, mapping).await? {
-        if std::time::Instant::now() >= deadline {
-            return Err(StoreError::LockBusy {
-                table: format!(
-                    "{} (a daemon's writer holds it; pause it first: set sweep.dry_run = true and roll it out, or scale it to 0 replicas; or raise database.writer_lock_wait_seconds)",
-                    mapping.table_display()
-                ),
-            });
-        }
-        if !announced {
-            tracing::info!(
-                "another sandbox-reconciler holds the writer lock; waiting up to {}s",
-                wait.as_secs()
-            );
-            announced = true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
-    Ok(())
 }
 
 /// Text rendering of an undo report.

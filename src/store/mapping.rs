@@ -12,8 +12,44 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgArguments, Postgres};
+use sqlx::query::Query;
+use sqlx::{AssertSqlSafe, Execute};
+
 use crate::config::Settings;
 use crate::sql::{literal, Identifier};
+
+/// A statement with its arguments bound, ready to run: the function that writes its SQL
+/// binds its `$1..$n` too, so the numbers and the order of the values live in one place.
+pub type Statement = Query<'static, Postgres, PgArguments>;
+
+/// The SQL text of a statement (for `EXPLAIN`, and for tests that read the text).
+fn sql_of(statement: Statement) -> String {
+    statement.sql().as_str().to_string()
+}
+
+/// One batch of downgrades as the downgrade statement takes them, one array per column.
+#[derive(Debug, Clone, Default)]
+pub struct DowngradeBatch<'a> {
+    pub keys: Vec<&'a str>,
+    pub objects: Vec<&'a str>,
+    /// `updated_at` as read.
+    pub updated_at: Vec<DateTime<Utc>>,
+    pub backends: Vec<&'a str>,
+    /// Each row's evidence as a 1-based index into `documents`.
+    pub evidence_of: Vec<i32>,
+    /// The batch's distinct evidence documents (JSON text).
+    pub documents: Vec<String>,
+    pub sweep_id: uuid::Uuid,
+}
+
+/// Which downgrades an undo considers: those of one sweep, of one session, or both.
+#[derive(Debug, Clone, Copy)]
+pub struct UndoSelection<'a> {
+    pub sweep: Option<uuid::Uuid>,
+    pub session: Option<&'a str>,
+}
 
 /// What the catalog says about the session table (see [`super::resolve`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,21 +230,33 @@ impl TableMapping {
         }
     }
 
-    /// `$1` = gone state, `$2` = scope value.
+    /// The text of [`Self::count_gone`].
     pub fn count_gone_sql(&self) -> String {
-        format!(
+        sql_of(self.count_gone())
+    }
+
+    /// How many rows (in the scope) are in the gone state.
+    pub fn count_gone(&self) -> Statement {
+        let sql = format!(
             "SELECT count(*) FROM {} WHERE {} = $1{}{}",
             self.t(),
             self.state,
             self.cast(Column::State),
             self.scope_clause("", 2)
-        )
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(&self.gone_state)
+            .bind(self.scope_value())
     }
 
-    /// Every row not in the gone state: key, state, object, updated_at.
-    /// `$1` = gone state, `$2` = scope value.
+    /// The text of [`Self::select_rows`].
     pub fn select_rows_sql(&self) -> String {
-        format!(
+        sql_of(self.select_rows())
+    }
+
+    /// Every row (in the scope) not in the gone state: key, state, object, updated_at.
+    pub fn select_rows(&self) -> Statement {
+        let sql = format!(
             "SELECT {k}::text, {s}::text, {o}::text, {u} FROM {t} \
              WHERE {s} IS DISTINCT FROM $1{scast}{scope}",
             k = self.key,
@@ -218,15 +266,18 @@ impl TableMapping {
             t = self.t(),
             scast = self.cast(Column::State),
             scope = self.scope_clause("", 2)
-        )
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(&self.gone_state)
+            .bind(self.scope_value())
     }
 
     /// One row by its key (in the scope): key, state, object, updated_at, as
-    /// [`Self::select_rows_sql`] reads them. The key is compared as text, as the sweep reports
+    /// [`Self::select_rows`] reads them. The key is compared as text, as the sweep reports
     /// it, so a key that is not of the column's type (a typo for a uuid key) finds no row
-    /// instead of failing. `$1` key, `$2` scope value.
-    pub fn select_row_sql(&self) -> String {
-        format!(
+    /// instead of failing.
+    pub fn select_row(&self, key: &str) -> Statement {
+        let sql = format!(
             "SELECT {k}::text, {s}::text, {o}::text, {u} FROM {t} WHERE {k}::text = $1{scope}",
             k = self.key,
             s = self.state,
@@ -234,7 +285,10 @@ impl TableMapping {
             u = self.updated_at_expr(""),
             t = self.t(),
             scope = self.scope_clause("", 2)
-        )
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(key)
+            .bind(self.scope_value())
     }
 
     /// One statement that locks the rows still exactly as read (skipping rows the
@@ -245,29 +299,13 @@ impl TableMapping {
     /// holds the lock, the number of rows locked, the number updated, and the keys audited
     /// (the caller checks that they agree before committing).
     ///
-    /// `$1` keys, `$2` objects, `$3` updated_at as read, `$4` backends, `$5` each row's
-    /// evidence as a 1-based index into `$11`, `$6` suspended state, `$7` gone state, `$8`
-    /// sweep id, `$9` table name, `$10` scope value (NULL when unscoped), `$11` the batch's
-    /// distinct evidence documents (JSON text). A listing or the cache confirms a whole batch
-    /// with one document: it is sent and parsed once, not once per row (an uncorrelated
-    /// subquery, which PostgreSQL runs once per statement as an InitPlan).
-    pub fn downgrade_sql(&self) -> String {
-        let cleared = if self.clear.is_empty() {
-            "'{}'::jsonb".to_string()
-        } else {
-            let pairs: Vec<String> = self
-                .clear
-                .iter()
-                .map(|c| format!("{}, to_jsonb(t.{c})", literal(c.name())))
-                .collect();
-            format!("jsonb_build_object({})", pairs.join(", "))
-        };
-        let mut set = vec![
-            format!("{} = $7{}", self.state, self.cast(Column::State)),
-            format!("{} = {}", self.updated_at, self.now_expr()),
-        ];
-        set.extend(self.clear.iter().map(|c| format!("{c} = NULL")));
-        format!(
+    /// The batch's evidence documents are sent once (`$11`), each row naming its own by index:
+    /// a listing or the cache confirms a whole batch with one document, so it is sent and
+    /// parsed once, not once per row (an uncorrelated subquery, which PostgreSQL runs once per
+    /// statement as an InitPlan).
+    pub fn downgrade(&self, batch: &DowngradeBatch<'_>) -> Statement {
+        let (cleared, set) = self.downgrade_changes();
+        let sql = format!(
             "WITH proof AS (SELECT {held} AS held), c AS ( \
                SELECT c.key, c.object, c.updated_at, c.backend, \
                       (SELECT array_agg(d.doc::jsonb ORDER BY d.n) \
@@ -310,20 +348,63 @@ impl TableMapping {
             kcast = self.cast(Column::Key),
             scast = self.cast(Column::State),
             ocast = self.cast(Column::Object),
-            set = set.join(", "),
+            set = set,
             scope = self.scope_clause("t.", 10),
             held = self.writer_lock_held_sql(),
-        )
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(&batch.keys) // $1
+            .bind(&batch.objects) // $2
+            .bind(&batch.updated_at) // $3
+            .bind(&batch.backends) // $4
+            .bind(&batch.evidence_of) // $5
+            .bind(&self.suspended_state) // $6
+            .bind(&self.gone_state) // $7
+            .bind(batch.sweep_id) // $8
+            .bind(self.table_display()) // $9
+            .bind(self.scope_value()) // $10
+            .bind(&batch.documents) // $11
+    }
+
+    /// The text of [`Self::downgrade`].
+    pub fn downgrade_sql(&self) -> String {
+        sql_of(self.downgrade(&DowngradeBatch::default()))
+    }
+
+    /// What a downgrade writes: the cleared columns' old values (a JSON object) for the audit
+    /// record, and the `SET` list (the gone state `$7`, `updated_at` now, cleared columns NULL).
+    fn downgrade_changes(&self) -> (String, String) {
+        let cleared = if self.clear.is_empty() {
+            "'{}'::jsonb".to_string()
+        } else {
+            let pairs: Vec<String> = self
+                .clear
+                .iter()
+                .map(|c| format!("{}, to_jsonb(t.{c})", literal(c.name())))
+                .collect();
+            format!("jsonb_build_object({})", pairs.join(", "))
+        };
+        let mut set = vec![
+            format!("{} = $7{}", self.state, self.cast(Column::State)),
+            format!("{} = {}", self.updated_at, self.now_expr()),
+        ];
+        set.extend(self.clear.iter().map(|c| format!("{c} = NULL")));
+        (cleared, set.join(", "))
     }
 
     /// The columns the records an undo considers cleared (the keys of their `cleared`
-    /// documents), sorted. Same parameters as [`Self::undo_candidates_sql`].
-    pub fn cleared_columns_sql(&self) -> String {
-        format!(
+    /// documents), sorted.
+    pub fn cleared_columns(&self, selection: UndoSelection<'_>) -> Statement {
+        let sql = format!(
             "SELECT DISTINCT c FROM ({records}) r CROSS JOIN LATERAL jsonb_object_keys(r.cleared) c \
              ORDER BY c",
             records = self.undo_records("$1", "$2", "$3", "$4"),
-        )
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(selection.sweep)
+            .bind(selection.session)
+            .bind(self.table_names())
+            .bind(self.scope_value())
     }
 
     /// Whether a column may be restored by an undo: any column but the mapped ones.
@@ -368,10 +449,16 @@ impl TableMapping {
     /// table's columns an INSERT may name (not generated ones); identity columns take the
     /// image's value (`OVERRIDING SYSTEM VALUE`). Returns, after the others, the keys inserted.
     ///
-    /// `$1` sweep id or NULL, `$2` session key or NULL, `$3` table names (text[]), `$4` undo
-    /// id, `$5` scope value (NULL when unscoped), `$6` the canonical table name, `$7` the
-    /// audit ids whose rows are inserted back (bigint[]).
-    pub fn undo_sql(&self, restore: &[Identifier], insert_columns: &[Identifier]) -> String {
+    /// `inserts` are the audit ids whose rows are inserted back.
+    // structure: sql-text
+    pub fn undo(
+        &self,
+        restore: &[Identifier],
+        insert_columns: &[Identifier],
+        selection: UndoSelection<'_>,
+        undo_id: uuid::Uuid,
+        inserts: &[i64],
+    ) -> Statement {
         let untouched = UNTOUCHED_CLEARED;
         let mut set = vec![
             format!(
@@ -392,7 +479,7 @@ impl TableMapping {
                 .iter()
                 .map(|c| format!("{c} = (jsonb_populate_record(t, cand.cleared)).{c}")),
         );
-        format!(
+        let sql = format!(
             "WITH proof AS (SELECT {held} AS held), a AS ({records}), cand AS ( \
                SELECT t.tableoid AS row_rel, t.ctid AS row_id, a.* \
                FROM {t} t JOIN a ON t.{k} = a.session_key{kcast} \
@@ -470,17 +557,33 @@ impl TableMapping {
             sname = literal(self.state.name()),
             uname = literal(self.updated_at.name()),
             now = self.now_expr(),
-        )
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(selection.sweep) // $1
+            .bind(selection.session) // $2
+            .bind(self.table_names()) // $3
+            .bind(undo_id) // $4
+            .bind(self.scope_value()) // $5
+            .bind(self.table_display()) // $6
+            .bind(inserts) // $7
+    }
+
+    /// The text of [`Self::undo`].
+    pub fn undo_sql(&self, restore: &[Identifier], insert_columns: &[Identifier]) -> String {
+        let selection = UndoSelection {
+            sweep: None,
+            session: None,
+        };
+        sql_of(self.undo(restore, insert_columns, selection, uuid::Uuid::nil(), &[]))
     }
 
     /// The downgrades an undo with the same arguments would consider, with the row's current
     /// state (NULL when the row no longer exists) and whether the row is still exactly as the
     /// downgrade left it (what the undo statement restores). A plain read: no row lock, so an
-    /// `undo --dry-run` waits for nothing and changes nothing. `$1` sweep id or NULL, `$2`
-    /// session key or NULL, `$3` table names (text[]), `$4` scope value (NULL when unscoped).
-    pub fn undo_candidates_sql(&self) -> String {
+    /// `undo --dry-run` waits for nothing and changes nothing.
+    pub fn undo_candidates(&self, selection: UndoSelection<'_>) -> Statement {
         let untouched = UNTOUCHED_CLEARED;
-        format!(
+        let sql = format!(
             "SELECT a.session_key, a.object_name, a.old_state, \
                     t.{s}::text AS current_state, t.{o}::text AS current_object, \
                     coalesce(t.{s} = a.new_state{scast} AND t.{o} = a.object_name{ocast} \
@@ -498,7 +601,12 @@ impl TableMapping {
             scast = self.cast(Column::State),
             ocast = self.cast(Column::Object),
             scope = self.scope_clause("t.", 4),
-        )
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(selection.sweep)
+            .bind(selection.session)
+            .bind(self.table_names())
+            .bind(self.scope_value())
     }
 
     /// The advisory-lock key this reconciler holds exclusively: stable for the same table (by

@@ -301,27 +301,7 @@ impl Reconciler {
         conn: &mut sqlx::PgConnection,
         mapping: &TableMapping,
     ) -> Result<(), SweepError> {
-        let deadline =
-            Instant::now() + Duration::from_secs(self.settings.database.writer_lock_wait_seconds);
-        let mut announced = false;
-        loop {
-            if store::try_writer_lock(conn, mapping).await? {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(StoreError::LockBusy {
-                    table: mapping.table_display(),
-                }
-                .into());
-            }
-            if !announced {
-                tracing::info!(
-                    "another sandbox-reconciler holds the writer lock; waiting up to {}s",
-                    self.settings.database.writer_lock_wait_seconds
-                );
-                announced = true;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        let wait = Duration::from_secs(self.settings.database.writer_lock_wait_seconds);
+        Ok(store::wait_for_writer_lock(conn, mapping, wait, "").await?)
     }
 }
