@@ -42,17 +42,13 @@ use futures::TryStreamExt;
 use kube::api::{WatchEvent, WatchParams};
 use tokio::sync::watch;
 
+use super::client::WATCH_TIMEOUT_SECONDS;
 use super::kube_api::Target;
 use super::lean::{self, LeanObject};
 use super::objects::ObjectMap;
 use super::{ClusterError, KubeCluster};
 use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot, ObjectFacts};
 
-/// Server-side timeout of each watch request (the API server caps it anyway).
-const WATCH_TIMEOUT_SECONDS: u32 = 290;
-/// The client's read timeout: longer than a watch's timeout, so only a dead connection (no
-/// event, bookmark or end within it) trips it.
-pub const WATCH_READ_TIMEOUT: Duration = Duration::from_secs(WATCH_TIMEOUT_SECONDS as u64 + 60);
 /// Delay before relisting (after the first listing), doubled up to the maximum; back to the
 /// minimum after a watch that lasted [`HEALTHY_WATCH`].
 const RELIST_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(30));
