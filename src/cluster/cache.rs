@@ -39,10 +39,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use kube::api::{WatchEvent, WatchParams};
+use kube::api::WatchEvent;
 use tokio::sync::watch;
 
-use super::client::WATCH_TIMEOUT_SECONDS;
 use super::kube_api::Target;
 use super::lean::{self, LeanObject};
 use super::objects::ObjectMap;
@@ -600,19 +599,8 @@ async fn watch_from(
         retry_at: None,
     };
     loop {
-        // WatchParams asks for bookmarks by default (allowWatchBookmarks=true).
-        let params = WatchParams::default().timeout(WATCH_TIMEOUT_SECONDS);
-        let request = kube::core::Request::new(target.url_path(ns));
-        let built = if target.metadata_only {
-            request.watch_metadata(&params, &revision.to_string())
-        } else {
-            request.watch(&params, &revision.to_string())
-        };
-        let Ok(built) = built else {
-            return WatchEnd::Relist(RelistReason::WatchError);
-        };
         let started = tokio::select! {
-            started = cluster.client().request_events::<LeanObject>(built) => started,
+            started = cluster.start_watch(target, ns, revision) => started,
             _ = stop.changed() => return WatchEnd::Stopped,
             _ = informer.reseeded.notified() => return WatchEnd::Reseeded,
             _ = sleep_until(check.due(informer)) => {
@@ -624,23 +612,14 @@ async fn watch_from(
             }
         };
         let stream = match started {
-            Ok(stream) => {
-                cluster.note_code("watch", 200);
-                stream
-            }
-            Err(kube::Error::Api(status)) => {
-                cluster.note_code("watch", status.code);
-                tracing::warn!(backend = %target.kind, code = status.code, "starting a watch failed: {}", status.message);
-                return WatchEnd::Relist(match status.code {
-                    410 => RelistReason::Expired,
-                    403 => RelistReason::Forbidden,
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(backend = %target.kind, "starting a watch failed: {e}");
+                return WatchEnd::Relist(match e {
+                    ClusterError::Api { code: 410, .. } => RelistReason::Expired,
+                    ClusterError::Forbidden { .. } => RelistReason::Forbidden,
                     _ => RelistReason::WatchError,
                 });
-            }
-            Err(e) => {
-                cluster.note_code("watch", 0);
-                tracing::warn!(backend = %target.kind, "starting a watch failed: {e}");
-                return WatchEnd::Relist(RelistReason::WatchError);
             }
         };
         futures::pin_mut!(stream);

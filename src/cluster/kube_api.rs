@@ -12,12 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::Stream;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{ApiResource, DynamicObject, ListParams};
+use kube::api::{ApiResource, DynamicObject, ListParams, WatchEvent, WatchParams};
 use kube::{Api, Client};
 
-use super::client::{self, ClientOrigin};
-use super::lean::{self, LeanList};
+use super::client::{self, ClientOrigin, WATCH_TIMEOUT_SECONDS};
+use super::lean::{self, LeanList, LeanObject};
 use super::objects::ObjectMap;
 use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot};
 use crate::config::Settings;
@@ -260,27 +261,13 @@ impl KubeCluster {
                 })?;
             self.client.request_text(request).await
         };
-        let document = match self.call("get", discovery).await {
-            Err(_) => {
-                self.note("get", Err(0));
-                return Err(ClusterError::Timeout {
-                    what,
-                    seconds: self.timeout.as_secs(),
-                });
-            }
-            Ok(Err(kube::Error::Api(status))) if status.code == 404 => {
-                self.note("get", Err(404));
-                return Ok(None);
-            }
-            Ok(Err(e)) => {
-                let err = map_error(&what, "get", &path, e);
-                self.note("get", Err(api_code(&err)));
-                return Err(err);
-            }
-            Ok(Ok(text)) => {
-                self.note("get", Ok(()));
-                text
-            }
+        let answer = self
+            .request("get", &what, &path, Timing::Deadline, discovery, |_| 200)
+            .await;
+        let document = match answer {
+            // Discovery answers 404 for a group/version nobody serves: no Sandbox here.
+            Err(ClusterError::NotServed { .. }) => return Ok(None),
+            other => other?,
         };
         let served = serde_json::from_str::<serde_json::Value>(&document)
             .ok()
@@ -294,7 +281,14 @@ impl KubeCluster {
             let api = self.sandbox_api(probe, ns);
             let lp = ListParams::default().limit(1);
             let list = self
-                .counted("list", &what, &resource, || api.list_metadata(&lp))
+                .request(
+                    "list",
+                    &what,
+                    &resource,
+                    Timing::Deadline,
+                    || api.list_metadata(&lp),
+                    |_| 200,
+                )
                 .await?;
             if let Some(item) = list.items.first() {
                 return Ok(Some(format!(
@@ -324,28 +318,17 @@ impl KubeCluster {
     async fn get_namespace(&self, name: &str) -> Result<Option<Namespace>, ClusterError> {
         let api: Api<Namespace> = Api::all(self.client.clone());
         let what = format!("reading namespace {name}");
-        match self.call("get", || api.get_opt(name)).await {
-            Err(_) => {
-                self.note("get", Err(0));
-                Err(ClusterError::Timeout {
-                    what,
-                    seconds: self.timeout.as_secs(),
-                })
-            }
-            Ok(Err(e)) => {
-                let err = map_error(&what, "get", "namespaces", e);
-                self.note("get", Err(api_code(&err)));
-                Err(err)
-            }
-            Ok(Ok(None)) => {
-                self.note("get", Err(404));
-                Ok(None)
-            }
-            Ok(Ok(Some(ns))) => {
-                self.note("get", Ok(()));
-                Ok(Some(ns))
-            }
-        }
+        // `get_opt` answers a 404 as `None`: counted as the 404 it was.
+        let counted_as = |ns: &Option<Namespace>| if ns.is_some() { 200 } else { 404 };
+        self.request(
+            "get",
+            &what,
+            "namespaces",
+            Timing::Deadline,
+            || api.get_opt(name),
+            counted_as,
+        )
+        .await
     }
 
     /// Uses an existing client (in-process callers).
@@ -415,7 +398,8 @@ impl KubeCluster {
     /// `details.retryAfterSeconds`) when it gives one and it fits the deadline, else after an
     /// exponential backoff from 100 ms. Nothing else is retried: any other failure aborts
     /// the sweep. Each retried answer is counted in `kube_requests_total` here; the final
-    /// answer is counted by the caller. (kube's own retry layer is off, see `client`.)
+    /// answer is counted by [`Self::request`], the only caller. (kube's own retry layer is
+    /// off, see `client`.)
     async fn call<T, Fut>(
         &self,
         verb: &'static str,
@@ -446,7 +430,7 @@ impl KubeCluster {
             if tokio::time::Instant::now() + delay >= deadline {
                 return Ok(answer);
             }
-            self.note(verb, Err(status.code));
+            self.note_code(verb, status.code);
             tracing::debug!(
                 code = status.code,
                 delay_ms = delay.as_millis() as u64,
@@ -510,15 +494,9 @@ impl KubeCluster {
     }
 
     /// Counts one request's answer in the request hook (`code` 0: no answer).
-    pub(crate) fn note_code(&self, verb: &'static str, code: u16) {
+    fn note_code(&self, verb: &'static str, code: u16) {
         if let Some(hook) = &self.hook {
             hook(verb, code);
-        }
-    }
-
-    fn note(&self, verb: &'static str, result: Result<(), u16>) {
-        if let Some(hook) = &self.hook {
-            hook(verb, result.map_or_else(|code| code, |()| 200));
         }
     }
 
@@ -686,28 +664,43 @@ impl KubeCluster {
             what: what.to_string(),
             message: e.to_string(),
         })?;
-        self.counted("list", what, &target.resource, || {
-            self.client.request::<LeanList>(clone_request(&built))
-        })
+        let page = || self.client.request::<LeanList>(clone_request(&built));
+        self.request(
+            "list",
+            what,
+            &target.resource,
+            Timing::Deadline,
+            page,
+            |_| 200,
+        )
         .await
     }
 
-    /// One request with the retry policy and the deadline ([`Self::call`]), its outcome
-    /// counted in the request hook and its failure mapped to a [`ClusterError`] naming `what`
-    /// and, for a 403 or a 404 on a listing, `verb` on `resource`.
-    async fn counted<T, Fut>(
+    /// Every API request goes through here: timed (within the request deadline and with the
+    /// retry policy of [`Self::call`], or, for a watch's start, once and without a deadline),
+    /// its final answer counted once in the request hook, and its failure mapped to a
+    /// [`ClusterError`] naming `what` and, for a 403 or a 404 on a listing or GET, `verb` on
+    /// `resource`. A success is counted as `counted_as` says: 200, or 404 for a GET whose
+    /// not-found answer the attempt turned into a value.
+    async fn request<T, Fut>(
         &self,
         verb: &'static str,
         what: &str,
         resource: &str,
+        timing: Timing,
         attempt: impl Fn() -> Fut,
+        counted_as: impl FnOnce(&T) -> u16,
     ) -> Result<T, ClusterError>
     where
         Fut: std::future::Future<Output = kube::Result<T>>,
     {
-        match self.call(verb, attempt).await {
+        let answer = match timing {
+            Timing::Deadline => self.call(verb, attempt).await,
+            Timing::Unbounded => Ok(attempt().await),
+        };
+        match answer {
             Err(_) => {
-                self.note(verb, Err(0));
+                self.note_code(verb, 0);
                 Err(ClusterError::Timeout {
                     what: what.to_string(),
                     seconds: self.timeout.as_secs(),
@@ -715,11 +708,11 @@ impl KubeCluster {
             }
             Ok(Err(e)) => {
                 let err = map_error(what, verb, resource, e);
-                self.note(verb, Err(api_code(&err)));
+                self.note_code(verb, api_code(&err));
                 Err(err)
             }
             Ok(Ok(value)) => {
-                self.note(verb, Ok(()));
+                self.note_code(verb, counted_as(&value));
                 Ok(value)
             }
         }
@@ -746,9 +739,41 @@ impl KubeCluster {
             })
     }
 
-    /// The client, for the watch cache.
-    pub(crate) fn client(&self) -> &Client {
-        &self.client
+    /// Starts a watch of one target from `revision`, with bookmarks and the server-side
+    /// timeout [`WATCH_TIMEOUT_SECONDS`], for the cache. Its answer is counted (verb `watch`)
+    /// like every request's; a 410 is a [`ClusterError::Api`] with that code.
+    pub(crate) async fn start_watch(
+        &self,
+        target: &Target,
+        ns: Option<&str>,
+        revision: u64,
+    ) -> Result<impl Stream<Item = kube::Result<WatchEvent<LeanObject>>>, ClusterError> {
+        let what = format!("watching {}", describe_scope(&target.plural, ns));
+        // WatchParams asks for bookmarks by default (allowWatchBookmarks=true).
+        let params = WatchParams::default().timeout(WATCH_TIMEOUT_SECONDS);
+        let request = kube::core::Request::new(target.url_path(ns));
+        let built = if target.metadata_only {
+            request.watch_metadata(&params, &revision.to_string())
+        } else {
+            request.watch(&params, &revision.to_string())
+        }
+        .map_err(|e| ClusterError::Malformed {
+            what: what.clone(),
+            message: e.to_string(),
+        })?;
+        let watch = || {
+            self.client
+                .request_events::<LeanObject>(clone_request(&built))
+        };
+        self.request(
+            "watch",
+            &what,
+            &target.resource,
+            Timing::Unbounded,
+            watch,
+            |_| 200,
+        )
+        .await
     }
 
     /// Confirms that the backend the row is attributed to has no object named `name`, by
@@ -899,32 +924,20 @@ impl KubeCluster {
             "looking up {resource} {}{name}",
             ns.map(|n| format!("{n}/")).unwrap_or_default()
         );
-        match self.call(verb, attempt).await {
-            Err(_) => {
-                self.note(verb, Err(0));
-                LookupAnswer::Error {
-                    message: format!("{what}: no answer within {}s", self.timeout.as_secs()),
-                }
-            }
-            Ok(Err(e)) => {
-                let err = map_error(&what, verb, resource, e);
-                self.note(verb, Err(api_code(&err)));
-                LookupAnswer::Error {
-                    message: err.to_string(),
-                }
-            }
-            Ok(Ok(None)) => {
-                self.note(verb, if ns.is_some() { Err(404) } else { Ok(()) });
-                LookupAnswer::Absent
-            }
-            Ok(Ok(Some((meta, paused)))) => {
-                self.note(verb, Ok(()));
-                LookupAnswer::Found {
-                    namespace: meta.namespace.or(ns.map(str::to_string)),
-                    terminating: meta.deletion_timestamp.is_some(),
-                    paused,
-                }
-            }
+        let counted_as = |found: &Option<_>| absence_code(found.is_none(), ns);
+        let answer = self
+            .request(verb, &what, resource, Timing::Deadline, attempt, counted_as)
+            .await;
+        match answer {
+            Err(err) => LookupAnswer::Error {
+                message: err.to_string(),
+            },
+            Ok(None) => LookupAnswer::Absent,
+            Ok(Some((meta, paused))) => LookupAnswer::Found {
+                namespace: meta.namespace.or(ns.map(str::to_string)),
+                terminating: meta.deletion_timestamp.is_some(),
+                paused,
+            },
         }
     }
 
@@ -967,33 +980,45 @@ impl KubeCluster {
                 }
             }
         };
-        match self.call(verb, request).await {
-            Err(_) => {
-                self.note(verb, Err(0));
-                Err(ClusterError::Timeout {
-                    what,
-                    seconds: self.timeout.as_secs(),
-                })
-            }
-            Ok(Err(e)) => {
-                let err = map_error(&what, verb, &resource.qualified(), e);
-                self.note(verb, Err(api_code(&err)));
-                Err(err)
-            }
-            Ok(Ok(None)) => {
-                self.note(verb, if ns.is_some() { Err(404) } else { Ok(()) });
-                Ok(None)
-            }
-            Ok(Ok(Some(meta))) => {
-                self.note(verb, Ok(()));
-                Ok(Some(format!(
-                    "{} {}/{name} exists{}",
-                    resource.plural,
-                    meta.namespace.as_deref().or(ns).unwrap_or("?"),
-                    terminating_note(&meta)
-                )))
-            }
-        }
+        let counted_as = |found: &Option<_>| absence_code(found.is_none(), ns);
+        let qualified = resource.qualified();
+        let found = self
+            .request(
+                verb,
+                &what,
+                &qualified,
+                Timing::Deadline,
+                request,
+                counted_as,
+            )
+            .await?;
+        Ok(found.map(|meta| {
+            format!(
+                "{} {}/{name} exists{}",
+                resource.plural,
+                meta.namespace.as_deref().or(ns).unwrap_or("?"),
+                terminating_note(&meta)
+            )
+        }))
+    }
+}
+
+/// How [`KubeCluster::request`] times a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timing {
+    /// Within the request deadline, 429, 503 and 504 retried ([`KubeCluster::call`]).
+    Deadline,
+    /// Once, without a deadline: a watch's start, which the cache's own freshness check
+    /// bounds (a watch that does not start is as stale as a frozen one).
+    Unbounded,
+}
+
+/// The code a definitive absence is counted as: a GET's 404, or a name-selected list's 200.
+fn absence_code(absent: bool, ns: Option<&str>) -> u16 {
+    if absent && ns.is_some() {
+        404
+    } else {
+        200
     }
 }
 
@@ -1069,9 +1094,14 @@ fn probe_text(resource: &str, ns: Option<&str>, name: &str) -> String {
 }
 
 fn describe(resource: &str, ns: Option<&str>) -> String {
+    format!("listing {}", describe_scope(resource, ns))
+}
+
+/// "pods in namespace agents", or "pods in all namespaces".
+fn describe_scope(resource: &str, ns: Option<&str>) -> String {
     match ns {
-        Some(ns) => format!("listing {resource} in namespace {ns}"),
-        None => format!("listing {resource} in all namespaces"),
+        Some(ns) => format!("{resource} in namespace {ns}"),
+        None => format!("{resource} in all namespaces"),
     }
 }
 
