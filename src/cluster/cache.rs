@@ -143,13 +143,108 @@ struct Informer {
     state: Mutex<InformerState>,
     /// Wakes the informer's task: its map was reseeded, its watch must restart.
     reseeded: tokio::sync::Notify,
+    /// `synced` and the watermark as last changed, for the sweeps that wait on them
+    /// ([`ClusterCache::wait_synced`], [`ClusterCache::prove_fresh`]).
+    progress: watch::Sender<Progress>,
+}
+
+/// What a sweep waits for of an informer: published on every change (see [`Update`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Progress {
+    synced: bool,
+    watermark: u64,
 }
 
 impl Informer {
+    fn new(target: Target, namespace: Option<String>) -> Informer {
+        Informer {
+            target,
+            namespace,
+            state: Mutex::new(InformerState::default()),
+            reseeded: tokio::sync::Notify::new(),
+            progress: watch::Sender::new(Progress::default()),
+        }
+    }
+
+    /// The state, to read, or to change anything but `synced` and the watermark.
     fn state(&self) -> MutexGuard<'_, InformerState> {
         // A panic while holding the lock leaves plain data; keep using it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The state, to change `synced` or the watermark: published when the guard drops.
+    fn update(&self) -> Update<'_> {
+        Update {
+            informer: self,
+            state: self.state(),
+        }
+    }
+}
+
+/// An informer's state locked for a change; its `synced` and watermark are published to the
+/// informer's [`Progress`] channel, still under the lock, when it drops (so a waiter that
+/// sees a watermark also finds the map that goes with it).
+struct Update<'a> {
+    informer: &'a Informer,
+    state: MutexGuard<'a, InformerState>,
+}
+
+impl std::ops::Deref for Update<'_> {
+    type Target = InformerState;
+    fn deref(&self) -> &InformerState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Update<'_> {
+    fn deref_mut(&mut self) -> &mut InformerState {
+        &mut self.state
+    }
+}
+
+impl Drop for Update<'_> {
+    fn drop(&mut self) {
+        let now = Progress {
+            synced: self.state.synced,
+            watermark: self.state.watermark,
+        };
+        self.informer.progress.send_if_modified(|progress| {
+            let changed = *progress != now;
+            *progress = now;
+            changed
+        });
+    }
+}
+
+/// Waits until `holds(n, progress)` is true of every informer `n` at once, or until
+/// `deadline`; woken by their [`Progress`] channels, not by polling. Whether it held.
+async fn wait_for_all(
+    informers: &[&Arc<Informer>],
+    deadline: Instant,
+    holds: impl Fn(usize, Progress) -> bool,
+) -> bool {
+    let mut receivers: Vec<_> = informers.iter().map(|i| i.progress.subscribe()).collect();
+    let all_hold = |receivers: &mut [watch::Receiver<Progress>]| {
+        receivers
+            .iter_mut()
+            .enumerate()
+            .all(|(n, rx)| holds(n, *rx.borrow_and_update()))
+    };
+    let timeout = sleep_until(deadline);
+    futures::pin_mut!(timeout);
+    loop {
+        if all_hold(&mut receivers) {
+            return true;
+        }
+        // Not empty: `all` holds of no informer. The senders live as long as the informers.
+        let changed =
+            futures::future::select_all(receivers.iter_mut().map(|rx| Box::pin(rx.changed())));
+        tokio::select! {
+            _ = changed => {}
+            _ = &mut timeout => break,
+        }
+    }
+    all_hold(&mut receivers)
 }
 
 /// Figures of the cache, for metrics.
@@ -185,12 +280,7 @@ impl ClusterCache {
         let mut informers = Vec::new();
         for target in cluster.targets() {
             for ns in cluster.namespace_scopes() {
-                let informer = Arc::new(Informer {
-                    target: target.clone(),
-                    namespace: ns,
-                    state: Mutex::new(InformerState::default()),
-                    reseeded: tokio::sync::Notify::new(),
-                });
+                let informer = Arc::new(Informer::new(target.clone(), ns));
                 tokio::spawn(run_informer(
                     cluster.clone(),
                     informer.clone(),
@@ -220,14 +310,8 @@ impl ClusterCache {
 
     /// Waits until synced, at most `wait`.
     pub async fn wait_synced(&self, wait: Duration) -> bool {
-        let deadline = Instant::now() + wait;
-        while !self.synced() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        true
+        let informers: Vec<&Arc<Informer>> = self.informers.iter().collect();
+        wait_for_all(&informers, Instant::now() + wait, |_, p| p.synced).await
     }
 
     /// The cache as a snapshot (`None` while not synced).
@@ -290,24 +374,15 @@ impl ClusterCache {
             wanted.push(r);
         }
         let requests = wanted.len() as u64;
-        let deadline = Instant::now() + wait;
-        loop {
-            let fresh = proven.iter().zip(&wanted).all(|(informer, r)| {
-                let state = informer.state();
-                state.synced && state.watermark >= *r
-            });
-            if fresh {
-                let now = Instant::now();
-                for informer in &proven {
-                    informer.state().advanced_at = Some(now);
-                }
-                return Ok(Some(requests));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let fresh = |n: usize, p: Progress| p.synced && p.watermark >= wanted[n];
+        if !wait_for_all(&proven, Instant::now() + wait, fresh).await {
+            return Ok(None);
         }
+        let now = Instant::now();
+        for informer in &proven {
+            informer.state().advanced_at = Some(now);
+        }
+        Ok(Some(requests))
     }
 
     /// Rule 2(b) when the cache cannot be proven fresh: lists every informer's backend and
@@ -403,7 +478,7 @@ impl Drop for ClusterCache {
 /// and wakes the informer so that its watch restarts from there.
 fn reseed(informer: &Informer, objects: ObjectMap, revision: u64) {
     {
-        let mut state = informer.state();
+        let mut state = informer.update();
         if revision <= state.watermark && state.synced {
             return;
         }
@@ -452,7 +527,7 @@ async fn run_informer(
             }
             observer.relisted(kind, reason);
             let generation = {
-                let mut state = informer.state();
+                let mut state = informer.update();
                 state.synced = false;
                 state.generation
             };
@@ -466,7 +541,7 @@ async fn run_informer(
                         reason = RelistReason::ListError;
                         continue;
                     };
-                    let mut state = informer.state();
+                    let mut state = informer.update();
                     if state.generation == generation || revision > state.watermark {
                         state.objects = objects;
                         state.watermark = revision;
@@ -676,7 +751,7 @@ fn apply(
         WatchEvent::Deleted(o) => (o, true),
         WatchEvent::Bookmark(b) => {
             let at = lean::revision(&b.metadata.resource_version);
-            let mut state = informer.state();
+            let mut state = informer.update();
             if state.generation != generation {
                 return Err(RelistReason::Stale);
             }
@@ -713,7 +788,7 @@ fn apply(
     if !deleted && !object.undecodable().is_empty() {
         cluster.note_undecodable(informer.target.kind, namespace, name, object.undecodable());
     }
-    let mut state = informer.state();
+    let mut state = informer.update();
     if state.generation != generation {
         return Err(RelistReason::Stale);
     }
