@@ -665,73 +665,132 @@ async fn watch_from(
     stop: &mut watch::Receiver<bool>,
     tuning: CacheTuning,
 ) -> WatchEnd {
-    let target = &informer.target;
-    let ns = informer.namespace.as_deref();
-    let generation = informer.state().generation;
-    let mut check = StallCheck {
-        tuning,
-        pending: None,
-        retry_at: None,
+    let mut watch = Watch {
+        cluster,
+        informer,
+        stop,
+        generation: informer.state().generation,
+        check: StallCheck {
+            tuning,
+            pending: None,
+            retry_at: None,
+        },
     };
     loop {
-        let started = tokio::select! {
-            started = cluster.start_watch(target, ns, revision) => started,
-            _ = stop.changed() => return WatchEnd::Stopped,
-            _ = informer.reseeded.notified() => return WatchEnd::Reseeded,
-            _ = sleep_until(check.due(informer)) => {
-                // A watch that does not even start is as stale as a frozen one.
-                if let Some(reason) = check.run(cluster, informer).await {
-                    return WatchEnd::Relist(reason);
-                }
-                continue;
-            }
-        };
-        let stream = match started {
+        let stream = match watch.start(revision).await {
             Ok(stream) => stream,
-            Err(e) => {
-                tracing::warn!(backend = %target.kind, "starting a watch failed: {e}");
-                return WatchEnd::Relist(match e {
-                    ClusterError::Api { code: 410, .. } => RelistReason::Expired,
-                    ClusterError::Forbidden { .. } => RelistReason::Forbidden,
-                    _ => RelistReason::WatchError,
-                });
-            }
+            Err(end) => return end,
         };
-        futures::pin_mut!(stream);
-        loop {
-            let next = tokio::select! {
-                next = stream.try_next() => next,
-                _ = stop.changed() => return WatchEnd::Stopped,
-                _ = informer.reseeded.notified() => return WatchEnd::Reseeded,
-                _ = sleep_until(check.due(informer)) => {
-                    if let Some(reason) = check.run(cluster, informer).await {
-                        return WatchEnd::Relist(reason);
-                    }
-                    continue;
+        if let Err(end) = watch.follow(stream, &mut revision).await {
+            return end;
+        }
+        observer.watch_restarted(informer.target.kind);
+        if sleep_or_stop(watch.stop, RESUME_BACKOFF).await {
+            return WatchEnd::Stopped;
+        }
+    }
+}
+
+/// One informer's watch while it runs: what each step of [`watch_from`] needs.
+struct Watch<'a> {
+    cluster: &'a KubeCluster,
+    informer: &'a Informer,
+    stop: &'a mut watch::Receiver<bool>,
+    /// The map's generation when the watch began (see [`apply`]).
+    generation: u64,
+    check: StallCheck,
+}
+
+/// What came first while a watch waited on something (see [`Watch::first`]).
+enum Woken<T> {
+    /// The awaited request or event.
+    Done(T),
+    /// Stopped, reseeded, or found stale by the freshness check.
+    End(WatchEnd),
+    /// The freshness check ran and found nothing wrong: wait again.
+    Checked,
+}
+
+type EventStream = futures::stream::BoxStream<'static, kube::Result<WatchEvent<LeanObject>>>;
+
+impl Watch<'_> {
+    /// Awaits `work` unless the informer is stopped or reseeded first, running the freshness
+    /// check ([`StallCheck`]) when it falls due meanwhile (which drops `work`).
+    async fn first<T>(&mut self, work: impl std::future::Future<Output = T>) -> Woken<T> {
+        let (cluster, informer) = (self.cluster, self.informer);
+        tokio::select! {
+            done = work => Woken::Done(done),
+            _ = self.stop.changed() => Woken::End(WatchEnd::Stopped),
+            _ = informer.reseeded.notified() => Woken::End(WatchEnd::Reseeded),
+            _ = sleep_until(self.check.due(informer)) => {
+                match self.check.run(cluster, informer).await {
+                    Some(reason) => Woken::End(WatchEnd::Relist(reason)),
+                    None => Woken::Checked,
                 }
+            }
+        }
+    }
+
+    /// Starts the watch from `revision`; a failed start relists (410 `Expired`, 403
+    /// `Forbidden`, else `WatchError`). A watch that does not even start is as stale as a
+    /// frozen one: the freshness check runs meanwhile, and the start is asked again after it.
+    async fn start(&mut self, revision: u64) -> Result<EventStream, WatchEnd> {
+        let (cluster, informer) = (self.cluster, self.informer);
+        let ns = informer.namespace.as_deref();
+        loop {
+            let started = match self
+                .first(cluster.start_watch(&informer.target, ns, revision))
+                .await
+            {
+                Woken::Done(started) => started,
+                Woken::End(end) => return Err(end),
+                Woken::Checked => continue,
+            };
+            return match started {
+                Ok(stream) => Ok(Box::pin(stream)),
+                Err(e) => {
+                    tracing::warn!(backend = %informer.target.kind, "starting a watch failed: {e}");
+                    Err(WatchEnd::Relist(match e {
+                        ClusterError::Api { code: 410, .. } => RelistReason::Expired,
+                        ClusterError::Forbidden { .. } => RelistReason::Forbidden,
+                        _ => RelistReason::WatchError,
+                    }))
+                }
+            };
+        }
+    }
+
+    /// Applies the stream's events, raising `revision` to each one's, until the server ends
+    /// the watch (its timeout: `Ok`, resume from `revision`) or the informer must stop,
+    /// relist or watch on from a reseeded map.
+    async fn follow(
+        &mut self,
+        mut stream: EventStream,
+        revision: &mut u64,
+    ) -> Result<(), WatchEnd> {
+        loop {
+            let next = match self.first(stream.try_next()).await {
+                Woken::Done(next) => next,
+                Woken::End(end) => return Err(end),
+                Woken::Checked => continue,
             };
             let event = match next {
                 Ok(Some(event)) => event,
-                // The server ended the watch (its timeout): resume from the last revision.
-                Ok(None) => break,
+                Ok(None) => return Ok(()),
                 Err(e) => {
                     // An event that cannot be decoded (or a transport error kube-client does
                     // report) may hide a change: relist rather than trust the map.
-                    tracing::warn!(backend = %target.kind, "the watch stream failed: {e}; relisting");
-                    return WatchEnd::Relist(RelistReason::WatchError);
+                    tracing::warn!(backend = %self.informer.target.kind, "the watch stream failed: {e}; relisting");
+                    return Err(WatchEnd::Relist(RelistReason::WatchError));
                 }
             };
-            match apply(cluster, informer, generation, event) {
-                Ok(Some(at)) => revision = revision.max(at),
+            match apply(self.cluster, self.informer, self.generation, event) {
+                Ok(Some(at)) => *revision = (*revision).max(at),
                 Ok(None) => {}
                 // Only a reseeded map makes `apply` answer `Stale`.
-                Err(RelistReason::Stale) => return WatchEnd::Reseeded,
-                Err(reason) => return WatchEnd::Relist(reason),
+                Err(RelistReason::Stale) => return Err(WatchEnd::Reseeded),
+                Err(reason) => return Err(WatchEnd::Relist(reason)),
             }
-        }
-        observer.watch_restarted(target.kind);
-        if sleep_or_stop(stop, RESUME_BACKOFF).await {
-            return WatchEnd::Stopped;
         }
     }
 }
