@@ -8,7 +8,9 @@
 //! the last applied resourceVersion, from which the API server replays every later event or
 //! answers 410. So the map is always the result of one listing and one unbroken history of
 //! events after it. Each informer keeps a `synced` flag and a watermark: the highest revision
-//! it has applied (an event or a bookmark).
+//! it has applied (an event or a bookmark). Both are published on a `tokio::sync::watch`
+//! channel per informer as they change, so a sweep waiting for the cache to sync or to reach
+//! a revision is woken by the change itself.
 //!
 //! kube 5's `runtime::watcher` hides bookmarks and revisions, and both are what make the
 //! cache usable as evidence (rule 2(c)): a sweep takes a quorum revision R after reading its

@@ -6,6 +6,9 @@
 //! account (`KUBERNETES_SERVICE_HOST` and the token mounted in the pod). A laptop with a
 //! kubeconfig therefore talks to that kubeconfig's cluster even inside a pod; the API server
 //! URL and the source are logged at start-up so a wrong context is visible.
+//!
+//! The watch timeouts live here too: the cache's watches ask the server for
+//! [`WATCH_TIMEOUT_SECONDS`], and the client's read timeout must outlast that.
 
 use std::time::Duration;
 

@@ -1,11 +1,23 @@
-//! Listing and confirming through the real `kube::Client`.
+//! The cluster through the real `kube::Client`: the scope check, listings, the GETs that
+//! prove absence, `explain`'s lookups, and the one way every request is made.
 //!
-//! Pods are listed metadata-only (`PartialObjectMetadataList`); Sandboxes are listed as
-//! `DynamicObject`s because `spec` says whether one is paused on purpose. Every listing is
-//! paginated with `limit` + `continue`; a continue token that expired (410) restarts that
-//! listing once, a second expiry aborts. Every request has a deadline. Any error — API status,
-//! timeout, transport, an item without a name, a list of the wrong kind — aborts the listing:
-//! there is no partial snapshot.
+//! - Scope ([`KubeCluster::verify_scope`], [`KubeCluster::verify_served`]): the cluster's
+//!   identity, the configured namespaces, a Sandbox the bare-pod backend alone would miss, and
+//!   every enabled backend's resource served.
+//! - Listings ([`KubeCluster::snapshot`], `list_into`): built with kube-client's request
+//!   builders and decoded lean ([`lean`]): pods metadata-only (`PartialObjectMetadataList`),
+//!   Sandboxes in full, since `spec` says whether one is paused on purpose. Every listing is
+//!   paginated with `limit` + `continue`; a continue token that expired (410) restarts that
+//!   listing once, a second expiry aborts. Any error (API status, timeout, transport, an item
+//!   without a name, a list of the wrong kind) aborts the listing: there is no partial
+//!   snapshot. The watch cache lists, reads revisions and starts its watches here too.
+//! - Absence ([`KubeCluster::prove_absent_by_get`]): a GET per namespace, absent only on a 404
+//!   whose Status names the object (`names_this_object`); [`KubeCluster::lookup`] asks the
+//!   same of every backend and reports each answer.
+//! - Requests: every one goes through `KubeCluster::request`, which times it (the request
+//!   deadline and the retry policy of `KubeCluster::call`; a watch's start once, without a
+//!   deadline), maps its failure to a [`ClusterError`] and counts its answer once in the
+//!   request hook (`kube_requests_total`).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -776,17 +788,17 @@ impl KubeCluster {
         .await
     }
 
-    /// Confirms that the backend the row is attributed to has no object named `name`, by
-    /// direct GETs (or, when listing all namespaces, a list selected by `metadata.name`); a
-    /// row of no single backend (`Unknown`) is confirmed against every enabled backend. Only
-    /// a 404 whose Status names the object counts as absent ([`names_this_object`]); any other
-    /// answer is an error and the row is left alone.
+    /// Proves that the backend the row is attributed to has no object named `name`, by a
+    /// direct GET in each namespace (or, when listing all namespaces, a list selected by
+    /// `metadata.name`); a row of no single backend (`Unknown`) is asked of every enabled
+    /// backend. Only a 404 whose Status names the object counts as absent
+    /// ([`names_this_object`]); any other answer is an error and the row is left alone.
     ///
     /// One GET per orphan, not one per backend: a backend's distinguishing
     /// `object_name_prefix` says the name is not the other backend's object (an agent-sandbox
     /// Sandbox's pod shares its name, but the Sandbox is what backs the session). The sweep
     /// only asks about names its view found in no backend at all.
-    pub async fn confirm_absent(
+    pub async fn prove_absent_by_get(
         &self,
         name: &str,
         backend: BackendKind,
