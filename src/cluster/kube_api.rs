@@ -897,7 +897,7 @@ impl KubeCluster {
                             None => api.list(&by_name).await?.items.into_iter().next(),
                         };
                         Ok(found.map(|o| {
-                            let paused = sandbox_is_suspended(&o.data);
+                            let paused = lean::sandbox_is_suspended(&o.data);
                             (o.metadata, paused)
                         }))
                     })
@@ -1117,12 +1117,6 @@ fn describe_scope(resource: &str, ns: Option<&str>) -> String {
     }
 }
 
-/// Whether a Sandbox is paused on purpose: `spec.replicas: 0` (v1alpha1) or
-/// `spec.operatingMode: Suspended` (v1beta1).
-pub fn sandbox_is_suspended(data: &serde_json::Value) -> bool {
-    serde_json::from_value::<lean::LeanSpec>(data["spec"].clone()).is_ok_and(|s| s.paused())
-}
-
 fn api_code(err: &ClusterError) -> u16 {
     match err {
         ClusterError::Api { code, .. } => *code,
@@ -1183,23 +1177,4 @@ fn clone_request(request: &http::Request<Vec<u8>>) -> http::Request<Vec<u8>> {
     *copy.uri_mut() = request.uri().clone();
     *copy.headers_mut() = request.headers().clone();
     copy
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn suspended_sandbox_detection() {
-        assert!(sandbox_is_suspended(
-            &serde_json::json!({"spec": {"replicas": 0}})
-        ));
-        assert!(sandbox_is_suspended(
-            &serde_json::json!({"spec": {"operatingMode": "Suspended"}})
-        ));
-        assert!(!sandbox_is_suspended(
-            &serde_json::json!({"spec": {"replicas": 1}})
-        ));
-        assert!(!sandbox_is_suspended(&serde_json::json!({})));
-    }
 }
