@@ -8,7 +8,9 @@
 //! the last applied resourceVersion, from which the API server replays every later event or
 //! answers 410. So the map is always the result of one listing and one unbroken history of
 //! events after it. Each informer keeps a `synced` flag and a watermark: the highest revision
-//! it has applied (an event or a bookmark).
+//! it has applied (an event or a bookmark). Both are published on a `tokio::sync::watch`
+//! channel per informer as they change, so a sweep waiting for the cache to sync or to reach
+//! a revision is woken by the change itself.
 //!
 //! kube 5's `runtime::watcher` hides bookmarks and revisions, and both are what make the
 //! cache usable as evidence (rule 2(c)): a sweep takes a quorum revision R after reading its
@@ -39,7 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use kube::api::{WatchEvent, WatchParams};
+use kube::api::WatchEvent;
 use tokio::sync::watch;
 
 use super::kube_api::Target;
@@ -48,11 +50,6 @@ use super::objects::ObjectMap;
 use super::{ClusterError, KubeCluster};
 use crate::snapshot::{BackendKind, BackendView, ClusterSnapshot, ObjectFacts};
 
-/// Server-side timeout of each watch request (the API server caps it anyway).
-const WATCH_TIMEOUT_SECONDS: u32 = 290;
-/// The client's read timeout: longer than a watch's timeout, so only a dead connection (no
-/// event, bookmark or end within it) trips it.
-pub const WATCH_READ_TIMEOUT: Duration = Duration::from_secs(WATCH_TIMEOUT_SECONDS as u64 + 60);
 /// Delay before relisting (after the first listing), doubled up to the maximum; back to the
 /// minimum after a watch that lasted [`HEALTHY_WATCH`].
 const RELIST_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(30));
@@ -148,13 +145,108 @@ struct Informer {
     state: Mutex<InformerState>,
     /// Wakes the informer's task: its map was reseeded, its watch must restart.
     reseeded: tokio::sync::Notify,
+    /// `synced` and the watermark as last changed, for the sweeps that wait on them
+    /// ([`ClusterCache::wait_synced`], [`ClusterCache::prove_fresh`]).
+    progress: watch::Sender<Progress>,
+}
+
+/// What a sweep waits for of an informer: published on every change (see [`Update`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Progress {
+    synced: bool,
+    watermark: u64,
 }
 
 impl Informer {
+    fn new(target: Target, namespace: Option<String>) -> Informer {
+        Informer {
+            target,
+            namespace,
+            state: Mutex::new(InformerState::default()),
+            reseeded: tokio::sync::Notify::new(),
+            progress: watch::Sender::new(Progress::default()),
+        }
+    }
+
+    /// The state, to read, or to change anything but `synced` and the watermark.
     fn state(&self) -> MutexGuard<'_, InformerState> {
         // A panic while holding the lock leaves plain data; keep using it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The state, to change `synced` or the watermark: published when the guard drops.
+    fn update(&self) -> Update<'_> {
+        Update {
+            informer: self,
+            state: self.state(),
+        }
+    }
+}
+
+/// An informer's state locked for a change; its `synced` and watermark are published to the
+/// informer's [`Progress`] channel, still under the lock, when it drops (so a waiter that
+/// sees a watermark also finds the map that goes with it).
+struct Update<'a> {
+    informer: &'a Informer,
+    state: MutexGuard<'a, InformerState>,
+}
+
+impl std::ops::Deref for Update<'_> {
+    type Target = InformerState;
+    fn deref(&self) -> &InformerState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Update<'_> {
+    fn deref_mut(&mut self) -> &mut InformerState {
+        &mut self.state
+    }
+}
+
+impl Drop for Update<'_> {
+    fn drop(&mut self) {
+        let now = Progress {
+            synced: self.state.synced,
+            watermark: self.state.watermark,
+        };
+        self.informer.progress.send_if_modified(|progress| {
+            let changed = *progress != now;
+            *progress = now;
+            changed
+        });
+    }
+}
+
+/// Waits until `holds(n, progress)` is true of every informer `n` at once, or until
+/// `deadline`; woken by their [`Progress`] channels, not by polling. Whether it held.
+async fn wait_for_all(
+    informers: &[&Arc<Informer>],
+    deadline: Instant,
+    holds: impl Fn(usize, Progress) -> bool,
+) -> bool {
+    let mut receivers: Vec<_> = informers.iter().map(|i| i.progress.subscribe()).collect();
+    let all_hold = |receivers: &mut [watch::Receiver<Progress>]| {
+        receivers
+            .iter_mut()
+            .enumerate()
+            .all(|(n, rx)| holds(n, *rx.borrow_and_update()))
+    };
+    let timeout = sleep_until(deadline);
+    futures::pin_mut!(timeout);
+    loop {
+        if all_hold(&mut receivers) {
+            return true;
+        }
+        // Not empty: `all` holds of no informer. The senders live as long as the informers.
+        let changed =
+            futures::future::select_all(receivers.iter_mut().map(|rx| Box::pin(rx.changed())));
+        tokio::select! {
+            _ = changed => {}
+            _ = &mut timeout => break,
+        }
+    }
+    all_hold(&mut receivers)
 }
 
 /// Figures of the cache, for metrics.
@@ -190,12 +282,7 @@ impl ClusterCache {
         let mut informers = Vec::new();
         for target in cluster.targets() {
             for ns in cluster.namespace_scopes() {
-                let informer = Arc::new(Informer {
-                    target: target.clone(),
-                    namespace: ns,
-                    state: Mutex::new(InformerState::default()),
-                    reseeded: tokio::sync::Notify::new(),
-                });
+                let informer = Arc::new(Informer::new(target.clone(), ns));
                 tokio::spawn(run_informer(
                     cluster.clone(),
                     informer.clone(),
@@ -225,14 +312,8 @@ impl ClusterCache {
 
     /// Waits until synced, at most `wait`.
     pub async fn wait_synced(&self, wait: Duration) -> bool {
-        let deadline = Instant::now() + wait;
-        while !self.synced() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        true
+        let informers: Vec<&Arc<Informer>> = self.informers.iter().collect();
+        wait_for_all(&informers, Instant::now() + wait, |_, p| p.synced).await
     }
 
     /// The cache as a snapshot (`None` while not synced).
@@ -295,24 +376,15 @@ impl ClusterCache {
             wanted.push(r);
         }
         let requests = wanted.len() as u64;
-        let deadline = Instant::now() + wait;
-        loop {
-            let fresh = proven.iter().zip(&wanted).all(|(informer, r)| {
-                let state = informer.state();
-                state.synced && state.watermark >= *r
-            });
-            if fresh {
-                let now = Instant::now();
-                for informer in &proven {
-                    informer.state().advanced_at = Some(now);
-                }
-                return Ok(Some(requests));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let fresh = |n: usize, p: Progress| p.synced && p.watermark >= wanted[n];
+        if !wait_for_all(&proven, Instant::now() + wait, fresh).await {
+            return Ok(None);
         }
+        let now = Instant::now();
+        for informer in &proven {
+            informer.state().advanced_at = Some(now);
+        }
+        Ok(Some(requests))
     }
 
     /// Rule 2(b) when the cache cannot be proven fresh: lists every informer's backend and
@@ -408,7 +480,7 @@ impl Drop for ClusterCache {
 /// and wakes the informer so that its watch restarts from there.
 fn reseed(informer: &Informer, objects: ObjectMap, revision: u64) {
     {
-        let mut state = informer.state();
+        let mut state = informer.update();
         if revision <= state.watermark && state.synced {
             return;
         }
@@ -457,7 +529,7 @@ async fn run_informer(
             }
             observer.relisted(kind, reason);
             let generation = {
-                let mut state = informer.state();
+                let mut state = informer.update();
                 state.synced = false;
                 state.generation
             };
@@ -471,7 +543,7 @@ async fn run_informer(
                         reason = RelistReason::ListError;
                         continue;
                     };
-                    let mut state = informer.state();
+                    let mut state = informer.update();
                     if state.generation == generation || revision > state.watermark {
                         state.objects = objects;
                         state.watermark = revision;
@@ -595,93 +667,132 @@ async fn watch_from(
     stop: &mut watch::Receiver<bool>,
     tuning: CacheTuning,
 ) -> WatchEnd {
-    let target = &informer.target;
-    let ns = informer.namespace.as_deref();
-    let generation = informer.state().generation;
-    let mut check = StallCheck {
-        tuning,
-        pending: None,
-        retry_at: None,
+    let mut watch = Watch {
+        cluster,
+        informer,
+        stop,
+        generation: informer.state().generation,
+        check: StallCheck {
+            tuning,
+            pending: None,
+            retry_at: None,
+        },
     };
     loop {
-        // WatchParams asks for bookmarks by default (allowWatchBookmarks=true).
-        let params = WatchParams::default().timeout(WATCH_TIMEOUT_SECONDS);
-        let request = kube::core::Request::new(target.url_path(ns));
-        let built = if target.metadata_only {
-            request.watch_metadata(&params, &revision.to_string())
-        } else {
-            request.watch(&params, &revision.to_string())
+        let stream = match watch.start(revision).await {
+            Ok(stream) => stream,
+            Err(end) => return end,
         };
-        let Ok(built) = built else {
-            return WatchEnd::Relist(RelistReason::WatchError);
-        };
-        let started = tokio::select! {
-            started = cluster.client().request_events::<LeanObject>(built) => started,
-            _ = stop.changed() => return WatchEnd::Stopped,
-            _ = informer.reseeded.notified() => return WatchEnd::Reseeded,
-            _ = sleep_until(check.due(informer)) => {
-                // A watch that does not even start is as stale as a frozen one.
-                if let Some(reason) = check.run(cluster, informer).await {
-                    return WatchEnd::Relist(reason);
+        if let Err(end) = watch.follow(stream, &mut revision).await {
+            return end;
+        }
+        observer.watch_restarted(informer.target.kind);
+        if sleep_or_stop(watch.stop, RESUME_BACKOFF).await {
+            return WatchEnd::Stopped;
+        }
+    }
+}
+
+/// One informer's watch while it runs: what each step of [`watch_from`] needs.
+struct Watch<'a> {
+    cluster: &'a KubeCluster,
+    informer: &'a Informer,
+    stop: &'a mut watch::Receiver<bool>,
+    /// The map's generation when the watch began (see [`apply`]).
+    generation: u64,
+    check: StallCheck,
+}
+
+/// What came first while a watch waited on something (see [`Watch::first`]).
+enum Woken<T> {
+    /// The awaited request or event.
+    Done(T),
+    /// Stopped, reseeded, or found stale by the freshness check.
+    End(WatchEnd),
+    /// The freshness check ran and found nothing wrong: wait again.
+    Checked,
+}
+
+type EventStream = futures::stream::BoxStream<'static, kube::Result<WatchEvent<LeanObject>>>;
+
+impl Watch<'_> {
+    /// Awaits `work` unless the informer is stopped or reseeded first, running the freshness
+    /// check ([`StallCheck`]) when it falls due meanwhile (which drops `work`).
+    async fn first<T>(&mut self, work: impl std::future::Future<Output = T>) -> Woken<T> {
+        let (cluster, informer) = (self.cluster, self.informer);
+        tokio::select! {
+            done = work => Woken::Done(done),
+            _ = self.stop.changed() => Woken::End(WatchEnd::Stopped),
+            _ = informer.reseeded.notified() => Woken::End(WatchEnd::Reseeded),
+            _ = sleep_until(self.check.due(informer)) => {
+                match self.check.run(cluster, informer).await {
+                    Some(reason) => Woken::End(WatchEnd::Relist(reason)),
+                    None => Woken::Checked,
                 }
-                continue;
             }
-        };
-        let stream = match started {
-            Ok(stream) => {
-                cluster.note_code("watch", 200);
-                stream
-            }
-            Err(kube::Error::Api(status)) => {
-                cluster.note_code("watch", status.code);
-                tracing::warn!(backend = %target.kind, code = status.code, "starting a watch failed: {}", status.message);
-                return WatchEnd::Relist(match status.code {
-                    410 => RelistReason::Expired,
-                    403 => RelistReason::Forbidden,
-                    _ => RelistReason::WatchError,
-                });
-            }
-            Err(e) => {
-                cluster.note_code("watch", 0);
-                tracing::warn!(backend = %target.kind, "starting a watch failed: {e}");
-                return WatchEnd::Relist(RelistReason::WatchError);
-            }
-        };
-        futures::pin_mut!(stream);
+        }
+    }
+
+    /// Starts the watch from `revision`; a failed start relists (410 `Expired`, 403
+    /// `Forbidden`, else `WatchError`). A watch that does not even start is as stale as a
+    /// frozen one: the freshness check runs meanwhile, and the start is asked again after it.
+    async fn start(&mut self, revision: u64) -> Result<EventStream, WatchEnd> {
+        let (cluster, informer) = (self.cluster, self.informer);
+        let ns = informer.namespace.as_deref();
         loop {
-            let next = tokio::select! {
-                next = stream.try_next() => next,
-                _ = stop.changed() => return WatchEnd::Stopped,
-                _ = informer.reseeded.notified() => return WatchEnd::Reseeded,
-                _ = sleep_until(check.due(informer)) => {
-                    if let Some(reason) = check.run(cluster, informer).await {
-                        return WatchEnd::Relist(reason);
-                    }
-                    continue;
+            let started = match self
+                .first(cluster.start_watch(&informer.target, ns, revision))
+                .await
+            {
+                Woken::Done(started) => started,
+                Woken::End(end) => return Err(end),
+                Woken::Checked => continue,
+            };
+            return match started {
+                Ok(stream) => Ok(Box::pin(stream)),
+                Err(e) => {
+                    tracing::warn!(backend = %informer.target.kind, "starting a watch failed: {e}");
+                    Err(WatchEnd::Relist(match e {
+                        ClusterError::Api { code: 410, .. } => RelistReason::Expired,
+                        ClusterError::Forbidden { .. } => RelistReason::Forbidden,
+                        _ => RelistReason::WatchError,
+                    }))
                 }
+            };
+        }
+    }
+
+    /// Applies the stream's events, raising `revision` to each one's, until the server ends
+    /// the watch (its timeout: `Ok`, resume from `revision`) or the informer must stop,
+    /// relist or watch on from a reseeded map.
+    async fn follow(
+        &mut self,
+        mut stream: EventStream,
+        revision: &mut u64,
+    ) -> Result<(), WatchEnd> {
+        loop {
+            let next = match self.first(stream.try_next()).await {
+                Woken::Done(next) => next,
+                Woken::End(end) => return Err(end),
+                Woken::Checked => continue,
             };
             let event = match next {
                 Ok(Some(event)) => event,
-                // The server ended the watch (its timeout): resume from the last revision.
-                Ok(None) => break,
+                Ok(None) => return Ok(()),
                 Err(e) => {
                     // An event that cannot be decoded (or a transport error kube-client does
                     // report) may hide a change: relist rather than trust the map.
-                    tracing::warn!(backend = %target.kind, "the watch stream failed: {e}; relisting");
-                    return WatchEnd::Relist(RelistReason::WatchError);
+                    tracing::warn!(backend = %self.informer.target.kind, "the watch stream failed: {e}; relisting");
+                    return Err(WatchEnd::Relist(RelistReason::WatchError));
                 }
             };
-            match apply(cluster, informer, generation, event) {
-                Ok(Some(at)) => revision = revision.max(at),
+            match apply(self.cluster, self.informer, self.generation, event) {
+                Ok(Some(at)) => *revision = (*revision).max(at),
                 Ok(None) => {}
                 // Only a reseeded map makes `apply` answer `Stale`.
-                Err(RelistReason::Stale) => return WatchEnd::Reseeded,
-                Err(reason) => return WatchEnd::Relist(reason),
+                Err(RelistReason::Stale) => return Err(WatchEnd::Reseeded),
+                Err(reason) => return Err(WatchEnd::Relist(reason)),
             }
-        }
-        observer.watch_restarted(target.kind);
-        if sleep_or_stop(stop, RESUME_BACKOFF).await {
-            return WatchEnd::Stopped;
         }
     }
 }
@@ -701,7 +812,7 @@ fn apply(
         WatchEvent::Deleted(o) => (o, true),
         WatchEvent::Bookmark(b) => {
             let at = lean::revision(&b.metadata.resource_version);
-            let mut state = informer.state();
+            let mut state = informer.update();
             if state.generation != generation {
                 return Err(RelistReason::Stale);
             }
@@ -738,7 +849,7 @@ fn apply(
     if !deleted && !object.undecodable().is_empty() {
         cluster.note_undecodable(informer.target.kind, namespace, name, object.undecodable());
     }
-    let mut state = informer.state();
+    let mut state = informer.update();
     if state.generation != generation {
         return Err(RelistReason::Stale);
     }

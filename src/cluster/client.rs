@@ -6,6 +6,9 @@
 //! account (`KUBERNETES_SERVICE_HOST` and the token mounted in the pod). A laptop with a
 //! kubeconfig therefore talks to that kubeconfig's cluster even inside a pod; the API server
 //! URL and the source are logged at start-up so a wrong context is visible.
+//!
+//! The watch timeouts live here too: the cache's watches ask the server for
+//! [`WATCH_TIMEOUT_SECONDS`], and the client's read timeout must outlast that.
 
 use std::time::Duration;
 
@@ -14,6 +17,13 @@ use kube::{Client, Config};
 
 use super::ClusterError;
 use crate::config::Settings;
+
+/// Server-side timeout of each watch request of the cache (the API server caps it anyway).
+pub(crate) const WATCH_TIMEOUT_SECONDS: u32 = 290;
+/// The client's read timeout: longer than a watch's timeout, so only a dead connection (no
+/// event, bookmark or end within it) trips it.
+pub(crate) const WATCH_READ_TIMEOUT: Duration =
+    Duration::from_secs(WATCH_TIMEOUT_SECONDS as u64 + 60);
 
 /// Where the client configuration came from, for logs, reports and `check`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -48,7 +58,7 @@ pub async fn connect(settings: &Settings) -> Result<(Client, ClientOrigin), Clus
     // API server sends a bookmark about once a minute, and a watch lasts up to its
     // server-side timeout. A read timeout of request_timeout_seconds (30 s) would cut every
     // quiet watch and make the cache relist all the time.
-    config.read_timeout = Some(super::cache::WATCH_READ_TIMEOUT.max(timeout));
+    config.read_timeout = Some(WATCH_READ_TIMEOUT.max(timeout));
     config.connect_timeout = Some(timeout.min(Duration::from_secs(10)));
     let origin = ClientOrigin {
         server: config.cluster_url.to_string(),

@@ -11,8 +11,8 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
+use super::lean::sandbox_is_suspended;
 use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot, ObjectFacts};
-use crate::cluster::kube_api::sandbox_is_suspended;
 use crate::config::Settings;
 
 #[derive(Deserialize)]

@@ -1,23 +1,36 @@
-//! Listing and confirming through the real `kube::Client`.
+//! The cluster through the real `kube::Client`: the scope check, listings, the GETs that
+//! prove absence, `explain`'s lookups, and the one way every request is made.
 //!
-//! Pods are listed metadata-only (`PartialObjectMetadataList`); Sandboxes are listed as
-//! `DynamicObject`s because `spec` says whether one is paused on purpose. Every listing is
-//! paginated with `limit` + `continue`; a continue token that expired (410) restarts that
-//! listing once, a second expiry aborts. Every request has a deadline. Any error — API status,
-//! timeout, transport, an item without a name, a list of the wrong kind — aborts the listing:
-//! there is no partial snapshot.
+//! - Scope ([`KubeCluster::verify_scope`], [`KubeCluster::verify_served`]): the cluster's
+//!   identity, the configured namespaces, a Sandbox the bare-pod backend alone would miss, and
+//!   every enabled backend's resource served.
+//! - Listings ([`KubeCluster::snapshot`], `list_into`): built with kube-client's request
+//!   builders and decoded lean ([`lean`]): pods metadata-only (`PartialObjectMetadataList`),
+//!   Sandboxes in full, since `spec` says whether one is paused on purpose. Every listing is
+//!   paginated with `limit` + `continue`; a continue token that expired (410) restarts that
+//!   listing once, a second expiry aborts. Any error (API status, timeout, transport, an item
+//!   without a name, a list of the wrong kind) aborts the listing: there is no partial
+//!   snapshot. The watch cache lists, reads revisions and starts its watches here too.
+//! - Absence ([`KubeCluster::prove_absent_by_get`]): a GET per namespace, absent only on a 404
+//!   whose Status names the object (`names_this_object`); [`KubeCluster::lookup`] asks the
+//!   same of every backend and reports each answer.
+//! - Requests: every one goes through `KubeCluster::request`, which times it (the request
+//!   deadline and the retry policy of `KubeCluster::call`; a watch's start once, without a
+//!   deadline), maps its failure to a [`ClusterError`] and counts its answer once in the
+//!   request hook (`kube_requests_total`).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::Stream;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{ApiResource, DynamicObject, ListParams};
+use kube::api::{ApiResource, DynamicObject, ListParams, WatchEvent, WatchParams};
 use kube::{Api, Client};
 
-use super::client::{self, ClientOrigin};
-use super::lean::{self, LeanList};
+use super::client::{self, ClientOrigin, WATCH_TIMEOUT_SECONDS};
+use super::lean::{self, LeanList, LeanObject};
 use super::objects::ObjectMap;
 use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot};
 use crate::config::Settings;
@@ -260,27 +273,13 @@ impl KubeCluster {
                 })?;
             self.client.request_text(request).await
         };
-        let document = match self.call("get", discovery).await {
-            Err(_) => {
-                self.note("get", Err(0));
-                return Err(ClusterError::Timeout {
-                    what,
-                    seconds: self.timeout.as_secs(),
-                });
-            }
-            Ok(Err(kube::Error::Api(status))) if status.code == 404 => {
-                self.note("get", Err(404));
-                return Ok(None);
-            }
-            Ok(Err(e)) => {
-                let err = map_error(&what, "get", &path, e);
-                self.note("get", Err(api_code(&err)));
-                return Err(err);
-            }
-            Ok(Ok(text)) => {
-                self.note("get", Ok(()));
-                text
-            }
+        let answer = self
+            .request("get", &what, &path, Timing::Deadline, discovery, |_| 200)
+            .await;
+        let document = match answer {
+            // Discovery answers 404 for a group/version nobody serves: no Sandbox here.
+            Err(ClusterError::NotServed { .. }) => return Ok(None),
+            other => other?,
         };
         let served = serde_json::from_str::<serde_json::Value>(&document)
             .ok()
@@ -294,7 +293,14 @@ impl KubeCluster {
             let api = self.sandbox_api(probe, ns);
             let lp = ListParams::default().limit(1);
             let list = self
-                .counted("list", &what, &resource, || api.list_metadata(&lp))
+                .request(
+                    "list",
+                    &what,
+                    &resource,
+                    Timing::Deadline,
+                    || api.list_metadata(&lp),
+                    |_| 200,
+                )
                 .await?;
             if let Some(item) = list.items.first() {
                 return Ok(Some(format!(
@@ -324,28 +330,17 @@ impl KubeCluster {
     async fn get_namespace(&self, name: &str) -> Result<Option<Namespace>, ClusterError> {
         let api: Api<Namespace> = Api::all(self.client.clone());
         let what = format!("reading namespace {name}");
-        match self.call("get", || api.get_opt(name)).await {
-            Err(_) => {
-                self.note("get", Err(0));
-                Err(ClusterError::Timeout {
-                    what,
-                    seconds: self.timeout.as_secs(),
-                })
-            }
-            Ok(Err(e)) => {
-                let err = map_error(&what, "get", "namespaces", e);
-                self.note("get", Err(api_code(&err)));
-                Err(err)
-            }
-            Ok(Ok(None)) => {
-                self.note("get", Err(404));
-                Ok(None)
-            }
-            Ok(Ok(Some(ns))) => {
-                self.note("get", Ok(()));
-                Ok(Some(ns))
-            }
-        }
+        // `get_opt` answers a 404 as `None`: counted as the 404 it was.
+        let counted_as = |ns: &Option<Namespace>| if ns.is_some() { 200 } else { 404 };
+        self.request(
+            "get",
+            &what,
+            "namespaces",
+            Timing::Deadline,
+            || api.get_opt(name),
+            counted_as,
+        )
+        .await
     }
 
     /// Uses an existing client (in-process callers).
@@ -413,7 +408,8 @@ impl KubeCluster {
     /// `details.retryAfterSeconds`) when it gives one and it fits the deadline, else after an
     /// exponential backoff from 100 ms. Nothing else is retried: any other failure aborts
     /// the sweep. Each retried answer is counted in `kube_requests_total` here; the final
-    /// answer is counted by the caller. (kube's own retry layer is off, see `client`.)
+    /// answer is counted by [`Self::request`], the only caller. (kube's own retry layer is
+    /// off, see `client`.)
     async fn call<T, Fut>(
         &self,
         verb: &'static str,
@@ -444,7 +440,7 @@ impl KubeCluster {
             if tokio::time::Instant::now() + delay >= deadline {
                 return Ok(answer);
             }
-            self.note(verb, Err(status.code));
+            self.note_code(verb, status.code);
             tracing::debug!(
                 code = status.code,
                 delay_ms = delay.as_millis() as u64,
@@ -508,15 +504,9 @@ impl KubeCluster {
     }
 
     /// Counts one request's answer in the request hook (`code` 0: no answer).
-    pub(crate) fn note_code(&self, verb: &'static str, code: u16) {
+    fn note_code(&self, verb: &'static str, code: u16) {
         if let Some(hook) = &self.hook {
             hook(verb, code);
-        }
-    }
-
-    fn note(&self, verb: &'static str, result: Result<(), u16>) {
-        if let Some(hook) = &self.hook {
-            hook(verb, result.map_or_else(|code| code, |()| 200));
         }
     }
 
@@ -684,28 +674,43 @@ impl KubeCluster {
             what: what.to_string(),
             message: e.to_string(),
         })?;
-        self.counted("list", what, &target.resource, || {
-            self.client.request::<LeanList>(clone_request(&built))
-        })
+        let page = || self.client.request::<LeanList>(clone_request(&built));
+        self.request(
+            "list",
+            what,
+            &target.resource,
+            Timing::Deadline,
+            page,
+            |_| 200,
+        )
         .await
     }
 
-    /// One request with the retry policy and the deadline ([`Self::call`]), its outcome
-    /// counted in the request hook and its failure mapped to a [`ClusterError`] naming `what`
-    /// and, for a 403 or a 404 on a listing, `verb` on `resource`.
-    async fn counted<T, Fut>(
+    /// Every API request goes through here: timed (within the request deadline and with the
+    /// retry policy of [`Self::call`], or, for a watch's start, once and without a deadline),
+    /// its final answer counted once in the request hook, and its failure mapped to a
+    /// [`ClusterError`] naming `what` and, for a 403 or a 404 on a listing or GET, `verb` on
+    /// `resource`. A success is counted as `counted_as` says: 200, or 404 for a GET whose
+    /// not-found answer the attempt turned into a value.
+    async fn request<T, Fut>(
         &self,
         verb: &'static str,
         what: &str,
         resource: &str,
+        timing: Timing,
         attempt: impl Fn() -> Fut,
+        counted_as: impl FnOnce(&T) -> u16,
     ) -> Result<T, ClusterError>
     where
         Fut: std::future::Future<Output = kube::Result<T>>,
     {
-        match self.call(verb, attempt).await {
+        let answer = match timing {
+            Timing::Deadline => self.call(verb, attempt).await,
+            Timing::Unbounded => Ok(attempt().await),
+        };
+        match answer {
             Err(_) => {
-                self.note(verb, Err(0));
+                self.note_code(verb, 0);
                 Err(ClusterError::Timeout {
                     what: what.to_string(),
                     seconds: self.timeout.as_secs(),
@@ -713,11 +718,11 @@ impl KubeCluster {
             }
             Ok(Err(e)) => {
                 let err = map_error(what, verb, resource, e);
-                self.note(verb, Err(api_code(&err)));
+                self.note_code(verb, api_code(&err));
                 Err(err)
             }
             Ok(Ok(value)) => {
-                self.note(verb, Ok(()));
+                self.note_code(verb, counted_as(&value));
                 Ok(value)
             }
         }
@@ -744,22 +749,54 @@ impl KubeCluster {
             })
     }
 
-    /// The client, for the watch cache.
-    pub(crate) fn client(&self) -> &Client {
-        &self.client
+    /// Starts a watch of one target from `revision`, with bookmarks and the server-side
+    /// timeout [`WATCH_TIMEOUT_SECONDS`], for the cache. Its answer is counted (verb `watch`)
+    /// like every request's; a 410 is a [`ClusterError::Api`] with that code.
+    pub(crate) async fn start_watch(
+        &self,
+        target: &Target,
+        ns: Option<&str>,
+        revision: u64,
+    ) -> Result<impl Stream<Item = kube::Result<WatchEvent<LeanObject>>>, ClusterError> {
+        let what = format!("watching {}", describe_scope(&target.plural, ns));
+        // WatchParams asks for bookmarks by default (allowWatchBookmarks=true).
+        let params = WatchParams::default().timeout(WATCH_TIMEOUT_SECONDS);
+        let request = kube::core::Request::new(target.url_path(ns));
+        let built = if target.metadata_only {
+            request.watch_metadata(&params, &revision.to_string())
+        } else {
+            request.watch(&params, &revision.to_string())
+        }
+        .map_err(|e| ClusterError::Malformed {
+            what: what.clone(),
+            message: e.to_string(),
+        })?;
+        let watch = || {
+            self.client
+                .request_events::<LeanObject>(clone_request(&built))
+        };
+        self.request(
+            "watch",
+            &what,
+            &target.resource,
+            Timing::Unbounded,
+            watch,
+            |_| 200,
+        )
+        .await
     }
 
-    /// Confirms that the backend the row is attributed to has no object named `name`, by
-    /// direct GETs (or, when listing all namespaces, a list selected by `metadata.name`); a
-    /// row of no single backend (`Unknown`) is confirmed against every enabled backend. Only
-    /// a 404 whose Status names the object counts as absent ([`names_this_object`]); any other
-    /// answer is an error and the row is left alone.
+    /// Proves that the backend the row is attributed to has no object named `name`, by a
+    /// direct GET in each namespace (or, when listing all namespaces, a list selected by
+    /// `metadata.name`); a row of no single backend (`Unknown`) is asked of every enabled
+    /// backend. Only a 404 whose Status names the object counts as absent
+    /// ([`names_this_object`]); any other answer is an error and the row is left alone.
     ///
     /// One GET per orphan, not one per backend: a backend's distinguishing
     /// `object_name_prefix` says the name is not the other backend's object (an agent-sandbox
     /// Sandbox's pod shares its name, but the Sandbox is what backs the session). The sweep
     /// only asks about names its view found in no backend at all.
-    pub async fn confirm_absent(
+    pub async fn prove_absent_by_get(
         &self,
         name: &str,
         backend: BackendKind,
@@ -858,7 +895,7 @@ impl KubeCluster {
                             None => api.list(&by_name).await?.items.into_iter().next(),
                         };
                         Ok(found.map(|o| {
-                            let paused = sandbox_is_suspended(&o.data);
+                            let paused = lean::sandbox_is_suspended(&o.data);
                             (o.metadata, paused)
                         }))
                     })
@@ -897,32 +934,20 @@ impl KubeCluster {
             "looking up {resource} {}{name}",
             ns.map(|n| format!("{n}/")).unwrap_or_default()
         );
-        match self.call(verb, attempt).await {
-            Err(_) => {
-                self.note(verb, Err(0));
-                LookupAnswer::Error {
-                    message: format!("{what}: no answer within {}s", self.timeout.as_secs()),
-                }
-            }
-            Ok(Err(e)) => {
-                let err = map_error(&what, verb, resource, e);
-                self.note(verb, Err(api_code(&err)));
-                LookupAnswer::Error {
-                    message: err.to_string(),
-                }
-            }
-            Ok(Ok(None)) => {
-                self.note(verb, if ns.is_some() { Err(404) } else { Ok(()) });
-                LookupAnswer::Absent
-            }
-            Ok(Ok(Some((meta, paused)))) => {
-                self.note(verb, Ok(()));
-                LookupAnswer::Found {
-                    namespace: meta.namespace.or(ns.map(str::to_string)),
-                    terminating: meta.deletion_timestamp.is_some(),
-                    paused,
-                }
-            }
+        let counted_as = |found: &Option<_>| absence_code(found.is_none(), ns);
+        let answer = self
+            .request(verb, &what, resource, Timing::Deadline, attempt, counted_as)
+            .await;
+        match answer {
+            Err(err) => LookupAnswer::Error {
+                message: err.to_string(),
+            },
+            Ok(None) => LookupAnswer::Absent,
+            Ok(Some((meta, paused))) => LookupAnswer::Found {
+                namespace: meta.namespace.or(ns.map(str::to_string)),
+                terminating: meta.deletion_timestamp.is_some(),
+                paused,
+            },
         }
     }
 
@@ -965,33 +990,45 @@ impl KubeCluster {
                 }
             }
         };
-        match self.call(verb, request).await {
-            Err(_) => {
-                self.note(verb, Err(0));
-                Err(ClusterError::Timeout {
-                    what,
-                    seconds: self.timeout.as_secs(),
-                })
-            }
-            Ok(Err(e)) => {
-                let err = map_error(&what, verb, &resource.qualified(), e);
-                self.note(verb, Err(api_code(&err)));
-                Err(err)
-            }
-            Ok(Ok(None)) => {
-                self.note(verb, if ns.is_some() { Err(404) } else { Ok(()) });
-                Ok(None)
-            }
-            Ok(Ok(Some(meta))) => {
-                self.note(verb, Ok(()));
-                Ok(Some(format!(
-                    "{} {}/{name} exists{}",
-                    resource.plural,
-                    meta.namespace.as_deref().or(ns).unwrap_or("?"),
-                    terminating_note(&meta)
-                )))
-            }
-        }
+        let counted_as = |found: &Option<_>| absence_code(found.is_none(), ns);
+        let qualified = resource.qualified();
+        let found = self
+            .request(
+                verb,
+                &what,
+                &qualified,
+                Timing::Deadline,
+                request,
+                counted_as,
+            )
+            .await?;
+        Ok(found.map(|meta| {
+            format!(
+                "{} {}/{name} exists{}",
+                resource.plural,
+                meta.namespace.as_deref().or(ns).unwrap_or("?"),
+                terminating_note(&meta)
+            )
+        }))
+    }
+}
+
+/// How [`KubeCluster::request`] times a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timing {
+    /// Within the request deadline, 429, 503 and 504 retried ([`KubeCluster::call`]).
+    Deadline,
+    /// Once, without a deadline: a watch's start, which the cache's own freshness check
+    /// bounds (a watch that does not start is as stale as a frozen one).
+    Unbounded,
+}
+
+/// The code a definitive absence is counted as: a GET's 404, or a name-selected list's 200.
+fn absence_code(absent: bool, ns: Option<&str>) -> u16 {
+    if absent && ns.is_some() {
+        404
+    } else {
+        200
     }
 }
 
@@ -1067,16 +1104,15 @@ fn probe_text(resource: &str, ns: Option<&str>, name: &str) -> String {
 }
 
 fn describe(resource: &str, ns: Option<&str>) -> String {
-    match ns {
-        Some(ns) => format!("listing {resource} in namespace {ns}"),
-        None => format!("listing {resource} in all namespaces"),
-    }
+    format!("listing {}", describe_scope(resource, ns))
 }
 
-/// Whether a Sandbox is paused on purpose: `spec.replicas: 0` (v1alpha1) or
-/// `spec.operatingMode: Suspended` (v1beta1).
-pub fn sandbox_is_suspended(data: &serde_json::Value) -> bool {
-    serde_json::from_value::<lean::LeanSpec>(data["spec"].clone()).is_ok_and(|s| s.paused())
+/// "pods in namespace agents", or "pods in all namespaces".
+fn describe_scope(resource: &str, ns: Option<&str>) -> String {
+    match ns {
+        Some(ns) => format!("{resource} in namespace {ns}"),
+        None => format!("{resource} in all namespaces"),
+    }
 }
 
 fn api_code(err: &ClusterError) -> u16 {
@@ -1139,23 +1175,4 @@ fn clone_request(request: &http::Request<Vec<u8>>) -> http::Request<Vec<u8>> {
     *copy.uri_mut() = request.uri().clone();
     *copy.headers_mut() = request.headers().clone();
     copy
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn suspended_sandbox_detection() {
-        assert!(sandbox_is_suspended(
-            &serde_json::json!({"spec": {"replicas": 0}})
-        ));
-        assert!(sandbox_is_suspended(
-            &serde_json::json!({"spec": {"operatingMode": "Suspended"}})
-        ));
-        assert!(!sandbox_is_suspended(
-            &serde_json::json!({"spec": {"replicas": 1}})
-        ));
-        assert!(!sandbox_is_suspended(&serde_json::json!({})));
-    }
 }

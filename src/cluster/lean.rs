@@ -230,6 +230,13 @@ impl LeanObject {
     }
 }
 
+/// Whether a Sandbox given as JSON (a dump's item, a `DynamicObject`'s data) is paused on
+/// purpose: its `spec` read as a [`LeanSpec`] is [`LeanSpec::paused`], the same test as a
+/// listed or watched Sandbox's ([`LeanObject::paused`]).
+pub fn sandbox_is_suspended(object: &serde_json::Value) -> bool {
+    LeanSpec::deserialize(&object["spec"]).is_ok_and(|s| s.paused())
+}
+
 /// A resourceVersion as an integer: they compare as integers within a resource type
 /// (documented since Kubernetes 1.35). `None` for a value that is not one.
 pub fn revision(resource_version: &str) -> Option<u64> {
@@ -238,6 +245,21 @@ pub fn revision(resource_version: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn suspended_sandbox_detection() {
+        use super::sandbox_is_suspended;
+        assert!(sandbox_is_suspended(
+            &serde_json::json!({"spec": {"replicas": 0}})
+        ));
+        assert!(sandbox_is_suspended(
+            &serde_json::json!({"spec": {"operatingMode": "Suspended"}})
+        ));
+        assert!(!sandbox_is_suspended(
+            &serde_json::json!({"spec": {"replicas": 1}})
+        ));
+        assert!(!sandbox_is_suspended(&serde_json::json!({})));
+    }
+
     use super::*;
 
     #[test]

@@ -1,9 +1,17 @@
-//! The cluster side: complete, paginated, metadata-only listings per backend.
+//! The cluster side: everything the reconciler reads of Kubernetes (it writes nothing there).
 //!
-//! A sweep acts only on a *complete* view of the cluster (docs/DESIGN.md, rule 1). [`KubeCluster`]
-//! lists every page of every configured backend through the real `kube::Client` and returns a
-//! [`ClusterSnapshot`] of object names, or an error: there is no partial snapshot. The same
-//! type is built from a `kubectl get -o json` dump by [`dump`] for offline audits.
+//! - [`KubeCluster`] (`kube_api`): the scope check before any listing, complete paginated
+//!   listings of every enabled backend into a [`ClusterSnapshot`] (rule 1: every page, or an
+//!   error; never a partial snapshot), the GETs that prove an object absent (rule 2(a)) and
+//!   `explain`'s lookups. Every request is timed, retried, mapped to a [`ClusterError`] and
+//!   counted in one place.
+//! - [`cache`]: the daemon's watch-fed cache, one informer per backend and namespace (list,
+//!   then watch with bookmarks), its staleness bounded, and proven fresh for rule 2(c).
+//! - [`lean`]: the lean decoding of objects (only the fields kept), shared by listings, watch
+//!   events and GETs; [`objects`]: a listing's or informer's objects by namespace and name.
+//! - [`client`]: the one place a `kube::Client` is built, with its timeouts.
+//! - [`dump`]: the same [`ClusterSnapshot`] read from a `kubectl get -o json` dump, for
+//!   offline audits.
 
 pub mod cache;
 pub mod client;

@@ -115,7 +115,7 @@ impl ConfirmBy {
 
     /// The sentence the audit evidence records as `absence` for every orphan this way
     /// confirms at once. `None`: each orphan has its own (a GET's answer, from
-    /// `KubeCluster::confirm_absent`), or there is none to confirm.
+    /// `KubeCluster::prove_absent_by_get`), or there is none to confirm.
     pub fn evidence(self) -> Option<&'static str> {
         match self {
             ConfirmBy::Nothing | ConfirmBy::Gets => None,
@@ -423,7 +423,7 @@ async fn get_each_orphan(
             let cluster = cluster.clone();
             let name = row.object.clone();
             let backend = row.backend;
-            tasks.spawn(async move { (i, cluster.confirm_absent(&name, backend).await) });
+            tasks.spawn(async move { (i, cluster.prove_absent_by_get(&name, backend).await) });
         }
         match tasks.join_next().await {
             Some(Ok(answer)) => {
