@@ -38,7 +38,7 @@ use crate::http::{self, HealthState};
 use crate::metrics::Metrics;
 use crate::store;
 use crate::store::TableMapping;
-use crate::sweep::{ClusterSource, Reconciler, SweepOptions, SweepReport, SweepResult};
+use crate::sweep::{ClusterSource, ErrorKind, Reconciler, SweepOptions, SweepReport, SweepResult};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -260,7 +260,10 @@ async fn start_scheduler(
             schedule.ticked();
             let metrics = &schedule.metrics;
             if running.load(Ordering::Acquire) || tick_tx.try_send(()).is_err() {
-                metrics.sweeps_total.with_label_values(&["skipped"]).inc();
+                metrics
+                    .sweeps_total
+                    .with_label_values(&[SweepResult::Skipped.as_str()])
+                    .inc();
                 tracing::warn!("schedule tick skipped: the previous sweep is still running");
             }
         })
@@ -362,7 +365,7 @@ async fn scheduled_sweep(
             // Report as a failed sweep with the database error.
             let mut report = reconciler.skipped_report(options, "");
             report.result = SweepResult::Failed;
-            report.error_kind = Some("database");
+            report.error_kind = Some(ErrorKind::Database);
             report.error = Some(store::redact(
                 &e.to_string(),
                 &reconciler.settings.database.url,
@@ -374,7 +377,7 @@ async fn scheduled_sweep(
         return reconciler.skipped_report(options, "no writer connection");
     };
     let report = reconciler.sweep_on(conn, options, stop).await;
-    if report.error_kind == Some("database") {
+    if report.error_kind == Some(ErrorKind::Database) {
         // The connection may be broken; check it (and the lock) before the next sweep.
         if !store::ping(conn, &reconciler.mapping).await {
             tracing::warn!("the writer connection failed; the writer lock is released");
@@ -395,20 +398,20 @@ fn log_summary(r: &SweepReport) {
     );
     match r.result {
         SweepResult::Success => tracing::info!(
-            sweep_id = %fields.0, result = "success", dry_run = r.dry_run, rows = fields.1,
+            sweep_id = %fields.0, result = r.result.as_str(), dry_run = r.dry_run, rows = fields.1,
             orphans = fields.2, downgraded = fields.3, deferred = fields.4,
             seconds = fields.5, "sweep finished"
         ),
         SweepResult::Skipped => tracing::info!(
-            sweep_id = %fields.0, result = "skipped",
+            sweep_id = %fields.0, result = r.result.as_str(),
             reason = r.error.as_deref().unwrap_or(""), "sweep skipped"
         ),
         SweepResult::Refused => tracing::error!(
-            sweep_id = %fields.0, result = "refused", rows = fields.1, orphans = fields.2,
+            sweep_id = %fields.0, result = r.result.as_str(), rows = fields.1, orphans = fields.2,
             seconds = fields.5, "sweep refused by a guard"
         ),
         SweepResult::Failed => tracing::error!(
-            sweep_id = %fields.0, result = "failed", error = r.error.as_deref().unwrap_or(""),
+            sweep_id = %fields.0, result = r.result.as_str(), error = r.error.as_deref().unwrap_or(""),
             seconds = fields.5, "sweep failed; nothing partial was written"
         ),
     }

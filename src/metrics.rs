@@ -208,8 +208,8 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::REVISION])
             .set(1);
         m.dry_run.set(i64::from(settings.sweep.dry_run));
-        for result in ["success", "failed", "refused", "skipped"] {
-            m.sweeps_total.with_label_values(&[result]);
+        for result in SweepResult::ALL {
+            m.sweeps_total.with_label_values(&[result.as_str()]);
         }
         for phase in PHASES {
             m.sweep_phase_duration_seconds.with_label_values(&[phase]);
@@ -289,7 +289,7 @@ impl Metrics {
         }
         match report.result {
             SweepResult::Failed => {
-                if report.error_kind == Some("database") {
+                if report.error_kind == Some(crate::sweep::ErrorKind::Database) {
                     self.db_errors_total.inc();
                 }
                 // Gauges keep the last completed sweep's values; staleness is visible
