@@ -98,7 +98,7 @@ pub async fn run(
     let settings = reconciler.settings.clone();
     let schedule = Schedule::from_settings(&settings, metrics.clone())?;
     let dry_run = options.dry_run || settings.sweep.dry_run;
-    metrics.dry_run.set(i64::from(dry_run));
+    metrics.process.dry_run.set(i64::from(dry_run));
     schedule.ticked();
     let listen = listener
         .local_addr()
@@ -218,7 +218,10 @@ impl Schedule {
     fn from_settings(settings: &Settings, metrics: Arc<Metrics>) -> Result<Schedule, DaemonError> {
         let cron = parse_schedule(&settings.sweep.schedule).map_err(DaemonError::Schedule)?;
         let period = schedule_period(&cron);
-        metrics.sweep_interval_seconds.set(period.as_secs_f64());
+        metrics
+            .schedule
+            .sweep_interval_seconds
+            .set(period.as_secs_f64());
         let health = Arc::new(HealthState::new(
             60 + settings.sweep.jitter_seconds as i64,
             (settings.server.liveness_sweep_periods * period.as_secs().max(1)) as i64,
@@ -239,7 +242,10 @@ impl Schedule {
             .find_next_occurrence(&now, false)
             .map(|t| t.timestamp())
             .unwrap_or(i64::MAX);
-        self.metrics.next_sweep_timestamp_seconds.set(next as f64);
+        self.metrics
+            .schedule
+            .next_sweep_timestamp_seconds
+            .set(next as f64);
         self.health.tick_scheduled(next);
     }
 }
@@ -260,10 +266,7 @@ async fn start_scheduler(
             schedule.ticked();
             let metrics = &schedule.metrics;
             if running.load(Ordering::Acquire) || tick_tx.try_send(()).is_err() {
-                metrics
-                    .sweeps_total
-                    .with_label_values(&[SweepResult::Skipped.as_str()])
-                    .inc();
+                metrics.sweep.count(SweepResult::Skipped);
                 tracing::warn!("schedule tick skipped: the previous sweep is still running");
             }
         })
@@ -332,7 +335,7 @@ impl Worker {
         self.running.store(false, Ordering::Release);
         self.metrics.record(&report);
         let leader = leadership.conn.is_some();
-        self.metrics.leader.set(i64::from(leader));
+        self.metrics.schedule.leader.set(i64::from(leader));
         self.health.leadership_changed(leader);
         self.health.sweep_finished(&report);
         log_summary(&report);
