@@ -252,7 +252,7 @@ step() {
 
 helper() { "$PY" "$HELPER" "$@"; }
 
-# The metrics contract comes from the binary itself (src/metrics.rs states it once).
+# The metrics contract comes from the binary itself (src/metrics/ states it once).
 say "metrics contract: sandbox-reconciler --print-metrics"
 export SANDBOX_RECONCILER_METRICS_CONTRACT="$WORK/metrics-contract.txt"
 cargo run --locked --quiet --bin sandbox-reconciler -- --print-metrics > "$SANDBOX_RECONCILER_METRICS_CONTRACT" \

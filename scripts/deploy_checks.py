@@ -35,7 +35,7 @@ CONFIG = "config/default.toml"
 def load_contract():
     """The metrics the binary exports, read from `sandbox-reconciler --print-metrics` (written
     by check-deploy.sh into $SANDBOX_RECONCILER_METRICS_CONTRACT): names are stated once, in
-    src/metrics.rs, never in a list kept here. Lines: NAME KIND LABELS HELP."""
+    src/metrics/, never in a list kept here. Lines: NAME KIND LABELS HELP."""
     path = os.environ.get("SANDBOX_RECONCILER_METRICS_CONTRACT")
     if not path:
         sys.exit("deploy_checks: SANDBOX_RECONCILER_METRICS_CONTRACT is not set "

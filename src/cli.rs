@@ -21,10 +21,7 @@ use crate::permissions::Mode;
 use crate::progress::{SweepProgress, TerminalProgress};
 use crate::report;
 use crate::store::{Database, TableMapping};
-use crate::sweep::{ClusterSource, Reconciler, SweepOptions, SweepReport, SweepResult};
-
-/// The error kind of a backend the API server does not serve (`ClusterError::kind`).
-const NOT_SERVED: &str = "not_served";
+use crate::sweep::{ClusterSource, ErrorKind, Reconciler, SweepOptions, SweepReport, SweepResult};
 
 /// The exit status of every command, in one place (README, "Exit codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +44,7 @@ impl Exit {
         match report.result {
             SweepResult::Success => Exit::Ok,
             SweepResult::Refused => Exit::Refused,
-            SweepResult::Failed if report.error_kind == Some(NOT_SERVED) => Exit::Config,
+            SweepResult::Failed if report.error_kind == Some(ErrorKind::NotServed) => Exit::Config,
             SweepResult::Failed | SweepResult::Skipped => Exit::Failed,
         }
     }

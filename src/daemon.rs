@@ -37,7 +37,7 @@ use crate::http::{self, HealthState};
 use crate::metrics::Metrics;
 use crate::store;
 use crate::store::TableMapping;
-use crate::sweep::{ClusterSource, Reconciler, SweepOptions, SweepReport, SweepResult};
+use crate::sweep::{ClusterSource, ErrorKind, Reconciler, SweepOptions, SweepReport, SweepResult};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +97,7 @@ pub async fn run(
     let settings = reconciler.settings.clone();
     let schedule = Schedule::from_settings(&settings, metrics.clone())?;
     let dry_run = options.dry_run || settings.sweep.dry_run;
-    metrics.dry_run.set(i64::from(dry_run));
+    metrics.process.dry_run.set(i64::from(dry_run));
     schedule.ticked();
     let listen = listener
         .local_addr()
@@ -217,7 +217,10 @@ impl Schedule {
     fn from_settings(settings: &Settings, metrics: Arc<Metrics>) -> Result<Schedule, DaemonError> {
         let cron = settings.sweep.schedule.clone();
         let period = cron.period();
-        metrics.sweep_interval_seconds.set(period.as_secs_f64());
+        metrics
+            .schedule
+            .sweep_interval_seconds
+            .set(period.as_secs_f64());
         let health = Arc::new(HealthState::new(
             60 + settings.sweep.jitter_seconds as i64,
             (settings.server.liveness_sweep_periods * period.as_secs().max(1)) as i64,
@@ -238,7 +241,10 @@ impl Schedule {
             .next_after(&now)
             .map(|t| t.timestamp())
             .unwrap_or(i64::MAX);
-        self.metrics.next_sweep_timestamp_seconds.set(next as f64);
+        self.metrics
+            .schedule
+            .next_sweep_timestamp_seconds
+            .set(next as f64);
         self.health.tick_scheduled(next);
     }
 }
@@ -259,7 +265,7 @@ async fn start_scheduler(
             schedule.ticked();
             let metrics = &schedule.metrics;
             if running.load(Ordering::Acquire) || tick_tx.try_send(()).is_err() {
-                metrics.sweeps_total.with_label_values(&["skipped"]).inc();
+                metrics.sweep.count(SweepResult::Skipped);
                 tracing::warn!("schedule tick skipped: the previous sweep is still running");
             }
         })
@@ -328,7 +334,7 @@ impl Worker {
         self.running.store(false, Ordering::Release);
         self.metrics.record(&report);
         let leader = leadership.conn.is_some();
-        self.metrics.leader.set(i64::from(leader));
+        self.metrics.schedule.leader.set(i64::from(leader));
         self.health.leadership_changed(leader);
         self.health.sweep_finished(&report);
         log_summary(&report);
@@ -361,7 +367,7 @@ async fn scheduled_sweep(
             // Report as a failed sweep with the database error.
             let mut report = reconciler.skipped_report(options, "");
             report.result = SweepResult::Failed;
-            report.error_kind = Some("database");
+            report.error_kind = Some(ErrorKind::Database);
             report.error = Some(store::redact(
                 &e.to_string(),
                 &reconciler.settings.database.url,
@@ -373,7 +379,7 @@ async fn scheduled_sweep(
         return reconciler.skipped_report(options, "no writer connection");
     };
     let report = reconciler.sweep_on(conn, options, stop).await;
-    if report.error_kind == Some("database") {
+    if report.error_kind == Some(ErrorKind::Database) {
         // The connection may be broken; check it (and the lock) before the next sweep.
         if !store::ping(conn, &reconciler.mapping).await {
             tracing::warn!("the writer connection failed; the writer lock is released");
@@ -394,20 +400,20 @@ fn log_summary(r: &SweepReport) {
     );
     match r.result {
         SweepResult::Success => tracing::info!(
-            sweep_id = %fields.0, result = "success", dry_run = r.dry_run, rows = fields.1,
+            sweep_id = %fields.0, result = r.result.as_str(), dry_run = r.dry_run, rows = fields.1,
             orphans = fields.2, downgraded = fields.3, deferred = fields.4,
             seconds = fields.5, "sweep finished"
         ),
         SweepResult::Skipped => tracing::info!(
-            sweep_id = %fields.0, result = "skipped",
+            sweep_id = %fields.0, result = r.result.as_str(),
             reason = r.error.as_deref().unwrap_or(""), "sweep skipped"
         ),
         SweepResult::Refused => tracing::error!(
-            sweep_id = %fields.0, result = "refused", rows = fields.1, orphans = fields.2,
+            sweep_id = %fields.0, result = r.result.as_str(), rows = fields.1, orphans = fields.2,
             seconds = fields.5, "sweep refused by a guard"
         ),
         SweepResult::Failed => tracing::error!(
-            sweep_id = %fields.0, result = "failed", error = r.error.as_deref().unwrap_or(""),
+            sweep_id = %fields.0, result = r.result.as_str(), error = r.error.as_deref().unwrap_or(""),
             seconds = fields.5, "sweep failed; nothing partial was written"
         ),
     }

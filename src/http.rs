@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
-use crate::sweep::SweepReport;
+use crate::sweep::{SweepReport, SweepResult};
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,7 +53,7 @@ pub struct HealthState {
 /// The last sweep, for /healthz.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LastSweep {
-    pub result: &'static str,
+    pub result: SweepResult,
     pub at: chrono::DateTime<chrono::Utc>,
     pub sweep_id: String,
 }
@@ -96,7 +96,7 @@ impl HealthState {
         self.sweep_started_at.store(0, Ordering::Relaxed);
         let finished = FinishedSweep {
             summary: LastSweep {
-                result: report.result.as_str(),
+                result: report.result,
                 at: report.started_at,
                 sweep_id: report.sweep_id.to_string(),
             },

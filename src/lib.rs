@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod explain;
 pub mod history;
 pub mod http;
+pub mod label;
 pub mod metrics;
 pub mod permissions;
 pub mod plan;

@@ -70,52 +70,26 @@ pub struct OrphanedRow {
     pub backend: BackendKind,
 }
 
-/// Why a row was passed over without being considered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SkipReason {
-    /// The state column holds a value the configuration does not name.
-    UnknownState,
-    /// The state column is NULL.
-    NullState,
-    /// A suspended or live row without an object name.
-    NullObjectName,
-    /// An object name Kubernetes could never have (too long, bad characters).
-    InvalidObjectName,
-    /// A suspended or live row without `updated_at`.
-    NullUpdatedAt,
-    /// The row changed (or was locked by the application) between read and write.
-    ChangedMeanwhile,
-    /// The confirming GET did not answer 404 with certainty (error, timeout).
-    ConfirmFailed,
-    /// The confirming GET found the object (created or listed late).
-    ObjectReappeared,
-}
-
-impl SkipReason {
-    /// Every reason, for initialising metric series; a new variant must be added here.
-    pub const ALL: [SkipReason; 8] = [
-        SkipReason::UnknownState,
-        SkipReason::NullState,
-        SkipReason::NullObjectName,
-        SkipReason::InvalidObjectName,
-        SkipReason::NullUpdatedAt,
-        SkipReason::ChangedMeanwhile,
-        SkipReason::ConfirmFailed,
-        SkipReason::ObjectReappeared,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SkipReason::UnknownState => "unknown_state",
-            SkipReason::NullState => "null_state",
-            SkipReason::NullObjectName => "null_object_name",
-            SkipReason::InvalidObjectName => "invalid_object_name",
-            SkipReason::NullUpdatedAt => "null_updated_at",
-            SkipReason::ChangedMeanwhile => "changed_meanwhile",
-            SkipReason::ConfirmFailed => "confirm_failed",
-            SkipReason::ObjectReappeared => "object_reappeared",
-        }
+crate::label::labelled! {
+    /// Why a row was passed over without being considered.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub enum SkipReason {
+        /// The state column holds a value the configuration does not name.
+        UnknownState = "unknown_state",
+        /// The state column is NULL.
+        NullState = "null_state",
+        /// A suspended or live row without an object name.
+        NullObjectName = "null_object_name",
+        /// An object name Kubernetes could never have (too long, bad characters).
+        InvalidObjectName = "invalid_object_name",
+        /// A suspended or live row without `updated_at`.
+        NullUpdatedAt = "null_updated_at",
+        /// The row changed (or was locked by the application) between read and write.
+        ChangedMeanwhile = "changed_meanwhile",
+        /// The confirming GET did not answer 404 with certainty (error, timeout).
+        ConfirmFailed = "confirm_failed",
+        /// The confirming GET found the object (created or listed late).
+        ObjectReappeared = "object_reappeared",
     }
 }
 
@@ -149,57 +123,32 @@ pub enum GuardVerdict {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RefusalReason {
-    /// The cluster listing is empty while live rows exist.
-    EmptyListing,
-    /// One backend listed nothing while rows could belong to it.
-    BackendEmptyListing,
-    /// Most live rows have no object either.
-    LiveRowsMissing,
-    /// Too many of the agent-sandbox backend's suspended rows have no Sandbox.
-    SuspendedObjectsMissing,
-    /// One backend listed objects, but none that a row refers to, while rows that could
-    /// belong to it have no object (a wrong namespace or context holding unrelated objects).
-    BackendListingUnrelated,
-    /// A backend's label selector selects none of the objects it listed, though rows refer
-    /// to them.
-    SelectorMatchesNothing,
-    /// A configured namespace does not exist (checked before listing).
-    NamespaceMissing,
-    /// The cluster is not the one `cluster.expected_uid` names.
-    ClusterMismatch,
-    /// Sandboxes exist while only the bare-pod backend is enabled (checked before listing).
-    SandboxesUnwatched,
-}
-
-impl RefusalReason {
-    /// Every reason, for initialising metric series; a new variant must be added here.
-    pub const ALL: [RefusalReason; 9] = [
-        RefusalReason::EmptyListing,
-        RefusalReason::BackendEmptyListing,
-        RefusalReason::BackendListingUnrelated,
-        RefusalReason::SelectorMatchesNothing,
-        RefusalReason::LiveRowsMissing,
-        RefusalReason::SuspendedObjectsMissing,
-        RefusalReason::NamespaceMissing,
-        RefusalReason::ClusterMismatch,
-        RefusalReason::SandboxesUnwatched,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RefusalReason::EmptyListing => "empty_listing",
-            RefusalReason::BackendEmptyListing => "backend_empty_listing",
-            RefusalReason::LiveRowsMissing => "live_rows_missing",
-            RefusalReason::SuspendedObjectsMissing => "suspended_objects_missing",
-            RefusalReason::BackendListingUnrelated => "backend_listing_unrelated",
-            RefusalReason::SelectorMatchesNothing => "selector_matches_nothing",
-            RefusalReason::NamespaceMissing => "namespace_missing",
-            RefusalReason::ClusterMismatch => "cluster_mismatch",
-            RefusalReason::SandboxesUnwatched => "sandboxes_unwatched",
-        }
+crate::label::labelled! {
+    /// Why a guard refused a sweep (the guards' order, then the checks before listing).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum RefusalReason {
+        /// The cluster listing is empty while live rows exist.
+        EmptyListing = "empty_listing",
+        /// One backend listed nothing while rows could belong to it.
+        BackendEmptyListing = "backend_empty_listing",
+        /// One backend listed objects, but none that a row refers to, while rows that could
+        /// belong to it have no object (a wrong namespace or context holding unrelated
+        /// objects).
+        BackendListingUnrelated = "backend_listing_unrelated",
+        /// A backend's label selector selects none of the objects it listed, though rows
+        /// refer to them.
+        SelectorMatchesNothing = "selector_matches_nothing",
+        /// Most live rows have no object either.
+        LiveRowsMissing = "live_rows_missing",
+        /// Too many of the agent-sandbox backend's suspended rows have no Sandbox.
+        SuspendedObjectsMissing = "suspended_objects_missing",
+        /// A configured namespace does not exist (checked before listing).
+        NamespaceMissing = "namespace_missing",
+        /// The cluster is not the one `cluster.expected_uid` names.
+        ClusterMismatch = "cluster_mismatch",
+        /// Sandboxes exist while only the bare-pod backend is enabled (checked before
+        /// listing).
+        SandboxesUnwatched = "sandboxes_unwatched",
     }
 }
 

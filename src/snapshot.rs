@@ -4,34 +4,20 @@
 //! `kubectl` dump) and consumed by the pure planner (`plan`). Keeping these types here, apart
 //! from the module that talks to the API server, lets the decision depend on data only.
 
-use std::fmt;
-
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 
-/// Which kind of object backs a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub enum BackendKind {
-    /// One bare Pod per session.
-    #[serde(rename = "pod")]
-    Pod,
-    /// One agent-sandbox `Sandbox` custom resource per session.
-    #[serde(rename = "agent-sandbox")]
-    AgentSandbox,
-    /// A row whose object is missing and whose name no single backend claims (both backends
-    /// enabled without distinguishing `object_name_prefix`es). Never a listing of its own.
-    #[serde(rename = "unknown")]
-    Unknown,
-}
-
-impl BackendKind {
-    /// The label value used in reports and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendKind::Pod => "pod",
-            BackendKind::AgentSandbox => "agent-sandbox",
-            BackendKind::Unknown => "unknown",
-        }
+crate::label::labelled! {
+    /// Which kind of object backs a session; its label is the one reports and metrics use.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub enum BackendKind {
+        /// One bare Pod per session.
+        Pod = "pod",
+        /// One agent-sandbox `Sandbox` custom resource per session.
+        AgentSandbox = "agent-sandbox",
+        /// A row whose object is missing and whose name no single backend claims (both
+        /// backends enabled without distinguishing `object_name_prefix`es). Never a listing of
+        /// its own.
+        Unknown = "unknown",
     }
 }
 
@@ -43,19 +29,6 @@ impl BackendKind {
             BackendKind::AgentSandbox => "agent_sandbox",
             BackendKind::Unknown => "unknown",
         }
-    }
-
-    /// Every value, for initialising metric series.
-    pub const ALL: [BackendKind; 3] = [
-        BackendKind::Pod,
-        BackendKind::AgentSandbox,
-        BackendKind::Unknown,
-    ];
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

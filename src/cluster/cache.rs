@@ -57,43 +57,23 @@ const HEALTHY_WATCH: Duration = Duration::from_secs(30);
 /// A watch that resumes this often without delivering anything is backed off too.
 const RESUME_BACKOFF: Duration = Duration::from_millis(200);
 
-/// Why an informer listed again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RelistReason {
-    /// The first listing.
-    Initial,
-    /// The watch answered 410: its resourceVersion was compacted away.
-    Expired,
-    /// The watch was answered 403 (RBAC lacks `watch`).
-    Forbidden,
-    /// The watch failed in a way that could hide events.
-    WatchError,
-    /// The informer fell behind the API server's revision without its watch failing (a
-    /// frozen watch): found by its own check or by a sweep's listing, which reseeded it.
-    Stale,
-    /// The previous listing failed.
-    ListError,
-}
-
-impl RelistReason {
-    pub const ALL: [RelistReason; 6] = [
-        RelistReason::Initial,
-        RelistReason::Expired,
-        RelistReason::Forbidden,
-        RelistReason::WatchError,
-        RelistReason::Stale,
-        RelistReason::ListError,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RelistReason::Initial => "initial",
-            RelistReason::Expired => "expired",
-            RelistReason::Forbidden => "forbidden",
-            RelistReason::WatchError => "watch_error",
-            RelistReason::Stale => "stale",
-            RelistReason::ListError => "list_error",
-        }
+crate::label::labelled! {
+    /// Why an informer listed again.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum RelistReason {
+        /// The first listing.
+        Initial = "initial",
+        /// The watch answered 410: its resourceVersion was compacted away.
+        Expired = "expired",
+        /// The watch was answered 403 (RBAC lacks `watch`).
+        Forbidden = "forbidden",
+        /// The watch failed in a way that could hide events.
+        WatchError = "watch_error",
+        /// The informer fell behind the API server's revision without its watch failing (a
+        /// frozen watch): found by its own check or by a sweep's listing, which reseeded it.
+        Stale = "stale",
+        /// The previous listing failed.
+        ListError = "list_error",
     }
 }
 

@@ -70,20 +70,4 @@ impl ClusterError {
     pub fn is_configuration(&self) -> bool {
         matches!(self, ClusterError::NotServed { .. })
     }
-
-    /// A bounded label for metrics and logs.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ClusterError::Config(_) => "config",
-            ClusterError::Forbidden { .. } => "forbidden",
-            ClusterError::Api { .. } => "api",
-            ClusterError::Expired { .. } => "expired",
-            ClusterError::NotServed { .. } => "not_served",
-            ClusterError::Timeout { .. } => "timeout",
-            ClusterError::Malformed { .. } => "malformed",
-            ClusterError::Transport { .. } => "transport",
-            ClusterError::Dump { .. } => "dump",
-            ClusterError::Identity(_) => "identity",
-        }
-    }
 }

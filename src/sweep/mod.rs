@@ -39,7 +39,10 @@ use crate::store::{self, Database, StoreError, TableMapping};
 
 pub use confirm::ConfirmBy;
 use confirm::Confirmed;
-pub use report::{BackendReport, ChangeLine, Confirmation, SweepReport, SweepResult, Timings};
+pub use report::{
+    BackendReport, ChangeLine, Confirmation, ErrorKind, SweepPhase, SweepReport, SweepResult,
+    Timings,
+};
 
 /// Where the cluster view comes from.
 #[derive(Clone)]
@@ -221,7 +224,7 @@ impl Reconciler {
     pub fn skipped_report(&self, options: &SweepOptions, why: &str) -> SweepReport {
         let mut report = self.new_report(options);
         report.result = SweepResult::Skipped;
-        report.error_kind = Some("lock_busy");
+        report.error_kind = Some(ErrorKind::LockBusy);
         report.error = Some(why.to_string());
         report
     }
@@ -241,12 +244,7 @@ impl Reconciler {
                 } else {
                     SweepResult::Failed
                 };
-                report.error_kind = Some(match &e {
-                    SweepError::Store(StoreError::LockBusy { .. }) => "lock_busy",
-                    SweepError::Store(_) => "database",
-                    SweepError::Cluster(c) => c.kind(),
-                    SweepError::Interrupted => "interrupted",
-                });
+                report.error_kind = Some(ErrorKind::of(&e));
                 report.error = Some(store::redact(&e.to_string(), &self.settings.database.url));
             }
         }

@@ -10,29 +10,93 @@ use std::fmt::Write;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::cluster::{BackendKind, ClusterSnapshot};
+use crate::cluster::{BackendKind, ClusterError, ClusterSnapshot};
 use crate::plan::{GuardVerdict, Plan, RefusalReason, SkipReason};
-use crate::sweep::ConfirmBy;
+use crate::store::StoreError;
+use crate::sweep::{ConfirmBy, SweepError};
 
-/// How a sweep ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SweepResult {
-    Success,
-    Failed,
-    Refused,
-    /// Another reconciler holds the writer lock.
-    Skipped,
+crate::label::labelled! {
+    /// How a sweep ended.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum SweepResult {
+        Success = "success",
+        Failed = "failed",
+        Refused = "refused",
+        /// Another reconciler holds the writer lock.
+        Skipped = "skipped",
+    }
 }
 
-impl SweepResult {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SweepResult::Success => "success",
-            SweepResult::Failed => "failed",
-            SweepResult::Refused => "refused",
-            SweepResult::Skipped => "skipped",
+crate::label::labelled! {
+    /// A bounded label for why a sweep failed (or was skipped): the store's lock and errors,
+    /// each kind of cluster error, a shutdown.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ErrorKind {
+        /// Another reconciler holds the writer lock.
+        LockBusy = "lock_busy",
+        /// Any other database error.
+        Database = "database",
+        /// Stopped by shutdown before the sweep finished.
+        Interrupted = "interrupted",
+        /// The cluster's client could not be configured.
+        Config = "config",
+        /// The API server answered 403.
+        Forbidden = "forbidden",
+        /// The API server answered another error status.
+        Api = "api",
+        /// A listing's continue token expired twice.
+        Expired = "expired",
+        /// An enabled backend's resource is not served: a configuration error (exit 2).
+        NotServed = "not_served",
+        /// No answer in time.
+        Timeout = "timeout",
+        /// An answer that could not be read.
+        Malformed = "malformed",
+        /// The connection to the API server failed.
+        Transport = "transport",
+        /// A snapshot file could not be read.
+        Dump = "dump",
+        /// The cluster's identity could not be read.
+        Identity = "identity",
+    }
+}
+
+impl ErrorKind {
+    /// The kind of a sweep's error.
+    pub fn of(error: &SweepError) -> ErrorKind {
+        match error {
+            SweepError::Store(StoreError::LockBusy { .. }) => ErrorKind::LockBusy,
+            SweepError::Store(_) => ErrorKind::Database,
+            SweepError::Cluster(c) => ErrorKind::of_cluster(c),
+            SweepError::Interrupted => ErrorKind::Interrupted,
         }
+    }
+
+    /// The kind of a cluster error.
+    pub fn of_cluster(error: &ClusterError) -> ErrorKind {
+        match error {
+            ClusterError::Config(_) => ErrorKind::Config,
+            ClusterError::Forbidden { .. } => ErrorKind::Forbidden,
+            ClusterError::Api { .. } => ErrorKind::Api,
+            ClusterError::Expired { .. } => ErrorKind::Expired,
+            ClusterError::NotServed { .. } => ErrorKind::NotServed,
+            ClusterError::Timeout { .. } => ErrorKind::Timeout,
+            ClusterError::Malformed { .. } => ErrorKind::Malformed,
+            ClusterError::Transport { .. } => ErrorKind::Transport,
+            ClusterError::Dump { .. } => ErrorKind::Dump,
+            ClusterError::Identity(_) => ErrorKind::Identity,
+        }
+    }
+}
+
+crate::label::labelled! {
+    /// The timed phases of a sweep (`Timings`), as `sweep_phase_duration_seconds` labels them.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum SweepPhase {
+        ListCluster = "list_cluster",
+        ReadDb = "read_db",
+        Confirm = "confirm",
+        Apply = "apply",
     }
 }
 
@@ -101,8 +165,8 @@ pub struct SweepReport {
     pub cluster_source: String,
     pub result: SweepResult,
     pub error: Option<String>,
-    /// A bounded label for the failure, when failed.
-    pub error_kind: Option<&'static str>,
+    /// A bounded label for the failure, when failed (or skipped for the writer lock).
+    pub error_kind: Option<ErrorKind>,
     pub guard: Option<GuardVerdict>,
     pub rows_read: u64,
     pub rows_by_state: BTreeMap<String, u64>,

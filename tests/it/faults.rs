@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::daemon::*;
 use crate::support::*;
-use sandbox_reconciler::sweep::SweepResult;
+use sandbox_reconciler::sweep::{ErrorKind, SweepResult};
 use sqlx::AssertSqlSafe;
 
 /// Five live pods (three list pages of two), one orphan per `orphans`.
@@ -63,7 +63,12 @@ async fn connection_refused_aborts() {
     let before = db.fingerprint().await;
     let report = r.sweep(&Default::default(), &rx).await;
     assert_eq!(report.result, SweepResult::Failed);
-    assert_eq!(report.error_kind, Some("transport"), "{:?}", report.error);
+    assert_eq!(
+        report.error_kind,
+        Some(ErrorKind::Transport),
+        "{:?}",
+        report.error
+    );
     assert_eq!(db.fingerprint().await, before);
 }
 
@@ -196,7 +201,7 @@ async fn connection_killed_mid_apply_rolls_back_and_next_sweep_finishes() {
     let report = run.await.unwrap();
     blocker.rollback().await.unwrap();
     assert_eq!(report.result, SweepResult::Failed);
-    assert_eq!(report.error_kind, Some("database"));
+    assert_eq!(report.error_kind, Some(ErrorKind::Database));
     assert_eq!(report.downgraded, 0);
     assert_eq!(
         db.audit_count().await,

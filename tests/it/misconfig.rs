@@ -12,7 +12,7 @@ use crate::support::*;
 use sandbox_reconciler::cluster::BackendKind;
 use sandbox_reconciler::metrics::Metrics;
 use sandbox_reconciler::plan::{GuardVerdict, RefusalReason};
-use sandbox_reconciler::sweep::{SweepOptions, SweepResult};
+use sandbox_reconciler::sweep::{ErrorKind, SweepOptions, SweepResult};
 use serde_json::json;
 use sqlx::AssertSqlSafe;
 
@@ -270,7 +270,7 @@ async fn a_database_that_stops_answering_fails_the_sweep_within_the_deadline() {
     .await
     .expect("the sweep ends on its own deadline");
     assert_eq!(report.result, SweepResult::Failed);
-    assert_eq!(report.error_kind, Some("database"));
+    assert_eq!(report.error_kind, Some(ErrorKind::Database));
     assert!(
         report
             .error
