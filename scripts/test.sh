@@ -16,6 +16,9 @@ export SANDBOX_RECONCILER_METRIC_NAMES="$PWD/target/metric-names.txt"
 # What the rendered manifests grant (written by the deploy checks), for the RBAC tests.
 export SANDBOX_RECONCILER_RBAC_GRANTED="$PWD/target/rbac-granted.json"
 cargo fmt --all -- --check
+# The shape of src/: no function over 80 lines (outside tests and SQL text builders), no
+# import cycle between sibling modules.
+python3 scripts/structure.py
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo test --locked --workspace --all-targets 2>&1 | tee target/test-output.txt
 # RBAC against what the binary declares (it exists now): the Helm chart's
