@@ -19,6 +19,7 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::PostParams;
 use kube::{Api, Client};
 
+use crate::backends::Backends;
 use crate::config::Settings;
 use crate::permissions::Mode;
 use crate::store::{self, Database, TableMapping};
@@ -51,12 +52,9 @@ fn warn(check: impl Into<String>, detail: impl Into<String>) -> CheckLine {
 
 /// Configuration that is valid but probably not what was meant.
 fn configuration_warnings(settings: &Settings) -> Vec<CheckLine> {
-    let b = &settings.backends;
+    let backends = Backends::from_settings(&settings.backends);
     let mut out = Vec::new();
-    if b.pod.enabled
-        && b.agent_sandbox.enabled
-        && b.pod.object_name_prefix == b.agent_sandbox.object_name_prefix
-    {
+    if matches!(backends.enabled(), [first, second] if first.prefix == second.prefix) {
         out.push(warn(
             "backend attribution",
             "both backends are enabled with the same object_name_prefix, so a row whose object is missing cannot be attributed: it is reported as backend \"unknown\", asks both backends' listings to be anchored, and counts in no backend's missing-share (centaur names pods and Sandboxes alike, so this is expected during a migration); set distinct prefixes where the names allow",
@@ -320,29 +318,17 @@ fn permissions(settings: &Settings, mode: Mode) -> Vec<Permission> {
 /// every sweep (a configuration error, exit 2).
 async fn served_checks(settings: &Settings, client: Client) -> Vec<CheckLine> {
     let mut out = Vec::new();
-    let b = &settings.backends;
-    let backends = [
-        (b.pod.enabled, "pod", "pods".to_string()),
-        (
-            b.agent_sandbox.enabled,
-            "agent_sandbox",
-            format!(
-                "{}.{}/{}",
-                b.agent_sandbox.plural, b.agent_sandbox.group, b.agent_sandbox.version
-            ),
-        ),
-    ];
-    for (enabled, section, resource) in backends {
-        if !enabled {
-            continue;
-        }
-        let mut only = settings.clone();
-        only.backends.pod.enabled = section == "pod";
-        only.backends.agent_sandbox.enabled = section == "agent_sandbox";
-        let cluster = crate::cluster::KubeCluster::with_client(client.clone(), &only);
-        let name = format!("backends.{section} resource");
+    let backends = Backends::from_settings(&settings.backends);
+    for backend in backends.enabled() {
+        let only = backends.only(backend.kind);
+        let cluster = crate::cluster::KubeCluster::with_backends(client.clone(), settings, only);
+        let name = format!("backends.{} resource", backend.kind.config_section());
         out.push(match cluster.verify_served().await {
-            Ok(()) => line(name, true, format!("{resource} is served")),
+            Ok(()) => line(
+                name,
+                true,
+                format!("{} is served", backend.versioned_resource()),
+            ),
             Err(e) => line(name, false, e.to_string()),
         });
     }

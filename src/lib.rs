@@ -6,6 +6,7 @@
 //! `store` do the I/O, `snapshot` holds the values they exchange, `plan` decides, `sweep` runs
 //! one sweep in the safe order, `report` prints it.
 
+pub mod backends;
 pub mod check;
 pub mod cli;
 pub mod cluster;

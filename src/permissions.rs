@@ -19,6 +19,7 @@
 
 use serde::Serialize;
 
+use crate::backends::{Backend, Backends};
 use crate::config::Settings;
 
 /// Which way the reconciler runs, for the permissions it needs.
@@ -75,31 +76,26 @@ pub fn required(settings: &Settings, mode: Mode, all_backends: bool) -> Vec<Rule
         Some(list) => list.to_vec(),
         None => vec!["*".to_string()],
     };
-    let mut rules = Vec::new();
-    let b = &settings.backends;
-    if b.pod.enabled || all_backends {
-        rules.push(Rule {
-            api_group: String::new(),
-            resource: "pods".into(),
-            verbs: backend_verbs(mode),
-            namespaces: namespaces.clone(),
-            resource_names: Vec::new(),
-        });
-    }
-    if b.agent_sandbox.enabled || all_backends || b.pod.enabled {
-        // The bare-pod backend alone only probes for Sandboxes (`LIST ?limit=1`).
-        let verbs = if b.agent_sandbox.enabled || all_backends {
-            backend_verbs(mode)
-        } else {
-            vec!["list"]
-        };
-        rules.push(Rule {
-            api_group: b.agent_sandbox.group.clone(),
-            resource: b.agent_sandbox.plural.clone(),
-            verbs,
-            namespaces: namespaces.clone(),
-            resource_names: Vec::new(),
-        });
+    let backends = if all_backends {
+        Backends::all(&settings.backends)
+    } else {
+        Backends::from_settings(&settings.backends)
+    };
+    let rule = |backend: &Backend, verbs: Vec<&'static str>| Rule {
+        api_group: backend.group.clone(),
+        resource: backend.plural.clone(),
+        verbs,
+        namespaces: namespaces.clone(),
+        resource_names: Vec::new(),
+    };
+    let mut rules: Vec<Rule> = backends
+        .enabled()
+        .iter()
+        .map(|backend| rule(backend, backend_verbs(mode)))
+        .collect();
+    // The bare-pod backend alone only probes for Sandboxes (`LIST ?limit=1`).
+    if let Some(probe) = backends.sandbox_probe() {
+        rules.push(rule(probe, vec!["list"]));
     }
     let mut named: Vec<String> = settings
         .namespaces()

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::lean::sandbox_is_suspended;
 use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot, ObjectFacts};
+use crate::backends::Backends;
 use crate::config::Settings;
 
 #[derive(Deserialize)]
@@ -63,16 +64,13 @@ pub fn parse(
             list.kind
         ));
     }
-    let b = &settings.backends;
+    let backends = Backends::from_settings(&settings.backends);
     let namespaces = settings.namespaces();
-    let pod_selector = &b.pod.label_selector;
-    let sb_selector = &b.agent_sandbox.label_selector;
-    let sb_api_group = format!("{}/", b.agent_sandbox.group);
-    let mut pods = BackendView::new(BackendKind::Pod, &b.pod.object_name_prefix);
-    let mut sandboxes = BackendView::new(
-        BackendKind::AgentSandbox,
-        &b.agent_sandbox.object_name_prefix,
-    );
+    let mut views: Vec<BackendView> = backends
+        .enabled()
+        .iter()
+        .map(|b| BackendView::new(b.kind, &b.prefix))
+        .collect();
     for (i, item) in list.items.iter().enumerate() {
         let kind = item["kind"].as_str().unwrap_or_default();
         let api_version = item["apiVersion"].as_str().unwrap_or_default();
@@ -94,36 +92,25 @@ pub fn parse(
         }
         let terminating = meta.deletion_timestamp.is_some();
         // Presence is by name; the selector only says which objects are the platform's.
-        if kind == "Pod" && api_version == "v1" && b.pod.enabled {
-            pods.insert(
-                name,
-                ObjectFacts {
-                    terminating,
-                    suspended: false,
-                    managed: pod_selector.matches(&meta.labels),
-                },
-            );
-        } else if kind == b.agent_sandbox.kind
-            && api_version.starts_with(&sb_api_group)
-            && b.agent_sandbox.enabled
-        {
-            sandboxes.insert(
-                name,
-                ObjectFacts {
-                    terminating,
-                    suspended: sandbox_is_suspended(item),
-                    managed: sb_selector.matches(&meta.labels),
-                },
-            );
-        }
+        let Some(i) = backends
+            .enabled()
+            .iter()
+            .position(|b| b.recognises(kind, api_version))
+        else {
+            continue;
+        };
+        let backend = &backends.enabled()[i];
+        views[i].insert(
+            name,
+            ObjectFacts {
+                terminating,
+                suspended: backend.kind == BackendKind::AgentSandbox && sandbox_is_suspended(item),
+                managed: backend.selector.matches(&meta.labels),
+            },
+        );
     }
     let mut snapshot = ClusterSnapshot::new(taken_at);
-    if b.pod.enabled {
-        snapshot.backends.push(pods);
-    }
-    if b.agent_sandbox.enabled {
-        snapshot.backends.push(sandboxes);
-    }
+    snapshot.backends = views;
     Ok(snapshot)
 }
 

@@ -33,6 +33,7 @@ use super::client::{self, ClientOrigin, WATCH_TIMEOUT_SECONDS};
 use super::lean::{self, LeanList, LeanObject};
 use super::objects::ObjectMap;
 use super::{BackendKind, BackendView, ClusterError, ClusterSnapshot};
+use crate::backends::{Backend, Backends};
 use crate::config::Settings;
 use crate::plan::RefusalReason;
 use crate::selector::LabelSelector;
@@ -77,6 +78,25 @@ pub(crate) struct Target {
 }
 
 impl Target {
+    fn of(backend: &Backend) -> Target {
+        // Pods are listed metadata-only; Sandboxes in full, for their spec.
+        let metadata_only = backend.kind == BackendKind::Pod;
+        Target {
+            kind: backend.kind,
+            resource: backend.resource(),
+            base: backend.base_path(),
+            plural: backend.plural.clone(),
+            list_kind: if metadata_only {
+                "PartialObjectMetadataList".into()
+            } else {
+                format!("{}List", backend.object_kind)
+            },
+            metadata_only,
+            selector: backend.selector.clone(),
+            prefix: backend.prefix.clone(),
+        }
+    }
+
     /// The collection's path in one namespace, or across all.
     pub fn url_path(&self, ns: Option<&str>) -> String {
         match ns {
@@ -345,45 +365,28 @@ impl KubeCluster {
 
     /// Uses an existing client (in-process callers).
     pub fn with_client(client: Client, settings: &Settings) -> KubeCluster {
-        let b = &settings.backends;
-        let s = &b.agent_sandbox;
-        let sandbox_resource = || SandboxBackend {
+        Self::with_backends(
+            client,
+            settings,
+            Backends::from_settings(&settings.backends),
+        )
+    }
+
+    /// Uses an existing client and lists `backends` (e.g. one of the configured ones).
+    pub fn with_backends(client: Client, settings: &Settings, backends: Backends) -> KubeCluster {
+        let sandbox_of = |b: &Backend| SandboxBackend {
             resource: ApiResource {
-                group: s.group.clone(),
-                version: s.version.clone(),
-                api_version: format!("{}/{}", s.group, s.version),
-                kind: s.kind.clone(),
-                plural: s.plural.clone(),
+                group: b.group.clone(),
+                version: b.version.clone(),
+                api_version: b.api_version(),
+                kind: b.object_kind.clone(),
+                plural: b.plural.clone(),
             },
         };
-        let sandbox = s.enabled.then(sandbox_resource);
-        let sandbox_probe = (!s.enabled && b.pod.enabled).then(sandbox_resource);
-        let mut targets = Vec::new();
-        if b.pod.enabled {
-            targets.push(Target {
-                kind: BackendKind::Pod,
-                resource: "pods".into(),
-                base: "/api/v1".into(),
-                plural: "pods".into(),
-                list_kind: "PartialObjectMetadataList".into(),
-                metadata_only: true,
-                selector: b.pod.label_selector.clone(),
-                prefix: b.pod.object_name_prefix.clone(),
-            });
-        }
-        if s.enabled {
-            targets.push(Target {
-                kind: BackendKind::AgentSandbox,
-                resource: format!("{}.{}", s.plural, s.group),
-                base: format!("/apis/{}/{}", s.group, s.version),
-                plural: s.plural.clone(),
-                list_kind: format!("{}List", s.kind),
-                metadata_only: false,
-                selector: s.label_selector.clone(),
-                prefix: s.object_name_prefix.clone(),
-            });
-        }
-        let pod = b.pod.enabled;
+        let targets = backends.enabled().iter().map(Target::of).collect();
+        let sandbox = backends.get(BackendKind::AgentSandbox).map(sandbox_of);
+        let sandbox_probe = backends.sandbox_probe().map(sandbox_of);
+        let pod = backends.is_enabled(BackendKind::Pod);
         KubeCluster {
             client,
             origin: None,

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec};
 
-use super::{enabled_backends, Registrar};
+use super::Registrar;
+use crate::backends::Backends;
 use crate::cluster::cache::{ClusterCache, RelistReason};
 use crate::config::Settings;
 use crate::snapshot::BackendKind;
@@ -52,8 +53,12 @@ impl CacheMetrics {
             ),
             cache: Mutex::new(None),
         };
-        // An informer is per listed backend: `unknown` never has one.
-        for kind in enabled_backends(settings).filter(|k| *k != BackendKind::Unknown) {
+        // An informer is per listed backend.
+        for kind in Backends::from_settings(&settings.backends)
+            .enabled()
+            .iter()
+            .map(|b| b.kind)
+        {
             m.cache_watch_restarts_total
                 .with_label_values(&[kind.as_str()]);
             for reason in RelistReason::ALL {

@@ -4,6 +4,7 @@
 use prometheus::IntCounterVec;
 
 use super::Registrar;
+use crate::backends::Backends;
 use crate::config::Settings;
 use crate::snapshot::BackendKind;
 
@@ -29,7 +30,7 @@ impl KubeMetrics {
                 &["backend", "field"],
             ),
         };
-        if settings.backends.agent_sandbox.enabled {
+        if Backends::from_settings(&settings.backends).is_enabled(BackendKind::AgentSandbox) {
             for field in crate::cluster::lean::UNDECODABLE_FIELDS {
                 m.objects_undecodable_total
                     .with_label_values(&[BackendKind::AgentSandbox.as_str(), field]);

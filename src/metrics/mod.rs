@@ -187,17 +187,6 @@ fn listing_position(name: &str) -> usize {
         .unwrap_or(LISTING.len())
 }
 
-/// The backends whose series exist from the start: the enabled ones, and `unknown` when both
-/// are enabled (only then can a name be claimed by neither).
-fn enabled_backends(settings: &Settings) -> impl Iterator<Item = BackendKind> + '_ {
-    let b = &settings.backends;
-    BackendKind::ALL.into_iter().filter(move |kind| match kind {
-        BackendKind::Pod => b.pod.enabled,
-        BackendKind::AgentSandbox => b.agent_sandbox.enabled,
-        BackendKind::Unknown => b.pod.enabled && b.agent_sandbox.enabled,
-    })
-}
-
 /// Initialises the series of every value of `L` (the only label of `vec`) at zero.
 fn init_each<L: Label, T: MetricVecBuilder>(vec: &MetricVec<T>) {
     for value in L::VALUES {

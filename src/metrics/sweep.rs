@@ -6,7 +6,8 @@ use prometheus::{
     Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
-use super::{enabled_backends, init_each, Registrar};
+use super::{init_each, Registrar};
+use crate::backends::Backends;
 use crate::config::Settings;
 use crate::plan::{GuardVerdict, RefusalReason, SkipReason};
 use crate::sweep::{ErrorKind, SweepPhase, SweepReport, SweepResult};
@@ -95,7 +96,7 @@ impl SweepMetrics {
         init_each::<SweepResult, _>(&m.sweeps_total);
         init_each::<SweepPhase, _>(&m.sweep_phase_duration_seconds);
         init_each::<RefusalReason, _>(&m.guard_refusals_total);
-        for kind in enabled_backends(settings) {
+        for kind in Backends::from_settings(&settings.backends).attributions() {
             m.sessions_downgraded_total
                 .with_label_values(&[kind.as_str()]);
         }
