@@ -356,7 +356,7 @@ async fn access_checks(settings: &Settings, mode: Mode, client: Client) -> Vec<C
         };
         let (name, full) = p.describe();
         let answer = tokio::time::timeout(
-            std::time::Duration::from_secs(settings.cluster.request_timeout_seconds),
+            settings.cluster.request_timeout,
             api.create(&PostParams::default(), &review),
         )
         .await;

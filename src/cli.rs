@@ -487,7 +487,7 @@ async fn run_undo(
         Ok(p) => p,
         Err(exit) => return exit,
     };
-    let lock_wait = std::time::Duration::from_secs(settings.database.writer_lock_wait_seconds);
+    let lock_wait = settings.database.writer_lock_wait;
     let spinner = show_progress(output).then(TerminalProgress::undo);
     let outcome = crate::undo::run(&database, &mapping, request, lock_wait).await;
     if let Some(spinner) = spinner {

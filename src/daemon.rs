@@ -172,14 +172,14 @@ impl Running {
     async fn stop(mut self, settings: &Settings) {
         tracing::info!(
             "shutting down: no new sweeps; an apply batch in flight may take up to {}s",
-            settings.shutdown.timeout_seconds
+            settings.shutdown.timeout.as_secs()
         );
         let _ = self.stop_tx.send(true);
         if let Some(cache) = &self.cache {
             cache.stop();
         }
         let _ = self.scheduler.shutdown().await;
-        let grace = Duration::from_secs(settings.shutdown.timeout_seconds);
+        let grace = settings.shutdown.timeout;
         match tokio::time::timeout(grace, self.worker).await {
             Ok(_) => tracing::info!("sweep worker stopped"),
             Err(_) => tracing::warn!(
@@ -222,7 +222,7 @@ impl Schedule {
             .sweep_interval_seconds
             .set(period.as_secs_f64());
         let health = Arc::new(HealthState::new(
-            60 + settings.sweep.jitter_seconds as i64,
+            60 + settings.sweep.jitter.as_secs() as i64,
             (settings.server.liveness_sweep_periods * period.as_secs().max(1)) as i64,
         ));
         Ok(Schedule {
@@ -302,7 +302,7 @@ impl Worker {
             conn: None,
             mapping: None,
         };
-        let jitter = self.reconciler.settings.sweep.jitter_seconds;
+        let jitter = self.reconciler.settings.sweep.jitter;
         let mut first = true;
         loop {
             if !first {
@@ -310,8 +310,8 @@ impl Worker {
                     tick = ticks.recv() => if tick.is_none() { return },
                     _ = stop.changed() => return,
                 }
-                if jitter > 0 {
-                    let delay = rand::rng().random_range(0..=jitter * 1000);
+                if !jitter.is_zero() {
+                    let delay = rand::rng().random_range(0..=jitter.as_secs() * 1000);
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
                         _ = stop.changed() => return,

@@ -181,7 +181,7 @@ pub async fn run(reconciler: &Reconciler, key: &str) -> Result<Explanation, Expl
         session: key.to_string(),
         table: mapping.table_display(),
         database_clock: clock,
-        grace_period_seconds: settings.sweep.grace_period_seconds,
+        grace_period_seconds: settings.sweep.grace_period.as_secs(),
         cutoff,
         cluster_uid: scope.cluster_uid,
         row: mine.as_ref().map(|r| RowAsRead {
@@ -280,7 +280,7 @@ fn trace_view(
         format!(
             "database clock {}; grace period {}s, so rows updated after {} are left alone",
             clock.to_rfc3339(),
-            settings.sweep.grace_period_seconds,
+            settings.sweep.grace_period.as_secs(),
             cutoff.to_rfc3339()
         ),
     );

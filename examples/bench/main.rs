@@ -344,8 +344,8 @@ async fn run(args: Args) -> Result<bool> {
 fn bench_settings(args: &Args, url: &str) -> Result<Settings> {
     let mut s = Settings::default();
     s.database.url = url.to_string();
-    s.database.statement_timeout_seconds = 600;
-    s.database.client_deadline_seconds = 630;
+    s.database.statement_timeout = std::time::Duration::from_secs(600);
+    s.database.client_deadline = std::time::Duration::from_secs(630);
     s.sessions.table = TABLE.into();
     s.audit.table = AUDIT.into();
     // The heavier case: a profile that clears a column (centaur's clears none), so the sweeps
@@ -353,7 +353,7 @@ fn bench_settings(args: &Args, url: &str) -> Result<Settings> {
     s.sessions.clear_columns = vec!["agent_thread_id".into()];
     s.cluster.namespaces = vec![args.namespace.clone()];
     s.cluster.page_size = args.page_size;
-    s.cluster.request_timeout_seconds = args.request_timeout_seconds;
+    s.cluster.request_timeout = std::time::Duration::from_secs(args.request_timeout_seconds);
     s.cluster.confirm_concurrency = args.confirm_concurrency;
     if let Some(n) = args.confirm_get_max {
         s.cluster.confirm_get_max = n;
@@ -363,7 +363,7 @@ fn bench_settings(args: &Args, url: &str) -> Result<Settings> {
     s.backends.agent_sandbox.enabled = true;
     s.backends.pod.object_name_prefix = String::new();
     s.backends.agent_sandbox.object_name_prefix = String::new();
-    s.sweep.grace_period_seconds = args.grace_seconds;
+    s.sweep.grace_period = std::time::Duration::from_secs(args.grace_seconds);
     s.sweep.batch_size = args.batch_size;
     s.validate()
         .map_err(|e| anyhow!("benchmark settings: {e}"))?;

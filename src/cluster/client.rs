@@ -52,7 +52,7 @@ pub async fn connect(settings: &Settings) -> Result<(Client, ClientOrigin), Clus
     // often, within the request deadline, and counted. kube's built-in layer would retry
     // 429/503/504 up to 15 times, invisibly, past any deadline.
     config.default_retry = false;
-    let timeout = Duration::from_secs(settings.cluster.request_timeout_seconds);
+    let timeout = settings.cluster.request_timeout;
     // Every request carries its own deadline (KubeCluster::call); the transport's read
     // timeout only has to end a dead connection. It must outlast a watch's quiet spells: an
     // API server sends a bookmark about once a minute, and a watch lasts up to its

@@ -392,7 +392,7 @@ impl KubeCluster {
             origin: None,
             namespaces: settings.namespaces().map(<[String]>::to_vec),
             page_size: settings.cluster.page_size,
-            timeout: Duration::from_secs(settings.cluster.request_timeout_seconds),
+            timeout: settings.cluster.request_timeout,
             retries: settings.cluster.retries,
             pod,
             sandbox,

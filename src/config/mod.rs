@@ -12,6 +12,7 @@ mod values;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -55,17 +56,22 @@ pub struct Settings {
 pub struct DatabaseSettings {
     /// PostgreSQL URL. Prefer the `DATABASE_URL` environment variable for real credentials.
     pub url: String,
-    pub connect_timeout_seconds: u64,
+    #[serde(rename = "connect_timeout_seconds", with = "values::seconds")]
+    pub connect_timeout: Duration,
     /// `statement_timeout` for every statement the reconciler runs.
-    pub statement_timeout_seconds: u64,
+    #[serde(rename = "statement_timeout_seconds", with = "values::seconds")]
+    pub statement_timeout: Duration,
     /// `lock_timeout`: how long an UPDATE waits for a row the application holds.
-    pub lock_timeout_seconds: u64,
+    #[serde(rename = "lock_timeout_seconds", with = "values::seconds")]
+    pub lock_timeout: Duration,
     /// How long `--once` waits for the writer lock held by another reconciler.
-    pub writer_lock_wait_seconds: u64,
+    #[serde(rename = "writer_lock_wait_seconds", with = "values::seconds")]
+    pub writer_lock_wait: Duration,
     /// Client-side deadline of every database call; longer than statement_timeout_seconds so
     /// the server's own timeout normally fires first. A half-open connection (after a
     /// failover) never answers at all: this is what ends the wait.
-    pub client_deadline_seconds: u64,
+    #[serde(rename = "client_deadline_seconds", with = "values::seconds")]
+    pub client_deadline: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -108,7 +114,8 @@ pub struct ClusterSettings {
     /// `limit` of each list request.
     pub page_size: u32,
     /// Timeout of each API request.
-    pub request_timeout_seconds: u64,
+    #[serde(rename = "request_timeout_seconds", with = "values::seconds")]
+    pub request_timeout: Duration,
     /// Concurrent confirming GETs.
     pub confirm_concurrency: usize,
     /// The cluster's identity (the kube-system Namespace's UID) this reconciler may act on;
@@ -122,10 +129,12 @@ pub struct ClusterSettings {
     /// collector does); more are confirmed by the watch cache proven fresh, else a listing.
     pub confirm_get_max: usize,
     /// Daemon: how long a sweep waits for the watch cache to sync before listing afresh.
-    pub cache_sync_wait_seconds: u64,
+    #[serde(rename = "cache_sync_wait_seconds", with = "values::seconds")]
+    pub cache_sync_wait: Duration,
     /// Daemon: how long a sweep waits for the watch cache to reach a revision taken after the
     /// rows were read (a bookmark or event at or past it) before listing afresh.
-    pub cache_fresh_wait_seconds: u64,
+    #[serde(rename = "cache_fresh_wait_seconds", with = "values::seconds")]
+    pub cache_fresh_wait: Duration,
     /// 429, 503 and 504 answers are retried this many times, within the request deadline.
     pub retries: u32,
 }
@@ -168,9 +177,11 @@ pub struct SweepSettings {
     #[serde(deserialize_with = "values::schedule")]
     pub schedule: Schedule,
     /// Random delay in seconds added to each scheduled sweep (daemon mode).
-    pub jitter_seconds: u64,
+    #[serde(rename = "jitter_seconds", with = "values::seconds")]
+    pub jitter: Duration,
     /// Rows updated more recently than this (before the listing started) are never candidates.
-    pub grace_period_seconds: u64,
+    #[serde(rename = "grace_period_seconds", with = "values::seconds")]
+    pub grace_period: Duration,
     pub max_downgrades_per_sweep: usize,
     /// Deprecated: `false` is `confirmation = "none"`, `true` changes nothing. Read only to
     /// keep old files working ([`Settings::deprecated_keys`] names it for a warning).
@@ -209,7 +220,8 @@ pub struct ServerSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
-    pub timeout_seconds: u64,
+    #[serde(rename = "timeout_seconds", with = "values::seconds")]
+    pub timeout: Duration,
 }
 
 /// Every key with its default: `config/default.toml`, embedded as the first layer, so the
@@ -506,7 +518,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.database.url, "postgres://u@h/db");
-        assert_eq!(s.sweep.grace_period_seconds, 42);
+        assert_eq!(s.sweep.grace_period.as_secs(), 42);
         assert_eq!(s.cluster.namespaces, vec!["a", "b"]);
         assert!(s.backends.agent_sandbox.enabled);
     }

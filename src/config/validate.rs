@@ -172,7 +172,7 @@ impl Settings {
                 "must be at least 1 (500 is typical)",
             ));
         }
-        if c.request_timeout_seconds == 0 {
+        if c.request_timeout.is_zero() {
             return Err(invalid(
                 "cluster.request_timeout_seconds",
                 "must be at least 1",
@@ -181,7 +181,7 @@ impl Settings {
         if c.confirm_concurrency == 0 {
             return Err(invalid("cluster.confirm_concurrency", "must be at least 1"));
         }
-        if c.cache_fresh_wait_seconds == 0 {
+        if c.cache_fresh_wait.is_zero() {
             return Err(invalid(
                 "cluster.cache_fresh_wait_seconds",
                 "must be at least 1 (API servers send a bookmark about once a minute: 90 is typical)",
@@ -216,7 +216,7 @@ impl Settings {
     /// `[sweep]`: schedule, grace period, batches.
     fn validate_sweep(&self) -> Result<(), ConfigError> {
         let w = &self.sweep;
-        if w.grace_period_seconds > MAX_GRACE_PERIOD_SECONDS {
+        if w.grace_period.as_secs() > MAX_GRACE_PERIOD_SECONDS {
             return Err(invalid(
                 "sweep.grace_period_seconds",
                 format!("must be at most {MAX_GRACE_PERIOD_SECONDS} (100 years); use sweep.dry_run = true to stop downgrades"),
@@ -257,20 +257,18 @@ impl Settings {
     /// `[database]`: a URL and deadlines that nest.
     fn validate_database(&self) -> Result<(), ConfigError> {
         let d = &self.database;
-        if d.client_deadline_seconds == 0 {
+        if d.client_deadline.is_zero() {
             return Err(invalid(
                 "database.client_deadline_seconds",
                 "must be at least 1 (90 is typical)",
             ));
         }
-        if d.statement_timeout_seconds > 0
-            && d.client_deadline_seconds <= d.statement_timeout_seconds
-        {
+        if !d.statement_timeout.is_zero() && d.client_deadline <= d.statement_timeout {
             return Err(invalid(
                 "database.client_deadline_seconds",
                 format!(
                     "must be longer than database.statement_timeout_seconds ({}), so the server's own timeout fires first",
-                    d.statement_timeout_seconds
+                    d.statement_timeout.as_secs()
                 ),
             ));
         }

@@ -214,6 +214,21 @@ pub(super) fn serialize_expected_uid<S: Serializer>(
     s.serialize_str(&uid.map(|u| u.to_string()).unwrap_or_default())
 }
 
+/// A `*_seconds` key: whole seconds in the file, a `Duration` in the code.
+pub(super) mod seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(value.as_secs())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,9 +40,9 @@ impl Database {
         Ok(Database {
             options,
             target,
-            connect_timeout: Duration::from_secs(d.connect_timeout_seconds.max(1)),
-            statement_timeout: Duration::from_secs(d.statement_timeout_seconds),
-            lock_timeout: Duration::from_secs(d.lock_timeout_seconds),
+            connect_timeout: d.connect_timeout.max(Duration::from_secs(1)),
+            statement_timeout: d.statement_timeout,
+            lock_timeout: d.lock_timeout,
         })
     }
 

@@ -115,7 +115,10 @@ impl TableMapping {
             audit: Identifier::parse_qualified(&settings.audit.table)?,
             updated_at_zone: Some(s.updated_at_time_zone.trim().to_string())
                 .filter(|z| !z.is_empty()),
-            deadline: Duration::from_secs(settings.database.client_deadline_seconds.max(1)),
+            deadline: settings
+                .database
+                .client_deadline
+                .max(Duration::from_secs(1)),
             resolved: None,
         })
     }

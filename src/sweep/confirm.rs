@@ -13,7 +13,7 @@
 //! that listing is the proof ([`ConfirmBy::FreshListing`]).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::cluster::cache::ClusterCache;
 use crate::cluster::{Absence, BackendKind, ClusterError, ClusterSnapshot, KubeCluster};
@@ -286,7 +286,7 @@ impl Reconciler {
         base: &(dyn Fn(&str) -> serde_json::Value + Sync),
         report: &mut SweepReport,
     ) -> Confirmed<'p> {
-        let wait = Duration::from_secs(self.settings.cluster.cache_fresh_wait_seconds);
+        let wait = self.settings.cluster.cache_fresh_wait;
         let waiting = Instant::now();
         let mut backends: Vec<BackendKind> = orphans.iter().map(|o| o.backend).collect();
         backends.sort();
@@ -383,7 +383,7 @@ impl Reconciler {
             // The database's clock when the view was taken (the audit records' key since
             // their first version).
             "listing_started_at": snapshot.database_clock,
-            "grace_period_seconds": self.settings.sweep.grace_period_seconds,
+            "grace_period_seconds": self.settings.sweep.grace_period.as_secs(),
         })
     }
 }

@@ -26,7 +26,7 @@ mod view;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
@@ -157,7 +157,7 @@ impl Reconciler {
             live_states: s.sessions.live_states.clone(),
             other_states: s.sessions.other_states.clone(),
             grace_period: chrono::Duration::seconds(
-                i64::try_from(s.sweep.grace_period_seconds).unwrap_or(i64::MAX / 1000),
+                i64::try_from(s.sweep.grace_period.as_secs()).unwrap_or(i64::MAX / 1000),
             ),
             max_downgrades: max_downgrades.unwrap_or(s.sweep.max_downgrades_per_sweep),
             max_live_missing_ratio: s.guard.max_live_missing_ratio,
@@ -299,7 +299,7 @@ impl Reconciler {
         conn: &mut sqlx::PgConnection,
         mapping: &TableMapping,
     ) -> Result<(), SweepError> {
-        let wait = Duration::from_secs(self.settings.database.writer_lock_wait_seconds);
+        let wait = self.settings.database.writer_lock_wait;
         Ok(store::wait_for_writer_lock(conn, mapping, wait, "").await?)
     }
 }

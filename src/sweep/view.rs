@@ -14,7 +14,7 @@
 //! fresh, [`Reconciler::replan_from_listing`] takes the one-off view over again.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
@@ -146,7 +146,7 @@ impl Reconciler {
         cache: &ClusterCache,
         report: &mut SweepReport,
     ) -> Result<ClusterSnapshot, SweepError> {
-        let wait = Duration::from_secs(self.settings.cluster.cache_sync_wait_seconds);
+        let wait = self.settings.cluster.cache_sync_wait;
         if cache.wait_synced(wait).await {
             if let Some(snapshot) = cache.snapshot() {
                 report.cluster_view = "watch cache".into();

@@ -65,7 +65,7 @@ async fn cached_with_paused(
 fn proof_waited_for_a_second(confirm_get_max: usize) -> impl FnOnce(&mut Settings) {
     move |s| {
         s.cluster.confirm_get_max = confirm_get_max;
-        s.cluster.cache_fresh_wait_seconds = 1;
+        s.cluster.cache_fresh_wait = std::time::Duration::from_secs(1);
     }
 }
 
@@ -328,7 +328,7 @@ async fn a_cache_that_never_syncs_is_never_the_cluster() {
         db, api, settings, ..
     } = World::seeded(4, 2)
         .await
-        .settings(|s| s.cluster.cache_sync_wait_seconds = 1)
+        .settings(|s| s.cluster.cache_sync_wait = std::time::Duration::from_secs(1))
         .build()
         .await;
     api.inject(Fault::on_list("/pods", FaultAction::Status(500, None)));

@@ -314,7 +314,10 @@ async fn check_names_a_missing_column_and_a_forbidden_resource() {
 async fn a_quiet_watch_outlives_the_request_timeout() {
     let (db, api) = cluster_and_rows().await;
     api.stop_bookmarks();
-    let d = InProcessDaemon::start_with(&db, &api, |s| s.cluster.request_timeout_seconds = 1).await;
+    let d = InProcessDaemon::start_with(&db, &api, |s| {
+        s.cluster.request_timeout = std::time::Duration::from_secs(1)
+    })
+    .await;
     d.wait_metrics(30, "a successful sweep", |m| successes(m) >= 1.0)
         .await;
     let churn = |m: &str| {

@@ -15,7 +15,7 @@ async fn world(orphans: usize) -> (TestDb, FakeApiServer) {
 
 fn fast_settings(db: &TestDb) -> sandbox_reconciler::config::Settings {
     let mut s = db.settings();
-    s.cluster.request_timeout_seconds = 2;
+    s.cluster.request_timeout = std::time::Duration::from_secs(2);
     s
 }
 
@@ -174,7 +174,7 @@ async fn connection_killed_mid_apply_rolls_back_and_next_sweep_finishes() {
     let blocker = block_audit(&db).await;
     let mut settings = db.settings();
     settings.sweep.batch_size = 2;
-    settings.database.lock_timeout_seconds = 60;
+    settings.database.lock_timeout = std::time::Duration::from_secs(60);
     let run = {
         let settings = settings.clone();
         let api_client = api.client();
@@ -226,8 +226,8 @@ async fn statement_timeout_aborts_the_read_cleanly() {
         .await
         .unwrap();
     let mut settings = db.settings();
-    settings.database.statement_timeout_seconds = 1;
-    settings.database.lock_timeout_seconds = 0;
+    settings.database.statement_timeout = std::time::Duration::from_secs(1);
+    settings.database.lock_timeout = std::time::Duration::from_secs(0);
     let started = Instant::now();
     let report = sweep(settings, &api, false).await;
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -431,8 +431,8 @@ async fn database_down_at_start_and_during_sweeps_daemon_recovers() {
 async fn a_commit_that_outlives_the_deadline_is_reported_unknown_and_reconciled() {
     let (db, api) = world(1).await;
     let mut settings = db.settings();
-    settings.database.statement_timeout_seconds = 0;
-    settings.database.client_deadline_seconds = 1;
+    settings.database.statement_timeout = std::time::Duration::from_secs(0);
+    settings.database.client_deadline = std::time::Duration::from_secs(1);
     settings.validate().unwrap();
     let mut conn = sandbox_reconciler::store::Database::new(&settings)
         .unwrap()

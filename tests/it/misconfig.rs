@@ -256,8 +256,8 @@ async fn a_database_that_stops_answering_fails_the_sweep_within_the_deadline() {
     let (url, frozen) = freezing_proxy().await;
     let mut settings = db.settings();
     settings.database.url = url;
-    settings.database.statement_timeout_seconds = 1;
-    settings.database.client_deadline_seconds = 2;
+    settings.database.statement_timeout = std::time::Duration::from_secs(1);
+    settings.database.client_deadline = std::time::Duration::from_secs(2);
     let reconciler = reconciler(settings, &api);
     let mut conn = reconciler.database.connect().await.unwrap();
     frozen.store(true, Ordering::Relaxed);

@@ -193,7 +193,7 @@ async fn rule2_confirming_get_timeout_is_not_absence() {
         FaultAction::Hang(Duration::from_secs(30)),
     ));
     let mut settings = by_get(&db);
-    settings.cluster.request_timeout_seconds = 2;
+    settings.cluster.request_timeout = std::time::Duration::from_secs(2);
     let started = Instant::now();
     let report = sweep(settings, &api, false).await;
     assert!(started.elapsed() < Duration::from_secs(20), "bounded");
@@ -504,7 +504,7 @@ async fn rule2_all_namespaces_confirmation_finds_the_object_in_any_namespace() {
 fn guard_off(db: &TestDb) -> Settings {
     let mut s = db.settings();
     s.guard.min_live_missing = 1_000_000;
-    s.cluster.request_timeout_seconds = 2;
+    s.cluster.request_timeout = std::time::Duration::from_secs(2);
     s
 }
 

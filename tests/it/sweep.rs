@@ -69,6 +69,8 @@ async fn orphan_is_downgraded_with_audit_and_cleared_column() {
         json!({"agent_thread_id": "agent-orphan"})
     );
     let evidence: serde_json::Value = r.get(5);
+    // The grace period in whole seconds, as audit readers (and the soak's oracle) expect.
+    assert_eq!(evidence["grace_period_seconds"], 600, "{evidence}");
     let absence = evidence["absence"].as_str().unwrap();
     assert!(
         absence.contains("GET pods agents/pod-deleted: 404"),

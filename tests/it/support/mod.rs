@@ -150,10 +150,10 @@ impl TestDb {
         s.audit.table = self.audit_table();
         s.cluster.namespaces = vec!["agents".into()];
         s.cluster.page_size = 2;
-        s.cluster.request_timeout_seconds = 5;
+        s.cluster.request_timeout = std::time::Duration::from_secs(5);
         s.backends.agent_sandbox.enabled = true;
         s.backends.agent_sandbox.object_name_prefix = "sb-".into();
-        s.sweep.grace_period_seconds = 600;
+        s.sweep.grace_period = std::time::Duration::from_secs(600);
         s.guard.min_live_missing = 1;
         // The tests exercise a profile that clears a column (the default clears none).
         s.sessions.clear_columns = vec!["agent_thread_id".into()];
