@@ -123,15 +123,7 @@ pub async fn read(
     };
     let deadline = mapping.deadline;
     let what = "reading the audit records";
-    let mut tx = store::within(
-        deadline,
-        what,
-        sqlx::Connection::begin_with(
-            &mut *conn,
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        ),
-    )
-    .await?;
+    let mut tx = store::begin_snapshot_read(&mut *conn, deadline, what).await?;
     history.audit_table_exists = audit_table_exists(&mut tx, mapping).await?;
     if !history.audit_table_exists {
         store::within(deadline, what, tx.commit()).await?;

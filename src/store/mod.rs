@@ -113,6 +113,21 @@ impl StoreError {
     }
 }
 
+/// Starts a read-only transaction that sees one snapshot of the database (every read of a
+/// view, a row's trace, an undo preview and the audit records), within `deadline`.
+pub async fn begin_snapshot_read<'c>(
+    conn: &'c mut sqlx::PgConnection,
+    deadline: Duration,
+    what: &'static str,
+) -> Result<sqlx::Transaction<'c, sqlx::Postgres>, StoreError> {
+    within(
+        deadline,
+        what,
+        sqlx::Connection::begin_with(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+    )
+    .await
+}
+
 /// Runs `fut` under a client-side deadline; a query error or no answer in time is an error
 /// naming `what`.
 pub async fn within<T>(

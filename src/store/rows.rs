@@ -10,7 +10,7 @@ use sqlx::{AssertSqlSafe, Connection, FromRow, Row};
 
 use super::catalog::table_columns;
 use super::mapping::{DowngradeBatch, UndoSelection};
-use super::{within, StoreError, TableMapping};
+use super::{begin_snapshot_read, within, StoreError, TableMapping};
 use crate::plan::{OrphanedRow, RowSink, SessionRow};
 use crate::sql::Identifier;
 
@@ -47,12 +47,7 @@ pub async fn read_rows(
     planner: &mut impl RowSink,
 ) -> Result<(), StoreError> {
     let deadline = mapping.deadline;
-    let mut tx = within(
-        deadline,
-        "starting the read transaction",
-        conn.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
-    )
-    .await?;
+    let mut tx = begin_snapshot_read(conn, deadline, "starting the read transaction").await?;
     let gone: i64 = within(
         deadline,
         "counting gone rows",
@@ -82,12 +77,7 @@ pub async fn read_row(
 ) -> Result<Option<SessionRow>, StoreError> {
     let deadline = mapping.deadline;
     let what = "reading the session row";
-    let mut tx = within(
-        deadline,
-        what,
-        conn.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
-    )
-    .await?;
+    let mut tx = begin_snapshot_read(conn, deadline, what).await?;
     let row = within(
         deadline,
         what,
@@ -452,12 +442,7 @@ pub async fn preview_undo(
     selection: UndoSelection<'_>,
 ) -> Result<Vec<UndoCandidate>, StoreError> {
     let deadline = mapping.deadline;
-    let mut tx = within(
-        deadline,
-        "starting the undo preview",
-        conn.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
-    )
-    .await?;
+    let mut tx = begin_snapshot_read(conn, deadline, "starting the undo preview").await?;
     let candidates = undo_candidates(&mut tx, mapping, selection).await?;
     within(deadline, "ending the undo preview", tx.commit()).await?;
     Ok(candidates)
