@@ -5,8 +5,8 @@
 # results and how to read them.
 #
 #   bash scripts/mutants.sh                         # every deciding/writing module
-#   bash scripts/mutants.sh src/plan.rs             # one module (paths or globs)
-#   MUTANTS_TESTS="--lib --test it -- tests:: plan_props::" bash scripts/mutants.sh src/plan.rs
+#   bash scripts/mutants.sh src/plan/guard.rs       # one module (paths or globs)
+#   MUTANTS_TESTS="--lib --test it -- tests:: plan_props::" bash scripts/mutants.sh 'src/plan/*.rs'
 #   MUTANTS_ARGS="--shard 1/4" bash scripts/mutants.sh  # extra cargo-mutants options
 #
 # Environment (all optional):
@@ -43,7 +43,7 @@ export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:543
 if [[ $# -gt 0 ]]; then
     files=("$@")
 else
-    files=(src/plan.rs src/store/mapping.rs src/store/mod.rs src/cluster/kube_api.rs src/sweep/*.rs)
+    files=(src/plan/decide.rs src/plan/guard.rs src/plan/mod.rs src/store/*.rs src/cluster/kube_api/*.rs src/sweep/*.rs)
 fi
 file_args=()
 for f in "${files[@]}"; do
