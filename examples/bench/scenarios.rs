@@ -134,7 +134,9 @@ pub(crate) struct CacheEvents {
 
 #[derive(Default)]
 pub(crate) struct CountingObserver {
-    relists: [AtomicU64; 4],
+    /// One counter per relist reason, in `RelistReason::ALL`'s order (sized by it, so a new
+    /// reason cannot go uncounted).
+    relists: [AtomicU64; RelistReason::ALL.len()],
     watch_restarts: AtomicU64,
 }
 
