@@ -12,6 +12,9 @@
 //! - [`client`]: the one place a `kube::Client` is built, with its timeouts.
 //! - [`dump`]: the same [`ClusterSnapshot`] read from a `kubectl get -o json` dump, for
 //!   offline audits.
+//!
+//! Which backends are listed, and each one's resource, selector and prefix, is decided once by
+//! [`crate::backends`]; this module only reads them.
 
 pub mod cache;
 pub mod client;
