@@ -213,15 +213,14 @@ async fn cluster_checks(settings: &Settings, mode: Mode, client: Client) -> Vec<
 /// The cluster's identity and the configured namespaces, as a sweep checks them.
 async fn scope_checks(settings: &Settings, client: Client) -> Vec<CheckLine> {
     let cluster = crate::cluster::KubeCluster::with_client(client, settings);
-    let expected = settings.cluster.expected_uid.map(|u| u.to_string());
-    match cluster.verify_scope(expected.as_deref()).await {
+    match cluster.verify_scope(settings.cluster.expected_uid).await {
         Ok(crate::cluster::ScopeVerdict::Proceed { cluster_uid }) => vec![
             line(
                 "cluster identity",
                 true,
                 format!(
                     "kube-system UID {cluster_uid}{}",
-                    if expected.is_some() {
+                    if settings.cluster.expected_uid.is_some() {
                         " (matches cluster.expected_uid)"
                     } else {
                         "; set cluster.expected_uid to it to pin this cluster"

@@ -95,7 +95,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let settings = reconciler.settings.clone();
-    let schedule = Schedule::from_settings(&settings, metrics.clone())?;
+    let schedule = ScheduleClock::from_settings(&settings, metrics.clone());
     let dry_run = options.dry_run || settings.sweep.dry_run;
     metrics.process.dry_run.set(i64::from(dry_run));
     schedule.ticked();
@@ -131,7 +131,7 @@ impl Running {
         options: SweepOptions,
         metrics: Arc<Metrics>,
         listener: TcpListener,
-        schedule: Schedule,
+        schedule: ScheduleClock,
     ) -> Result<Running, DaemonError> {
         let reconciler = with_watch_cache(reconciler, &metrics);
         let cache = reconciler.cache().cloned();
@@ -204,17 +204,17 @@ fn with_watch_cache(reconciler: Reconciler, metrics: &Arc<Metrics>) -> Reconcile
 
 /// The schedule's clock: when the next tick is due, for the metric and for liveness.
 #[derive(Clone)]
-struct Schedule {
+struct ScheduleClock {
     cron: crate::config::Schedule,
     period: Duration,
     metrics: Arc<Metrics>,
     health: Arc<HealthState>,
 }
 
-impl Schedule {
-    /// Parses `sweep.schedule`, exports its period and sets liveness: a tick may be a minute
-    /// (plus the jitter) late, a sweep may run `server.liveness_sweep_periods` periods.
-    fn from_settings(settings: &Settings, metrics: Arc<Metrics>) -> Result<Schedule, DaemonError> {
+impl ScheduleClock {
+    /// Exports `sweep.schedule`'s period and sets liveness: a tick may be a minute (plus the
+    /// jitter) late, a sweep may run `server.liveness_sweep_periods` periods.
+    fn from_settings(settings: &Settings, metrics: Arc<Metrics>) -> ScheduleClock {
         let cron = settings.sweep.schedule.clone();
         let period = cron.period();
         metrics
@@ -225,12 +225,12 @@ impl Schedule {
             60 + settings.sweep.jitter.as_secs() as i64,
             (settings.server.liveness_sweep_periods * period.as_secs().max(1)) as i64,
         ));
-        Ok(Schedule {
+        ScheduleClock {
             cron,
             period,
             metrics,
             health,
-        })
+        }
     }
 
     /// Records a tick (or the start): the next one is due at the schedule's next occurrence.
@@ -253,7 +253,7 @@ async fn start_scheduler(
     expression: &str,
     tick_tx: mpsc::Sender<()>,
     running: Arc<AtomicBool>,
-    schedule: Schedule,
+    schedule: ScheduleClock,
 ) -> Result<JobScheduler, DaemonError> {
     let err = |e: tokio_cron_scheduler::JobSchedulerError| DaemonError::Schedule(e.to_string());
     let scheduler = JobScheduler::new().await.map_err(err)?;

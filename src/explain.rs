@@ -216,12 +216,8 @@ async fn check_scope(reconciler: &Reconciler, trace: &mut Trace) -> Result<Scope
             return Ok(Scope::default());
         }
     };
-    let expected = reconciler
-        .settings
-        .cluster
-        .expected_uid
-        .map(|u| u.to_string());
-    Ok(match cluster.verify_scope(expected.as_deref()).await? {
+    let expected = reconciler.settings.cluster.expected_uid;
+    Ok(match cluster.verify_scope(expected).await? {
         ScopeVerdict::Proceed { cluster_uid } => {
             trace.step(
                 "scope",

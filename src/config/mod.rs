@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::selector::LabelSelector;
-pub use values::{parse_expected_uid, parse_listen, Confirm, Schedule};
+pub use values::{Confirm, Schedule};
 
 /// Everything that can be wrong with the configuration. Each message names the key.
 #[derive(Debug, thiserror::Error)]

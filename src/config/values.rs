@@ -137,13 +137,13 @@ impl fmt::Display for Confirm {
 }
 
 /// Parses `server.listen`.
-pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     text.parse()
         .map_err(|_| format!("{text:?} is not an address:port such as 0.0.0.0:9090"))
 }
 
 /// Parses `cluster.expected_uid`: empty means any cluster.
-pub fn parse_expected_uid(text: &str) -> Result<Option<uuid::Uuid>, String> {
+fn parse_expected_uid(text: &str) -> Result<Option<uuid::Uuid>, String> {
     let text = text.trim();
     if text.is_empty() {
         return Ok(None);

@@ -9,7 +9,6 @@ use prometheus::{IntCounterVec, IntGauge, IntGaugeVec};
 use super::Registrar;
 use crate::backends::Backends;
 use crate::cluster::cache::{ClusterCache, RelistReason};
-use crate::config::Settings;
 use crate::snapshot::BackendKind;
 
 /// The watch cache metrics.
@@ -26,7 +25,7 @@ pub struct CacheMetrics {
 impl CacheMetrics {
     /// Registers the cache metrics; every enabled backend's relists (by reason) and watch
     /// restarts start at zero.
-    pub(super) fn new(r: &mut Registrar, settings: &Settings) -> CacheMetrics {
+    pub(super) fn new(r: &mut Registrar, backends: &Backends) -> CacheMetrics {
         let m = CacheMetrics {
             cache_objects: r.int_gauge_vec(
                 "cache_objects",
@@ -54,11 +53,7 @@ impl CacheMetrics {
             cache: Mutex::new(None),
         };
         // An informer is per listed backend.
-        for kind in Backends::from_settings(&settings.backends)
-            .enabled()
-            .iter()
-            .map(|b| b.kind)
-        {
+        for kind in backends.enabled().iter().map(|b| b.kind) {
             m.cache_watch_restarts_total
                 .with_label_values(&[kind.as_str()]);
             for reason in RelistReason::ALL {

@@ -5,7 +5,6 @@ use prometheus::IntCounterVec;
 
 use super::Registrar;
 use crate::backends::Backends;
-use crate::config::Settings;
 use crate::snapshot::BackendKind;
 
 /// The API request metrics.
@@ -17,7 +16,7 @@ pub struct KubeMetrics {
 impl KubeMetrics {
     /// Registers the API metrics; with the agent-sandbox backend enabled, its undecodable
     /// fields' series start at zero.
-    pub(super) fn new(r: &mut Registrar, settings: &Settings) -> KubeMetrics {
+    pub(super) fn new(r: &mut Registrar, backends: &Backends) -> KubeMetrics {
         let m = KubeMetrics {
             kube_requests_total: r.int_counter_vec(
                 "kube_requests_total",
@@ -30,7 +29,7 @@ impl KubeMetrics {
                 &["backend", "field"],
             ),
         };
-        if Backends::from_settings(&settings.backends).is_enabled(BackendKind::AgentSandbox) {
+        if backends.is_enabled(BackendKind::AgentSandbox) {
             for field in crate::cluster::lean::UNDECODABLE_FIELDS {
                 m.objects_undecodable_total
                     .with_label_values(&[BackendKind::AgentSandbox.as_str(), field]);

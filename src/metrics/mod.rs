@@ -33,6 +33,7 @@ pub use process::ProcessMetrics;
 pub use schedule::ScheduleMetrics;
 pub use sweep::SweepMetrics;
 
+use crate::backends::Backends;
 use crate::cluster::cache::{CacheObserver, ClusterCache, RelistReason};
 use crate::config::Settings;
 use crate::label::Label;
@@ -105,10 +106,11 @@ impl Metrics {
             registry: Registry::new(),
             described: Vec::new(),
         };
-        let sweep = SweepMetrics::new(&mut r, settings);
+        let backends = Backends::from_settings(&settings.backends);
+        let sweep = SweepMetrics::new(&mut r, &backends);
         let schedule = ScheduleMetrics::new(&mut r);
-        let kube = KubeMetrics::new(&mut r, settings);
-        let cache = CacheMetrics::new(&mut r, settings);
+        let kube = KubeMetrics::new(&mut r, &backends);
+        let cache = CacheMetrics::new(&mut r, &backends);
         let process = ProcessMetrics::new(&mut r, settings);
         let Registrar {
             registry,

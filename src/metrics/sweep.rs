@@ -8,7 +8,6 @@ use prometheus::{
 
 use super::{init_each, Registrar};
 use crate::backends::Backends;
-use crate::config::Settings;
 use crate::plan::{GuardVerdict, RefusalReason, SkipReason};
 use crate::sweep::{ErrorKind, SweepPhase, SweepReport, SweepResult};
 
@@ -46,7 +45,7 @@ pub struct SweepFigures {
 impl SweepMetrics {
     /// Registers the sweep metrics; results, phases, reasons and the enabled backends'
     /// downgrade counters start at zero.
-    pub(super) fn new(r: &mut Registrar, settings: &Settings) -> SweepMetrics {
+    pub(super) fn new(r: &mut Registrar, backends: &Backends) -> SweepMetrics {
         let m = SweepMetrics {
             sessions_downgraded_total: r.int_counter_vec(
                 "sessions_downgraded_total",
@@ -96,7 +95,7 @@ impl SweepMetrics {
         init_each::<SweepResult, _>(&m.sweeps_total);
         init_each::<SweepPhase, _>(&m.sweep_phase_duration_seconds);
         init_each::<RefusalReason, _>(&m.guard_refusals_total);
-        for kind in Backends::from_settings(&settings.backends).attributions() {
+        for kind in backends.attributions() {
             m.sessions_downgraded_total
                 .with_label_values(&[kind.as_str()]);
         }

@@ -37,8 +37,10 @@ impl Reconciler {
             return Ok(None);
         };
         report.cluster_server = cluster.origin().map(|o| o.server.clone());
-        let expected = self.settings.cluster.expected_uid.map(|u| u.to_string());
-        match cluster.verify_scope(expected.as_deref()).await? {
+        match cluster
+            .verify_scope(self.settings.cluster.expected_uid)
+            .await?
+        {
             ScopeVerdict::Proceed { cluster_uid } => {
                 report.cluster_uid = Some(cluster_uid);
                 Ok(None)

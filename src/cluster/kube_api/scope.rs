@@ -20,7 +20,7 @@ impl KubeCluster {
     /// Namespaces (a ClusterRole limited by `resourceNames`).
     pub async fn verify_scope(
         &self,
-        expected_uid: Option<&str>,
+        expected_uid: Option<uuid::Uuid>,
     ) -> Result<ScopeVerdict, ClusterError> {
         let kube_system = self.get_namespace("kube-system").await?.ok_or_else(|| {
             ClusterError::Identity(
@@ -31,7 +31,8 @@ impl KubeCluster {
         let cluster_uid = kube_system.metadata.uid.clone().ok_or_else(|| {
             ClusterError::Identity("the namespace kube-system has no metadata.uid".into())
         })?;
-        if let Some(expected) = expected_uid.filter(|e| *e != cluster_uid) {
+        // Compared in the canonical (lower-case, hyphenated) form the API server writes.
+        if let Some(expected) = expected_uid.filter(|e| e.to_string() != cluster_uid) {
             return Ok(ScopeVerdict::Refuse {
                 reason: RefusalReason::ClusterMismatch,
                 detail: format!(
